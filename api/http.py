@@ -1,0 +1,363 @@
+"""KServe v2 / Triton HTTP front end (FastAPI on uvicorn).
+
+A thin translation layer: read the raw body (never through pydantic: tritonclient sends no or
+misleading Content-Types), decode into the engine's types, call the Engine, encode. Errors are
+Triton's `{"error": "..."}` with Triton's status codes.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import zlib
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from torpor.engine import Engine
+from torpor.errors import Status, TorporError, invalid_arg, unsupported
+
+from .http_codec import decode_infer_request, encode_infer_response
+
+_HTTP_STATUS = {
+    Status.INTERNAL: 500,
+    Status.NOT_FOUND: 404,
+    Status.UNAVAILABLE: 503,
+    Status.UNSUPPORTED: 501,
+}
+
+JSON = "application/json"
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj), status_code=status, media_type=JSON)
+
+
+def _error(message: str, status: int) -> Response:
+    return _json({"error": message}, status)
+
+
+def _empty() -> Response:
+    return Response(b"", status_code=200)
+
+
+def _check_version(version: str | None) -> str:
+    if version is None:
+        return ""
+    if not version.isdigit():
+        # Triton's routes only match numeric versions
+        raise StarletteHTTPException(404)
+    return version
+
+
+async def _json_body(request: Request, allow_empty: bool = True) -> dict:
+    raw = await request.body()
+    if not raw.strip():
+        if allow_empty:
+            return {}
+        raise invalid_arg("request body must not be empty")
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise invalid_arg(f"failed to parse the request JSON buffer: {e}") from None
+    if not isinstance(doc, dict):
+        raise invalid_arg("request JSON must be an object")
+    return doc
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    try:
+        if encoding == "gzip":
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding == "deflate":
+            d = zlib.decompressobj()
+        else:
+            raise TorporError(Status.UNSUPPORTED, f"unsupported Content-Encoding '{encoding}'")
+        out = d.decompress(body, limit + 1)
+        if len(out) > limit or d.unconsumed_tail:
+            raise invalid_arg(
+                f"request body exceeds the maximum input size of {limit} bytes after decompression"
+            )
+        if not d.eof:
+            raise invalid_arg(f"failed to decompress the request body: truncated {encoding} data")
+        return out
+    except zlib.error as e:
+        raise invalid_arg(f"failed to decompress the request body ({encoding}): {e}") from None
+
+
+def _response_encoding(accept: str | None) -> str | None:
+    """Triton's choice: the highest q among identity, gzip and deflate, the first one on ties."""
+    if not accept:
+        return None
+    best, best_q = None, 0.0
+    for part in accept.split(","):
+        fields = part.strip().split(";")
+        name = fields[0].strip().lower()
+        if name not in ("identity", "gzip", "deflate"):
+            continue
+        q = 1.0
+        for f in fields[1:]:
+            f = f.strip()
+            if f.startswith("q="):
+                try:
+                    q = float(f[2:])
+                except ValueError:
+                    q = 0.0
+        if q > best_q:
+            best, best_q = name, q
+    return None if best == "identity" else best
+
+
+def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024) -> FastAPI:
+    app = FastAPI(title="Torpor", version="0.1.0", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(TorporError)
+    async def _torpor_error(request: Request, exc: TorporError):
+        return _error(exc.message, _HTTP_STATUS.get(exc.status, 400))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        msg = {404: "Not Found", 405: "Method Not Allowed"}.get(exc.status_code, str(exc.detail))
+        return _error(msg, exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return _error(f"invalid request: {exc.errors()}", 400)
+
+    # -- health and metadata -------------------------------------------------------------
+    # Triton answers health with an empty body; KServe's own client reads {"live": ...}.
+    # A JSON body with the same status code serves both.
+    @app.get("/v2/health/live")
+    async def live():
+        ok = engine.is_live()
+        return _json({"live": ok}, 200 if ok else 400)
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        if engine.exiting:
+            return _json({"ready": False, "error": "Server exiting"}, 503)
+        ok = engine.is_ready()
+        return _json({"ready": ok}, 200 if ok else 400)
+
+    @app.get("/v2")
+    async def server_metadata():
+        return _json(engine.server_metadata())
+
+    # -- statistics (matched before /v2/models/{m}) ---------------------------------------
+    @app.get("/v2/models/stats")
+    async def all_stats():
+        return _json({"model_stats": engine.statistics()})
+
+    @app.get("/v2/models/{model}/stats")
+    @app.get("/v2/models/{model}/versions/{version}/stats")
+    async def model_stats(model: str, version: str | None = None):
+        return _json({"model_stats": engine.statistics(model, _check_version(version))})
+
+    # -- models --------------------------------------------------------------------------
+    @app.get("/v2/models/{model}/ready")
+    @app.get("/v2/models/{model}/versions/{version}/ready")
+    async def model_ready(model: str, version: str | None = None):
+        ok = engine.model_ready(model, _check_version(version))
+        if ok:
+            return _json({"name": model, "ready": True})
+        return _json({"error": "Model version not ready", "name": model, "ready": False}, 400)
+
+    @app.get("/v2/models/{model}")
+    @app.get("/v2/models/{model}/versions/{version}")
+    async def model_metadata(model: str, version: str | None = None):
+        return _json(engine.model_metadata(model, _check_version(version)))
+
+    @app.get("/v2/models/{model}/config")
+    @app.get("/v2/models/{model}/versions/{version}/config")
+    async def model_config(model: str, version: str | None = None):
+        return _json(engine.model_config_dict(model, _check_version(version)))
+
+    # -- infer ---------------------------------------------------------------------------
+    @app.post("/v2/models/{model}/infer")
+    @app.post("/v2/models/{model}/versions/{version}/infer")
+    async def infer(model: str, request: Request, version: str | None = None):
+        version = _check_version(version)
+        headers = request.headers
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_input_size:
+            raise invalid_arg(
+                f"request body size {declared} exceeds the maximum input size of {max_input_size} bytes "
+                "(--http-max-input-size)"
+            )
+        body = await request.body()
+        if len(body) > max_input_size:
+            raise invalid_arg(
+                f"request body size {len(body)} exceeds the maximum input size of {max_input_size} bytes "
+                "(--http-max-input-size)"
+            )
+        encoding = headers.get("content-encoding")
+        if encoding:
+            try:
+                body = _decompress(body, encoding, max_input_size)
+            except TorporError as e:
+                if e.status == Status.UNSUPPORTED:
+                    # 415 is HTTP's own answer to an unknown Content-Encoding (RFC 9110 §15.5.16)
+                    return Response(
+                        orjson.dumps({"error": e.message}),
+                        status_code=415,
+                        media_type=JSON,
+                        headers={"Accept-Encoding": "gzip, deflate"},
+                    )
+                raise
+        hlen = headers.get("inference-header-content-length")
+        header_length = None
+        if hlen is not None:
+            try:
+                header_length = int(hlen)
+            except ValueError:
+                raise invalid_arg(f"invalid Inference-Header-Content-Length '{hlen}'") from None
+        entry_model = engine.models.get(model)
+        if entry_model is not None and entry_model.decoupled and engine.model_ready(model, version):
+            raise unsupported("HTTP end point doesn't support models with decoupled transaction policy")
+        req = decode_infer_request(body, header_length, model, version)
+        resp = await engine.infer(req)
+        content, json_len = encode_infer_response(resp, req)
+        out_headers = {}
+        media = JSON
+        if json_len is not None:
+            out_headers["Inference-Header-Content-Length"] = str(json_len)
+            media = "application/octet-stream"
+        algo = _response_encoding(headers.get("accept-encoding"))
+        if algo == "gzip":
+            content = gzip.compress(content, compresslevel=6, mtime=0)
+            out_headers["Content-Encoding"] = "gzip"
+        elif algo == "deflate":
+            content = zlib.compress(content)
+            out_headers["Content-Encoding"] = "deflate"
+        return Response(content, media_type=media, headers=out_headers)
+
+    # -- repository ----------------------------------------------------------------------
+    @app.post("/v2/repository/index")
+    async def repository_index(request: Request):
+        body = await _json_body(request)
+        ready = body.get("ready", False)
+        if not isinstance(ready, bool):
+            raise invalid_arg("'ready' must be a boolean")
+        return _json(engine.repository_index(ready_only=ready))
+
+    @app.post("/v2/repository/models/{model}/load")
+    async def load(model: str, request: Request):
+        body = await _json_body(request)
+        params = body.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise invalid_arg("'parameters' must be a JSON object")
+        config = params.get("config")
+        if config is not None and not isinstance(config, str):
+            config = orjson.dumps(config).decode()
+        files = {}
+        for key, value in params.items():
+            if key.startswith("file:"):
+                if not isinstance(value, str):
+                    raise invalid_arg(f"load parameter '{key}' must be a base64 string")
+                try:
+                    files[key[5:]] = base64.b64decode(value, validate=True)
+                except ValueError:
+                    raise invalid_arg(f"load parameter '{key}' is not valid base64") from None
+        await engine.load(model, config, files)
+        return _empty()
+
+    @app.post("/v2/repository/models/{model}/unload")
+    async def unload(model: str, request: Request):
+        body = await _json_body(request)
+        params = body.get("parameters") or {}
+        dependents = bool(params.get("unload_dependents", False)) if isinstance(params, dict) else False
+        await engine.unload(model, dependents)
+        return _empty()
+
+    @app.post("/v2/repository/{repo}/models/{model}/load")
+    @app.post("/v2/repository/{repo}/models/{model}/unload")
+    async def repo_named(repo: str, model: str):
+        raise unsupported("'repository_name' specification is not supported")
+
+    # -- trace and logging ---------------------------------------------------------------
+    @app.get("/v2/trace/setting")
+    async def get_trace():
+        return _json(engine.trace.get())
+
+    @app.post("/v2/trace/setting")
+    async def set_trace(request: Request):
+        return _json(engine.trace.update(await _json_body(request)))
+
+    @app.get("/v2/models/{model}/trace/setting")
+    async def get_model_trace(model: str):
+        _require_model(engine, model)
+        return _json(engine.trace.get(model))
+
+    @app.post("/v2/models/{model}/trace/setting")
+    async def set_model_trace(model: str, request: Request):
+        _require_model(engine, model)
+        return _json(engine.trace.update(await _json_body(request), model))
+
+    @app.get("/v2/logging")
+    async def get_logging():
+        return _json(engine.logging.get())
+
+    @app.post("/v2/logging")
+    async def set_logging(request: Request):
+        return _json(engine.logging.update(await _json_body(request)))
+
+    # -- shared memory -------------------------------------------------------------------
+    @app.get("/v2/systemsharedmemory/status")
+    @app.get("/v2/systemsharedmemory/region/{region}/status")
+    async def sys_shm_status(region: str = ""):
+        return _json(engine.shm.system_status(region))
+
+    @app.post("/v2/systemsharedmemory/region/{region}/register")
+    async def sys_shm_register(region: str, request: Request):
+        body = await _json_body(request)
+        key, offset, size = body.get("key"), body.get("offset", 0), body.get("byte_size")
+        if not isinstance(key, str) or not isinstance(offset, int) or not isinstance(size, int):
+            raise invalid_arg("system shared memory registration needs 'key' (string), 'offset' and 'byte_size' (integers)")
+        engine.shm.register_system(region, key, offset, size)
+        return _empty()
+
+    @app.post("/v2/systemsharedmemory/unregister")
+    @app.post("/v2/systemsharedmemory/region/{region}/unregister")
+    async def sys_shm_unregister(region: str = ""):
+        engine.shm.unregister_system(region)
+        return _empty()
+
+    @app.get("/v2/cudasharedmemory/status")
+    @app.get("/v2/cudasharedmemory/region/{region}/status")
+    async def cuda_shm_status(region: str = ""):
+        return _json(engine.shm.cuda_status(region))
+
+    @app.post("/v2/cudasharedmemory/region/{region}/register")
+    async def cuda_shm_register(region: str, request: Request):
+        body = await _json_body(request)
+        handle = body.get("raw_handle")
+        device_id, size = body.get("device_id", 0), body.get("byte_size")
+        b64 = handle.get("b64") if isinstance(handle, dict) else None
+        if not isinstance(b64, str) or not isinstance(device_id, int) or not isinstance(size, int):
+            raise invalid_arg("CUDA shared memory registration needs 'raw_handle': {'b64': ...}, 'device_id' and 'byte_size'")
+        try:
+            raw = base64.b64decode(b64, validate=True)
+        except ValueError:
+            raise invalid_arg("'raw_handle.b64' is not valid base64") from None
+        engine.shm.register_cuda(region, raw, device_id, size)
+        return _empty()
+
+    @app.post("/v2/cudasharedmemory/unregister")
+    @app.post("/v2/cudasharedmemory/region/{region}/unregister")
+    async def cuda_shm_unregister(region: str = ""):
+        engine.shm.unregister_cuda(region)
+        return _empty()
+
+    return app
+
+
+def _require_model(engine: Engine, model: str) -> None:
+    if model not in engine.models:
+        raise TorporError(Status.NOT_FOUND, f"Request for unknown model: '{model}' is not found")

@@ -1,0 +1,252 @@
+"""KServe v2 REST infer bodies <-> engine requests/responses.
+
+JSON tensors and Triton's binary tensor extension: a body is a JSON header, optionally followed
+by raw tensor bytes whose JSON length is given by `Inference-Header-Content-Length`. Binary
+inputs become zero-copy numpy views of the request body.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+
+from torpor.datatypes import NUMPY_DTYPES, element_size, from_raw, num_elements, serialize_bytes
+from torpor.errors import invalid_arg
+from torpor.tensors import InferRequest, InferResponse, RequestedOutput, Tensor
+
+_RESERVED_REQUEST_PARAMS = {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output"}
+_MAX_JSON_DEPTH = 100
+
+
+def _loads(raw: bytes | memoryview) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise invalid_arg(f"failed to parse the request JSON buffer: {e}") from None
+
+
+def _depth_ok(obj: Any, limit: int = _MAX_JSON_DEPTH) -> bool:
+    # Only lists nest deeply in legitimate requests (nested `data`); bound them anyway.
+    stack = [(obj, 0)]
+    while stack:
+        o, d = stack.pop()
+        if d > limit:
+            return False
+        if isinstance(o, list) and o and isinstance(o[0], (list, dict)):
+            stack.extend((x, d + 1) for x in o)
+        elif isinstance(o, dict):
+            stack.extend((x, d + 1) for x in o.values() if isinstance(x, (list, dict)))
+    return True
+
+
+def _params(obj: Any, where: str) -> dict:
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise invalid_arg(f"'parameters' of {where} must be a JSON object")
+    for k, v in obj.items():
+        if not isinstance(v, (str, int, float, bool)) and v is not None:
+            raise invalid_arg(f"parameter '{k}' of {where} must be a string, number or boolean")
+    return obj
+
+
+def _shape(obj: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(obj, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in obj):
+        raise invalid_arg(f"'shape' of input '{name}' must be an array of integers")
+    if any(d < 0 for d in obj):
+        raise invalid_arg(f"'shape' of input '{name}' must not contain negative dimensions")
+    return tuple(obj)
+
+
+def _flatten(data: Any) -> list:
+    if not isinstance(data, list):
+        return [data]
+    if not data or not isinstance(data[0], list):
+        return data
+    out: list = []
+    stack = [iter(data)]
+    while stack:
+        for x in stack[-1]:
+            if isinstance(x, list):
+                stack.append(iter(x))
+                break
+            out.append(x)
+        else:
+            stack.pop()
+    return out
+
+
+def _json_tensor(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+    if datatype in ("FP16", "BF16"):
+        raise invalid_arg(f"receiving {datatype} data via JSON is not supported. Please use the binary data format for input '{name}'")
+    flat = _flatten(data)
+    count = num_elements(shape)
+    if len(flat) != count:
+        raise invalid_arg(
+            f"unexpected number of elements {len(flat)} for input '{name}', expecting {count}"
+        )
+    if datatype == "BYTES":
+        arr = np.empty(count, dtype=np.object_)
+        for i, v in enumerate(flat):
+            if isinstance(v, str):
+                arr[i] = v.encode("utf-8")
+            else:
+                raise invalid_arg(f"expected string data for BYTES input '{name}'")
+        return arr.reshape(shape)
+    dt = NUMPY_DTYPES[datatype]
+    if datatype == "BOOL":
+        if not all(isinstance(v, bool) for v in flat):
+            raise invalid_arg(f"expected boolean data for BOOL input '{name}'")
+    else:
+        kind_int = dt.kind in "iu"
+        for v in flat:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind_int and isinstance(v, float)):
+                raise invalid_arg(f"unable to parse 'data' of input '{name}': expected {datatype} values")
+    try:
+        return np.array(flat, dtype=dt).reshape(shape)
+    except (OverflowError, ValueError) as e:
+        raise invalid_arg(f"unable to parse 'data' of input '{name}': {e}") from None
+
+
+def decode_infer_request(
+    body: bytes, header_length: int | None, model_name: str, model_version: str
+) -> InferRequest:
+    if header_length is None:
+        header_raw: bytes | memoryview = body
+        binary = memoryview(b"")
+    else:
+        if header_length < 0 or header_length > len(body):
+            raise invalid_arg(
+                f"inference header size should be in range (0, {len(body)}), got: {header_length}"
+            )
+        mv = memoryview(body)
+        header_raw, binary = mv[:header_length], mv[header_length:]
+    header = _loads(header_raw)
+    if not isinstance(header, dict):
+        raise invalid_arg("inference request JSON must be an object")
+    if not _depth_ok(header):
+        raise invalid_arg("inference request JSON is nested too deeply")
+    raw_inputs = header.get("inputs")
+    if not isinstance(raw_inputs, list):
+        raise invalid_arg("inference request JSON must contain an 'inputs' array")
+    req_id = header.get("id", "")
+    if not isinstance(req_id, str):
+        raise invalid_arg("'id' must be a string")
+    params = _params(header.get("parameters"), "the request")
+    for k in params:
+        if k.startswith("triton_"):
+            raise invalid_arg(f"parameter keys starting with 'triton_' are reserved for Triton usage: '{k}'")
+    offset = 0
+    inputs: list[Tensor] = []
+    for i, t in enumerate(raw_inputs):
+        if not isinstance(t, dict):
+            raise invalid_arg(f"input {i} must be a JSON object")
+        name = t.get("name")
+        if not isinstance(name, str):
+            raise invalid_arg(f"input {i} must have a string 'name'")
+        datatype = t.get("datatype")
+        if not isinstance(datatype, str) or datatype not in NUMPY_DTYPES:
+            raise invalid_arg(f"invalid datatype '{datatype}' for input '{name}'")
+        shape = _shape(t.get("shape"), name)
+        tparams = _params(t.get("parameters"), f"input '{name}'")
+        has_data = "data" in t
+        bsize = tparams.get("binary_data_size")
+        region = tparams.get("shared_memory_region")
+        if sum((has_data, bsize is not None, region is not None)) != 1:
+            raise invalid_arg(
+                f"input '{name}' must specify exactly one of 'data', 'binary_data_size' or 'shared_memory_region'"
+            )
+        if bsize is not None:
+            if not isinstance(bsize, int) or isinstance(bsize, bool) or bsize < 0:
+                raise invalid_arg(f"'binary_data_size' of input '{name}' must be a non-negative integer")
+            if offset + bsize > len(binary):
+                raise invalid_arg(
+                    f"unexpected size for input '{name}', expecting {bsize} bytes but only "
+                    f"{len(binary) - offset} bytes remain in the request body"
+                )
+            chunk = binary[offset : offset + bsize]
+            offset += bsize
+            if datatype != "BYTES":
+                expected = num_elements(shape) * element_size(datatype)
+                if bsize != expected:
+                    raise invalid_arg(
+                        f"unexpected size {bsize} for input '{name}', expecting {expected} bytes for model '{model_name}'"
+                    )
+            arr = from_raw(chunk, datatype, shape, name)
+            inputs.append(Tensor(name, datatype, shape, arr, tparams))
+        elif has_data:
+            inputs.append(Tensor(name, datatype, shape, _json_tensor(t["data"], datatype, shape, name), tparams))
+        else:
+            if not isinstance(region, str):
+                raise invalid_arg(f"'shared_memory_region' of input '{name}' must be a string")
+            if "shared_memory_byte_size" not in tparams:
+                raise invalid_arg(f"input '{name}' in shared memory must give 'shared_memory_byte_size'")
+            inputs.append(Tensor(name, datatype, shape, None, tparams))
+    if offset != len(binary):
+        raise invalid_arg(
+            f"unexpected additional input data for model '{model_name}': {len(binary) - offset} bytes left over"
+        )
+    outputs = None
+    raw_outputs = header.get("outputs")
+    if raw_outputs is not None:
+        if not isinstance(raw_outputs, list):
+            raise invalid_arg("'outputs' must be an array")
+        outputs = []
+        for o in raw_outputs:
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise invalid_arg("each requested output must be an object with a string 'name'")
+            outputs.append(RequestedOutput(o["name"], _params(o.get("parameters"), f"output '{o['name']}'")))
+    return InferRequest(
+        model_name=model_name,
+        model_version=model_version,
+        id=req_id,
+        inputs=inputs,
+        outputs=outputs,
+        parameters=params,
+    )
+
+
+def encode_infer_response(response: InferResponse, request: InferRequest) -> tuple[bytes, int | None]:
+    """The body and, when binary outputs follow the JSON, the JSON header's length."""
+    default_binary = bool(request.parameters.get("binary_data_output", False))
+    out_json = []
+    blobs: list[bytes] = []
+    for t in response.outputs:
+        entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+        p = t.parameters
+        if t.data is None:  # in shared memory
+            out_json.append(entry)
+            continue
+        binary = p.get("binary_data")
+        binary = default_binary if binary is None else bool(binary)
+        if binary:
+            raw = serialize_bytes(t.data) if t.datatype == "BYTES" else np.ascontiguousarray(t.data).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            if t.datatype in ("FP16", "BF16"):
+                raise invalid_arg(
+                    f"sending {t.datatype} data via JSON is not supported. Please use the binary data format for output '{t.name}'"
+                )
+            if t.datatype == "BYTES":
+                entry["data"] = [
+                    v.decode("utf-8", errors="replace") if isinstance(v, (bytes, bytearray)) else str(v)
+                    for v in t.data.reshape(-1)
+                ]
+            else:
+                entry["data"] = t.data.reshape(-1).tolist()
+        out_json.append(entry)
+    doc: dict[str, Any] = {}
+    if response.id:
+        doc["id"] = response.id
+    doc["model_name"] = response.model_name
+    doc["model_version"] = response.model_version
+    if response.parameters:
+        doc["parameters"] = response.parameters
+    doc["outputs"] = out_json
+    header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)

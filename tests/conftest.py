@@ -1,0 +1,140 @@
+"""Test fixtures: a real `torpor serve` process on free loopback ports.
+
+Tests talk to it with the real tritonclient (http, http.aio, grpc, grpc.aio), as users do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "models"
+# Triton's example repository (the one its example clients expect: 7 models over HTTP).
+SIMPLE_MODELS = [
+    "simple",
+    "simple_dyna_sequence",
+    "simple_identity",
+    "simple_int8",
+    "simple_sequence",
+    "simple_string",
+    "repeat_int32",
+]
+
+
+def free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_repo(dest: Path, models: list[str], source: Path = EXAMPLES) -> Path:
+    """A repository folder holding copies of the named bundled models."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for m in models:
+        shutil.copytree(source / m, dest / m, ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))
+    return dest
+
+
+class Server:
+    def __init__(self, repo: Path | list[Path], *extra: str, env: dict | None = None):
+        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        repos = repo if isinstance(repo, list) else [repo]
+        self.args = [sys.executable, "-m", "torpor.cli", "serve"]
+        for r in repos:
+            self.args += ["--model-repository", str(r)]
+        self.args += [
+            "--http-address", "127.0.0.1",
+            "--grpc-address", "127.0.0.1",
+            "--http-port", str(self.http_port),
+            "--grpc-port", str(self.grpc_port),
+            "--metrics-port", str(self.metrics_port),
+            *extra,
+        ]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.log_path: Path | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def start(self, log_dir: Path, timeout: float = 120.0) -> "Server":
+        self.log_path = log_dir / f"server-{self.http_port}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"http://{self.http_url}/v2/health/live", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server did not come up:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def simple_repo(tmp_path_factory) -> Path:
+    return make_repo(tmp_path_factory.mktemp("repo"), SIMPLE_MODELS)
+
+
+@pytest.fixture(scope="session")
+def server(simple_repo, tmp_path_factory):
+    """One server in the default control mode (NONE) over Triton's example models."""
+    s = Server(simple_repo, "--allow-client-shm", "true").start(tmp_path_factory.mktemp("logs"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Start extra servers with their own flags; stopped at the end of the test."""
+    started: list[Server] = []
+
+    def _start(repo, *extra, **kw) -> Server:
+        s = Server(repo, *extra, **kw).start(tmp_path)
+        started.append(s)
+        return s
+
+    yield _start
+    for s in started:
+        s.stop()

@@ -1,0 +1,170 @@
+"""`torpor serve`: HTTP, gRPC and metrics on one uvloop event loop, one Engine behind them.
+
+Flag names follow tritonserver's where they exist, so existing launch scripts work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+log = logging.getLogger("torpor")
+
+DEFAULT_REPOSITORY = str(Path(__file__).resolve().parent.parent / "examples" / "models")
+
+
+def _bool(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got '{value}'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="torpor", description="Triton-compatible inference server for many models on few GPUs")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve a model repository over HTTP, gRPC and metrics")
+    s.add_argument("--model-repository", "--model-store", action="append", dest="model_repository",
+                   help="model repository path (repeatable); default: the bundled examples/models")
+    s.add_argument("--model-control-mode", choices=["none", "explicit", "poll"], default="none")
+    s.add_argument("--load-model", action="append", default=[], help="model to load at start in explicit mode ('*' for all)")
+    s.add_argument("--repository-poll-secs", type=float, default=15.0)
+    s.add_argument("--strict-model-config", type=_bool, default=False)
+    s.add_argument("--strict-readiness", type=_bool, default=True)
+    s.add_argument("--http-address", default="0.0.0.0")
+    s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--grpc-address", default="0.0.0.0")
+    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--metrics-address", default=None, help="default: the HTTP address")
+    s.add_argument("--metrics-port", type=int, default=8002)
+    s.add_argument("--allow-http", type=_bool, default=True)
+    s.add_argument("--allow-grpc", type=_bool, default=True)
+    s.add_argument("--allow-metrics", type=_bool, default=True)
+    s.add_argument("--id", default="triton", help="server id reported in server metadata (clients check 'triton')")
+    s.add_argument("--log-verbose", type=int, default=0)
+    s.add_argument("--exit-timeout-secs", type=float, default=30.0)
+    s.add_argument("--http-max-input-size", type=int, default=64 * 1024 * 1024)
+    s.add_argument("--allow-client-shm", type=_bool, default=False)
+    s.add_argument("--devices", default="cpu", help="execution devices: 'cpu' (default here), later 'cuda', 'cpu:N'")
+    return p
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from adapters import create_model_function
+
+    from .engine import Engine, EngineOptions
+
+    options = EngineOptions(
+        model_repositories=args.model_repository or [DEFAULT_REPOSITORY],
+        model_control_mode=args.model_control_mode,
+        load_models=args.load_model,
+        repository_poll_secs=args.repository_poll_secs,
+        strict_readiness=args.strict_readiness,
+        strict_model_config=args.strict_model_config,
+        server_id=args.id,
+        allow_client_shm=args.allow_client_shm,
+    )
+    engine = Engine(options, create_model_function)
+    engine.logging.update({"log_verbose_level": args.log_verbose})
+    await engine.start()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    servers = []  # (name, async stop(grace) callable)
+    tasks = []
+    if args.allow_http:
+        import uvicorn
+
+        from api.http import create_app
+
+        class _Server(uvicorn.Server):
+            # We own signal handling: uvicorn's would re-raise the signal after shutdown and
+            # turn a clean drain into a non-zero exit.
+            def install_signal_handlers(self) -> None:
+                pass
+
+            def capture_signals(self):  # uvicorn >= 0.29
+                import contextlib
+
+                return contextlib.nullcontext()
+
+        config = uvicorn.Config(
+            create_app(engine, args.http_max_input_size),
+            host=args.http_address,
+            port=args.http_port,
+            loop="none",
+            http="httptools",
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            timeout_graceful_shutdown=int(args.exit_timeout_secs) or None,
+        )
+        http_server = _Server(config)
+        tasks.append(asyncio.create_task(http_server.serve()))
+
+        async def stop_http(grace: float) -> None:
+            http_server.should_exit = True
+
+        servers.append(("http", stop_http))
+    if args.allow_grpc:
+        from api.grpc import start_grpc_server
+
+        grpc_server = await start_grpc_server(engine, args.grpc_address, args.grpc_port)
+
+        async def stop_grpc(grace: float) -> None:
+            await grpc_server.stop(grace)
+
+        servers.append(("grpc", stop_grpc))
+    if args.allow_metrics:
+        from api.metrics import start_metrics_server
+
+        metrics_stop = await start_metrics_server(engine, args.metrics_address or args.http_address, args.metrics_port)
+        servers.append(("metrics", metrics_stop))
+
+    log.info("torpor serving: http %s, grpc %s, metrics %s", args.http_port, args.grpc_port, args.metrics_port)
+    print(f"torpor: serving HTTP on {args.http_address}:{args.http_port}, gRPC on {args.grpc_address}:{args.grpc_port}, "
+          f"metrics on {args.metrics_address or args.http_address}:{args.metrics_port}", flush=True)
+
+    stop_wait = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for t in tasks:
+        if t in done and t.exception() is not None:
+            log.error("server task failed: %s", t.exception())
+            stop.set()
+    # Graceful exit: refuse new work, let listeners finish in-flight requests, drain the engine.
+    engine.exiting = True
+    grace = args.exit_timeout_secs
+    await asyncio.gather(*(fn(grace) for _, fn in servers), return_exceptions=True)
+    if tasks:
+        await asyncio.wait(tasks, timeout=grace + 1)
+    drained = await engine.drain(grace)
+    if not drained:
+        log.warning("exit timeout: %d requests still in flight", engine.inflight)
+    await engine.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.log_verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        rc = uvloop.run(serve(args))
+    except ImportError:
+        rc = asyncio.run(serve(args))
+    sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main()

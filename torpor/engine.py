@@ -1,0 +1,916 @@
+"""The Engine: the one seam between the protocol front ends and the models.
+
+Front ends decode a request into `InferRequest`, call `Engine.infer` (or `infer_stream` for
+decoupled models) and encode the `InferResponse`. The engine resolves the model version,
+validates inputs against the config, fills sequence-control tensors, runs the model function on
+a worker thread (never blocking the event loop), selects and post-processes outputs
+(classification, shared memory) and keeps Triton-shaped statistics. Model lifecycle (load,
+unload, readiness, repository index) lives here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .config import ModelConfig, config_to_dict, parse_config_json, read_config, tensor_specs
+from .datatypes import from_raw, num_elements, numpy_dtype, to_raw
+from .errors import Status, TorporError, internal, invalid_arg, not_found, unavailable, unsupported
+from .model import SEQUENCE_END, SEQUENCE_START, ModelFunction, ModelRequest, TensorSpec
+from .repository import ModelSource, Repository, available_versions, select_versions
+from .settings import LogSettings, TraceSettings
+from .shm import SharedMemoryManager
+from .stats import ModelStats, empty_stats
+from .tensors import InferRequest, InferResponse, RequestedOutput, Tensor
+
+log = logging.getLogger("torpor")
+
+TRITON_VERSION = "2.73.0"
+EXTENSIONS = [
+    "classification",
+    "sequence",
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "schedule_policy",
+    "model_configuration",
+    "system_shared_memory",
+    "cuda_shared_memory",
+    "binary_tensor_data",
+    "parameters",
+    "statistics",
+    "trace",
+    "logging",
+]
+
+# Adapter factory: (name, version, config, version_path, model_path) -> ModelFunction.
+# Injected so the engine does not import the adapters package (adapters depend on torpor).
+Factory = Callable[[str, int, ModelConfig, Path, Path], ModelFunction]
+
+
+@dataclass
+class EngineOptions:
+    model_repositories: list[str] = field(default_factory=lambda: ["examples/models"])
+    model_control_mode: str = "none"  # none | explicit | poll
+    load_models: list[str] = field(default_factory=list)
+    repository_poll_secs: float = 15.0
+    strict_readiness: bool = True
+    strict_model_config: bool = False
+    server_id: str = "triton"
+    allow_client_shm: bool = False
+    worker_threads: int = 0  # 0: min(32, cpu_count + 4)
+
+
+@dataclass
+class VersionEntry:
+    version: int
+    state: str = "UNKNOWN"  # READY | UNAVAILABLE | LOADING | UNLOADING
+    reason: str = ""
+    function: ModelFunction | None = None
+    stats: ModelStats | None = None
+    slots: asyncio.Semaphore | None = None  # one per model instance
+
+
+@dataclass
+class ModelEntry:
+    """A model the repository knows, loaded or not."""
+
+    name: str
+    source: ModelSource | None = None
+    config: ModelConfig | None = None
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+    versions: dict[int, VersionEntry] = field(default_factory=dict)
+    error: str = ""  # a failure before any version could be considered (config, policy)
+    override_dir: Path | None = None  # temp folder holding `file:` overrides
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    active_sequences: set = field(default_factory=set)
+    mtime: float = 0.0
+
+    @property
+    def decoupled(self) -> bool:
+        return bool(self.config is not None and self.config.model_transaction_policy.decoupled)
+
+    @property
+    def max_batch_size(self) -> int:
+        return int(self.config.max_batch_size) if self.config is not None else 0
+
+    def ready_versions(self) -> list[int]:
+        return sorted(v for v, e in self.versions.items() if e.state == "READY")
+
+
+def _unknown(name: str, detail: str) -> TorporError:
+    return TorporError(Status.NOT_FOUND, f"Request for unknown model: {detail}")
+
+
+def _shape_str(shape) -> str:
+    return "[" + ",".join(str(int(d)) for d in shape) + "]"
+
+
+class Engine:
+    def __init__(self, options: EngineOptions, factory: Factory):
+        self.options = options
+        self.factory = factory
+        self.repository = Repository(options.model_repositories)
+        self.models: dict[str, ModelEntry] = {}
+        self.duplicates: set[str] = set()
+        self.shm = SharedMemoryManager(options.allow_client_shm)
+        self.trace = TraceSettings()
+        self.logging = LogSettings()
+        workers = options.worker_threads or min(32, (os.cpu_count() or 1) + 4)
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="torpor-exec")
+        self.live = False
+        self.exiting = False
+        self._poll_task: asyncio.Task | None = None
+        self._lifecycle_lock: asyncio.Lock | None = None
+        self.inflight = 0
+        self._idle: asyncio.Event | None = None
+        self.listeners: list[Callable[[str, ModelEntry], None]] = []  # lifecycle observers
+
+    # ---------------------------------------------------------------------------------------
+    # start / stop
+    # ---------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._lifecycle_lock = asyncio.Lock()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        mode = self.options.model_control_mode
+        sources, self.duplicates = self.repository.scan()
+        for name in self.duplicates:
+            self.models[name] = ModelEntry(name, error="model appears in two or more repositories")
+        for name, src in sources.items():
+            self.models.setdefault(name, ModelEntry(name, source=src))
+        if mode in ("none", "poll"):
+            to_load = list(sources)
+        else:
+            to_load = list(sources) if "*" in self.options.load_models else list(self.options.load_models)
+        for name in to_load:
+            try:
+                await self.load(name, _internal=True)
+            except TorporError as e:
+                log.error("%s", e.message)
+        self.live = True
+        if mode == "poll" and self.options.repository_poll_secs > 0:
+            self._poll_task = asyncio.create_task(self._poll_loop())
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop taking new requests and wait (bounded) for in-flight ones; True if all finished."""
+        self.exiting = True
+        if self._idle is None or self.inflight == 0:
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def stop(self) -> None:
+        self.exiting = True
+        if self._poll_task:
+            self._poll_task.cancel()
+        for entry in list(self.models.values()):
+            for v in entry.versions.values():
+                if v.function is not None:
+                    try:
+                        await asyncio.get_running_loop().run_in_executor(self.pool, v.function.unload)
+                    except Exception:  # noqa: BLE001 - shutting down anyway
+                        log.exception("unloading %s failed", entry.name)
+                    v.function = None
+            self._drop_override(entry)
+        self.shm.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---------------------------------------------------------------------------------------
+    # health and metadata
+    # ---------------------------------------------------------------------------------------
+    def server_metadata(self) -> dict:
+        return {"name": self.options.server_id, "version": TRITON_VERSION, "extensions": EXTENSIONS}
+
+    def is_live(self) -> bool:
+        return self.live and not self.exiting
+
+    def is_ready(self) -> bool:
+        if not self.live or self.exiting:
+            return False
+        if not self.options.strict_readiness:
+            return True
+        for entry in self.models.values():
+            if entry.error and entry.error != "unloaded":
+                return False
+            for v in entry.versions.values():
+                if v.state == "READY" or (v.state == "UNAVAILABLE" and v.reason == "unloaded"):
+                    continue
+                return False
+        return True
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.resolve(name, version)
+            return True
+        except TorporError:
+            return False
+
+    def resolve(self, name: str, version: str = "") -> tuple[ModelEntry, VersionEntry]:
+        """The READY version a request names (latest READY when `version` is empty)."""
+        entry = self.models.get(name)
+        if entry is None or entry.config is None:
+            raise _unknown(name, f"'{name}' is not found")
+        if version in ("", "-1", None):
+            ready = entry.ready_versions()
+            if not ready:
+                raise _unknown(name, f"'{name}' has no available versions")
+            return entry, entry.versions[ready[-1]]
+        try:
+            v = int(version)
+        except ValueError:
+            raise _unknown(name, f"'{name}' version {version} is not found") from None
+        ve = entry.versions.get(v)
+        if ve is None:
+            raise _unknown(name, f"'{name}' version {v} is not found")
+        if ve.state != "READY":
+            raise TorporError(
+                Status.UNAVAILABLE,
+                f"Request for unknown model: '{name}' version {v} is not at ready state",
+            )
+        return entry, ve
+
+    def model_metadata(self, name: str, version: str = "") -> dict:
+        entry, ve = self.resolve(name, version)
+        versions = [str(ve.version)] if version not in ("", "-1") else [str(v) for v in entry.ready_versions()]
+        config = entry.config
+        return {
+            "name": name,
+            "versions": versions,
+            "platform": config.platform or config.backend,
+            "inputs": [{"name": s.name, "datatype": s.datatype, "shape": self._meta_shape(entry, s)} for s in entry.inputs],
+            "outputs": [{"name": s.name, "datatype": s.datatype, "shape": self._meta_shape(entry, s)} for s in entry.outputs],
+        }
+
+    @staticmethod
+    def _meta_shape(entry: ModelEntry, spec: TensorSpec) -> list[int]:
+        dims = list(spec.reshape if spec.reshape is not None else spec.dims)
+        return ([-1] + dims) if entry.max_batch_size > 0 else dims
+
+    def model_config(self, name: str, version: str = "") -> ModelConfig:
+        entry, _ = self.resolve(name, version)
+        return entry.config
+
+    def model_config_dict(self, name: str, version: str = "") -> dict:
+        return config_to_dict(self.model_config(name, version))
+
+    # ---------------------------------------------------------------------------------------
+    # repository: index, load, unload, poll
+    # ---------------------------------------------------------------------------------------
+    def repository_index(self, ready_only: bool = False) -> list[dict]:
+        sources, duplicates = self.repository.scan()
+        names = sorted(set(sources) | set(self.models) | duplicates)
+        out: list[dict] = []
+        for name in names:
+            entry = self.models.get(name)
+            if name in duplicates:
+                if not ready_only:
+                    out.append({"name": name, "state": "UNAVAILABLE", "reason": "model appears in two or more repositories"})
+                continue
+            if entry is None or (not entry.versions and not entry.error):
+                if not ready_only:
+                    out.append({"name": name})
+                continue
+            if entry.error and not entry.versions:
+                if not ready_only:
+                    out.append({"name": name, "state": "UNAVAILABLE", "reason": entry.error})
+                continue
+            for v, ve in sorted(entry.versions.items()):
+                if ready_only and ve.state != "READY":
+                    continue
+                item = {"name": name, "version": str(v), "state": ve.state}
+                item["reason"] = ve.reason
+                out.append(item)
+        return out
+
+    def _check_explicit(self) -> None:
+        if self.options.model_control_mode != "explicit":
+            raise unavailable("explicit model load / unload is not allowed if polling is enabled")
+
+    async def load(
+        self,
+        name: str,
+        config_json: str | None = None,
+        files: dict[str, bytes] | None = None,
+        _internal: bool = False,
+    ) -> None:
+        """Load (or reload) a model. `files` maps `<version>/<path>` to contents (the
+        `file:` load parameters); they require `config_json`, as in Triton."""
+        if not _internal:
+            self._check_explicit()
+        assert self._lifecycle_lock is not None
+        async with self._lifecycle_lock:
+            await self._load_locked(name, config_json, files or {})
+
+    async def _load_locked(self, name: str, config_json: str | None, files: dict[str, bytes]) -> None:
+        if files and config_json is None:
+            raise invalid_arg(f"failed to load '{name}', failed to poll from model repository: model config must be provided when loading files")
+        sources, duplicates = self.repository.scan()
+        if name in duplicates:
+            raise internal(f"failed to load '{name}', model appears in two or more repositories")
+        entry = self.models.get(name) or ModelEntry(name)
+        src = sources.get(name)
+        override_dir = None
+        if files:
+            override_dir = self._write_override(name, files)
+            model_dir = override_dir
+        elif src is not None:
+            model_dir = src.path
+        else:
+            raise internal(f"failed to load '{name}', failed to poll from model repository")
+        try:
+            if config_json is not None:
+                config = parse_config_json(config_json, name)
+            else:
+                config = read_config(model_dir)
+            if config.name and config.name != name:
+                raise invalid_arg(f"model name in config '{config.name}' does not match the folder '{name}'")
+            config.name = name
+            versions = select_versions(config, available_versions(model_dir))
+            inputs, outputs = tensor_specs(config)
+        except TorporError as e:
+            if override_dir is not None:
+                shutil.rmtree(override_dir, ignore_errors=True)
+            if not entry.versions:
+                entry.error = f"failed to load '{name}', {e.message}"
+                entry.source = src
+                self.models[name] = entry
+            raise internal(f"failed to load '{name}', {e.message}") from None
+
+        # Load the new versions before retiring the old ones, so a failed reload keeps serving.
+        started = time.monotonic()
+        new_versions: dict[int, VersionEntry] = {}
+        errors = []
+        loop = asyncio.get_running_loop()
+        for v in versions:
+            ve = VersionEntry(v, state="LOADING")
+            try:
+                fn = self.factory(name, v, config, model_dir / str(v), model_dir)
+                await loop.run_in_executor(self.pool, fn.load)
+            except Exception as e:  # noqa: BLE001 - any adapter failure is a load failure
+                msg = e.message if isinstance(e, TorporError) else f"{type(e).__name__}: {e}"
+                ve.state, ve.reason = "UNAVAILABLE", msg
+                errors.append(f"version {v}: {msg}")
+                log.error("failed to load '%s' version %d: %s", name, v, msg)
+            else:
+                ve.function = fn
+                ve.state = "READY"
+                ve.stats = ModelStats(name, str(v))
+                ve.stats.load_duration_s = time.monotonic() - started
+                ve.slots = asyncio.Semaphore(self._instance_count(config))
+            new_versions[v] = ve
+
+        if errors and not any(ve.state == "READY" for ve in new_versions.values()):
+            if override_dir is not None:
+                shutil.rmtree(override_dir, ignore_errors=True)
+            old_ready = [ve for ve in entry.versions.values() if ve.state == "READY"]
+            if not old_ready:
+                entry.config, entry.inputs, entry.outputs = config, inputs, outputs
+                entry.versions = new_versions
+                entry.source = src
+                entry.error = ""
+                self.models[name] = entry
+            raise internal(f"failed to load '{name}', " + "; ".join(errors))
+
+        old = entry.versions
+        old_override = entry.override_dir
+        entry.config, entry.inputs, entry.outputs = config, inputs, outputs
+        entry.versions = new_versions
+        entry.source = src
+        entry.error = ""
+        entry.override_dir = override_dir
+        entry.labels = self._read_labels(model_dir, outputs)
+        entry.mtime = self._mtime(model_dir)
+        entry.active_sequences = set()
+        self.models[name] = entry
+        await self._retire(old.values())
+        if old_override is not None and old_override != override_dir:
+            shutil.rmtree(old_override, ignore_errors=True)
+        for cb in self.listeners:
+            cb("load", entry)
+
+    async def _retire(self, versions) -> None:
+        loop = asyncio.get_running_loop()
+        for ve in versions:
+            if ve.function is None:
+                continue
+            # Let in-flight executions finish before unloading: take every slot.
+            if ve.slots is not None:
+                count = ve.slots._value if hasattr(ve.slots, "_value") else 0
+                n = max(1, self._instance_count(ve.function.config))
+                for _ in range(n):
+                    await ve.slots.acquire()
+                del count
+            fn, ve.function = ve.function, None
+            try:
+                await loop.run_in_executor(self.pool, fn.unload)
+            except Exception:  # noqa: BLE001
+                log.exception("unloading %s version %d failed", fn.name, ve.version)
+
+    async def unload(self, name: str, unload_dependents: bool = False, _internal: bool = False) -> None:
+        if not _internal:
+            self._check_explicit()
+        assert self._lifecycle_lock is not None
+        async with self._lifecycle_lock:
+            entry = self.models.get(name)
+            if entry is None:
+                sources, _ = self.repository.scan()
+                if name not in sources:
+                    # Triton answers an unload of an unknown model with success.
+                    return
+                return
+            for ve in entry.versions.values():
+                if ve.state == "READY":
+                    ve.state = "UNLOADING"
+            await self._retire(entry.versions.values())
+            for ve in entry.versions.values():
+                ve.state, ve.reason, ve.stats = "UNAVAILABLE", "unloaded", ve.stats
+            self._drop_override(entry)
+            for cb in self.listeners:
+                cb("unload", entry)
+
+    def _drop_override(self, entry: ModelEntry) -> None:
+        if entry.override_dir is not None:
+            shutil.rmtree(entry.override_dir, ignore_errors=True)
+            entry.override_dir = None
+
+    def _write_override(self, name: str, files: dict[str, bytes]) -> Path:
+        root = Path(tempfile.mkdtemp(prefix=f"torpor-{name}-"))
+        try:
+            for rel, data in files.items():
+                rel_path = Path(rel)
+                if rel_path.is_absolute() or ".." in rel_path.parts or not rel_path.parts:
+                    raise invalid_arg(f"invalid file path '{rel}' in load override")
+                target = root / rel_path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+        except (OSError, TorporError) as e:
+            shutil.rmtree(root, ignore_errors=True)
+            msg = e.message if isinstance(e, TorporError) else str(e)
+            raise internal(f"failed to load '{name}', failed to poll from model repository: {msg}") from None
+        return root
+
+    @staticmethod
+    def _instance_count(config: ModelConfig) -> int:
+        n = sum(max(1, g.count) for g in config.instance_group)
+        return max(1, n)
+
+    @staticmethod
+    def _read_labels(model_dir: Path, outputs: list[TensorSpec]) -> dict[str, list[str]]:
+        labels = {}
+        for spec in outputs:
+            if spec.label_filename:
+                p = model_dir / spec.label_filename
+                if p.exists():
+                    labels[spec.name] = p.read_text().splitlines()
+        return labels
+
+    @staticmethod
+    def _mtime(model_dir: Path) -> float:
+        latest = 0.0
+        for root, _, files in os.walk(model_dir):
+            for f in files:
+                try:
+                    latest = max(latest, os.stat(os.path.join(root, f)).st_mtime)
+                except OSError:
+                    pass
+        return latest
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.repository_poll_secs)
+            try:
+                await self.poll_once()
+            except Exception:  # noqa: BLE001 - polling must not die
+                log.exception("repository poll failed")
+
+    async def poll_once(self) -> None:
+        """POLL mode: load new or changed models, unload removed ones."""
+        sources, _ = self.repository.scan()
+        for name, src in sources.items():
+            entry = self.models.get(name)
+            if entry is None or entry.mtime != self._mtime(src.path):
+                try:
+                    await self.load(name, _internal=True)
+                except TorporError as e:
+                    log.error("%s", e.message)
+        for name in list(self.models):
+            if name not in sources and self.models[name].versions:
+                await self.unload(name, _internal=True)
+                self.models.pop(name, None)
+
+    # ---------------------------------------------------------------------------------------
+    # statistics
+    # ---------------------------------------------------------------------------------------
+    def statistics(self, name: str = "", version: str = "") -> list[dict]:
+        if not name:
+            out = []
+            for n in sorted(self.models):
+                for v, ve in sorted(self.models[n].versions.items()):
+                    if ve.state == "READY" and ve.stats is not None:
+                        out.append(ve.stats.to_dict())
+            return out
+        entry, ve = self.resolve(name, version)
+        if version in ("", "-1"):
+            return [
+                (e.stats.to_dict() if e.stats else empty_stats(name, str(v)))
+                for v, e in sorted(entry.versions.items())
+                if e.state == "READY"
+            ]
+        return [ve.stats.to_dict() if ve.stats else empty_stats(name, str(ve.version))]
+
+    # ---------------------------------------------------------------------------------------
+    # inference
+    # ---------------------------------------------------------------------------------------
+    def _begin(self) -> None:
+        if self.exiting:
+            raise unavailable("Server is exiting, new requests are refused")
+        self.inflight += 1
+        if self._idle is not None:
+            self._idle.clear()
+
+    def _end(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        """One request, one response (non-decoupled models)."""
+        self._begin()
+        try:
+            entry, ve = self.resolve(request.model_name, request.model_version)
+            if entry.decoupled:
+                raise unsupported(
+                    "ModelInfer RPC doesn't support models with decoupled transaction policy"
+                )
+            stats = ve.stats
+            stats.pending += 1
+            try:
+                return await self._run(entry, ve, request)
+            finally:
+                stats.pending -= 1
+        finally:
+            self._end()
+
+    async def infer_stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        """0..n responses; the last has final=True. Non-decoupled models give exactly one.
+        Per-request failures are raised (the stream front end turns them into error messages)."""
+        self._begin()
+        try:
+            entry, ve = self.resolve(request.model_name, request.model_version)
+            stats = ve.stats
+            stats.pending += 1
+            try:
+                if not entry.decoupled:
+                    yield await self._run(entry, ve, request)
+                    return
+                async for resp in self._run_decoupled(entry, ve, request):
+                    yield resp
+            finally:
+                stats.pending -= 1
+        finally:
+            self._end()
+
+    def _prepare(self, entry: ModelEntry, ve: VersionEntry, request: InferRequest) -> tuple[ModelRequest, int]:
+        name = entry.name
+        specs = {s.name: s for s in entry.inputs}
+        controls = self._sequence_controls(entry)
+        inputs: dict[str, np.ndarray] = {}
+        max_batch = entry.max_batch_size
+        batch = None
+        for t in request.inputs:
+            spec = specs.get(t.name)
+            if spec is None:
+                if t.name in controls:
+                    raise invalid_arg(f"unexpected inference input '{t.name}' for model '{name}': it is a sequence control input")
+                raise invalid_arg(f"unexpected inference input '{t.name}' for model '{name}'")
+            if t.name in inputs:
+                raise invalid_arg(f"input '{t.name}' is specified more than once for model '{name}'")
+            if t.datatype != spec.datatype:
+                raise invalid_arg(
+                    f"inference input '{t.name}' data-type is '{t.datatype}', but model '{name}' expects '{spec.datatype}'"
+                )
+            shape = tuple(int(d) for d in t.shape)
+            if any(d < 0 for d in shape):
+                raise invalid_arg(f"invalid shape {_shape_str(shape)} for input '{t.name}' of model '{name}'")
+            expected = spec.reshape if spec.reshape is not None else spec.dims
+            body = shape
+            if max_batch > 0:
+                if len(shape) == 0:
+                    raise invalid_arg(f"unexpected shape for input '{t.name}' for model '{name}'. Expected {_shape_str((-1,) + tuple(expected))}, got {_shape_str(shape)}. ")
+                if batch is None:
+                    batch = shape[0]
+                elif shape[0] != batch:
+                    raise invalid_arg(
+                        f"input '{t.name}' batch size does not match other inputs for '{name}'"
+                    )
+                body = shape[1:]
+            if len(body) != len(expected) or any(e != -1 and e != d for e, d in zip(expected, body)):
+                full = ((-1,) + tuple(expected)) if max_batch > 0 else tuple(expected)
+                raise invalid_arg(
+                    f"unexpected shape for input '{t.name}' for model '{name}'. Expected {_shape_str(full)}, got {_shape_str(shape)}. "
+                )
+            inputs[t.name] = self._input_array(t, shape, name)
+        missing = [s.name for s in entry.inputs if s.name not in inputs and not s.optional]
+        if missing:
+            got = sorted(inputs)
+            raise invalid_arg(
+                f"expected {len(entry.inputs)} inputs but got {len(inputs)} inputs for model '{name}'. "
+                f"Got input(s) {got}, but missing required input(s) {missing}. Please provide all required input(s)."
+            )
+        if max_batch > 0:
+            batch = batch if batch is not None else 1
+            if batch < 1 or batch > max_batch:
+                raise invalid_arg(f"inference request batch-size must be <= {max_batch} for '{name}'")
+        else:
+            batch = 1
+        # Reshape to the model's own dims where the config declares a reshape.
+        for s in entry.inputs:
+            if s.reshape is not None and s.name in inputs:
+                lead = (batch,) if max_batch > 0 else ()
+                inputs[s.name] = inputs[s.name].reshape(lead + tuple(s.dims))
+
+        params = request.parameters
+        corr = params.get("sequence_id", 0)
+        flags = (SEQUENCE_START if params.get("sequence_start") else 0) | (
+            SEQUENCE_END if params.get("sequence_end") else 0
+        )
+        if controls:
+            self._fill_controls(entry, inputs, controls, corr, flags, batch)
+        output_names = [o.name for o in request.outputs] if request.outputs else [s.name for s in entry.outputs]
+        known_outputs = {s.name for s in entry.outputs}
+        for o in output_names:
+            if o not in known_outputs:
+                raise invalid_arg(f"unexpected inference output '{o}' for model '{name}'")
+        custom = {k: v for k, v in params.items() if k not in ("sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output")}
+        return (
+            ModelRequest(
+                inputs=inputs,
+                requested_outputs=output_names,
+                parameters=custom,
+                id=request.id,
+                correlation_id=corr,
+                flags=flags,
+            ),
+            batch,
+        )
+
+    def _input_array(self, t: Tensor, shape: tuple[int, ...], model: str) -> np.ndarray:
+        if t.data is not None:
+            arr = t.data
+            if arr.shape != shape:
+                if arr.size != num_elements(shape):
+                    raise invalid_arg(
+                        f"unexpected number of elements {arr.size} for input '{t.name}' for model '{model}', expecting {num_elements(shape)}"
+                    )
+                arr = arr.reshape(shape)
+            return arr
+        region = t.parameters.get("shared_memory_region")
+        if region is None:
+            raise invalid_arg(f"input '{t.name}' for model '{model}' has no data")
+        size = int(t.parameters.get("shared_memory_byte_size", 0))
+        offset = int(t.parameters.get("shared_memory_offset", 0))
+        raw = self.shm.read(str(region), offset, size)
+        arr = from_raw(raw, t.datatype, shape, t.name)
+        # Copy out of the client's region: the client may reuse it as soon as we answer.
+        return arr.copy() if t.datatype != "BYTES" else arr
+
+    # sequence batcher ----------------------------------------------------------------------
+    @staticmethod
+    def _sequence_controls(entry: ModelEntry) -> dict[str, tuple[str, Any, str]]:
+        """name -> (kind, (false, true) values, datatype) of the config's control inputs."""
+        cfg = entry.config
+        if cfg is None or not cfg.HasField("sequence_batching"):
+            return {}
+        out = {}
+        from .config import datatype_name
+
+        for ci in cfg.sequence_batching.control_input:
+            for c in ci.control:
+                kind = type(c).Kind.Name(c.kind)
+                if c.int32_false_true:
+                    vals, dt = tuple(c.int32_false_true), "INT32"
+                elif c.fp32_false_true:
+                    vals, dt = tuple(c.fp32_false_true), "FP32"
+                elif c.bool_false_true:
+                    vals, dt = tuple(c.bool_false_true), "BOOL"
+                else:
+                    vals, dt = None, datatype_name(c.data_type) if c.data_type else "UINT64"
+                out[ci.name] = (kind, vals, dt)
+        return out
+
+    def _fill_controls(self, entry, inputs, controls, corr, flags, batch) -> None:
+        name = entry.name
+        if corr in (0, "", None):
+            raise invalid_arg(
+                f"inference request to model '{name}' must specify a non-zero or non-empty correlation ID"
+            )
+        if flags & SEQUENCE_START:
+            entry.active_sequences.add(corr)
+        elif corr not in entry.active_sequences:
+            raise invalid_arg(
+                f"inference request for sequence {corr} to model '{name}' must specify the START flag on the first request of the sequence"
+            )
+        if flags & SEQUENCE_END:
+            entry.active_sequences.discard(corr)
+        lead = (batch, 1) if entry.max_batch_size > 0 else (1,)
+        for cname, (kind, vals, dt) in controls.items():
+            if kind == "CONTROL_SEQUENCE_START":
+                v = vals[1] if flags & SEQUENCE_START else vals[0]
+            elif kind == "CONTROL_SEQUENCE_END":
+                v = vals[1] if flags & SEQUENCE_END else vals[0]
+            elif kind == "CONTROL_SEQUENCE_READY":
+                v = vals[1]
+            elif kind == "CONTROL_SEQUENCE_CORRID":
+                if dt == "BYTES":
+                    arr = np.empty(lead, dtype=np.object_)
+                    arr.fill(str(corr).encode())
+                    inputs[cname] = arr
+                    continue
+                try:
+                    v = int(corr)
+                except (TypeError, ValueError):
+                    raise invalid_arg(f"sequence ID must be an integer for model '{name}'") from None
+            else:
+                continue
+            inputs[cname] = np.full(lead, v, dtype=numpy_dtype(dt))
+
+    # execution -----------------------------------------------------------------------------
+    async def _run(self, entry: ModelEntry, ve: VersionEntry, request: InferRequest) -> InferResponse:
+        stats = ve.stats
+        t0 = request.arrival_ns
+        try:
+            mreq, batch = self._prepare(entry, ve, request)
+            loop = asyncio.get_running_loop()
+            async with ve.slots:
+                t_start = time.monotonic_ns()
+                result_holder: list = []
+
+                def work():
+                    t_in = time.monotonic_ns()
+                    (res,) = ve.function.execute([mreq])
+                    result_holder.append(t_in)
+                    return res
+
+                result = await loop.run_in_executor(self.pool, work)
+                t_done = time.monotonic_ns()
+            if isinstance(result, Exception):
+                raise result
+            t_exec_start = result_holder[0] if result_holder else t_start
+            response = self._build_response(entry, ve, request, result, batch)
+            t_end = time.monotonic_ns()
+        except TorporError as e:
+            stats.record_failure(time.monotonic_ns() - t0, "REJECTED" if e.status == Status.INVALID_ARG else "BACKEND")
+            raise
+        except Exception as e:  # noqa: BLE001 - a model's own failure is the request's failure
+            stats.record_failure(time.monotonic_ns() - t0, "BACKEND")
+            raise internal(f"{type(e).__name__}: {e}") from None
+        stats.record_success(
+            batch,
+            request_ns=t_end - t0,
+            queue_ns=t_start - t0,
+            input_ns=t_exec_start - t_start,
+            infer_ns=t_done - t_exec_start,
+            output_ns=t_end - t_done,
+        )
+        return response
+
+    async def _run_decoupled(self, entry: ModelEntry, ve: VersionEntry, request: InferRequest) -> AsyncIterator[InferResponse]:
+        stats = ve.stats
+        t0 = request.arrival_ns
+        try:
+            mreq, batch = self._prepare(entry, ve, request)
+        except TorporError:
+            stats.record_failure(time.monotonic_ns() - t0, "REJECTED")
+            raise
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def emit(outputs, error, final):
+            loop.call_soon_threadsafe(queue.put_nowait, (outputs, error, final))
+
+        def work():
+            try:
+                ve.function.execute_decoupled(mreq, emit)
+            except Exception as e:  # noqa: BLE001
+                emit(None, e, True)
+
+        async with ve.slots:
+            t_start = time.monotonic_ns()
+            fut = loop.run_in_executor(self.pool, work)
+            failed = False
+            try:
+                while True:
+                    outputs, error, final = await queue.get()
+                    if error is not None:
+                        failed = True
+                        err = error if isinstance(error, TorporError) else internal(str(error))
+                        yield InferResponse(entry.name, str(ve.version), request.id, final=final, error=err)
+                    else:
+                        resp = (
+                            self._build_response(entry, ve, request, outputs, batch)
+                            if outputs is not None
+                            else InferResponse(entry.name, str(ve.version), request.id)
+                        )
+                        resp.final = final
+                        yield resp
+                    if final:
+                        break
+            finally:
+                await fut
+        t_end = time.monotonic_ns()
+        if failed:
+            stats.record_failure(t_end - t0, "BACKEND")
+        else:
+            stats.record_success(batch, t_end - t0, t_start - t0, 0, t_end - t_start, 0)
+
+    def _build_response(self, entry: ModelEntry, ve: VersionEntry, request: InferRequest, result: dict, batch: int) -> InferResponse:
+        specs = {s.name: s for s in entry.outputs}
+        wanted: list[RequestedOutput] = (
+            request.outputs if request.outputs else [RequestedOutput(s.name) for s in entry.outputs if s.name in result]
+        )
+        outputs = []
+        for ro in wanted:
+            spec = specs[ro.name]
+            if ro.name not in result:
+                raise internal(f"model '{entry.name}' did not produce output '{ro.name}'")
+            arr = _to_numpy(result[ro.name])
+            datatype = spec.datatype
+            if datatype == "BYTES" and arr.dtype != np.object_:
+                arr = _as_bytes_array(arr)
+            elif datatype != "BYTES" and arr.dtype != numpy_dtype(datatype):
+                arr = arr.astype(numpy_dtype(datatype))
+            k = ro.parameters.get("classification")
+            if k:
+                arr = self._classify(entry, spec, arr, int(k))
+                datatype = "BYTES"
+            region = ro.parameters.get("shared_memory_region")
+            if region is not None:
+                if k:
+                    raise invalid_arg("classification output cannot be returned in shared memory")
+                size = int(ro.parameters.get("shared_memory_byte_size", 0))
+                offset = int(ro.parameters.get("shared_memory_offset", 0))
+                self.shm.write(str(region), offset, size, to_raw(arr, datatype))
+                outputs.append(Tensor(ro.name, datatype, tuple(arr.shape), None, dict(ro.parameters)))
+            else:
+                outputs.append(Tensor(ro.name, datatype, tuple(arr.shape), arr, dict(ro.parameters)))
+        return InferResponse(entry.name, str(ve.version), request.id, outputs)
+
+    def _classify(self, entry: ModelEntry, spec: TensorSpec, arr: np.ndarray, k: int) -> np.ndarray:
+        if arr.dtype == np.object_:
+            raise invalid_arg(f"class result not available for output '{spec.name}' due to unsupported type 'BYTES'")
+        labels = entry.labels.get(spec.name, [])
+        batched = entry.max_batch_size > 0
+        rows = arr.reshape(arr.shape[0], -1) if batched else arr.reshape(1, -1)
+        k = min(k, rows.shape[1])
+        out = np.empty((rows.shape[0], k), dtype=np.object_)
+        is_int = np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_
+        for b, row in enumerate(rows):
+            order = np.argsort(-row.astype(np.float64), kind="stable")[:k]
+            for j, idx in enumerate(order):
+                val = str(int(row[idx])) if is_int else f"{float(row[idx]):f}"
+                s = f"{val}:{idx}"
+                if idx < len(labels):
+                    s += f":{labels[idx]}"
+                out[b, j] = s.encode()
+        return out if batched else out.reshape(k)
+
+
+def _to_numpy(value) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "detach"):  # a torch tensor; imported lazily so the engine needs no torch
+        t = value.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        import torch
+
+        if t.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+    return np.asarray(value)
+
+
+def _as_bytes_array(arr: np.ndarray) -> np.ndarray:
+    out = np.empty(arr.shape, dtype=np.object_)
+    flat = out.reshape(-1)
+    for i, v in enumerate(arr.reshape(-1)):
+        flat[i] = v if isinstance(v, bytes) else (v.encode() if isinstance(v, str) else str(v).encode())
+    return out
