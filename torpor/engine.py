@@ -294,7 +294,8 @@ class Engine:
                 if ready_only and ve.state != "READY":
                     continue
                 item = {"name": name, "version": str(v), "state": ve.state}
-                item["reason"] = ve.reason
+                if ve.reason:
+                    item["reason"] = ve.reason
                 out.append(item)
         return out
 
