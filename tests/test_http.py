@@ -327,12 +327,12 @@ def test_explicit_mode_load_unload(start_server, simple_repo):
     assert not c.is_model_ready("simple_string")
     index = {m["name"]: m for m in c.get_model_repository_index()}
     assert index["simple_string"]["state"] == "UNAVAILABLE" and index["simple_string"]["reason"] == "unloaded"
-    # config override (an int given as a string, as the example client sends it)
-    c.load_model("simple", config=json.dumps({"backend": "python", "max_batch_size": "16",
-                                             "input": [{"name": "INPUT0", "data_type": "TYPE_INT32", "dims": [16]},
-                                                       {"name": "INPUT1", "data_type": "TYPE_INT32", "dims": [16]}],
-                                             "output": [{"name": "OUTPUT0", "data_type": "TYPE_INT32", "dims": [16]},
-                                                        {"name": "OUTPUT1", "data_type": "TYPE_INT32", "dims": [16]}]}))
+    # config override (an int given as a string, as the example client sends it); the fields it
+    # leaves out are completed from the model's own config.pbtxt
+    with pytest.raises(InferenceServerException, match="failed to load"):
+        c.load_model("simple", config='"parameters": {"config": {{"max_batch_size": "16"}}}')
+    assert c.is_model_ready("simple")
+    c.load_model("simple", config='{"max_batch_size":"16"}')
     assert c.get_model_config("simple")["max_batch_size"] == 16
     with pytest.raises(InferenceServerException, match="failed to load") as e:
         c.load_model("no_such_model")

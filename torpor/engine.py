@@ -337,6 +337,8 @@ class Engine:
         try:
             if config_json is not None:
                 config = parse_config_json(config_json, name)
+                if not self.options.strict_model_config and (model_dir / "config.pbtxt").exists():
+                    config = self._complete_config(config, read_config(model_dir))
             else:
                 config = read_config(model_dir)
             if config.name and config.name != name:
@@ -465,6 +467,18 @@ class Engine:
             msg = e.message if isinstance(e, TorporError) else str(e)
             raise internal(f"failed to load '{name}', failed to poll from model repository: {msg}") from None
         return root
+
+    @staticmethod
+    def _complete_config(override: ModelConfig, on_disk: ModelConfig) -> ModelConfig:
+        """Auto-complete a `config` load override, as Triton's backends do from the model file:
+        fields the override sets replace the repository's; the rest (inputs, outputs, backend,
+        ...) come from the model's own config.pbtxt."""
+        merged = ModelConfig()
+        merged.CopyFrom(on_disk)
+        for field_desc, _ in override.ListFields():
+            merged.ClearField(field_desc.name)
+        merged.MergeFrom(override)
+        return merged
 
     @staticmethod
     def _instance_count(config: ModelConfig) -> int:
