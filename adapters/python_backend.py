@@ -1,0 +1,348 @@
+"""Triton Python backend: `backend: "python"` with `<version>/model.py` defining `TritonPythonModel`.
+
+The model file is `<version>/model.py` (or `default_model_filename`). It is loaded by path
+under a private package name, so `from .helper import x` finds files beside it; the version
+folder is also appended to `sys.path`, as Triton's stub does, so `import helper` works too
+(models sharing the process should not rely on identically named helper modules).
+
+One `TritonPythonModel` object is created per instance of the config's `instance_group`
+(counts summed, at least one); `initialize(args)` gets Triton's args (all strings):
+`model_config` (the config as Triton's JSON), `model_name`, `model_version`,
+`model_repository` (the model's folder), `model_instance_kind` ("CPU"),
+`model_instance_name` (`<model>_<group>_<index>`), `model_instance_device_id` ("0").
+An optional `auto_complete_config(pb_utils.ModelConfig)` is called before; what it adds is
+copied into the config only where the config declares no inputs/outputs.
+
+Non-decoupled: `execute(requests)` returns one `InferenceResponse` per request (or None, after
+sending each request's single response through its response sender). A raised exception fails
+every request of that call. Decoupled (`model_transaction_policy { decoupled: true }`):
+`execute` returns None and responses go through `request.get_response_sender().send(...)`,
+from any thread and after `execute` has returned; the last one carries
+`TRITONSERVER_RESPONSE_COMPLETE_FINAL`. If the sender is dropped without it, the final flag is
+sent for the model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import queue
+import re
+import sys
+import threading
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from torpor.config import config_to_dict
+from torpor.errors import Status, TorporError, internal
+from torpor.model import Emit, ModelFunction, ModelRequest
+
+from . import triton_python_backend_utils as pb_utils
+
+# Models do `import triton_python_backend_utils as pb_utils`.
+sys.modules.setdefault("triton_python_backend_utils", pb_utils)
+
+_log = logging.getLogger("torpor.python_backend")
+
+_ERROR_STATUS = {
+    pb_utils.TritonError.UNKNOWN: Status.UNKNOWN,
+    pb_utils.TritonError.INTERNAL: Status.INTERNAL,
+    pb_utils.TritonError.NOT_FOUND: Status.NOT_FOUND,
+    pb_utils.TritonError.INVALID_ARG: Status.INVALID_ARG,
+    pb_utils.TritonError.UNAVAILABLE: Status.UNAVAILABLE,
+    pb_utils.TritonError.UNSUPPORTED: Status.UNSUPPORTED,
+    pb_utils.TritonError.ALREADY_EXISTS: Status.ALREADY_EXISTS,
+    pb_utils.TritonError.CANCELLED: Status.CANCELLED,
+}
+
+_sys_path_lock = threading.Lock()
+
+
+def torpor_error(error: pb_utils.TritonError) -> TorporError:
+    return TorporError(_ERROR_STATUS.get(error.code(), Status.INTERNAL), error.message())
+
+
+def output_array(tensor: pb_utils.Tensor) -> np.ndarray:
+    """A response tensor as the engine takes it (BYTES: an object array of bytes)."""
+    array = tensor.as_numpy()
+    if tensor.triton_dtype() != pb_utils.TYPE_STRING:
+        return array
+    if array.dtype == np.object_ and all(isinstance(x, bytes) for x in array.flat):
+        return array
+    out = np.empty(array.shape, dtype=np.object_)
+    flat = out.reshape(-1)
+    for i, x in enumerate(array.flat):
+        if isinstance(x, bytes):
+            flat[i] = x
+        elif isinstance(x, (bytearray, memoryview, np.bytes_)):
+            flat[i] = bytes(x)
+        else:
+            flat[i] = str(x).encode("utf-8")
+    return out
+
+
+class _Collected:
+    """The single response of a non-decoupled request sent through its response sender."""
+
+    def __init__(self):
+        self.response: pb_utils.InferenceResponse | None = None
+        self.done = threading.Event()
+
+    def deliver(self, response: pb_utils.InferenceResponse | None, flags: int) -> None:
+        if response is not None and self.response is None:
+            self.response = response
+        if flags & pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL:
+            self.done.set()
+
+
+class PythonModelFunction(ModelFunction):
+    platform = ""
+    backend = "python"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.decoupled = bool(self.config.model_transaction_policy.decoupled)
+        self._output_names = [o.name for o in self.config.output]
+        self._instances: list[tuple[str, Any]] = []
+        self._pool: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._module_name: str | None = None
+
+    # lifecycle ---------------------------------------------------------------------------------
+    @property
+    def model_file(self) -> Path:
+        return self.version_path / (self.config.default_model_filename or "model.py")
+
+    def load(self) -> None:
+        cls = self._load_model_class()
+        self._auto_complete(cls)
+        base_args = {
+            "model_config": json.dumps(config_to_dict(self.config)),
+            "model_name": self.name,
+            "model_version": str(self.version),
+            "model_repository": str(self.model_path),
+            "model_instance_kind": "CPU",
+            "model_instance_device_id": "0",
+        }
+        try:
+            for group_index, count in enumerate(self._instance_counts()):
+                for index in range(count):
+                    instance_name = f"{self.name}_{group_index}_{index}"
+                    model = cls()
+                    if hasattr(model, "initialize"):
+                        model.initialize(dict(base_args, model_instance_name=instance_name))
+                    self._instances.append((instance_name, model))
+        except Exception as e:
+            self._finalize_all()
+            self._forget_module()
+            raise RuntimeError(f"Failed to initialize model '{self.name}': {type(e).__name__}: {e}") from e
+        for entry in self._instances:
+            self._pool.put(entry)
+
+    def unload(self) -> None:
+        # Take every instance back first, so no execute is still running in one.
+        for _ in range(len(self._instances)):
+            self._pool.get()
+        self._finalize_all()
+        self._forget_module()
+
+    def _finalize_all(self) -> None:
+        for instance_name, model in self._instances:
+            if hasattr(model, "finalize"):
+                try:
+                    model.finalize()
+                except Exception:  # noqa: BLE001 - a model's finalize must not stop the unload
+                    _log.exception("finalize() of %s failed", instance_name)
+        self._instances = []
+
+    def _instance_counts(self) -> list[int]:
+        counts = [max(int(g.count), 1) for g in self.config.instance_group]
+        return counts or [1]
+
+    def _load_model_class(self):
+        path = self.model_file
+        if not path.is_file():
+            raise FileNotFoundError(f"model '{self.name}' version {self.version}: {path} not found")
+        folder = str(self.version_path.resolve())
+        with _sys_path_lock:
+            if folder not in sys.path:
+                sys.path.append(folder)
+        package = re.sub(r"\W", "_", f"torpor_python_model_{self.name}_{self.version}")
+        pkg = types.ModuleType(package)
+        pkg.__path__ = [folder]  # relative imports inside model.py resolve beside it
+        sys.modules[package] = pkg
+        module_name = f"{package}.{path.stem}"
+        self._module_name = package
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            self._forget_module()
+            raise
+        cls = getattr(module, "TritonPythonModel", None)
+        if cls is None:
+            self._forget_module()
+            raise AttributeError(f"{path} does not define class TritonPythonModel")
+        return cls
+
+    def _forget_module(self) -> None:
+        if self._module_name:
+            prefix = self._module_name
+            for key in [k for k in sys.modules if k == prefix or k.startswith(prefix + ".")]:
+                del sys.modules[key]
+            self._module_name = None
+
+    def _auto_complete(self, cls) -> None:
+        hook = getattr(cls, "auto_complete_config", None)
+        if hook is None:
+            return
+        helper = pb_utils.ModelConfig(config_to_dict(self.config))
+        result = hook(helper)
+        completed = (result if result is not None else helper).as_dict()
+        if self.config.input or self.config.output:
+            return  # the config is explicit; Triton would only fill in what is missing
+        from google.protobuf import json_format
+
+        from torpor.config import ModelConfig
+
+        try:
+            filled = json_format.ParseDict(completed, ModelConfig(), ignore_unknown_fields=True)
+        except json_format.ParseError as e:
+            raise ValueError(f"auto_complete_config produced an invalid config: {e}") from None
+        self.config.input.extend(filled.input)
+        self.config.output.extend(filled.output)
+        if not self.config.max_batch_size:
+            self.config.max_batch_size = filled.max_batch_size
+        if filled.model_transaction_policy.decoupled:
+            self.config.model_transaction_policy.decoupled = True
+            self.decoupled = True
+        self._output_names = [o.name for o in self.config.output]
+
+    # execution ---------------------------------------------------------------------------------
+    def _pb_request(self, request: ModelRequest, deliver) -> pb_utils.InferenceRequest:
+        inputs = []
+        for name, array in request.inputs.items():
+            if not array.flags.writeable:  # views of a request body: models may write into inputs
+                array = array.copy()
+            inputs.append(pb_utils.Tensor(name, array))
+        pb_request = pb_utils.InferenceRequest(
+            model_name=self.name,
+            model_version=self.version,
+            requested_output_names=list(request.requested_outputs or self._output_names),
+            inputs=inputs,
+            request_id=request.id,
+            correlation_id=request.correlation_id,
+            flags=request.flags,
+            parameters=request.parameters,
+        )
+        pb_request._sender = pb_utils.InferenceResponseSender(pb_utils._SendState(deliver))
+        return pb_request
+
+    def _convert(self, response: Any, requested: list[str]) -> dict[str, Any] | Exception:
+        if not isinstance(response, pb_utils.InferenceResponse):
+            return internal(
+                f"model '{self.name}' returned {type(response).__name__} instead of an InferenceResponse"
+            )
+        if response.has_error():
+            return torpor_error(response.error())
+        outputs = {}
+        for tensor in response.output_tensors():
+            if requested and tensor.name() not in requested:
+                continue
+            outputs[tensor.name()] = output_array(tensor)
+        return outputs
+
+    def _failure(self, instance_name: str, e: BaseException) -> TorporError:
+        if isinstance(e, TorporError):
+            return e
+        return internal(
+            f"Failed to process the request(s) for model instance '{instance_name}', "
+            f"message: {type(e).__name__}: {e}"
+        )
+
+    def execute(self, requests: list[ModelRequest]) -> list[dict[str, Any] | Exception]:
+        collected = [_Collected() for _ in requests]
+        pb_requests = [self._pb_request(r, c.deliver) for r, c in zip(requests, collected, strict=True)]
+        instance_name, model = self._pool.get()
+        try:
+            responses = model.execute(pb_requests)
+        except Exception as e:  # noqa: BLE001 - whatever the model raises fails its requests
+            return [self._failure(instance_name, e)] * len(requests)
+        finally:
+            self._pool.put((instance_name, model))
+        wanted = [r.requested_outputs for r in requests]
+        if responses is None:
+            # Responses went (or will go) through the senders; a sender dropped without its
+            # final flag completes the request (with no response).
+            del pb_requests
+            results: list[dict[str, Any] | Exception] = []
+            for c, names in zip(collected, wanted, strict=True):
+                c.done.wait()
+                if c.response is None:
+                    results.append(internal(f"model '{self.name}' sent no response for the request"))
+                else:
+                    results.append(self._convert(c.response, names))
+            return results
+        try:
+            responses = list(responses)
+        except TypeError:
+            responses = [responses]
+        if len(responses) != len(requests):
+            err = internal(
+                f"Number of InferenceResponse objects do not match the number of InferenceRequest "
+                f"objects. InferenceRequest(s) size is:{len(requests)}, and InferenceResponse(s) "
+                f"size is:{len(responses)}"
+            )
+            return [err] * len(requests)
+        return [self._convert(resp, names) for resp, names in zip(responses, wanted, strict=True)]
+
+    def execute_decoupled(self, request: ModelRequest, emit: Emit) -> None:
+        requested = request.requested_outputs
+
+        def deliver(response: pb_utils.InferenceResponse | None, flags: int) -> None:
+            final = bool(flags & pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            if response is None:
+                emit(None, None, final)
+                return
+            result = self._convert(response, requested)
+            if isinstance(result, Exception):
+                emit(None, result, final)
+            else:
+                emit(result, None, final)
+
+        pb_request = self._pb_request(request, deliver)
+        state = pb_request._sender._state
+        instance_name, model = self._pool.get()
+        try:
+            returned = model.execute([pb_request])
+        except Exception as e:  # noqa: BLE001 - whatever the model raises fails its request
+            error = self._failure(instance_name, e)
+            returned = None
+            self._fail_open(state, error, emit)
+        finally:
+            self._pool.put((instance_name, model))
+        if returned is not None:
+            self._fail_open(
+                state,
+                internal(
+                    f"Python model '{instance_name}' is using the decoupled mode and the execute "
+                    "function must return None."
+                ),
+                emit,
+            )
+        # Dropping our reference lets the sender's finalizer send the final flag if the model
+        # kept neither the request nor its sender.
+        del pb_request
+
+    @staticmethod
+    def _fail_open(state: pb_utils._SendState, error: Exception, emit: Emit) -> None:
+        """Complete a request with `error`, unless the model already sent its final flag."""
+        if not state.close_with(lambda: emit(None, error, True)):
+            _log.warning("error after the final response was sent: %s", error)
