@@ -74,6 +74,7 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         save_file(tensors, str(tmp))
+        os.chmod(tmp, 0o644)  # readable by a server running as another user (containers)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -210,6 +210,44 @@ def test_simple_dyna_sequence_matches_triton_example(example):
     )
 
 
+def test_simple_string_dyna_sequence_accumulates(example):
+    # What the -d variants of the sequence clients check for the string correlation id.
+    model = example("simple_string_dyna_sequence")
+    values = [20] + [-v for v in [11, 7, 5, 3, 2, 0, 1]]
+
+    def step(value, corrid, start, end, ready=1):
+        inputs = {
+            "INPUT": np.full((1, 1), value, dtype=np.int32),
+            "START": np.array([[start]], dtype=np.int32),
+            "END": np.array([[end]], dtype=np.int32),
+            "READY": np.array([[ready]], dtype=np.int32),
+            "CORRID": np.array([[corrid.encode()]], dtype=np.object_),
+        }
+        return int(run_one(model, inputs, ["OUTPUT"])["OUTPUT"][0, 0])
+
+    got = [step(v, "1002", int(i == 0), int(i == len(values) - 1)) for i, v in enumerate(values)]
+    expected = list(np.cumsum(values))
+    expected[-1] += 1002
+    assert got == expected
+    # sequences are independent, and END forgets the state
+    assert step(5, "7", 1, 0) == 5
+    assert step(1, "8", 1, 0) == 1
+    assert step(2, "7", 0, 1) == 7 + 7
+    assert step(3, "7", 1, 0) == 3
+    assert step(9, "8", 0, 0, ready=0) == 0
+    bad = run_one(
+        model,
+        {
+            "INPUT": np.ones((1, 1), np.int32),
+            "START": np.ones((1, 1), np.int32),
+            "END": np.ones((1, 1), np.int32),
+            "READY": np.ones((1, 1), np.int32),
+            "CORRID": np.array([[b"abc"]], dtype=np.object_),
+        },
+    )
+    assert isinstance(bad, TorporError) and bad.status == Status.INVALID_ARG
+
+
 def test_repeat_int32(example):
     # What simple_grpc_custom_repeat.py checks, with shorter delays.
     model = example("repeat_int32")
@@ -304,6 +342,7 @@ def test_bundled_repository_configs():
         "simple_int8",
         "simple_sequence",
         "simple_string",
+        "simple_string_dyna_sequence",
     ]
     for name in names:
         config = read_config(EXAMPLES / name)
@@ -622,10 +661,12 @@ def test_decoupled_sends_after_execute_returned(decoupled):
 
 
 def test_pb_utils_module_api():
-    import adapters.python_backend  # noqa: F401 - registers triton_python_backend_utils
-    import triton_python_backend_utils as pb_utils
+    import importlib
 
+    import adapters.python_backend  # noqa: F401 - importing it registers triton_python_backend_utils
     from adapters import triton_python_backend_utils as ours
+
+    pb_utils = importlib.import_module("triton_python_backend_utils")
 
     assert pb_utils is ours
     assert pb_utils.triton_string_to_numpy("TYPE_INT32") is np.int32
