@@ -271,13 +271,15 @@ class WideMLP(nn.Module):
             raise ValueError("WideMLP needs at least one layer")
         self.hidden = hidden
         self.num_layers = layers
+        # Variance-1/hidden weights keep activations of the same order through the stack; the
+        # layers are allocated without nn.Linear's own initialisation (one pass over ~GBs, not two).
+        bound = math.sqrt(3.0 / hidden)
+        device = torch.get_default_device()  # meta while the eager adapter builds a skeleton
         for i in range(layers):
-            self.add_module(f"fc{i}", nn.Linear(hidden, hidden))
-        bound = 1.0 / math.sqrt(hidden)
-        for i in range(layers):
-            fc = getattr(self, f"fc{i}")
-            nn.init.uniform_(fc.weight, -math.sqrt(3.0) * bound, math.sqrt(3.0) * bound)
+            fc = nn.utils.skip_init(nn.Linear, hidden, hidden, device=device)
+            nn.init.uniform_(fc.weight, -bound, bound)
             nn.init.zeros_(fc.bias)
+            self.add_module(f"fc{i}", fc)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i in range(self.num_layers):
