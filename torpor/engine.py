@@ -390,6 +390,11 @@ class Engine:
                 self.models[name] = entry
             raise internal(f"failed to load '{name}', " + "; ".join(errors))
 
+        # A python model's auto_complete_config may have filled in its config during load.
+        loaded = [ve.function for ve in new_versions.values() if ve.function is not None]
+        if loaded and loaded[-1].config is not config:
+            config = loaded[-1].config
+            inputs, outputs = tensor_specs(config)
         old = entry.versions
         old_override = entry.override_dir
         entry.config, entry.inputs, entry.outputs = config, inputs, outputs
