@@ -119,8 +119,18 @@ def triton_to_numpy_type(data_type: int):
     return _CODE_TO_NUMPY.get(data_type)
 
 
+_DTYPE_TO_CODE: dict = {}  # memo: Tensor() calls this for every tensor on the infer path
+
+
 def numpy_to_triton_type(data_type) -> int | None:
     """numpy dtype or type -> TRITONSERVER_DataType code (None if unsupported)."""
+    code = _DTYPE_TO_CODE.get(data_type)
+    if code is None:
+        code = _DTYPE_TO_CODE[data_type] = _numpy_to_triton_type(data_type)
+    return code
+
+
+def _numpy_to_triton_type(data_type) -> int | None:
     try:
         dt = np.dtype(data_type)
     except TypeError:

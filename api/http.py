@@ -115,7 +115,120 @@ def _response_encoding(accept: str | None) -> str | None:
     return None if best == "identity" else best
 
 
-def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024) -> FastAPI:
+async def handle_infer(
+    engine: Engine, model: str, version: str, headers, body: bytes, max_input_size: int
+) -> tuple[int, dict[str, str], bytes]:
+    """POST .../infer: (status, headers, body). `headers` is any case-insensitive mapping."""
+    try:
+        if len(body) > max_input_size:
+            raise invalid_arg(
+                f"request body size {len(body)} exceeds the maximum input size of {max_input_size} bytes "
+                "(--http-max-input-size)"
+            )
+        encoding = headers.get("content-encoding")
+        if encoding:
+            try:
+                body = _decompress(body, encoding, max_input_size)
+            except TorporError as e:
+                if e.status == Status.UNSUPPORTED:
+                    # 415 is HTTP's own answer to an unknown Content-Encoding (RFC 9110 §15.5.16)
+                    return 415, {"Content-Type": JSON, "Accept-Encoding": "gzip, deflate"}, orjson.dumps({"error": e.message})
+                raise
+        hlen = headers.get("inference-header-content-length")
+        header_length = None
+        if hlen is not None:
+            try:
+                header_length = int(hlen)
+            except ValueError:
+                raise invalid_arg(f"invalid Inference-Header-Content-Length '{hlen}'") from None
+        entry_model = engine.models.get(model)
+        if entry_model is not None and entry_model.decoupled and engine.model_ready(model, version):
+            raise unsupported("HTTP end point doesn't support models with decoupled transaction policy")
+        req = decode_infer_request(body, header_length, model, version)
+        resp = await engine.infer(req)
+        content, json_len = encode_infer_response(resp, req)
+    except TorporError as e:
+        return _HTTP_STATUS.get(e.status, 400), {"Content-Type": JSON}, orjson.dumps({"error": e.message})
+    out_headers = {"Content-Type": JSON}
+    if json_len is not None:
+        out_headers["Inference-Header-Content-Length"] = str(json_len)
+        out_headers["Content-Type"] = "application/octet-stream"
+    algo = _response_encoding(headers.get("accept-encoding"))
+    if algo == "gzip":
+        content = gzip.compress(content, compresslevel=6, mtime=0)
+        out_headers["Content-Encoding"] = "gzip"
+    elif algo == "deflate":
+        content = zlib.compress(content)
+        out_headers["Content-Encoding"] = "deflate"
+    return 200, out_headers, content
+
+
+class _Headers(dict):
+    """ASGI header pairs as a dict with lower-case keys (ASGI already lower-cases names)."""
+
+    def __init__(self, raw):
+        super().__init__((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw)
+
+
+class InferFastPath:
+    """ASGI wrapper answering `POST /v2/models/{m}[/versions/{v}]/infer` directly.
+
+    Why: FastAPI's route scan, dependency solving and middleware stack cost more per request
+    than decoding and running a small model; the infer path is the one that carries the
+    load, so it skips them. Every other path goes to the FastAPI app unchanged.
+    """
+
+    def __init__(self, app: FastAPI, engine: Engine, max_input_size: int):
+        self.app = app
+        self.engine = engine
+        self.max_input_size = max_input_size
+
+    def __getattr__(self, name):  # expose the FastAPI app's attributes (openapi, routes, ...)
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"]
+            if path.endswith("/infer") and path.startswith("/v2/models/"):
+                parts = path[len("/v2/models/"):-len("/infer")].split("/")
+                if len(parts) == 1 and parts[0]:
+                    return await self._infer(scope, receive, send, parts[0], "")
+                if len(parts) == 3 and parts[0] and parts[1] == "versions" and parts[2].isdigit():
+                    return await self._infer(scope, receive, send, parts[0], parts[2])
+        return await self.app(scope, receive, send)
+
+    async def _infer(self, scope, receive, send, model: str, version: str) -> None:
+        headers = _Headers(scope["headers"])
+        limit = self.max_input_size
+        declared = headers.get("content-length")
+        chunks = []
+        size = 0
+        too_large = declared is not None and declared.isdigit() and int(declared) > limit
+        more = not too_large
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                too_large = True
+                break
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        if too_large:
+            status, out_headers = 400, {"Content-Type": JSON}
+            content = orjson.dumps({"error": f"request body size exceeds the maximum input size of {limit} bytes (--http-max-input-size)"})
+        else:
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            status, out_headers, content = await handle_infer(self.engine, model, version, headers, body, limit)
+        raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in out_headers.items()]
+        raw_headers.append((b"content-length", str(len(content)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": content})
+
+
+def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024) -> InferFastPath:
     app = FastAPI(title="Torpor", version="0.1.0", docs_url=None, redoc_url=None)
 
     @app.exception_handler(TorporError)
@@ -183,60 +296,12 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024) -> FastAP
     @app.post("/v2/models/{model}/infer")
     @app.post("/v2/models/{model}/versions/{version}/infer")
     async def infer(model: str, request: Request, version: str | None = None):
-        version = _check_version(version)
-        headers = request.headers
-        declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_input_size:
-            raise invalid_arg(
-                f"request body size {declared} exceeds the maximum input size of {max_input_size} bytes "
-                "(--http-max-input-size)"
-            )
-        body = await request.body()
-        if len(body) > max_input_size:
-            raise invalid_arg(
-                f"request body size {len(body)} exceeds the maximum input size of {max_input_size} bytes "
-                "(--http-max-input-size)"
-            )
-        encoding = headers.get("content-encoding")
-        if encoding:
-            try:
-                body = _decompress(body, encoding, max_input_size)
-            except TorporError as e:
-                if e.status == Status.UNSUPPORTED:
-                    # 415 is HTTP's own answer to an unknown Content-Encoding (RFC 9110 §15.5.16)
-                    return Response(
-                        orjson.dumps({"error": e.message}),
-                        status_code=415,
-                        media_type=JSON,
-                        headers={"Accept-Encoding": "gzip, deflate"},
-                    )
-                raise
-        hlen = headers.get("inference-header-content-length")
-        header_length = None
-        if hlen is not None:
-            try:
-                header_length = int(hlen)
-            except ValueError:
-                raise invalid_arg(f"invalid Inference-Header-Content-Length '{hlen}'") from None
-        entry_model = engine.models.get(model)
-        if entry_model is not None and entry_model.decoupled and engine.model_ready(model, version):
-            raise unsupported("HTTP end point doesn't support models with decoupled transaction policy")
-        req = decode_infer_request(body, header_length, model, version)
-        resp = await engine.infer(req)
-        content, json_len = encode_infer_response(resp, req)
-        out_headers = {}
-        media = JSON
-        if json_len is not None:
-            out_headers["Inference-Header-Content-Length"] = str(json_len)
-            media = "application/octet-stream"
-        algo = _response_encoding(headers.get("accept-encoding"))
-        if algo == "gzip":
-            content = gzip.compress(content, compresslevel=6, mtime=0)
-            out_headers["Content-Encoding"] = "gzip"
-        elif algo == "deflate":
-            content = zlib.compress(content)
-            out_headers["Content-Encoding"] = "deflate"
-        return Response(content, media_type=media, headers=out_headers)
+        # Normally answered by InferFastPath before FastAPI routing; kept as a route so the
+        # OpenAPI description lists it and so the app works without the wrapper.
+        status, headers, content = await handle_infer(
+            engine, model, _check_version(version), request.headers, await request.body(), max_input_size
+        )
+        return Response(content, status_code=status, headers=headers)
 
     # -- repository ----------------------------------------------------------------------
     @app.post("/v2/repository/index")
@@ -355,7 +420,7 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024) -> FastAP
         engine.shm.unregister_cuda(region)
         return _empty()
 
-    return app
+    return InferFastPath(app, engine, max_input_size)
 
 
 def _require_model(engine: Engine, model: str) -> None:

@@ -80,6 +80,43 @@ class VersionEntry:
     function: ModelFunction | None = None
     stats: ModelStats | None = None
     slots: asyncio.Semaphore | None = None  # one per model instance
+    gate: "InlineGate" = field(default_factory=lambda: InlineGate())
+
+
+class InlineGate:
+    """Decides whether a model's `execute` may run on the event loop itself.
+
+    Why: handing a request to a worker thread costs tens of microseconds of GIL hand-off,
+    more than a trivial model's whole execution. A model runs inline only after it has shown,
+    over PROBE threaded runs, a mean thread CPU time under THRESHOLD_NS (inflated about 3x on
+    a worker thread by cache and GIL effects, so the bar is set above the inline cost); one inline run over
+    BAILOUT_NS sends it back to the thread pool for good, so a model that can block never
+    stalls the loop for long.
+    """
+
+    PROBE = 32
+    THRESHOLD_NS = 200_000
+    BAILOUT_NS = 2_000_000
+
+    __slots__ = ("runs", "total_ns", "inline", "banned")
+
+    def __init__(self):
+        self.runs = 0
+        self.total_ns = 0
+        self.inline = False
+        self.banned = False
+
+    def record(self, ns: int) -> None:
+        if self.inline:
+            if ns > self.BAILOUT_NS:
+                self.inline, self.banned = False, True
+            return
+        if self.banned or self.runs >= self.PROBE:
+            return
+        self.runs += 1
+        self.total_ns += ns
+        if self.runs == self.PROBE and self.total_ns / self.PROBE < self.THRESHOLD_NS:
+            self.inline = True
 
 
 @dataclass
@@ -783,15 +820,22 @@ class Engine:
 
                 def work():
                     t_in = time.monotonic_ns()
+                    cpu = time.thread_time_ns()
                     (res,) = ve.function.execute([mreq])
-                    result_holder.append(t_in)
+                    # CPU time, not wall time: a worker thread's wall time includes GIL waits.
+                    result_holder.append((t_in, time.thread_time_ns() - cpu))
                     return res
 
-                result = await loop.run_in_executor(self.pool, work)
+                if ve.gate.inline:
+                    result = work()
+                else:
+                    result = await loop.run_in_executor(self.pool, work)
                 t_done = time.monotonic_ns()
+                if result_holder:
+                    ve.gate.record(result_holder[0][1])
             if isinstance(result, Exception):
                 raise result
-            t_exec_start = result_holder[0] if result_holder else t_start
+            t_exec_start = result_holder[0][0] if result_holder else t_start
             response = self._build_response(entry, ve, request, result, batch)
             t_end = time.monotonic_ns()
         except TorporError as e:
