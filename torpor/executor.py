@@ -1,0 +1,229 @@
+"""The executor: run a model on a device while its groups may still be arriving.
+
+Per-group waits. `install_group_hooks(model)` registers forward pre-hooks on the model's
+nn.Module (the host module; device clones copy them). A hook belongs to a *group root*: the
+outermost module whose whole subtree lies in one copy group (plus, for a module whose subtree
+spans several groups, a hook for the groups of its own direct tensors). Before a group root
+runs, its hook makes the compute stream wait for that group's event. Hooks find the run they
+belong to through a thread-local `RunState` set by `execute` (no per-module shared state,
+so concurrent runs of one model on several devices never see each other's events). Outside a
+run (the adapter running the module on host) the hooks do nothing.
+
+Copies complete in order, so a run keeps a watermark: waiting for group g also covers every
+earlier group, and a group already covered costs nothing. Once the resident's last event has
+completed (a hit), no waits are issued at all.
+
+Models without a module, or registered with `pipelined=False` (a forward that reads a later
+child's weights without calling that child, TorchScript), wait for the whole model first.
+
+Device-bound module. Each (model, device) gets one clone of the module (`copy.deepcopy` with
+the weights left out) whose parameters and buffers are re-pointed at the resident's arena
+views when a run first uses a new placement (`bind`). A hit reuses the bound clone as is.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .hoststore import HostModel
+from .memory import Resident
+
+_active = threading.local()
+
+
+class RunState:
+    __slots__ = ("resident", "device", "waited", "model")
+
+    def __init__(self, resident: Resident):
+        self.resident = resident
+        self.model = resident.model
+        self.device = resident.device
+        self.waited = -1
+
+    def wait_through(self, gi: int) -> None:
+        """Make this run's compute wait until groups 0..gi have landed (no host block on CUDA)."""
+        if gi <= self.waited:
+            return
+        if self.resident.copy_done():
+            self.waited = len(self.model.groups)
+            return
+        self.device.wait_on_compute(self.resident.events[gi])
+        self.waited = gi
+
+    def wait_all(self) -> None:
+        if self.model.groups:
+            self.wait_through(len(self.model.groups) - 1)
+
+
+def current_run() -> RunState | None:
+    return getattr(_active, "state", None)
+
+
+# ------------------------------------------------------------------------------------------------
+# hooks
+# ------------------------------------------------------------------------------------------------
+
+
+def hook_plan(module: nn.Module, model: HostModel) -> list[tuple[str, int]]:
+    """(module path, last group it needs) for every module that gets a pre-hook."""
+    group_of = {key: slot.group for key, slot in model.slots.items()}
+    subtree: dict[str, set[int]] = {}
+    direct: dict[str, set[int]] = {}
+    for key, g in group_of.items():
+        path, _, _ = key.rpartition(".")
+        direct.setdefault(path, set()).add(g)
+        parts = path.split(".") if path else []
+        for i in range(len(parts) + 1):
+            subtree.setdefault(".".join(parts[:i]), set()).add(g)
+    plan: list[tuple[str, int]] = []
+
+    def visit(path: str, mod: nn.Module) -> None:
+        groups = subtree.get(path)
+        if not groups:
+            return
+        if len(groups) == 1:
+            plan.append((path, max(groups)))
+            return
+        if direct.get(path):
+            plan.append((path, max(direct[path])))
+        for name, child in mod.named_children():
+            visit(f"{path}.{name}" if path else name, child)
+
+    visit("", module)
+    return plan
+
+
+def install_group_hooks(model: HostModel) -> int:
+    """Register the per-group waits on the model's module; returns the number of hooks."""
+    module = model.module
+    if module is None or not model.pipelined or isinstance(module, torch.jit.ScriptModule):
+        return 0
+    for h in model.hook_handles:
+        h.remove()
+    model.hook_handles.clear()
+    for path, gi in hook_plan(module, model):
+        target = module.get_submodule(path) if path else module
+
+        def pre_hook(_mod: nn.Module, _args: Any, _gi: int = gi, _model: HostModel = model) -> None:
+            state = getattr(_active, "state", None)
+            if state is not None and state.model is _model:
+                state.wait_through(_gi)
+
+        model.hook_handles.append(target.register_forward_pre_hook(pre_hook))
+    return len(model.hook_handles)
+
+
+# ------------------------------------------------------------------------------------------------
+# binding
+# ------------------------------------------------------------------------------------------------
+
+
+def _clone(module: nn.Module, device: torch.device) -> nn.Module:
+    """The module's structure without copying its weights (they are re-pointed by `bind`);
+    tensors outside the state dict (non-persistent buffers) are moved to the device."""
+    memo: dict[int, Any] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        memo[id(t)] = t
+    clone = copy.deepcopy(module, memo)
+    keys = set(module.state_dict().keys())
+    for name, buf in list(clone.named_buffers()):
+        if name not in keys and buf.device != device:
+            path, _, attr = name.rpartition(".")
+            owner = clone.get_submodule(path) if path else clone
+            owner._buffers[attr] = buf.to(device)
+    return clone
+
+
+def bind(resident: Resident) -> None:
+    """Make the resident's arena views (and its device clone of the module, if any)."""
+    if resident.weights is not None and (resident.module is not None or resident.model.module is None):
+        return
+    with resident.bind_lock:
+        if resident.weights is not None and (resident.module is not None or resident.model.module is None):
+            return
+        weights = resident.make_weights()
+        model = resident.model
+        module = model.module
+        if module is not None and not isinstance(module, torch.jit.ScriptModule):
+            clone = model.clones.get(resident.device.name)
+            if clone is None:
+                clone = model.clones[resident.device.name] = _clone(module, resident.device.torch_device)
+            params: dict[int, nn.Parameter] = {}
+            for key, view in weights.items():
+                path, _, name = key.rpartition(".")
+                owner = clone.get_submodule(path) if path else clone
+                if name in owner._parameters:
+                    p = params.get(id(view))
+                    if p is None:
+                        p = params[id(view)] = nn.Parameter(view, requires_grad=False)
+                    owner._parameters[name] = p
+                elif name in owner._buffers:
+                    owner._buffers[name] = view
+            resident.module = clone
+        resident.weights = weights
+
+
+# ------------------------------------------------------------------------------------------------
+# execution (in a device worker thread)
+# ------------------------------------------------------------------------------------------------
+
+
+def execute(resident: Resident, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """Run `fn(*args, **kwargs)` on the resident's device, in a worker thread: compute stream
+    current, per-group waits active, and every enqueued kernel finished before returning (the
+    caller unpins the model afterwards)."""
+    device = resident.device
+    state = RunState(resident)
+    hooked = bool(resident.model.hook_handles)
+    previous = getattr(_active, "state", None)
+    _active.state = state
+    try:
+        with device.compute_scope():
+            try:
+                bind(resident)  # outside inference mode: the views become ordinary tensors
+                with torch.inference_mode():
+                    if not hooked:
+                        state.wait_all()
+                    return fn(*args, **kwargs)
+            finally:
+                # Rule: the weights stay pinned until every kernel that may read them is done.
+                device.finish_compute()
+    finally:
+        _active.state = previous
+
+
+def to_host(value: Any) -> Any:
+    """Tensors (in tuples, lists, dicts) copied to host memory; other values unchanged."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu() if value.device.type != "cpu" else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_host(v) for v in value)
+    if isinstance(value, dict):
+        return {k: to_host(v) for k, v in value.items()}
+    return value
+
+
+def to_device(value: Any, device: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return device.to_device(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def forward(resident: Resident, args: tuple, kwargs: dict) -> Any:
+    """The device clone's forward on device copies of the inputs; outputs back on host."""
+    module = resident.module
+    if module is None:
+        raise RuntimeError(f"model {resident.key!r} was registered without a module")
+    device = resident.device
+    out = module(*to_device(args, device), **to_device(kwargs, device))
+    return to_host(out)
