@@ -33,6 +33,7 @@ from torch import nn
 
 from .hoststore import HostModel
 from .memory import Resident
+from .partition import submodule
 
 _active = threading.local()
 
@@ -108,7 +109,7 @@ def install_group_hooks(model: HostModel) -> int:
         h.remove()
     model.hook_handles.clear()
     for path, gi in hook_plan(module, model):
-        target = module.get_submodule(path) if path else module
+        target = submodule(module, path)
 
         def pre_hook(_mod: nn.Module, _args: Any, _gi: int = gi, _model: HostModel = model) -> None:
             state = getattr(_active, "state", None)
@@ -135,7 +136,7 @@ def _clone(module: nn.Module, device: torch.device) -> nn.Module:
     for name, buf in list(clone.named_buffers()):
         if name not in keys and buf.device != device:
             path, _, attr = name.rpartition(".")
-            owner = clone.get_submodule(path) if path else clone
+            owner = submodule(clone, path)
             owner._buffers[attr] = buf.to(device)
     return clone
 
@@ -157,7 +158,7 @@ def bind(resident: Resident) -> None:
             params: dict[int, nn.Parameter] = {}
             for key, view in weights.items():
                 path, _, name = key.rpartition(".")
-                owner = clone.get_submodule(path) if path else clone
+                owner = submodule(clone, path)
                 if name in owner._parameters:
                     p = params.get(id(view))
                     if p is None:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .partition import PartitionRule, Unit, build_units, merge_units, tensor_identity
+from .partition import PartitionRule, Unit, build_units, merge_units, submodule, tensor_identity
 
 _log = logging.getLogger("torpor.hoststore")
 
@@ -223,7 +223,7 @@ def _adopt(module: nn.Module, host: dict[str, torch.Tensor]) -> None:
     params: dict[int, nn.Parameter] = {}
     for key, view in host.items():
         path, _, name = key.rpartition(".")
-        owner = module.get_submodule(path) if path else module
+        owner = submodule(module, path)
         if name in owner._parameters:
             p = params.get(id(view))
             if p is None:

@@ -68,6 +68,19 @@ class Unit:
     nbytes: int
 
 
+def submodule(root: nn.Module, path: str) -> nn.Module:
+    """The module at a dotted path, walking registered children only (a child may be named like
+    a Module method, e.g. `half`, which `get_submodule` would resolve to the method)."""
+    mod = root
+    if path:
+        for part in path.split("."):
+            try:
+                mod = mod._modules[part]
+            except KeyError:
+                raise AttributeError(f"{type(mod).__name__} has no child module {part!r} ({path})") from None
+    return mod
+
+
 def tensor_identity(t: torch.Tensor) -> tuple:
     """Same identity = same memory (tied weights), stored once."""
     return (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), tuple(t.stride()))
@@ -123,7 +136,7 @@ def build_units(
         sub = None
         if module is not None and not isinstance(module, torch.jit.ScriptModule):
             try:
-                sub = module.get_submodule(name)
+                sub = submodule(module, name)
             except AttributeError:
                 sub = None
         units.extend(_split(unit, sub, sizes, rule))
