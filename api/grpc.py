@@ -1,0 +1,344 @@
+"""KServe v2 / Triton gRPC front end: `inference.GRPCInferenceService` on grpc.aio.
+
+Built from the stubs tritonclient ships (`tritonclient.grpc.service_pb2_grpc`), served on the
+same event loop as HTTP and sharing its Engine. A translation layer only: the engine holds the
+semantics; this file maps messages and status codes the way Triton's gRPC server does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pbg
+
+from torpor.engine import Engine
+from torpor.errors import Status, TorporError, internal, invalid_arg, unsupported
+
+from .grpc_codec import FINAL_PARAM, decode_request, encode_response
+
+log = logging.getLogger("torpor.grpc")
+
+GRPC_STATUS = {
+    Status.INVALID_ARG: grpc.StatusCode.INVALID_ARGUMENT,
+    Status.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Status.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Status.INTERNAL: grpc.StatusCode.INTERNAL,
+    Status.UNSUPPORTED: grpc.StatusCode.UNIMPLEMENTED,
+    Status.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    Status.UNKNOWN: grpc.StatusCode.UNKNOWN,
+    Status.CANCELLED: grpc.StatusCode.CANCELLED,
+}
+
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+    # tritonclient pings keepalive-style with max_pings_without_data=2; do not punish it
+    ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+def _unary(fn):
+    """Turn a TorporError (or any other failure) into a gRPC status, as Triton does."""
+
+    @functools.wraps(fn)
+    async def wrapper(self, request, context):
+        try:
+            return await fn(self, request, context)
+        except TorporError as e:
+            await context.abort(GRPC_STATUS.get(e.status, grpc.StatusCode.UNKNOWN), e.message)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as e:  # noqa: BLE001 - a client never takes the server down
+            log.exception("gRPC %s failed", fn.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+    return wrapper
+
+
+def _check_repository_name(name: str) -> None:
+    if name:
+        raise unsupported("'repository_name' specification is not supported")
+
+
+class InferenceServicer(pbg.GRPCInferenceServiceServicer):
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    # -- health and metadata -----------------------------------------------------------------
+    @_unary
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=self.engine.is_live())
+
+    @_unary
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.engine.is_ready())
+
+    @_unary
+    async def ModelReady(self, request, context):
+        # unknown or unloaded models are "not ready", never an error
+        return pb.ModelReadyResponse(ready=self.engine.model_ready(request.name, request.version))
+
+    @_unary
+    async def ServerMetadata(self, request, context):
+        md = self.engine.server_metadata()
+        return pb.ServerMetadataResponse(name=md["name"], version=md["version"], extensions=md["extensions"])
+
+    @_unary
+    async def ModelMetadata(self, request, context):
+        md = self.engine.model_metadata(request.name, request.version)
+        resp = pb.ModelMetadataResponse(name=md["name"], versions=md["versions"], platform=md["platform"])
+        for t in md["inputs"]:
+            resp.inputs.add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+        for t in md["outputs"]:
+            resp.outputs.add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+        return resp
+
+    @_unary
+    async def ModelConfig(self, request, context):
+        resp = pb.ModelConfigResponse()
+        resp.config.CopyFrom(self.engine.model_config(request.name, request.version))
+        return resp
+
+    @_unary
+    async def ModelStatistics(self, request, context):
+        stats = self.engine.statistics(request.name, request.version)
+        return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
+
+    # -- inference ---------------------------------------------------------------------------
+    @_unary
+    async def ModelInfer(self, request, context):
+        req, _ = decode_request(request)
+        resp = await self.engine.infer(req)
+        return encode_response(resp)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Requests are processed concurrently as they arrive (requests of one sequence in
+        order); each yields 0..n responses. Per-request failures travel as `error_message`
+        and never end the stream."""
+        engine = self.engine
+        out: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+        sequence_tail: dict[tuple[str, Any], asyncio.Task] = {}
+
+        async def handle(msg: pb.ModelInferRequest, after: asyncio.Task | None) -> None:
+            if after is not None:
+                await asyncio.wait([after])
+            try:
+                req, empty_final = decode_request(msg)
+                async for resp in engine.infer_stream(req):
+                    if resp.error is not None:
+                        err = resp.error
+                        text = err.message if isinstance(err, TorporError) else str(err)
+                        out.put_nowait(_stream_error(msg, text))
+                        continue
+                    if not resp.outputs and resp.final and not empty_final:
+                        continue  # an empty final response is sent only when the client asked for it
+                    m = pb.ModelStreamInferResponse()
+                    encode_response(resp, m.infer_response)
+                    m.infer_response.parameters[FINAL_PARAM].bool_param = bool(resp.final)
+                    out.put_nowait(m)
+            except TorporError as e:
+                out.put_nowait(_stream_error(msg, e.message))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                log.exception("stream request failed")
+                out.put_nowait(_stream_error(msg, f"{type(e).__name__}: {e}"))
+
+        async def reader() -> None:
+            async for msg in request_iterator:
+                after = None
+                key = None
+                seq = msg.parameters.get("sequence_id") if msg.parameters else None
+                if seq is not None:
+                    which = seq.WhichOneof("parameter_choice")
+                    if which is not None:
+                        key = (msg.model_name, getattr(seq, which))
+                        prev = sequence_tail.get(key)
+                        after = prev if prev is not None and not prev.done() else None
+                task = asyncio.create_task(handle(msg, after))
+                tasks.add(task)
+                task.add_done_callback(_done(tasks, out))
+                if key is not None:
+                    sequence_tail[key] = task
+                    task.add_done_callback(lambda t, k=key: sequence_tail.get(k) is t and sequence_tail.pop(k))
+
+        read_task = asyncio.create_task(reader())
+        read_task.add_done_callback(lambda _t: out.put_nowait(_WAKE))
+        try:
+            while True:
+                item = await out.get()
+                if item is _WAKE:
+                    if read_task.done() and not tasks:
+                        break
+                    continue
+                yield item
+            if read_task.exception() is not None:
+                exc = read_task.exception()
+                if not isinstance(exc, asyncio.CancelledError):
+                    raise exc
+        finally:
+            read_task.cancel()
+            for t in list(tasks):
+                t.cancel()
+
+    # -- repository --------------------------------------------------------------------------
+    @_unary
+    async def RepositoryIndex(self, request, context):
+        resp = pb.RepositoryIndexResponse()
+        for item in self.engine.repository_index(ready_only=request.ready):
+            resp.models.add(
+                name=item["name"],
+                version=item.get("version", ""),
+                state=item.get("state", ""),
+                reason=item.get("reason", ""),
+            )
+        return resp
+
+    @_unary
+    async def RepositoryModelLoad(self, request, context):
+        _check_repository_name(request.repository_name)
+        config = None
+        files: dict[str, bytes] = {}
+        for key, p in request.parameters.items():
+            which = p.WhichOneof("parameter_choice")
+            if key == "config":
+                if which != "string_param":
+                    raise invalid_arg("load parameter 'config' must be a string")
+                config = p.string_param
+            elif key.startswith("file:"):
+                if which != "bytes_param":
+                    raise invalid_arg(f"load parameter '{key}' must be bytes")
+                files[key[5:]] = p.bytes_param
+        await self.engine.load(request.model_name, config, files)
+        return pb.RepositoryModelLoadResponse()
+
+    @_unary
+    async def RepositoryModelUnload(self, request, context):
+        _check_repository_name(request.repository_name)
+        dependents = False
+        p = request.parameters.get("unload_dependents")
+        if p is not None and p.WhichOneof("parameter_choice") == "bool_param":
+            dependents = p.bool_param
+        await self.engine.unload(request.model_name, dependents)
+        return pb.RepositoryModelUnloadResponse()
+
+    # -- system shared memory ----------------------------------------------------------------
+    @_unary
+    async def SystemSharedMemoryStatus(self, request, context):
+        resp = pb.SystemSharedMemoryStatusResponse()
+        for r in self.engine.shm.system_status(request.name):
+            s = resp.regions[r["name"]]
+            s.name, s.key, s.offset, s.byte_size = r["name"], r["key"], r["offset"], r["byte_size"]
+        return resp
+
+    @_unary
+    async def SystemSharedMemoryRegister(self, request, context):
+        self.engine.shm.register_system(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @_unary
+    async def SystemSharedMemoryUnregister(self, request, context):
+        self.engine.shm.unregister_system(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    # -- CUDA shared memory ------------------------------------------------------------------
+    @_unary
+    async def CudaSharedMemoryStatus(self, request, context):
+        resp = pb.CudaSharedMemoryStatusResponse()
+        for r in self.engine.shm.cuda_status(request.name):
+            s = resp.regions[r["name"]]
+            s.name, s.device_id, s.byte_size = r["name"], r["device_id"], r["byte_size"]
+        return resp
+
+    @_unary
+    async def CudaSharedMemoryRegister(self, request, context):
+        self.engine.shm.register_cuda(request.name, bytes(request.raw_handle), request.device_id, request.byte_size)
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    @_unary
+    async def CudaSharedMemoryUnregister(self, request, context):
+        self.engine.shm.unregister_cuda(request.name)
+        return pb.CudaSharedMemoryUnregisterResponse()
+
+    # -- trace and logging -------------------------------------------------------------------
+    @_unary
+    async def TraceSetting(self, request, context):
+        model = request.model_name
+        if model and model not in self.engine.models:
+            raise TorporError(Status.NOT_FOUND, f"Request for unknown model: '{model}' is not found")
+        trace = self.engine.trace
+        if request.settings:
+            changes = {k: (list(v.value) if len(v.value) else None) for k, v in request.settings.items()}
+            current = trace.update(changes, model)
+        else:
+            current = trace.get(model)
+        resp = pb.TraceSettingResponse()
+        for k, v in current.items():
+            resp.settings[k].value.extend(v if isinstance(v, list) else [str(v)])
+        return resp
+
+    @_unary
+    async def LogSettings(self, request, context):
+        logs = self.engine.logging
+        if request.settings:
+            changes = {}
+            for k, v in request.settings.items():
+                which = v.WhichOneof("parameter_choice")
+                if which is not None:
+                    changes[k] = getattr(v, which)
+            current = logs.update(changes)
+        else:
+            current = logs.get()
+        resp = pb.LogSettingsResponse()
+        for k, v in current.items():
+            s = resp.settings[k]
+            if isinstance(v, bool):
+                s.bool_param = v
+            elif isinstance(v, int):
+                s.uint32_param = v
+            else:
+                s.string_param = str(v)
+        return resp
+
+
+_WAKE = object()
+
+
+def _done(tasks: set, out: asyncio.Queue):
+    def cb(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        out.put_nowait(_WAKE)
+
+    return cb
+
+
+def _stream_error(msg: pb.ModelInferRequest, text: str) -> pb.ModelStreamInferResponse:
+    m = pb.ModelStreamInferResponse(error_message=text)
+    m.infer_response.id = msg.id
+    m.infer_response.model_name = msg.model_name
+    m.infer_response.model_version = msg.model_version
+    return m
+
+
+async def start_grpc_server(engine: Engine, address: str, port: int) -> grpc.aio.Server:
+    """Start the gRPC listener on the running loop; returns the started server."""
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    pbg.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine), server)
+    host = f"[{address}]" if ":" in address and not address.startswith("[") else address
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise internal(f"failed to bind the gRPC listener to {address}:{port}")
+    await server.start()
+    return server
+
+
+__all__ = ["InferenceServicer", "start_grpc_server", "GRPC_STATUS", "SERVER_OPTIONS"]

@@ -1,0 +1,199 @@
+"""gRPC (KServe v2 / Triton) protobuf messages <-> the engine's request and response types.
+
+Inputs come from `raw_input_contents` (taken in order, skipping inputs that live in shared
+memory or carry typed `contents`) or from typed `contents`; the two may not be mixed. Outputs
+always go to `raw_output_contents`, one entry per `outputs` entry (empty for shm outputs),
+because tritonclient's `as_numpy` reads nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+
+from torpor.datatypes import NUMPY_DTYPES, from_raw, num_elements, serialize_bytes
+from torpor.errors import invalid_arg
+from torpor.tensors import InferRequest, InferResponse, RequestedOutput, Tensor
+
+EMPTY_FINAL_PARAM = "triton_enable_empty_final_response"
+FINAL_PARAM = "triton_final_response"
+
+# typed `contents` field per datatype (FP16 and BF16 travel raw only)
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+_SHM_KEYS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+
+
+def param_value(p: pb.InferParameter) -> Any:
+    which = p.WhichOneof("parameter_choice")
+    if which is None:
+        return None
+    return getattr(p, which)
+
+
+def params_to_dict(params) -> dict[str, Any]:
+    return {k: param_value(v) for k, v in params.items()}
+
+
+def set_param(target: pb.InferParameter, value: Any) -> None:
+    if isinstance(value, bool):
+        target.bool_param = value
+    elif isinstance(value, (int, np.integer)):
+        v = int(value)
+        if v > 2**63 - 1:
+            target.uint64_param = v
+        else:
+            target.int64_param = v
+    elif isinstance(value, (float, np.floating)):
+        target.double_param = float(value)
+    else:
+        target.string_param = value if isinstance(value, str) else str(value)
+
+
+def _shape(dims, name: str) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in dims)
+    if any(d < 0 for d in shape):
+        raise invalid_arg(
+            f"invalid shape [{','.join(str(d) for d in shape)}] for input '{name}': dimensions must not be negative"
+        )
+    return shape
+
+
+def _typed_contents(t: pb.ModelInferRequest.InferInputTensor, shape: tuple[int, ...], model: str) -> np.ndarray:
+    field = _CONTENTS_FIELD.get(t.datatype)
+    if field is None:
+        raise invalid_arg(
+            f"unable to parse 'contents' for input '{t.name}' for model '{model}': "
+            f"datatype {t.datatype} must be sent in raw_input_contents"
+        )
+    values = getattr(t.contents, field)
+    count = num_elements(shape)
+    if len(values) != count:
+        raise invalid_arg(
+            f"unexpected number of elements {len(values)} in '{field}' for input '{t.name}' for model "
+            f"'{model}', expecting {count}"
+        )
+    if t.datatype == "BYTES":
+        arr = np.empty(count, dtype=np.object_)
+        arr[:] = list(values) if count else []
+        return arr.reshape(shape)
+    try:
+        return np.array(values, dtype=NUMPY_DTYPES[t.datatype]).reshape(shape)
+    except (OverflowError, ValueError) as e:
+        raise invalid_arg(f"unable to parse 'contents' for input '{t.name}' for model '{model}': {e}") from None
+
+
+def decode_request(msg: pb.ModelInferRequest) -> tuple[InferRequest, bool]:
+    """The engine request and whether empty final responses were asked for (streams)."""
+    model = msg.model_name
+    raw = msg.raw_input_contents
+    raw_index = 0
+    inputs: list[Tensor] = []
+    for t in msg.inputs:
+        name = t.name
+        if t.datatype not in NUMPY_DTYPES:
+            raise invalid_arg(f"invalid datatype '{t.datatype}' for input '{name}' for model '{model}'")
+        shape = _shape(t.shape, name)
+        tparams = params_to_dict(t.parameters) if t.parameters else {}
+        if "shared_memory_region" in tparams:
+            if "shared_memory_byte_size" not in tparams:
+                raise invalid_arg(
+                    f"input '{name}' for model '{model}' in shared memory must give 'shared_memory_byte_size'"
+                )
+            if t.HasField("contents"):
+                raise invalid_arg(
+                    f"contents field must not be specified when using shared memory for '{name}' for model '{model}'"
+                )
+            inputs.append(Tensor(name, t.datatype, shape, None, tparams))
+            continue
+        if t.HasField("contents"):
+            if raw:
+                raise invalid_arg(
+                    f"contents field must not be specified when using raw_input_contents for '{name}' "
+                    f"for model '{model}'"
+                )
+            inputs.append(Tensor(name, t.datatype, shape, _typed_contents(t, shape, model), tparams))
+            continue
+        if raw_index >= len(raw):
+            raise invalid_arg(
+                f"expected raw_input_contents for input '{name}' for model '{model}', but the request carries "
+                f"only {len(raw)} raw input(s)"
+            )
+        buf = raw[raw_index]
+        raw_index += 1
+        arr = from_raw(buf, t.datatype, shape, name)
+        inputs.append(Tensor(name, t.datatype, shape, arr, tparams))
+    if raw_index != len(raw):
+        raise invalid_arg(
+            f"unexpected number of raw_input_contents for model '{model}': {len(raw)} given, "
+            f"{raw_index} input(s) take raw contents"
+        )
+
+    params: dict[str, Any] = {}
+    empty_final = False
+    for k, v in msg.parameters.items():
+        if k == EMPTY_FINAL_PARAM:
+            empty_final = bool(param_value(v))
+            continue
+        if k.startswith("triton_"):
+            raise invalid_arg(
+                f"parameter keys starting with 'triton_' are reserved for Triton usage and should not be specified: '{k}'"
+            )
+        params[k] = param_value(v)
+
+    outputs = None
+    if msg.outputs:
+        outputs = [
+            RequestedOutput(o.name, params_to_dict(o.parameters) if o.parameters else {}) for o in msg.outputs
+        ]
+    req = InferRequest(
+        model_name=model,
+        model_version=msg.model_version,
+        id=msg.id,
+        inputs=inputs,
+        outputs=outputs,
+        parameters=params,
+    )
+    return req, empty_final
+
+
+def encode_response(resp: InferResponse, out: pb.ModelInferResponse | None = None) -> pb.ModelInferResponse:
+    msg = out if out is not None else pb.ModelInferResponse()
+    msg.model_name = resp.model_name
+    msg.model_version = resp.model_version
+    if resp.id:
+        msg.id = resp.id
+    for k, v in resp.parameters.items():
+        set_param(msg.parameters[k], v)
+    raw_out = []
+    for t in resp.outputs:
+        o = msg.outputs.add()
+        o.name = t.name
+        o.datatype = t.datatype
+        o.shape.extend(t.shape)
+        if t.data is None:  # written to a shared-memory region
+            for k in _SHM_KEYS:
+                if k in t.parameters:
+                    set_param(o.parameters[k], t.parameters[k])
+            raw_out.append(b"")
+        elif t.datatype == "BYTES":
+            raw_out.append(serialize_bytes(t.data))
+        else:
+            raw_out.append(np.ascontiguousarray(t.data).tobytes())
+    msg.raw_output_contents.extend(raw_out)
+    return msg
