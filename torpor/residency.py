@@ -27,7 +27,10 @@ API (all on the event loop thread; nothing here blocks the loop on a device):
   threads with its compute stream current, per-group waits armed, and the stream synchronised
   before returning. `Placement.forward(*args, **kwargs)`: the device-bound module on device
   copies of the inputs, outputs returned on host. `Placement.weights` (in `run`): key -> arena
-  view, for `torch.func.functional_call`. `await Placement.ready()`: all groups landed.
+  view, for `torch.func.functional_call` on the registered module (whose hooks wait per group).
+  `await Placement.ready()`: all groups landed. A callable that reads the views other than
+  through the registered module's forward must first call `torpor.executor.current_run().wait_all()`
+  (or the caller awaits `ready()`); models registered without a module always wait for all.
 - `await prefetch(key, device=None, source="auto")`: place without running (scheduler use).
 - `evict(key, device=None) -> int`: drop idle device copies now.
 - `residency()`, `counters(key=None)`, `set_host_bandwidth(device, bytes_per_s)`.
