@@ -330,6 +330,7 @@ class CpuDevice(Device):
     def close(self) -> None:
         self._jobs.put(None)
         super().close()
+        self._copier.join(timeout=5.0)
 
 
 class CudaDevice(Device):

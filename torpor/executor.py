@@ -125,49 +125,66 @@ def install_group_hooks(model: HostModel) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def _clone(module: nn.Module, device: torch.device) -> nn.Module:
-    """The module's structure without copying its weights (they are re-pointed by `bind`);
-    tensors outside the state dict (non-persistent buffers) are moved to the device."""
-    memo: dict[int, Any] = {}
-    for t in list(module.parameters()) + list(module.buffers()):
-        memo[id(t)] = t
-    clone = copy.deepcopy(module, memo)
-    keys = set(module.state_dict().keys())
-    for name, buf in list(clone.named_buffers()):
-        if name not in keys and buf.device != device:
-            path, _, attr = name.rpartition(".")
-            owner = submodule(clone, path)
-            owner._buffers[attr] = buf.to(device)
-    return clone
+class DeviceClone:
+    """A copy of the module's structure for one device, with placeholder weights, and the plan
+    to re-point them: for each distinct tensor (`Slot.index`), the clone's Parameter objects
+    (their `.data` is set) and buffer slots (the dict entry is set). Binding a new placement
+    is then one view and one assignment per tensor."""
+
+    def __init__(self, model: HostModel, device: torch.device):
+        module = model.module
+        assert module is not None
+        memo: dict[int, Any] = {}
+        for p in module.parameters():
+            memo[id(p)] = nn.Parameter(torch.empty(0, dtype=p.dtype, device=device), requires_grad=False)
+        for b in module.buffers():
+            memo[id(b)] = torch.empty(0, dtype=b.dtype, device=device)
+        self.module = copy.deepcopy(module, memo)
+        self.params: list[list[nn.Parameter]] = [[] for _ in model.unique_slots]
+        self.buffers: list[list[tuple[dict, str]]] = [[] for _ in model.unique_slots]
+        seen: set[int] = set()
+        for key, slot in model.slots.items():
+            path, _, name = key.rpartition(".")
+            owner = submodule(self.module, path)
+            if name in owner._parameters:
+                p = owner._parameters[name]
+                if id(p) not in seen:  # tied parameters: one object, bound once
+                    seen.add(id(p))
+                    self.params[slot.index].append(p)
+            elif name in owner._buffers:
+                self.buffers[slot.index].append((owner._buffers, name))
+        # tensors outside the state dict (non-persistent buffers) keep their values, on the device
+        keys = set(model.slots)
+        for name, buf in list(module.named_buffers()):
+            if name not in keys:
+                path, _, attr = name.rpartition(".")
+                submodule(self.module, path)._buffers[attr] = buf.to(device)
+
+    def bind(self, views: list[torch.Tensor]) -> None:
+        for i, view in enumerate(views):
+            for p in self.params[i]:
+                p.data = view
+            for d, name in self.buffers[i]:
+                d[name] = view
 
 
 def bind(resident: Resident) -> None:
-    """Make the resident's arena views (and its device clone of the module, if any)."""
-    if resident.weights is not None and (resident.module is not None or resident.model.module is None):
+    """Make the resident's arena views and point its device clone of the module at them."""
+    if resident.weights is not None:
         return
     with resident.bind_lock:
-        if resident.weights is not None and (resident.module is not None or resident.model.module is None):
+        if resident.weights is not None:
             return
-        weights = resident.make_weights()
         model = resident.model
+        views = resident.make_views()
         module = model.module
         if module is not None and not isinstance(module, torch.jit.ScriptModule):
             clone = model.clones.get(resident.device.name)
             if clone is None:
-                clone = model.clones[resident.device.name] = _clone(module, resident.device.torch_device)
-            params: dict[int, nn.Parameter] = {}
-            for key, view in weights.items():
-                path, _, name = key.rpartition(".")
-                owner = submodule(clone, path)
-                if name in owner._parameters:
-                    p = params.get(id(view))
-                    if p is None:
-                        p = params[id(view)] = nn.Parameter(view, requires_grad=False)
-                    owner._parameters[name] = p
-                elif name in owner._buffers:
-                    owner._buffers[name] = view
-            resident.module = clone
-        resident.weights = weights
+                clone = model.clones[resident.device.name] = DeviceClone(model, resident.device.torch_device)
+            clone.bind(views)
+            resident.module = clone.module
+        resident.weights = {key: views[s.index] for key, s in model.slots.items()}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -49,6 +49,9 @@ class Slot:
     dtype: torch.dtype
     shape: tuple[int, ...]
     group: int  # the copy group holding its bytes
+    rel: int  # offset from the group's start (the same on host and device)
+    index: int  # position among the model's distinct tensors (tied keys share one)
+    stride: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,14 +86,17 @@ class TypedViews:
         self.buf = buf
         self._typed: dict[torch.dtype, torch.Tensor] = {}
 
-    def view(self, byte_offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        typed = self._typed.get(dtype)
-        if typed is None:
+    def view(self, byte_offset: int, dtype: torch.dtype, shape: tuple[int, ...],
+             stride: tuple[int, ...] | None = None) -> torch.Tensor:
+        entry = self._typed.get(dtype)
+        if entry is None:
             size = torch.empty((), dtype=dtype).element_size()
             usable = self.buf.numel() // size * size
-            typed = self._typed[dtype] = self.buf[:usable].view(dtype)
-        size = typed.element_size()
-        return typed.as_strided(shape, contiguous_stride(shape), typed.storage_offset() + byte_offset // size)
+            typed = self.buf[:usable].view(dtype)
+            entry = self._typed[dtype] = (typed, size, typed.storage_offset())
+        typed, size, base = entry
+        return typed.as_strided(shape, contiguous_stride(shape) if stride is None else stride,
+                                base + byte_offset // size)
 
 
 def _cuda_register(t: torch.Tensor) -> bool:
@@ -137,6 +143,7 @@ class HostModel:
         self.slab = slab
         self.groups = groups
         self.slots = slots
+        self.unique_slots = sorted({s.index: s for s in slots.values()}.values(), key=lambda s: s.index)
         self.weight_bytes = weight_bytes
         self.pin_method = pin_method
         self.module = module
@@ -144,7 +151,7 @@ class HostModel:
         self.rule = rule
         self.views = TypedViews(slab)
         self.hook_handles: list[Any] = []
-        self.clones: dict[str, nn.Module] = {}  # device name -> device-bound clone (torpor.executor)
+        self.clones: dict[str, Any] = {}  # device name -> torpor.executor.DeviceClone
         self._finalizer = None
         if registered is not None:
             self._finalizer = weakref.finalize(self, _cuda_unregister, registered, registered.data_ptr())
@@ -163,14 +170,8 @@ class HostModel:
 
     def host_tensors(self) -> dict[str, torch.Tensor]:
         """state_dict key -> a view of the slab (tied keys share one view)."""
-        made: dict[int, torch.Tensor] = {}
-        out = {}
-        for key, s in self.slots.items():
-            t = made.get(id(s))
-            if t is None:
-                t = made[id(s)] = self.views.view(s.offset, s.dtype, s.shape)
-            out[key] = t
-        return out
+        views = [self.views.view(s.offset, s.dtype, s.shape, s.stride) for s in self.unique_slots]
+        return {key: views[s.index] for key, s in self.slots.items()}
 
     def close(self) -> None:
         for h in self.hook_handles:
@@ -205,7 +206,9 @@ def layout(units_per_group: list[list[Unit]], tensors: dict[str, torch.Tensor]
                 if slot is None:
                     nbytes = t.numel() * t.element_size()
                     cursor = align(cursor)
-                    slot = Slot(cursor, nbytes, t.dtype, tuple(t.shape), gi)
+                    shape = tuple(t.shape)
+                    slot = Slot(cursor, nbytes, t.dtype, shape, gi, cursor - start, len(fills),
+                                contiguous_stride(shape))
                     cursor += nbytes
                     by_identity[ident] = slot
                     fills.append((slot, t))

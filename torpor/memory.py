@@ -165,20 +165,17 @@ class Resident:
         return self.memory.arena[off : off + self.model.groups[gi].nbytes]
 
     def device_offset(self, slot: Slot) -> int:
-        g = self.model.groups[slot.group]
-        return self.group_offsets[slot.group] + (slot.offset - g.start)
+        return self.group_offsets[slot.group] + slot.rel
+
+    def make_views(self) -> list[torch.Tensor]:
+        """One typed arena view per distinct tensor (`Slot.index` order): one op each."""
+        view, offsets = self.memory.views.view, self.group_offsets
+        return [view(offsets[s.group] + s.rel, s.dtype, s.shape, s.stride) for s in self.model.unique_slots]
 
     def make_weights(self) -> dict[str, torch.Tensor]:
         """state_dict key -> a typed view into the arena (tied keys share one view)."""
-        made: dict[int, torch.Tensor] = {}
-        out = {}
-        views = self.memory.views
-        for key, s in self.model.slots.items():
-            t = made.get(id(s))
-            if t is None:
-                t = made[id(s)] = views.view(self.device_offset(s), s.dtype, s.shape)
-            out[key] = t
-        return out
+        views = self.make_views()
+        return {key: views[s.index] for key, s in self.model.slots.items()}
 
     def state(self) -> str:
         return "ready" if self.copy_done() else "copying"
