@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
+import importlib.util
 import json
 import platform
 import statistics
@@ -35,10 +37,27 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from adapters.networks import BertEncoder, ResNet50, WideMLP  # noqa: E402
-from adapters.weights import module_layer_groups  # noqa: E402
+
+def adapter_module(name: str):
+    """`adapters.<name>`, or the file itself where the package's __init__ cannot be imported
+    (it needs the web stack; a bare CUDA machine has only torch and numpy)."""
+    try:
+        return importlib.import_module(f"adapters.{name}")
+    except ImportError:
+        spec = importlib.util.spec_from_file_location(f"_adapters_{name}", ROOT / "adapters" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+
+
+_networks = adapter_module("networks")
+BertEncoder, ResNet50, WideMLP = _networks.BertEncoder, _networks.ResNet50, _networks.WideMLP
+module_layer_groups = adapter_module("weights").module_layer_groups
+
 from torpor.devices import open_devices, parse_devices  # noqa: E402
 from torpor.hoststore import allocate_slab  # noqa: E402
 from torpor.partition import MiB, PartitionRule  # noqa: E402

@@ -47,9 +47,9 @@ class Tied(nn.Module):
 
 
 def _groups(module: nn.Module) -> list[LayerGroup]:
-    from adapters.weights import module_layer_groups
+    from tests.test_swapper import groups_of
 
-    return module_layer_groups(module)
+    return groups_of(module)
 
 
 def test_host_store_layout_alignment_and_values():
@@ -119,9 +119,9 @@ def test_partition_for_link():
 
 
 def test_partition_of_real_networks():
-    from adapters.networks import BertEncoder
+    from tests.test_swapper import adapter_module
 
-    bert = BertEncoder(vocab_size=1000, hidden=64, layers=4, heads=4, ffn=128, max_positions=32)
+    bert = adapter_module("networks").BertEncoder(vocab_size=1000, hidden=64, layers=4, heads=4, ffn=128, max_positions=32)
     store = HostStore(pin=False, rule=PartitionRule(target_bytes=64 * KiB, first_bytes=16 * KiB))
     hm = store.add("bert", _groups(bert), bert)
     assert hm.groups[0].units == ("embeddings",)

@@ -6,9 +6,13 @@ Networks here are small so the file stays fast; `tests/test_gpu_swap.py` reuses 
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
 import json
 import random
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,16 +42,28 @@ class Mlp(nn.Module):
         return self.out(self.norm(self.blocks(torch.relu(self.inp(x)))))
 
 
-def tiny_bert():
-    from adapters.networks import BertEncoder
+def adapter_module(name: str):
+    """`adapters.<name>`; where the adapters package cannot be imported (its __init__ needs the
+    web stack, which a bare CUDA machine lacks) the file itself is loaded: `networks` and
+    `weights` need only torch and torpor.model."""
+    try:
+        return importlib.import_module(f"adapters.{name}")
+    except ImportError:
+        path = Path(__file__).resolve().parents[1] / "adapters" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"_adapters_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
 
-    return BertEncoder(vocab_size=500, hidden=64, layers=3, heads=4, ffn=128, max_positions=32)
+
+def tiny_bert():
+    return adapter_module("networks").BertEncoder(vocab_size=500, hidden=64, layers=3, heads=4, ffn=128,
+                                                  max_positions=32)
 
 
 def tiny_resnet():
-    from adapters.networks import ResNet50
-
-    return ResNet50(num_classes=10, blocks=(1, 1, 1, 1))
+    return adapter_module("networks").ResNet50(num_classes=10, blocks=(1, 1, 1, 1))
 
 
 def seeded(factory, seed: int = 0) -> nn.Module:
@@ -57,9 +73,7 @@ def seeded(factory, seed: int = 0) -> nn.Module:
 
 
 def groups_of(module: nn.Module):
-    from adapters.weights import module_layer_groups
-
-    return module_layer_groups(module)
+    return adapter_module("weights").module_layer_groups(module)
 
 
 def reference(module: nn.Module, *args) -> torch.Tensor:
