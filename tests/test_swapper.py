@@ -426,3 +426,24 @@ async def test_churn_through_the_pool(make_pool):
     assert swap_ins > 600
     first, last = sum(used[:500]) / 500, sum(used[500:]) / 500
     assert last > 0.6 and last > first - 0.05, (first, last)
+
+
+async def test_rebinding_when_the_model_lands_elsewhere(make_pool):
+    pool = make_pool(capacity=4 * MiB, block=16 * KiB)
+    module = seeded(tiny_bert)
+    ids = torch.randint(0, 500, (1, 8))
+    ref = reference(module, ids)
+    pool.register("b", groups_of(module), module, rule=SMALL_GROUPS)
+    pool.register("pad", [("pad", {"w": torch.zeros(4096)})])
+    offsets = []
+    for shift in (False, True, False, True):
+        pool.evict("b")
+        if shift:
+            await pool.prefetch("pad")
+        else:
+            pool.evict("pad")
+        async with pool.acquire("b") as p:
+            out = await p.forward(ids)
+            offsets.append(tuple(p.resident.group_offsets))
+        assert same(out, ref)
+    assert offsets[0] == offsets[2] != offsets[1] == offsets[3]

@@ -126,10 +126,10 @@ def install_group_hooks(model: HostModel) -> int:
 
 
 class DeviceClone:
-    """A copy of the module's structure for one device, with placeholder weights, and the plan
-    to re-point them: for each distinct tensor (`Slot.index`), the clone's Parameter objects
-    (their `.data` is set) and buffer slots (the dict entry is set). Binding a new placement
-    is then one view and one assignment per tensor."""
+    """A copy of the module's structure for one device whose parameters and buffers are
+    placeholders, re-pointed into the arena on each new placement: `bind` does one
+    `Tensor.set_(arena storage, offset, shape, stride)` per distinct tensor (tied keys share one
+    object), and nothing at all when the model lands at the offsets it was last bound to."""
 
     def __init__(self, model: HostModel, device: torch.device):
         module = model.module
@@ -140,19 +140,20 @@ class DeviceClone:
         for b in module.buffers():
             memo[id(b)] = torch.empty(0, dtype=b.dtype, device=device)
         self.module = copy.deepcopy(module, memo)
-        self.params: list[list[nn.Parameter]] = [[] for _ in model.unique_slots]
-        self.buffers: list[list[tuple[dict, str]]] = [[] for _ in model.unique_slots]
-        seen: set[int] = set()
+        targets: list[torch.Tensor | None] = [None] * len(model.unique_slots)
         for key, slot in model.slots.items():
             path, _, name = key.rpartition(".")
             owner = submodule(self.module, path)
-            if name in owner._parameters:
-                p = owner._parameters[name]
-                if id(p) not in seen:  # tied parameters: one object, bound once
-                    seen.add(id(p))
-                    self.params[slot.index].append(p)
-            elif name in owner._buffers:
-                self.buffers[slot.index].append((owner._buffers, name))
+            table = owner._parameters if name in owner._parameters else owner._buffers
+            t = table[name]
+            if targets[slot.index] is None:
+                targets[slot.index] = t
+            elif t is not targets[slot.index]:
+                table[name] = targets[slot.index]  # same memory on host: one object here too
+        self.tensors: list[torch.Tensor] = targets  # type: ignore[assignment]
+        self.plan = [(targets[s.index], s.dtype.itemsize, s.shape, s.stride, s.group, s.rel)
+                     for s in model.unique_slots]
+        self.bound_to: tuple[int, list[int]] | None = None  # (arena id, group offsets)
         # tensors outside the state dict (non-persistent buffers) keep their values, on the device
         keys = set(model.slots)
         for name, buf in list(module.named_buffers()):
@@ -160,31 +161,40 @@ class DeviceClone:
                 path, _, attr = name.rpartition(".")
                 submodule(self.module, path)._buffers[attr] = buf.to(device)
 
-    def bind(self, views: list[torch.Tensor]) -> None:
-        for i, view in enumerate(views):
-            for p in self.params[i]:
-                p.data = view
-            for d, name in self.buffers[i]:
-                d[name] = view
+    def bind(self, resident: Resident) -> None:
+        arena = resident.memory.arena
+        where = (id(arena), list(resident.group_offsets))
+        if where == self.bound_to:
+            return  # landed where it was last bound: the tensors already point there
+        storage = arena.untyped_storage()
+        base = arena.storage_offset()  # bytes (uint8 arena); PAGE-aligned, so / itemsize is exact
+        offsets = resident.group_offsets
+        with torch.no_grad():
+            for t, size, shape, stride, group, rel in self.plan:
+                t.set_(storage, (base + offsets[group] + rel) // size, shape, stride)
+        self.bound_to = where
 
 
 def bind(resident: Resident) -> None:
-    """Make the resident's arena views and point its device clone of the module at them."""
+    """Point the device clone of the module (or, without one, fresh views) at the resident's
+    blocks; `resident.weights` maps every state_dict key to its device tensor."""
     if resident.weights is not None:
         return
     with resident.bind_lock:
         if resident.weights is not None:
             return
         model = resident.model
-        views = resident.make_views()
         module = model.module
         if module is not None and not isinstance(module, torch.jit.ScriptModule):
             clone = model.clones.get(resident.device.name)
             if clone is None:
                 clone = model.clones[resident.device.name] = DeviceClone(model, resident.device.torch_device)
-            clone.bind(views)
+            clone.bind(resident)
             resident.module = clone.module
-        resident.weights = {key: views[s.index] for key, s in model.slots.items()}
+            tensors = clone.tensors
+        else:
+            tensors = resident.make_views()
+        resident.weights = {key: tensors[s.index] for key, s in model.slots.items()}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -164,6 +164,7 @@ class HostModel:
         self.pipelined = pipelined
         self.rule = rule
         self.views = TypedViews(slab)
+        self._group_bytes = [slab[g.start : g.end] for g in groups]  # made once: no slicing per swap
         self.hook_handles: list[Any] = []
         self.clones: dict[str, Any] = {}  # device name -> torpor.executor.DeviceClone
         self._registered = registered
@@ -178,7 +179,7 @@ class HostModel:
         return self.pin_method != "pageable"
 
     def group_bytes(self, g: CopyGroup) -> torch.Tensor:
-        return self.slab[g.start : g.end]
+        return self._group_bytes[g.index]
 
     def host_tensors(self) -> dict[str, torch.Tensor]:
         """state_dict key -> a view of the slab (tied keys share one view)."""
