@@ -20,7 +20,7 @@ from tritonclient.grpc import service_pb2_grpc as pbg
 from torpor.engine import Engine
 from torpor.errors import Status, TorporError, internal, invalid_arg, unsupported
 
-from .grpc_codec import FINAL_PARAM, decode_request, encode_response
+from .grpc_codec import FINAL_PARAM, check_version, decode_request, encode_response
 
 log = logging.getLogger("torpor.grpc")
 
@@ -93,7 +93,7 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
 
     @_unary
     async def ModelMetadata(self, request, context):
-        md = self.engine.model_metadata(request.name, request.version)
+        md = self.engine.model_metadata(request.name, check_version(request.version))
         resp = pb.ModelMetadataResponse(name=md["name"], versions=md["versions"], platform=md["platform"])
         for t in md["inputs"]:
             resp.inputs.add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
@@ -104,12 +104,12 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
     @_unary
     async def ModelConfig(self, request, context):
         resp = pb.ModelConfigResponse()
-        resp.config.CopyFrom(self.engine.model_config(request.name, request.version))
+        resp.config.CopyFrom(self.engine.model_config(request.name, check_version(request.version)))
         return resp
 
     @_unary
     async def ModelStatistics(self, request, context):
-        stats = self.engine.statistics(request.name, request.version)
+        stats = self.engine.statistics(request.name, check_version(request.version))
         return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
 
     # -- inference ---------------------------------------------------------------------------
@@ -178,6 +178,11 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
                 item = await out.get()
                 if item is _WAKE:
                     if read_task.done() and not tasks:
+                        # every request is finished: what is still queued is all there is
+                        while not out.empty():
+                            item = out.get_nowait()
+                            if item is not _WAKE:
+                                yield item
                         break
                     continue
                 yield item

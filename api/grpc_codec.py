@@ -65,6 +65,13 @@ def set_param(target: pb.InferParameter, value: Any) -> None:
         target.string_param = value if isinstance(value, str) else str(value)
 
 
+def check_version(version: str) -> str:
+    """Triton parses a requested version as an integer; anything else is the client's mistake."""
+    if version and not (version[1:] if version.startswith("-") else version).isdigit():
+        raise invalid_arg(f"failed to get model version from specified version string '{version}'")
+    return version
+
+
 def _shape(dims, name: str) -> tuple[int, ...]:
     shape = tuple(int(d) for d in dims)
     if any(d < 0 for d in shape):
@@ -101,6 +108,7 @@ def _typed_contents(t: pb.ModelInferRequest.InferInputTensor, shape: tuple[int, 
 def decode_request(msg: pb.ModelInferRequest) -> tuple[InferRequest, bool]:
     """The engine request and whether empty final responses were asked for (streams)."""
     model = msg.model_name
+    check_version(msg.model_version)
     raw = msg.raw_input_contents
     raw_index = 0
     inputs: list[Tensor] = []

@@ -543,6 +543,25 @@ async def test_stream_aio_concurrent_requests(dt_server):
         assert len(errors) == 1 and "Request for unknown model" in errors[0]
 
 
+async def test_stream_aio_every_response_arrives(dt_server):
+    """Regression: requests finishing while the stream winds down must still be answered."""
+    async with aiogrpcclient.InferenceServerClient(dt_server.grpc_url) as c:
+        for round_ in range(10):
+            async def requests():
+                for step in range(8):
+                    for seq in (f"{round_}-a", 5000 + round_, f"{round_}-b"):
+                        inp = aiogrpcclient.InferInput("INPUT", [1, 1], "INT32")
+                        inp.set_data_from_numpy(np.array([[step]], dtype=np.int32))
+                        yield {"model_name": "simple_sequence", "inputs": [inp], "request_id": f"{seq}_{step}",
+                               "sequence_id": seq, "sequence_start": step == 0, "sequence_end": step == 7}
+
+            ids = []
+            async for result, error in c.stream_infer(requests()):
+                assert error is None, error
+                ids.append(result.get_response().id)
+            assert len(ids) == 24 and len(set(ids)) == 24
+
+
 # -- statistics, repository, trace, logging --------------------------------------------------
 
 def test_statistics(client):
