@@ -58,10 +58,10 @@ _networks = adapter_module("networks")
 BertEncoder, ResNet50, WideMLP = _networks.BertEncoder, _networks.ResNet50, _networks.WideMLP
 module_layer_groups = adapter_module("weights").module_layer_groups
 
-from torpor.devices import open_devices, parse_devices  # noqa: E402
-from torpor.hoststore import allocate_slab  # noqa: E402
-from torpor.partition import MiB, PartitionRule  # noqa: E402
-from torpor.residency import DevicePool  # noqa: E402
+from torpor.devices import open_devices, parse_devices
+from torpor.hoststore import allocate_slab
+from torpor.partition import MiB, PartitionRule
+from torpor.residency import DevicePool
 
 
 def build_models(device: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -71,9 +71,14 @@ def build_models(device: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     batch = args.batch
     specs = {
         "resnet50": (lambda: ResNet50(), lambda: (torch.randn(batch, 3, 224, 224),)),
-        "bert_base": (lambda: BertEncoder(), lambda: (torch.randint(1, 30000, (batch, seq)),
-                                                      torch.ones(batch, seq, dtype=torch.int64))),
-        f"wide_mlp_{hidden}x{layers}": (lambda: WideMLP(hidden, layers), lambda: (torch.randn(batch, hidden),)),
+        "bert_base": (
+            lambda: BertEncoder(),
+            lambda: (torch.randint(1, 30000, (batch, seq)), torch.ones(batch, seq, dtype=torch.int64)),
+        ),
+        f"wide_mlp_{hidden}x{layers}": (
+            lambda: WideMLP(hidden, layers),
+            lambda: (torch.randn(batch, hidden),),
+        ),
     }
     wanted = args.models.split(",") if args.models else list(specs)
     out = []
@@ -105,8 +110,9 @@ async def measure_pinned(pool: DevicePool, nbytes: int, reps: int) -> float:
     return best
 
 
-async def request(pool: DevicePool, key: str, inputs: tuple, device: int = 0, pipelined: bool = True
-                  ) -> tuple[float, Any, str]:
+async def request(
+    pool: DevicePool, key: str, inputs: tuple, device: int = 0, pipelined: bool = True
+) -> tuple[float, Any, str]:
     t0 = time.perf_counter()
     async with pool.acquire(key, device) as p:
         if not pipelined:
@@ -115,8 +121,9 @@ async def request(pool: DevicePool, key: str, inputs: tuple, device: int = 0, pi
     return time.perf_counter() - t0, out, p.outcome
 
 
-async def bench_model(pool: DevicePool, m: dict[str, Any], rule: PartitionRule, pinned_bw: float, reps: int,
-                      d2d: bool) -> dict:
+async def bench_model(
+    pool: DevicePool, m: dict[str, Any], rule: PartitionRule, pinned_bw: float, reps: int, d2d: bool
+) -> dict:
     key = m["name"]
     t0 = time.perf_counter()
     hm = pool.register(key, module_layer_groups(m["module"]), m["module"], rule=rule)
@@ -196,8 +203,11 @@ async def bench_model(pool: DevicePool, m: dict[str, Any], rule: PartitionRule, 
         "target_latency_met": pipe_s <= 1.25 * floor_s + 1e-3,
         "target_bandwidth_met": swap_bw >= 0.85 * pinned_bw,
         "non_pipelined_slower": nopipe_s > pipe_s,
-        "samples_ms": {"native": [v * 1e3 for v in native], "pipelined": [v * 1e3 for v in pipe],
-                       "not_pipelined": [v * 1e3 for v in nopipe]},
+        "samples_ms": {
+            "native": [v * 1e3 for v in native],
+            "pipelined": [v * 1e3 for v in pipe],
+            "not_pipelined": [v * 1e3 for v in nopipe],
+        },
     }
     await pool.unregister(key)
     return result
@@ -214,8 +224,12 @@ def _flat(v: Any) -> list[torch.Tensor]:
 
 
 def environment(device: str) -> dict[str, Any]:
-    env = {"python": platform.python_version(), "torch": torch.__version__, "host": platform.node(),
-           "cpu_threads": torch.get_num_threads()}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "cpu_threads": torch.get_num_threads(),
+    }
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name(0)
         env["cuda"] = torch.version.cuda
@@ -225,7 +239,9 @@ def environment(device: str) -> dict[str, Any]:
             pynvml.nvmlInit()
             env["driver"] = pynvml.nvmlSystemGetDriverVersion()
             h = pynvml.nvmlDeviceGetHandleByIndex(0)
-            env["pcie"] = f"gen{pynvml.nvmlDeviceGetCurrPcieLinkGeneration(h)} x{pynvml.nvmlDeviceGetCurrPcieLinkWidth(h)}"
+            env["pcie"] = (
+                f"gen{pynvml.nvmlDeviceGetCurrPcieLinkGeneration(h)} x{pynvml.nvmlDeviceGetCurrPcieLinkWidth(h)}"
+            )
             pynvml.nvmlShutdown()
         except Exception as e:  # noqa: BLE001 - informational only
             env["nvml"] = str(e)
@@ -233,12 +249,21 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def table(rows: list[dict]) -> str:
-    cols = [("model", "model", "{}"), ("MB", "bytes", "{:.0f}"), ("groups", "groups", "{}"),
-            ("native ms", "native_ms", "{:.2f}"), ("cold pipe ms", "cold_pipelined_ms", "{:.2f}"),
-            ("cold no-pipe ms", "cold_not_pipelined_ms", "{:.2f}"), ("floor ms", "floor_ms", "{:.2f}"),
-            ("pipe/floor", "pipelined_over_floor", "{:.2f}"), ("swap GB/s", "swap_gbps", "{:.1f}"),
-            ("pinned GB/s", "pinned_gbps", "{:.1f}"), ("swap/pinned", "swap_over_pinned", "{:.0%}"),
-            ("d2d GB/s", "d2d_gbps", "{:.1f}"), ("targets", None, "{}")]
+    cols = [
+        ("model", "model", "{}"),
+        ("MB", "bytes", "{:.0f}"),
+        ("groups", "groups", "{}"),
+        ("native ms", "native_ms", "{:.2f}"),
+        ("cold pipe ms", "cold_pipelined_ms", "{:.2f}"),
+        ("cold no-pipe ms", "cold_not_pipelined_ms", "{:.2f}"),
+        ("floor ms", "floor_ms", "{:.2f}"),
+        ("pipe/floor", "pipelined_over_floor", "{:.2f}"),
+        ("swap GB/s", "swap_gbps", "{:.1f}"),
+        ("pinned GB/s", "pinned_gbps", "{:.1f}"),
+        ("swap/pinned", "swap_over_pinned", "{:.0%}"),
+        ("d2d GB/s", "d2d_gbps", "{:.1f}"),
+        ("targets", None, "{}"),
+    ]
     lines = []
     header = [c[0] for c in cols]
     body = []
@@ -247,9 +272,20 @@ def table(rows: list[dict]) -> str:
         for _, key, fmt in cols:
             if key is None:
                 ok = r["target_latency_met"] and r["target_bandwidth_met"] and r["non_pipelined_slower"]
-                cells.append("met" if ok else "MISSED: " + ",".join(
-                    n for n, f in (("latency", "target_latency_met"), ("bandwidth", "target_bandwidth_met"),
-                                   ("no-pipe slower", "non_pipelined_slower")) if not r[f]))
+                cells.append(
+                    "met"
+                    if ok
+                    else "MISSED: "
+                    + ",".join(
+                        n
+                        for n, f in (
+                            ("latency", "target_latency_met"),
+                            ("bandwidth", "target_bandwidth_met"),
+                            ("no-pipe slower", "non_pipelined_slower"),
+                        )
+                        if not r[f]
+                    )
+                )
             elif key == "bytes":
                 cells.append(fmt.format(r[key] / 1e6))
             elif r.get(key) is None:
@@ -270,7 +306,9 @@ PAD = "_pad"  # a one-block model that shifts where the benchmarked model lands
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     models = build_models(args.device, args)
-    largest = max(sum(t.numel() * t.element_size() for t in m["module"].state_dict().values()) for m in models)
+    largest = max(
+        sum(t.numel() * t.element_size() for t in m["module"].state_dict().values()) for m in models
+    )
     capacity = int(largest * 1.2) + 64 * MiB
     spec = "cuda:0,0" if args.device == "cuda" else "cpu:2"
     if args.no_d2d:
@@ -286,21 +324,32 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             row["build_s"] = m["build_s"]
             rows.append(row)
             print(f"  {m['name']}: done", file=sys.stderr, flush=True)
-        return {"device": args.device, "devices": spec, "environment": environment(args.device),
-                "partition": {"target_bytes": rule.target_bytes, "first_bytes": rule.first_bytes},
-                "batch": args.batch, "reps": args.reps, "pinned_gbps": pinned_bw / 1e9, "models": rows}
+        return {
+            "device": args.device,
+            "devices": spec,
+            "environment": environment(args.device),
+            "partition": {"target_bytes": rule.target_bytes, "first_bytes": rule.first_bytes},
+            "batch": args.batch,
+            "reps": args.reps,
+            "pinned_gbps": pinned_bw / 1e9,
+            "models": rows,
+        }
     finally:
         pool.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     ap.add_argument("--models", default="", help="comma list of prefixes: resnet50,bert_base,wide_mlp")
     ap.add_argument("--reps", type=int, default=None, help="measured repetitions (default: 20 cuda, 3 cpu)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=None, help="BERT sequence length (default 128 cuda, 64 cpu)")
-    ap.add_argument("--wide-hidden", type=int, default=None, help="WideMLP width (default 8192 cuda, 4096 cpu)")
+    ap.add_argument(
+        "--wide-hidden", type=int, default=None, help="WideMLP width (default 8192 cuda, 4096 cpu)"
+    )
     ap.add_argument("--wide-layers", type=int, default=4)
     ap.add_argument("--target-mib", type=float, default=8.0, help="copy group target size")
     ap.add_argument("--first-mib", type=float, default=1.0, help="first copy group cap")
@@ -311,9 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         args.reps = 20 if args.device == "cuda" else 3
     report = asyncio.run(main_async(args))
     env = report["environment"]
-    print(f"device {args.device} ({env.get('gpu', 'virtual CPU devices')}), torch {env['torch']}, "
-          f"batch {args.batch}, groups <= {args.target_mib:g} MiB (first {args.first_mib:g} MiB), "
-          f"pinned H2D {report['pinned_gbps']:.1f} GB/s")
+    print(
+        f"device {args.device} ({env.get('gpu', 'virtual CPU devices')}), torch {env['torch']}, "
+        f"batch {args.batch}, groups <= {args.target_mib:g} MiB (first {args.first_mib:g} MiB), "
+        f"pinned H2D {report['pinned_gbps']:.1f} GB/s"
+    )
     print(table(report["models"]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -11,7 +11,15 @@ import time
 import pytest
 import torch
 
-from torpor.devices import CpuDevice, CpuEvent, CopyError, DeviceSpec, open_devices, parse_bytes, parse_devices
+from torpor.devices import (
+    CopyError,
+    CpuDevice,
+    CpuEvent,
+    DeviceSpec,
+    open_devices,
+    parse_bytes,
+    parse_devices,
+)
 from torpor.topology import Topology, discover
 
 
@@ -162,7 +170,9 @@ async def test_cpu_wait_does_not_block_the_loop():
     dev = CpuDevice(0, 1 << 20)
     try:
         gate = CpuEvent()
-        batch = dev.issue_copies([(torch.zeros(1, dtype=torch.uint8), torch.ones(1, dtype=torch.uint8), gate)])
+        batch = dev.issue_copies(
+            [(torch.zeros(1, dtype=torch.uint8), torch.ones(1, dtype=torch.uint8), gate)]
+        )
         ticks = 0
 
         async def ticker():
@@ -202,4 +212,6 @@ def test_device_core_imports_without_web_stack():
         " 'starlette') or m.startswith('google.protobuf')]\n"
         "assert not bad, bad\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1])
+    )

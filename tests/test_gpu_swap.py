@@ -102,7 +102,7 @@ def test_streams_and_arena():
     dev = open_devices(parse_devices("cuda:0", memory_bytes=64 * MiB))[0]
     try:
         assert isinstance(dev, CudaDevice)
-        lo, hi = torch.cuda.Stream.priority_range()
+        _lo, hi = torch.cuda.Stream.priority_range()
         assert dev.copy_stream.priority == hi or dev.copy_stream.priority < dev.compute_streams[0].priority
         assert dev.copy_stream != dev.compute_streams[0] != torch.cuda.default_stream(0)
         arena = dev.allocate_arena(8 * MiB)
@@ -111,11 +111,14 @@ def test_streams_and_arena():
         dev.close()
 
 
-@pytest.mark.parametrize("factory,inputs", [
-    (Mlp, lambda: (torch.randn(3, 16),)),
-    (tiny_bert, lambda: (torch.randint(0, 500, (2, 12)), torch.ones(2, 12, dtype=torch.int64))),
-    (tiny_resnet, lambda: (torch.randn(1, 3, 32, 32),)),
-])
+@pytest.mark.parametrize(
+    "factory,inputs",
+    [
+        (Mlp, lambda: (torch.randn(3, 16),)),
+        (tiny_bert, lambda: (torch.randint(0, 500, (2, 12)), torch.ones(2, 12, dtype=torch.int64))),
+        (tiny_resnet, lambda: (torch.randn(1, 3, 32, 32),)),
+    ],
+)
 async def test_outputs_identical_resident_and_swapped(make_pool, factory, inputs):
     pool = make_pool()
     module = seeded(factory)

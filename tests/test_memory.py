@@ -60,7 +60,7 @@ def test_host_store_layout_alignment_and_values():
     hm = store.add("tied", _groups(m), m)
     assert hm.pin_method == "pageable" and not hm.pinned and store.pinned_bytes == 0
     assert hm.nbytes <= store.total_bytes
-    for key, slot in hm.slots.items():
+    for slot in hm.slots.values():
         assert slot.offset % ALIGN == 0
         g = hm.groups[slot.group]
         assert g.start <= slot.offset and slot.offset + slot.nbytes <= g.end
@@ -92,7 +92,9 @@ def test_host_store_replace_and_remove():
 
 def test_partition_first_group_small_and_merge():
     rule = PartitionRule(target_bytes=4 * KiB * 4, first_bytes=4 * KiB)
-    units = build_units([(f"u{i}", {f"u{i}.w": torch.zeros(1024)}) for i in range(10)], None, rule)  # 4 KiB each
+    units = build_units(
+        [(f"u{i}", {f"u{i}.w": torch.zeros(1024)}) for i in range(10)], None, rule
+    )  # 4 KiB each
     groups = merge_units(units, rule)
     assert [len(g) for g in groups] == [1, 4, 4, 1]
 
@@ -105,8 +107,11 @@ def test_partition_splits_only_containers():
     custom.c = nn.Linear(64, 256)
     root = nn.Module()
     root.seq, root.custom = big_seq, custom
-    units = build_units([(n, {f"{n}.{k}": v for k, v in c.state_dict().items()}) for n, c in root.named_children()],
-                        root, rule)
+    units = build_units(
+        [(n, {f"{n}.{k}": v for k, v in c.state_dict().items()}) for n, c in root.named_children()],
+        root,
+        rule,
+    )
     prefixes = [u.prefix for u in units]
     assert prefixes[:8] == [f"seq.{i}" for i in range(8)]  # container split per child
     assert prefixes[8:] == ["custom"]  # custom module kept whole even though large
@@ -121,7 +126,9 @@ def test_partition_for_link():
 def test_partition_of_real_networks():
     from tests.test_swapper import adapter_module
 
-    bert = adapter_module("networks").BertEncoder(vocab_size=1000, hidden=64, layers=4, heads=4, ffn=128, max_positions=32)
+    bert = adapter_module("networks").BertEncoder(
+        vocab_size=1000, hidden=64, layers=4, heads=4, ffn=128, max_positions=32
+    )
     store = HostStore(pin=False, rule=PartitionRule(target_bytes=64 * KiB, first_bytes=16 * KiB))
     hm = store.add("bert", _groups(bert), bert)
     assert hm.groups[0].units == ("embeddings",)
@@ -228,7 +235,7 @@ def test_pinned_or_copying_residents_are_never_evicted(cpu_device):
     pending = CpuEvent()
     b.batch = CopyBatch([pending], 0, time.perf_counter())
     evicted = []
-    kw = dict(rate=lambda k: 0.0, bandwidth=1e9, replicas=lambda k: 0, on_evict=evicted.append)
+    kw = {"rate": lambda k: 0.0, "bandwidth": 1e9, "replicas": lambda k: 0, "on_evict": evicted.append}
     assert mem.make_room(_model(store, "c", [64 * 30]), LRUPolicy(), **kw) is None
     assert evicted == [] and set(mem.residents) == {"a", "b"}
     pending.set()
@@ -247,7 +254,11 @@ def test_eviction_policies_order():
         Candidate("replicated", 10**9, now - 50, rate=5.0, reload_s=0.04, replicas=1),
     ]
     assert [c.key for c in LRUPolicy().order(cands, now)] == ["old_busy_big", "replicated", "new_rare_small"]
-    assert [c.key for c in CostAwarePolicy().order(cands, now)] == ["new_rare_small", "replicated", "old_busy_big"]
+    assert [c.key for c in CostAwarePolicy().order(cands, now)] == [
+        "new_rare_small",
+        "replicated",
+        "old_busy_big",
+    ]
     assert make_policy("lru").name == "lru" and make_policy("cost").name == "cost"
     with pytest.raises(ValueError):
         make_policy("random")
@@ -287,8 +298,14 @@ def test_churn_keeps_fragmentation_bounded(cpu_device):
             if r is None:
                 occupancy.append(before)
                 ev0 = mem.evictions
-                r = mem.make_room(hm, LRUPolicy(), rate=lambda k: 0.0, bandwidth=1e9,
-                                  replicas=lambda k: 0, on_evict=lambda _r: None)
+                r = mem.make_room(
+                    hm,
+                    LRUPolicy(),
+                    rate=lambda k: 0.0,
+                    bandwidth=1e9,
+                    replicas=lambda k: 0,
+                    on_evict=lambda _r: None,
+                )
                 assert r is not None, "placement failed although every resident was idle"
                 evictions.append(mem.evictions - ev0)
             swapins += 1

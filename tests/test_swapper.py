@@ -34,7 +34,9 @@ class Mlp(nn.Module):
     def __init__(self, width: int = 64, depth: int = 4):
         super().__init__()
         self.inp = nn.Linear(16, width)
-        self.blocks = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(depth)])
+        self.blocks = nn.Sequential(
+            *[nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(depth)]
+        )
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, 8)
 
@@ -58,8 +60,9 @@ def adapter_module(name: str):
 
 
 def tiny_bert():
-    return adapter_module("networks").BertEncoder(vocab_size=500, hidden=64, layers=3, heads=4, ffn=128,
-                                                  max_positions=32)
+    return adapter_module("networks").BertEncoder(
+        vocab_size=500, hidden=64, layers=3, heads=4, ffn=128, max_positions=32
+    )
 
 
 def tiny_resnet():
@@ -92,9 +95,13 @@ def make_pool():
     pools = []
 
     def make(spec="cpu:1", capacity=8 * MiB, block=64 * KiB, **kw):
-        pool = DevicePool(open_devices(f"{spec}", exec_slots=kw.pop("exec_slots", 1))
-                          if capacity is None else _devices(spec, capacity, kw.pop("exec_slots", 1)),
-                          block_bytes=block, **kw)
+        pool = DevicePool(
+            open_devices(f"{spec}", exec_slots=kw.pop("exec_slots", 1))
+            if capacity is None
+            else _devices(spec, capacity, kw.pop("exec_slots", 1)),
+            block_bytes=block,
+            **kw,
+        )
         pools.append(pool)
         return pool
 
@@ -112,11 +119,14 @@ def _devices(spec: str, capacity: int, exec_slots: int):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("factory,inputs", [
-    (Mlp, lambda: (torch.randn(3, 16),)),
-    (tiny_bert, lambda: (torch.randint(0, 500, (2, 12)), torch.ones(2, 12, dtype=torch.int64))),
-    (tiny_resnet, lambda: (torch.randn(1, 3, 32, 32),)),
-])
+@pytest.mark.parametrize(
+    "factory,inputs",
+    [
+        (Mlp, lambda: (torch.randn(3, 16),)),
+        (tiny_bert, lambda: (torch.randint(0, 500, (2, 12)), torch.ones(2, 12, dtype=torch.int64))),
+        (tiny_resnet, lambda: (torch.randn(1, 3, 32, 32),)),
+    ],
+)
 async def test_outputs_identical_resident_and_swapped(make_pool, factory, inputs):
     pool = make_pool(capacity=64 * MiB)
     module = seeded(factory)
@@ -355,8 +365,11 @@ async def test_peer_source_is_not_evicted_while_read(make_pool, monkeypatch):
     dst = pool.devices[1]
     gate = CpuEvent()
     original = dst.issue_copies
-    monkeypatch.setattr(dst, "issue_copies",
-                        lambda jobs, src_device=None: original([(d, s, gate) for d, s, _ in jobs], src_device))
+    monkeypatch.setattr(
+        dst,
+        "issue_copies",
+        lambda jobs, src_device=None: original([(d, s, gate) for d, s, _ in jobs], src_device),
+    )
     await pool.prefetch("m", device=1)  # the peer copy is held at the gate
     assert not src.evictable() and pool.evict("m", device=0) == 0
     gate.set()
@@ -373,9 +386,11 @@ async def test_cancelled_request_keeps_the_pin_until_its_run_ends(make_pool):
 
     async def request():
         async with pool.acquire("a") as p:
+
             def slow():
                 loop.call_soon_threadsafe(started.set)
                 time.sleep(0.2)
+
             await p.run(slow)
 
     task = asyncio.create_task(request())
@@ -412,8 +427,8 @@ async def test_churn_through_the_pool(make_pool):
     pool = make_pool(capacity=1 * MiB, block=16 * KiB, policy=LRUPolicy())
     rng = random.Random(11)
     for i in range(30):
-        width = rng.choice([32, 64, 128, 192])
-        m = seeded(lambda: Mlp(width=width, depth=rng.randint(1, 4)), seed=i)
+        width, depth = rng.choice([32, 64, 128, 192]), rng.randint(1, 4)
+        m = seeded(lambda w=width, d=depth: Mlp(width=w, depth=d), seed=i)
         pool.register(i, groups_of(m), m, rule=SMALL_GROUPS)
     mem = pool.memories[0]
     used = []

@@ -53,9 +53,22 @@ class CopyError(RuntimeError):
 # --devices spec
 # ------------------------------------------------------------------------------------------------
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 1 << 10, "m": 10**6, "mb": 10**6,
-          "mib": 1 << 20, "g": 10**9, "gb": 10**9, "gib": 1 << 30, "t": 10**12, "tb": 10**12,
-          "tib": 1 << 40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "kib": 1 << 10,
+    "m": 10**6,
+    "mb": 10**6,
+    "mib": 1 << 20,
+    "g": 10**9,
+    "gb": 10**9,
+    "gib": 1 << 30,
+    "t": 10**12,
+    "tb": 10**12,
+    "tib": 1 << 40,
+}
 
 
 def parse_bytes(text: str | int) -> int:
@@ -124,7 +137,7 @@ def parse_devices(
 class CpuEvent:
     """A CUDA-event look-alike for the CPU backend: set once by the copy thread."""
 
-    __slots__ = ("_done", "_error", "_callbacks", "_lock", "t_done")
+    __slots__ = ("_callbacks", "_done", "_error", "_lock", "t_done")
 
     def __init__(self) -> None:
         self._done = threading.Event()
@@ -205,7 +218,8 @@ class Device:
         self._tls = threading.local()
         self._slot_counter = itertools.count()
         self._workers = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.exec_slots, thread_name_prefix=f"torpor-{name}",
+            max_workers=self.exec_slots,
+            thread_name_prefix=f"torpor-{name}",
             initializer=self._init_worker,
         )
 
@@ -219,8 +233,12 @@ class Device:
         return False
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "capacity_bytes": self.capacity,
-                "exec_slots": self.exec_slots}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "capacity_bytes": self.capacity,
+            "exec_slots": self.exec_slots,
+        }
 
     # worker threads ----------------------------------------------------------------------------
     def _init_worker(self) -> None:
@@ -247,8 +265,9 @@ class Device:
     def allocate_arena(self, nbytes: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def issue_copies(self, jobs: list[tuple[torch.Tensor, torch.Tensor, Event | None]],
-                     src_device: Device | None = None) -> CopyBatch:
+    def issue_copies(
+        self, jobs: list[tuple[torch.Tensor, torch.Tensor, Event | None]], src_device: Device | None = None
+    ) -> CopyBatch:
         """Enqueue `dst.copy_(src)` for each job, in order, on the copy stream, each after its
         optional `after` event; one event per job. Never blocks."""
         raise NotImplementedError
@@ -339,12 +358,16 @@ class CudaDevice(Device):
     kind = "cuda"
 
     def __init__(self, index: int, ordinal: int, capacity: int, exec_slots: int = 1, name: str | None = None):
-        super().__init__(name or f"cuda:{ordinal}", index, torch.device("cuda", ordinal), capacity, exec_slots)
+        super().__init__(
+            name or f"cuda:{ordinal}", index, torch.device("cuda", ordinal), capacity, exec_slots
+        )
         self.ordinal = ordinal
         # Lower number = higher priority; out-of-range values clamp to the highest priority.
         self.copy_stream = torch.cuda.Stream(device=self.torch_device, priority=-64)
         self.compute_streams = [torch.cuda.Stream(device=self.torch_device) for _ in range(self.exec_slots)]
-        self._waiters = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"torpor-{self.name}-wait")
+        self._waiters = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix=f"torpor-{self.name}-wait"
+        )
         self.gpu_name = torch.cuda.get_device_name(ordinal)
 
     @property

@@ -62,7 +62,7 @@ class CostAwarePolicy:
 class RateMeter:
     """Exponentially decayed request count; `rate()` is in requests per second."""
 
-    __slots__ = ("tau", "_count", "_t")
+    __slots__ = ("_count", "_t", "tau")
 
     def __init__(self, tau: float = 60.0):
         self.tau = tau

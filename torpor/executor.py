@@ -39,7 +39,7 @@ _active = threading.local()
 
 
 class RunState:
-    __slots__ = ("resident", "device", "waited", "model")
+    __slots__ = ("device", "model", "resident", "waited")
 
     def __init__(self, resident: Resident):
         self.resident = resident
@@ -151,8 +151,10 @@ class DeviceClone:
             elif t is not targets[slot.index]:
                 table[name] = targets[slot.index]  # same memory on host: one object here too
         self.tensors: list[torch.Tensor] = targets  # type: ignore[assignment]
-        self.plan = [(targets[s.index], s.dtype.itemsize, s.shape, s.stride, s.group, s.rel)
-                     for s in model.unique_slots]
+        self.plan = [
+            (targets[s.index], s.dtype.itemsize, s.shape, s.stride, s.group, s.rel)
+            for s in model.unique_slots
+        ]
         self.bound_to: tuple[int, list[int]] | None = None  # (arena id, group offsets)
         # tensors outside the state dict (non-persistent buffers) keep their values, on the device
         keys = set(model.slots)

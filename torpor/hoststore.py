@@ -86,8 +86,13 @@ class TypedViews:
         self.buf = buf
         self._typed: dict[torch.dtype, torch.Tensor] = {}
 
-    def view(self, byte_offset: int, dtype: torch.dtype, shape: tuple[int, ...],
-             stride: tuple[int, ...] | None = None) -> torch.Tensor:
+    def view(
+        self,
+        byte_offset: int,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        stride: tuple[int, ...] | None = None,
+    ) -> torch.Tensor:
         entry = self._typed.get(dtype)
         if entry is None:
             size = torch.empty((), dtype=dtype).element_size()
@@ -95,8 +100,9 @@ class TypedViews:
             typed = self.buf[:usable].view(dtype)
             entry = self._typed[dtype] = (typed, size, typed.storage_offset())
         typed, size, base = entry
-        return typed.as_strided(shape, contiguous_stride(shape) if stride is None else stride,
-                                base + byte_offset // size)
+        return typed.as_strided(
+            shape, contiguous_stride(shape) if stride is None else stride, base + byte_offset // size
+        )
 
 
 def _cuda_register(t: torch.Tensor) -> bool:
@@ -111,8 +117,8 @@ def _cuda_register(t: torch.Tensor) -> bool:
 def _cuda_unregister(buf: torch.Tensor, ptr: int) -> None:
     try:
         torch.cuda.cudart().cudaHostUnregister(ptr)
-    except Exception:  # noqa: BLE001 - at interpreter exit CUDA may be gone already
-        pass
+    except Exception as e:  # noqa: BLE001 - at interpreter exit CUDA may be gone already
+        _log.debug("cudaHostUnregister failed: %s", e)
     del buf
 
 
@@ -150,9 +156,19 @@ def allocate_slab(nbytes: int, pin: bool) -> tuple[torch.Tensor, str, PinnedRegi
 class HostModel:
     """One model in the store: slab, copy groups, per-tensor slots, optional module."""
 
-    def __init__(self, key: Any, slab: torch.Tensor, groups: list[CopyGroup], slots: dict[str, Slot],
-                 weight_bytes: int, pin_method: str, module: nn.Module | None, pipelined: bool,
-                 rule: PartitionRule, registered: PinnedRegion | None):
+    def __init__(
+        self,
+        key: Any,
+        slab: torch.Tensor,
+        groups: list[CopyGroup],
+        slots: dict[str, Slot],
+        weight_bytes: int,
+        pin_method: str,
+        module: nn.Module | None,
+        pipelined: bool,
+        rule: PartitionRule,
+        registered: PinnedRegion | None,
+    ):
         self.key = key
         self.slab = slab
         self.groups = groups
@@ -195,12 +211,12 @@ class HostModel:
             self._registered.close()
 
     def __repr__(self) -> str:
-        return (f"HostModel({self.key!r}, {self.nbytes} bytes, {len(self.groups)} groups, "
-                f"{self.pin_method})")
+        return f"HostModel({self.key!r}, {self.nbytes} bytes, {len(self.groups)} groups, {self.pin_method})"
 
 
-def layout(units_per_group: list[list[Unit]], tensors: dict[str, torch.Tensor]
-           ) -> tuple[list[CopyGroup], dict[str, Slot], list[tuple[Slot, torch.Tensor]]]:
+def layout(
+    units_per_group: list[list[Unit]], tensors: dict[str, torch.Tensor]
+) -> tuple[list[CopyGroup], dict[str, Slot], list[tuple[Slot, torch.Tensor]]]:
     """Byte layout: groups back to back (each starting at ALIGN), tensors ALIGN-aligned inside.
     Returns the groups, each key's slot, and the (slot, source) pairs to fill."""
     groups: list[CopyGroup] = []
@@ -220,15 +236,31 @@ def layout(units_per_group: list[list[Unit]], tensors: dict[str, torch.Tensor]
                     nbytes = t.numel() * t.element_size()
                     cursor = align(cursor)
                     shape = tuple(t.shape)
-                    slot = Slot(cursor, nbytes, t.dtype, shape, gi, cursor - start, len(fills),
-                                contiguous_stride(shape))
+                    slot = Slot(
+                        cursor,
+                        nbytes,
+                        t.dtype,
+                        shape,
+                        gi,
+                        cursor - start,
+                        len(fills),
+                        contiguous_stride(shape),
+                    )
                     cursor += nbytes
                     by_identity[ident] = slot
                     fills.append((slot, t))
                 slots[key] = slot
                 keys.append(key)
-        groups.append(CopyGroup(gi, "+".join(u.prefix for u in units), start, max(cursor, start),
-                                tuple(u.prefix for u in units), tuple(keys)))
+        groups.append(
+            CopyGroup(
+                gi,
+                "+".join(u.prefix for u in units),
+                start,
+                max(cursor, start),
+                tuple(u.prefix for u in units),
+                tuple(keys),
+            )
+        )
     return groups, slots, fills
 
 
@@ -291,7 +323,9 @@ class HostStore:
                 if slot.nbytes:
                     views.view(slot.offset, slot.dtype, slot.shape).copy_(src.detach())
         weight_bytes = sum(s.nbytes for s, _ in fills)
-        model = HostModel(key, slab, copy_groups, slots, weight_bytes, method, module, pipelined, rule, registered)
+        model = HostModel(
+            key, slab, copy_groups, slots, weight_bytes, method, module, pipelined, rule, registered
+        )
         if module is not None and adopt:
             _adopt(module, model.host_tensors())
         with self._lock:
@@ -338,4 +372,3 @@ class HostStore:
             "pinned_bytes": sum(m.slab.numel() for m in models if m.pinned),
             "pin_methods": sorted({m.pin_method for m in models}),
         }
-

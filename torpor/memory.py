@@ -98,7 +98,9 @@ class BlockAllocator:
     def free(self, start: int, n: int) -> None:
         starts, length = self._starts, self._length
         i = bisect.bisect_left(starts, start)
-        if (i < len(starts) and starts[i] < start + n) or (i > 0 and starts[i - 1] + length[starts[i - 1]] > start):
+        if (i < len(starts) and starts[i] < start + n) or (
+            i > 0 and starts[i - 1] + length[starts[i - 1]] > start
+        ):
             raise ValueError(f"double free of blocks [{start}, {start + n})")
         self.free_blocks += n
         if i < len(starts) and starts[i] == start + n:  # coalesce with the next run
@@ -114,8 +116,13 @@ class BlockAllocator:
 class Resident:
     """A model placed on a device: its segments, its copy, its pins, and its device views."""
 
-    def __init__(self, model: HostModel, memory: DeviceMemory, segments: list[tuple[int, int, int, int]],
-                 group_offsets: list[int]):
+    def __init__(
+        self,
+        model: HostModel,
+        memory: DeviceMemory,
+        segments: list[tuple[int, int, int, int]],
+        group_offsets: list[int],
+    ):
         self.model = model
         self.memory = memory
         self.device = memory.device
@@ -274,19 +281,29 @@ class DeviceMemory:
         r.segments = []
         r.weights = None
 
-    def candidates(self, exclude: Any, rate: Callable[[Any], float], bandwidth: float,
-                   replicas: Callable[[Any], int]) -> list[tuple[Candidate, Resident]]:
+    def candidates(
+        self, exclude: Any, rate: Callable[[Any], float], bandwidth: float, replicas: Callable[[Any], int]
+    ) -> list[tuple[Candidate, Resident]]:
         out = []
         for r in self.residents.values():
             if r.key == exclude or not r.evictable():
                 continue
-            c = Candidate(r.key, r.nbytes, r.last_used, rate(r.key), r.model.nbytes / bandwidth, replicas(r.key))
+            c = Candidate(
+                r.key, r.nbytes, r.last_used, rate(r.key), r.model.nbytes / bandwidth, replicas(r.key)
+            )
             out.append((c, r))
         return out
 
-    def make_room(self, model: HostModel, policy: EvictionPolicy, *, rate: Callable[[Any], float],
-                  bandwidth: float, replicas: Callable[[Any], int],
-                  on_evict: Callable[[Resident], None]) -> Resident | None:
+    def make_room(
+        self,
+        model: HostModel,
+        policy: EvictionPolicy,
+        *,
+        rate: Callable[[Any], float],
+        bandwidth: float,
+        replicas: Callable[[Any], int],
+        on_evict: Callable[[Resident], None],
+    ) -> Resident | None:
         """Place `model`, evicting idle residents in policy order as needed; None if even
         evicting every idle resident leaves no room (the caller waits and retries)."""
         r = self.try_place(model)
@@ -318,8 +335,14 @@ class DeviceMemory:
             "block_bytes": self.block_bytes,
             "evictions": self.evictions,
             "models": [
-                {"model": _key_str(r.key), "bytes": r.nbytes, "state": r.state(), "pins": r.pins,
-                 "source": r.source, "idle_s": round(now - r.last_used, 3)}
+                {
+                    "model": _key_str(r.key),
+                    "bytes": r.nbytes,
+                    "state": r.state(),
+                    "pins": r.pins,
+                    "source": r.source,
+                    "idle_s": round(now - r.last_used, 3),
+                }
                 for r in self.residents.values()
             ],
         }

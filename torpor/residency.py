@@ -78,10 +78,18 @@ class ModelCounters:
 
     def as_dict(self, now: float) -> dict[str, Any]:
         return {
-            "requests": self.requests, "hits": self.hits, "joins": self.joins, "misses": self.misses,
-            "swap_ins": self.swap_ins, "peer_swap_ins": self.peer_swap_ins, "bytes_moved": self.bytes_moved,
-            "swap_seconds": self.swap_seconds, "last_swap_seconds": self.last_swap_seconds,
-            "evictions": self.evictions, "memory_waits": self.memory_waits, "timeouts": self.timeouts,
+            "requests": self.requests,
+            "hits": self.hits,
+            "joins": self.joins,
+            "misses": self.misses,
+            "swap_ins": self.swap_ins,
+            "peer_swap_ins": self.peer_swap_ins,
+            "bytes_moved": self.bytes_moved,
+            "swap_seconds": self.swap_seconds,
+            "last_swap_seconds": self.last_swap_seconds,
+            "evictions": self.evictions,
+            "memory_waits": self.memory_waits,
+            "timeouts": self.timeouts,
             "request_rate": self.rate.rate(now),
         }
 
@@ -164,15 +172,21 @@ class _Acquire:
         self._placement = await self._pool._acquire(*self._args)
         return self._placement
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         if self._placement is not None:
             self._placement._close()
 
 
 class DevicePool:
-    def __init__(self, devices: Iterable[Device], *, store: HostStore | None = None,
-                 policy: EvictionPolicy | None = None, block_bytes: int = DEFAULT_BLOCK_BYTES,
-                 default_timeout: float = 30.0):
+    def __init__(
+        self,
+        devices: Iterable[Device],
+        *,
+        store: HostStore | None = None,
+        policy: EvictionPolicy | None = None,
+        block_bytes: int = DEFAULT_BLOCK_BYTES,
+        default_timeout: float = 30.0,
+    ):
         self.devices = list(devices)
         if not self.devices:
             raise ValueError("DevicePool needs at least one device")
@@ -187,8 +201,15 @@ class DevicePool:
         self.host_bandwidth = {d.name: (25e9 if d.kind == "cuda" else 5e9) for d in self.devices}
 
     # registration -------------------------------------------------------------------------------
-    def register(self, key: Any, groups: Iterable[Any], module: nn.Module | None = None, *,
-                 pipelined: bool = True, rule: PartitionRule | None = None) -> HostModel:
+    def register(
+        self,
+        key: Any,
+        groups: Iterable[Any],
+        module: nn.Module | None = None,
+        *,
+        pipelined: bool = True,
+        rule: PartitionRule | None = None,
+    ) -> HostModel:
         """Weights to the host store (blocking: a copy into the slab; call it off the loop for
         large models). A model already registered under `key` must be unregistered first."""
         if any(key in m.residents for m in self.memories):
@@ -222,14 +243,16 @@ class DevicePool:
             self._removing.discard(key)
 
     # acquisition -----------------------------------------------------------------------------------
-    def acquire(self, key: Any, device: Any = None, *, timeout: float | None = None,
-                source: str = "auto") -> _Acquire:
+    def acquire(
+        self, key: Any, device: Any = None, *, timeout: float | None = None, source: str = "auto"
+    ) -> _Acquire:
         if source not in ("auto", "host", "peer"):
             raise ValueError(f"source must be 'auto', 'host' or 'peer', not {source!r}")
         return _Acquire(self, key, device, timeout, source)
 
-    async def prefetch(self, key: Any, device: Any = None, *, timeout: float | None = None,
-                       source: str = "auto") -> str:
+    async def prefetch(
+        self, key: Any, device: Any = None, *, timeout: float | None = None, source: str = "auto"
+    ) -> str:
         """Make the model resident (the copy may still be in flight on return); the device name."""
         async with self.acquire(key, device, timeout=timeout, source=source) as p:
             return p.device.name
@@ -267,8 +290,14 @@ class DevicePool:
                     counters.joins += 1
                 return self._pin(resident, outcome)
             for m in self._placement_order(model, allowed):
-                r = m.make_room(model, self.policy, rate=self._rate, bandwidth=self.host_bandwidth[m.device.name],
-                                replicas=self._replicas, on_evict=self._on_evict)
+                r = m.make_room(
+                    model,
+                    self.policy,
+                    rate=self._rate,
+                    bandwidth=self.host_bandwidth[m.device.name],
+                    replicas=self._replicas,
+                    on_evict=self._on_evict,
+                )
                 if r is not None:
                     outcome = self._swap_in(r, source)
                     counters.misses += 1

@@ -39,8 +39,10 @@ def swap_in_from_peer(r: Resident, src: Resident) -> CopyBatch:
     pending = not src.copy_done()
     # Rule: while the source is still arriving, copy group g only after the source's group-g
     # event (the copy stream waits on it; the host does not).
-    jobs = [(r.group_view(i), src.group_view(i), src.events[i] if pending else None)
-            for i in range(len(r.model.groups))]
+    jobs = [
+        (r.group_view(i), src.group_view(i), src.events[i] if pending else None)
+        for i in range(len(r.model.groups))
+    ]
     r.batch = r.device.issue_copies(jobs, src_device=src.device)
     r.source = f"peer:{src.device.name}"
     if r.batch.events:

@@ -18,8 +18,14 @@ from typing import Any
 _log = logging.getLogger("torpor.topology")
 
 # nvmlDeviceGetTopologyCommonAncestor levels, nearest first (values as NVML defines them).
-_TOPOLOGY_LEVELS = {0: "internal", 10: "single_switch", 20: "multiple_switches", 30: "host_bridge",
-                    40: "numa_node", 50: "system"}
+_TOPOLOGY_LEVELS = {
+    0: "internal",
+    10: "single_switch",
+    20: "multiple_switches",
+    30: "host_bridge",
+    40: "numa_node",
+    50: "system",
+}
 
 
 @dataclass(slots=True)
@@ -88,7 +94,6 @@ def _torch_bus_ids() -> dict[str, int]:
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             bus = getattr(p, "pci_bus_id", None)
-            dom = getattr(p, "pci_domain_id", 0)
             dev = getattr(p, "pci_device_id", None)
             if bus is None or dev is None:
                 return {}
@@ -190,8 +195,11 @@ def _discover_torch(error: str | None) -> Topology:
         for i in range(n):
             p = torch.cuda.get_device_properties(i)
             free, total = torch.cuda.mem_get_info(i)
-            topo.gpus.append(GpuInfo(nvml_index=i, cuda_ordinal=i, name=p.name, total_bytes=int(total),
-                                     free_bytes=int(free)))
+            topo.gpus.append(
+                GpuInfo(
+                    nvml_index=i, cuda_ordinal=i, name=p.name, total_bytes=int(total), free_bytes=int(free)
+                )
+            )
         for i in range(n):
             for j in range(i + 1, n):
                 if torch.cuda.can_device_access_peer(i, j):
