@@ -88,6 +88,8 @@ def output_array(tensor: pb_utils.Tensor) -> np.ndarray:
 class _Collected:
     """The single response of a non-decoupled request sent through its response sender."""
 
+    __slots__ = ("response", "done")
+
     def __init__(self):
         self.response: pb_utils.InferenceResponse | None = None
         self.done = threading.Event()
@@ -97,6 +99,15 @@ class _Collected:
             self.response = response
         if flags & pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL:
             self.done.set()
+
+
+def _collecting_sender() -> pb_utils.InferenceResponseSender:
+    """A non-decoupled request's sender, made only when the model asks for it (or returns
+    None): most models return their responses and never need one."""
+    collected = _Collected()
+    sender = pb_utils.InferenceResponseSender(pb_utils._SendState(collected.deliver))
+    sender._collected = collected
+    return sender
 
 
 class PythonModelFunction(ModelFunction):
@@ -226,24 +237,23 @@ class PythonModelFunction(ModelFunction):
         self._output_names = [o.name for o in self.config.output]
 
     # execution ---------------------------------------------------------------------------------
-    def _pb_request(self, request: ModelRequest, deliver) -> pb_utils.InferenceRequest:
+    def _pb_request(self, request: ModelRequest, make_sender) -> pb_utils.InferenceRequest:
         inputs = []
         for name, array in request.inputs.items():
             if not array.flags.writeable:  # views of a request body: models may write into inputs
                 array = array.copy()
-            inputs.append(pb_utils.Tensor(name, array))
-        pb_request = pb_utils.InferenceRequest(
-            model_name=self.name,
-            model_version=self.version,
-            requested_output_names=list(request.requested_outputs or self._output_names),
-            inputs=inputs,
-            request_id=request.id,
-            correlation_id=request.correlation_id,
-            flags=request.flags,
-            parameters=request.parameters,
+            inputs.append(pb_utils.Tensor._wrap(name, array))
+        return pb_utils.InferenceRequest._incoming(
+            self.name,
+            self.version,
+            list(request.requested_outputs or self._output_names),
+            inputs,
+            request.id,
+            request.correlation_id,
+            request.flags,
+            request.parameters if request.parameters is not None else {},
+            make_sender,
         )
-        pb_request._sender = pb_utils.InferenceResponseSender(pb_utils._SendState(deliver))
-        return pb_request
 
     def _convert(self, response: Any, requested: list[str]) -> dict[str, Any] | Exception:
         if not isinstance(response, pb_utils.InferenceResponse):
@@ -268,8 +278,7 @@ class PythonModelFunction(ModelFunction):
         )
 
     def execute(self, requests: list[ModelRequest]) -> list[dict[str, Any] | Exception]:
-        collected = [_Collected() for _ in requests]
-        pb_requests = [self._pb_request(r, c.deliver) for r, c in zip(requests, collected, strict=True)]
+        pb_requests = [self._pb_request(r, _collecting_sender) for r in requests]
         instance_name, model = self._pool.get()
         try:
             responses = model.execute(pb_requests)
@@ -280,7 +289,9 @@ class PythonModelFunction(ModelFunction):
         wanted = [r.requested_outputs for r in requests]
         if responses is None:
             # Responses went (or will go) through the senders; a sender dropped without its
-            # final flag completes the request (with no response).
+            # final flag completes the request (with no response). Senders the model has not
+            # asked for yet are made now: it may still ask, from a request it kept.
+            collected = [p.get_response_sender()._collected for p in pb_requests]
             del pb_requests
             results: list[dict[str, Any] | Exception] = []
             for c, names in zip(collected, wanted, strict=True):
@@ -317,8 +328,9 @@ class PythonModelFunction(ModelFunction):
             else:
                 emit(result, None, final)
 
-        pb_request = self._pb_request(request, deliver)
-        state = pb_request._sender._state
+        state = pb_utils._SendState(deliver)
+        pb_request = self._pb_request(request, None)
+        pb_request._sender = pb_utils.InferenceResponseSender(state)
         instance_name, model = self._pool.get()
         try:
             returned = model.execute([pb_request])

@@ -284,6 +284,18 @@ class Tensor:
         self._array = numpy_array
         self._triton_dtype = triton_dtype
 
+    @classmethod
+    def _wrap(cls, name: str, array: np.ndarray) -> Tensor:
+        """A request tensor from an array the server already validated (no checks)."""
+        code = numpy_to_triton_type(array.dtype)
+        if code is None:
+            return cls(name, array)
+        tensor = cls.__new__(cls)
+        tensor._name = name
+        tensor._array = array
+        tensor._triton_dtype = code
+        return tensor
+
     def name(self) -> str:
         return self._name
 
@@ -434,6 +446,7 @@ class InferenceResponseSender:
 
 
 _bls_handler: Callable[..., InferenceResponse] | None = None
+_sender_lock = threading.Lock()  # a lazily created sender is created once
 
 
 def set_bls_handler(handler: Callable[..., InferenceResponse] | None) -> None:
@@ -471,7 +484,38 @@ class InferenceRequest:
         self._timeout = timeout
         self._parameters = dict(parameters or {})
         self._sender: InferenceResponseSender | None = None
+        self._make_sender: Callable[[], InferenceResponseSender] | None = None
         self._release_flags = TRITONSERVER_REQUEST_RELEASE_ALL
+
+    @classmethod
+    def _incoming(
+        cls,
+        model_name: str,
+        model_version: int,
+        requested_output_names: list[str],
+        inputs: list[Tensor],
+        request_id: str,
+        correlation_id: int | str,
+        flags: int,
+        parameters: dict,
+        make_sender: Callable[[], InferenceResponseSender] | None,
+    ) -> InferenceRequest:
+        """A request as the server hands it to `execute`: the lists and dict are taken as they
+        are (not copied); the response sender is created by `make_sender` on first use."""
+        request = cls.__new__(cls)
+        request._model_name = model_name
+        request._model_version = model_version
+        request._requested = requested_output_names
+        request._inputs = inputs
+        request._request_id = request_id
+        request._correlation_id = correlation_id
+        request._flags = flags
+        request._timeout = 0
+        request._parameters = parameters
+        request._sender = None
+        request._make_sender = make_sender
+        request._release_flags = TRITONSERVER_REQUEST_RELEASE_ALL
+        return request
 
     def inputs(self) -> list[Tensor]:
         return self._inputs
@@ -502,7 +546,11 @@ class InferenceRequest:
 
     def get_response_sender(self) -> InferenceResponseSender:
         if self._sender is None:
-            raise TritonModelException("this request has no response sender")
+            with _sender_lock:
+                if self._sender is None:
+                    if self._make_sender is None:
+                        raise TritonModelException("this request has no response sender")
+                    self._sender = self._make_sender()
         return self._sender
 
     def is_cancelled(self) -> bool:

@@ -567,6 +567,53 @@ def test_python_backend_response_sender_in_non_decoupled_model(tmp_path):
     model.unload()
 
 
+def test_python_backend_response_sender_made_on_demand(tmp_path):
+    """Senders are made only when asked for: a model that returns None without sending fails
+    its request; one that kept the request may ask for the sender later, from another thread."""
+    model_dir = make_model(
+        tmp_path,
+        "lazy",
+        """
+        name: "lazy"
+        backend: "python"
+        input [ { name: "IN" data_type: TYPE_INT32 dims: [ 1 ] } ]
+        output [ { name: "OUT" data_type: TYPE_INT32 dims: [ 1 ] } ]
+        """,
+        {
+            "1/model.py": """
+            import threading
+            import triton_python_backend_utils as pb_utils
+
+            class TritonPythonModel:
+                def execute(self, requests):
+                    mode = int(pb_utils.get_input_tensor_by_name(requests[0], "IN").as_numpy()[0])
+                    if mode == 0:  # neither a response nor a sender
+                        return None
+                    if mode == 1:  # keep the request; ask for its sender later
+                        request = requests[0]
+                        def later():
+                            x = request.inputs()[0].as_numpy()
+                            request.get_response_sender().send(
+                                pb_utils.InferenceResponse([pb_utils.Tensor("OUT", x + 1)]),
+                                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                            )
+                        threading.Timer(0.05, later).start()
+                        return None
+                    # ask for a sender, never use it, return the response directly
+                    assert requests[0].get_response_sender() is requests[0].get_response_sender()
+                    x = requests[0].inputs()[0].as_numpy()
+                    return [pb_utils.InferenceResponse([pb_utils.Tensor("OUT", x)])]
+            """
+        },
+    )
+    model = load(model_dir)
+    none = run_one(model, {"IN": np.array([0], np.int32)})
+    assert isinstance(none, TorporError) and "sent no response" in none.message
+    assert int(run_one(model, {"IN": np.array([1], np.int32)})["OUT"][0]) == 2
+    assert int(run_one(model, {"IN": np.array([2], np.int32)})["OUT"][0]) == 2
+    model.unload()
+
+
 DECOUPLED_MODEL = """
 import threading
 import numpy as np
