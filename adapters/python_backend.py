@@ -20,10 +20,16 @@ every request of that call. Decoupled (`model_transaction_policy { decoupled: tr
 from any thread and after `execute` has returned; the last one carries
 `TRITONSERVER_RESPONSE_COMPLETE_FINAL`. If the sender is dropped without it, the final flag is
 sent for the model.
+
+`async def execute` is run to completion on an event loop of the worker thread's own (one per
+thread), so `await request.async_exec()` works; a decoupled model's coroutine also finishes
+before the instance takes its next request. BLS (`pb_utils.InferenceRequest(...).exec()`) goes
+through the engine: see `adapters.bls`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import logging
@@ -32,6 +38,7 @@ import re
 import sys
 import threading
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +67,15 @@ _ERROR_STATUS = {
 }
 
 _sys_path_lock = threading.Lock()
+
+# Per thread: `function`, the PythonModelFunction whose model is executing on this thread (BLS
+# finds its caller by it); `loop`, the event loop that runs `async def execute` on this thread.
+running = threading.local()
+running.function = None
+
+# Called with a PythonModelFunction whose model must not execute on the server's event loop
+# thread (it awaits, or calls BLS); `adapters.bls.install_bls` sets it.
+off_loop_hook: Callable[[ModelFunction], None] | None = None
 
 
 def torpor_error(error: pb_utils.TritonError) -> TorporError:
@@ -277,11 +293,37 @@ class PythonModelFunction(ModelFunction):
             f"message: {type(e).__name__}: {e}"
         )
 
+    def _call(self, model, pb_requests: list[pb_utils.InferenceRequest]):
+        """`model.execute(pb_requests)`, awaited on this thread's own event loop when it is a
+        coroutine (`async def execute`); `running.function` names the caller for BLS."""
+        running.function = self
+        try:
+            returned = model.execute(pb_requests)
+            if type(returned) is types.CoroutineType:
+                returned = self._await(returned)
+            return returned
+        finally:
+            running.function = None
+
+    def _await(self, coroutine):
+        if off_loop_hook is not None:
+            off_loop_hook(self)
+        if asyncio._get_running_loop() is not None:
+            coroutine.close()
+            raise RuntimeError(
+                f"the async execute of model '{self.name}' cannot run on the server's event loop "
+                "thread; later requests run on a worker thread"
+            )
+        loop = getattr(running, "loop", None)
+        if loop is None:
+            loop = running.loop = asyncio.new_event_loop()
+        return loop.run_until_complete(coroutine)
+
     def execute(self, requests: list[ModelRequest]) -> list[dict[str, Any] | Exception]:
         pb_requests = [self._pb_request(r, _collecting_sender) for r in requests]
         instance_name, model = self._pool.get()
         try:
-            responses = model.execute(pb_requests)
+            responses = self._call(model, pb_requests)
         except Exception as e:  # noqa: BLE001 - whatever the model raises fails its requests
             return [self._failure(instance_name, e)] * len(requests)
         finally:
@@ -333,7 +375,7 @@ class PythonModelFunction(ModelFunction):
         pb_request._sender = pb_utils.InferenceResponseSender(state)
         instance_name, model = self._pool.get()
         try:
-            returned = model.execute([pb_request])
+            returned = self._call(model, [pb_request])
         except Exception as e:  # noqa: BLE001 - whatever the model raises fails its request
             error = self._failure(instance_name, e)
             returned = None

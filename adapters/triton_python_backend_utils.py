@@ -8,8 +8,9 @@ server process (on a worker thread), not in a separate stub process as in Triton
 What is here: Tensor, InferenceRequest, InferenceResponse, InferenceResponseSender, TritonError,
 TritonModelException, Logger, ModelConfig (auto-complete helper), the config lookup helpers,
 the datatype conversions, BYTES (de)serialisation and the flag constants. Business Logic
-Scripting (`InferenceRequest(...).exec()`) works when the server installs a handler with
-`set_bls_handler`; otherwise it returns a response with an UNSUPPORTED error. Custom metrics
+Scripting (`InferenceRequest(...).exec()` / `async_exec()`) works when the server installs a
+handler with `set_bls_handler` (`torpor serve` does: `adapters.bls`); otherwise it returns a
+response with an UNSUPPORTED error. Custom metrics
 (`MetricFamily`) are accepted and discarded.
 """
 
@@ -445,14 +446,22 @@ class InferenceResponseSender:
         return self._state.cancelled
 
 
-_bls_handler: Callable[..., InferenceResponse] | None = None
+_bls_handler: Any = None
 _sender_lock = threading.Lock()  # a lazily created sender is created once
 
 
-def set_bls_handler(handler: Callable[..., InferenceResponse] | None) -> None:
-    """Install the server's BLS entry point: handler(request: InferenceRequest) -> InferenceResponse."""
+def set_bls_handler(handler: Any) -> None:
+    """Install the server's BLS entry point (None removes it): an object with
+    `exec(request, decoupled)` and `async exec(request, decoupled)` (`adapters.bls.BlsBridge`)."""
     global _bls_handler
     _bls_handler = handler
+
+
+def _unsupported_bls(decoupled: bool):
+    response = InferenceResponse(
+        error=TritonError("BLS requests are not supported by this server", TritonError.UNSUPPORTED)
+    )
+    return iter([response]) if decoupled else response
 
 
 class InferenceRequest:
@@ -563,17 +572,20 @@ class InferenceRequest:
 
     # BLS -------------------------------------------------------------------------------------
     def exec(self, decoupled: bool = False):
-        if _bls_handler is None:
-            response = InferenceResponse(
-                error=TritonError("BLS requests are not supported by this server", TritonError.UNSUPPORTED)
-            )
-            return iter([response]) if decoupled else response
-        return _bls_handler(self, decoupled=decoupled)
+        """Run this request on another model and wait: one InferenceResponse, or with
+        `decoupled=True` an iterator of them (the last may be empty). Failures of the called
+        model come back as the response's error, as in Triton."""
+        handler = _bls_handler
+        if handler is None:
+            return _unsupported_bls(decoupled)
+        return handler.exec(self, decoupled)
 
     async def async_exec(self, decoupled: bool = False):
-        import asyncio
-
-        return await asyncio.get_running_loop().run_in_executor(None, lambda: self.exec(decoupled))
+        """`exec` as an awaitable, for `async def execute`."""
+        handler = _bls_handler
+        if handler is None:
+            return _unsupported_bls(decoupled)
+        return await handler.async_exec(self, decoupled)
 
 
 def get_input_tensor_by_name(inference_request: InferenceRequest, name: str) -> Tensor | None:

@@ -614,6 +614,48 @@ def test_python_backend_response_sender_made_on_demand(tmp_path):
     model.unload()
 
 
+def test_python_backend_async_execute(tmp_path):
+    """`async def execute` runs to completion on the worker thread's own event loop."""
+    model_dir = make_model(
+        tmp_path,
+        "aexec",
+        """
+        name: "aexec"
+        backend: "python"
+        input [ { name: "IN" data_type: TYPE_INT32 dims: [ 1 ] } ]
+        output [ { name: "OUT" data_type: TYPE_INT32 dims: [ 1 ] } ]
+        """,
+        {
+            "1/model.py": """
+            import asyncio
+            import triton_python_backend_utils as pb_utils
+
+            class TritonPythonModel:
+                async def execute(self, requests):
+                    await asyncio.sleep(0.001)
+                    x = pb_utils.get_input_tensor_by_name(requests[0], "IN").as_numpy()
+                    if int(x[0]) < 0:
+                        raise ValueError("negative")
+                    return [pb_utils.InferenceResponse([pb_utils.Tensor("OUT", x * 3)])]
+            """
+        },
+    )
+    model = load(model_dir)
+    results = []
+    threads = [
+        threading.Thread(target=lambda v=v: results.append(run_one(model, {"IN": np.array([v], np.int32)})))
+        for v in (1, 2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(int(r["OUT"][0]) for r in results) == [3, 6]
+    failed = run_one(model, {"IN": np.array([-1], np.int32)})
+    assert isinstance(failed, TorporError) and "ValueError: negative" in failed.message
+    model.unload()
+
+
 DECOUPLED_MODEL = """
 import threading
 import numpy as np

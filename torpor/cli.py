@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def serve(args: argparse.Namespace) -> int:
     from adapters import create_model_function
+    from adapters.bls import install_bls
 
     from .engine import Engine, EngineOptions
 
@@ -71,6 +72,7 @@ async def serve(args: argparse.Namespace) -> int:
         allow_client_shm=args.allow_client_shm,
     )
     engine = Engine(options, create_model_function)
+    install_bls(engine, asyncio.get_running_loop())  # pb_utils.InferenceRequest.exec() in python models
     engine.logging.update({"log_verbose_level": args.log_verbose})
     await engine.start()
 
