@@ -223,6 +223,14 @@ def test_renderer_and_extra_sources():
         return [m]
 
     collector.add_source(swap_metrics)
+    engine = collector.engine
+
+    def engine_side():
+        m = Metric("torpor_swap_bytes", "Bytes swapped in", "counter")
+        m.add_sample("torpor_swap_bytes", {"model": "x"}, 1024)
+        return [m]
+
+    engine.metrics_sources = [engine_side]
     collector.add_source(lambda: 1 / 0)  # a broken source does not break the scrape
     text = render(registry).decode()
     assert '# TYPE nv_inference_request_success counter' in text
@@ -231,4 +239,5 @@ def test_renderer_and_extra_sources():
     assert 'nv_inference_request_duration_us{model="we\\"ird\\\\name",version="1"} 5\n' in text
     assert 'reason="BACKEND"} 1\n' in text
     assert 'torpor_swap_in_count{model="x"} 4\n' in text
+    assert 'torpor_swap_bytes{model="x"} 1024\n' in text
     assert "nv_cpu_utilization" in text and "nv_gpu_" not in text

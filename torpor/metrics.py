@@ -9,8 +9,9 @@ Triton exposes its counters without the `_total` suffix that prometheus-client's
 appends to counters, so `render()` writes the exposition text itself from the collected
 families (same format: HELP, TYPE, samples).
 
-Torpor's own metrics (`torpor_swap_*` ...) plug in through `MetricsCollector.add_source`: a
-callable returning metric families, called at every scrape.
+Torpor's own metrics (`torpor_swap_*` ...) plug in as sources: callables returning metric
+families, called at every scrape. Either `MetricsCollector.add_source(fn)`, or, from engine-side
+code that never sees the listener, append to a list attribute `engine.metrics_sources`.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ class MetricsCollector:
         if self._cpu is not None:
             yield from self._cpu.collect()
         # --- Torpor's own metrics (torpor_swap_* and friends) ----------------------------------
-        for source in list(self._sources):
+        for source in [*self._sources, *getattr(self.engine, "metrics_sources", ())]:
             try:
                 yield from source()
             except Exception:  # noqa: BLE001 - one broken source must not break the scrape
