@@ -57,6 +57,8 @@ class EagerModelFunction(TorchModelFunction):
     platform = ""
     backend = "pytorch"
 
+    placeable = True  # the swap engine binds its weights to a device per request
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.module: torch.nn.Module | None = None
@@ -116,12 +118,16 @@ class EagerModelFunction(TorchModelFunction):
 
     # execution ---------------------------------------------------------------------------------
     def forward_tensors(
-        self, inputs: dict[str, torch.Tensor], weights: dict[str, torch.Tensor] | None = None
+        self,
+        inputs: dict[str, torch.Tensor],
+        target: Any = None,
+        *,
+        weights: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run on torch tensors; with `weights` (state_dict key -> tensor, e.g. on a device) the
-        module's own host weights are replaced for this call only."""
+        module's own host weights are replaced for this call only. `target`: see the base class."""
         if weights is None:
-            return super().forward_tensors(inputs)
+            return super().forward_tensors(inputs, target)
         if self.module is None:
             raise internal(f"model '{self.name}' is not loaded")
         args, kwargs = self._arguments(inputs)

@@ -38,24 +38,33 @@ class TorchModelFunction(ModelFunction):
         raise NotImplementedError
 
     # execution ---------------------------------------------------------------------------------
-    def forward_tensors(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run the model on torch tensors (already on the model's device); outputs by name."""
-        if self._callable is None:
+    def forward_tensors(self, inputs: dict[str, torch.Tensor], target: Any = None) -> dict[str, torch.Tensor]:
+        """Run the model on torch tensors; outputs by name. `target` is (callable, device) of
+        a device-bound copy (the swap engine's placement); None runs the loaded module as is."""
+        fn = self._callable if target is None else target[0]
+        if fn is None:
             raise internal(f"model '{self.name}' is not loaded")
+        if target is not None:
+            inputs = {k: target[1].to_device(v) for k, v in inputs.items()}
         args, kwargs = self._arguments(inputs)
         with torch.inference_mode():
-            raw = self._callable(*args, **kwargs)
+            raw = fn(*args, **kwargs)
         return self._outputs(raw)
 
     def execute(self, requests: list[ModelRequest]) -> list[dict[str, Any] | Exception]:
+        return self.execute_on(None, requests)
+
+    def execute_on(self, target: Any, requests: list[ModelRequest]) -> list[dict[str, Any] | Exception]:
+        """`execute` on a device-bound module: `target` = (module, torpor Device). Called in the
+        device's worker thread, with its compute stream current (see torpor.residency)."""
         results: list[dict[str, Any] | Exception | None] = [None] * len(requests)
         for indices in self._batches(requests):
             try:
                 if len(indices) == 1:
-                    results[indices[0]] = self._run_one(requests[indices[0]])
+                    results[indices[0]] = self._run_one(requests[indices[0]], target)
                 else:
                     batch = [requests[i] for i in indices]
-                    for i, out in zip(indices, self._run_batched(batch), strict=True):
+                    for i, out in zip(indices, self._run_batched(batch, target), strict=True):
                         results[i] = out
             except Exception as e:  # noqa: BLE001 - one failure fails the requests that ran together
                 err = e if isinstance(e, TorporError) else internal(f"PyTorch execute failure: {e}")
@@ -63,20 +72,20 @@ class TorchModelFunction(ModelFunction):
                     results[i] = err
         return results  # type: ignore[return-value]
 
-    def _run_one(self, request: ModelRequest) -> dict[str, Any]:
+    def _run_one(self, request: ModelRequest, target: Any = None) -> dict[str, Any]:
         inputs = {name: to_torch(a, name) for name, a in request.inputs.items()}
-        return self._select(request, self.forward_tensors(inputs), None)
+        return self._select(request, self.forward_tensors(inputs, target), None)
 
-    def _run_batched(self, requests: list[ModelRequest]) -> list[dict[str, Any]]:
+    def _run_batched(self, requests: list[ModelRequest], target: Any = None) -> list[dict[str, Any]]:
         sizes = [next(iter(r.inputs.values())).shape[0] for r in requests]
         inputs = {
             name: to_torch(np.concatenate([r.inputs[name] for r in requests]), name)
             for name in requests[0].inputs
         }
-        outputs = self.forward_tensors(inputs)
+        outputs = self.forward_tensors(inputs, target)
         total = sum(sizes)
         if any(t.dim() == 0 or t.shape[0] != total for t in outputs.values()):
-            return [self._run_one(r) for r in requests]  # outputs are not batch-major
+            return [self._run_one(r, target) for r in requests]  # outputs are not batch-major
         results, start = [], 0
         for request, size in zip(requests, sizes, strict=True):
             results.append(self._select(request, outputs, slice(start, start + size)))

@@ -373,6 +373,11 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024) -> InferF
     async def set_logging(request: Request):
         return _json(engine.logging.update(await _json_body(request)))
 
+    # -- Torpor's own: where models are resident ------------------------------------------
+    @app.get("/v2/torpor/residency")
+    async def residency():
+        return _json(engine.residency())
+
     # -- shared memory -------------------------------------------------------------------
     @app.get("/v2/systemsharedmemory/status")
     @app.get("/v2/systemsharedmemory/region/{region}/status")

@@ -51,8 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--exit-timeout-secs", type=float, default=30.0)
     s.add_argument("--http-max-input-size", type=int, default=64 * 1024 * 1024)
     s.add_argument("--allow-client-shm", type=_bool, default=False)
-    s.add_argument("--devices", default="cpu", help="execution devices: 'cpu' (default here), later 'cuda', 'cpu:N'")
+    s.add_argument("--devices", default="auto",
+                   help="devices models are late-bound to: 'cuda' (every GPU), 'cuda:0,1', 'cpu' or 'cpu:N' "
+                        "(virtual devices with their own memory, for machines without a GPU), 'none' "
+                        "(run models where they are loaded); 'auto' (default): cuda when CUDA works, else none")
+    s.add_argument("--device-memory-fraction", type=float, default=None,
+                   help="share of each GPU's free memory Torpor reserves for model weights (default 0.8)")
+    s.add_argument("--device-memory-bytes", default=None,
+                   help="arena size per device, e.g. 40GiB (CPU virtual devices default to 2GiB)")
     return p
+
+
+def _resolve_devices(text: str) -> str:
+    if text.strip().lower() != "auto":
+        return text
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else ""
+    except ImportError:
+        return ""
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -70,6 +88,9 @@ async def serve(args: argparse.Namespace) -> int:
         strict_model_config=args.strict_model_config,
         server_id=args.id,
         allow_client_shm=args.allow_client_shm,
+        devices=_resolve_devices(args.devices),
+        device_memory_fraction=args.device_memory_fraction,
+        device_memory_bytes=args.device_memory_bytes,
     )
     engine = Engine(options, create_model_function)
     install_bls(engine, asyncio.get_running_loop())  # pb_utils.InferenceRequest.exec() in python models

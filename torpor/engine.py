@@ -70,6 +70,11 @@ class EngineOptions:
     server_id: str = "triton"
     allow_client_shm: bool = False
     worker_threads: int = 0  # 0: min(32, cpu_count + 4)
+    # The swap engine: "" runs models where they are loaded (host); "cuda", "cuda:0,1", "cpu",
+    # "cpu:2" bind weighted models to those devices late, per request (torpor.residency).
+    devices: str = ""
+    device_memory_fraction: float | None = None
+    device_memory_bytes: str | None = None
 
 
 @dataclass
@@ -80,6 +85,7 @@ class VersionEntry:
     function: ModelFunction | None = None
     stats: ModelStats | None = None
     slots: asyncio.Semaphore | None = None  # one per model instance
+    pool_key: tuple | None = None  # registered with the DevicePool: runs on a device, late-bound
     gate: "InlineGate" = field(default_factory=lambda: InlineGate())
 
 
@@ -166,7 +172,8 @@ class Engine:
         self.trace = TraceSettings()
         self.logging = LogSettings()
         workers = options.worker_threads or min(32, (os.cpu_count() or 1) + 4)
-        self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="torpor-exec")
+        self.workers = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="torpor-exec")
+        self.devices = None  # torpor.residency.DevicePool when --devices names any (the swap engine)
         self.live = False
         self.exiting = False
         self._poll_task: asyncio.Task | None = None
@@ -179,6 +186,18 @@ class Engine:
     # start / stop
     # ---------------------------------------------------------------------------------------
     async def start(self) -> None:
+        if self.options.devices and self.options.devices != "none":
+            # Imported here: the swap engine needs torch, the rest of the engine does not.
+            from .devices import open_devices, parse_devices
+            from .residency import DevicePool
+
+            spec = parse_devices(
+                self.options.devices,
+                memory_fraction=self.options.device_memory_fraction,
+                memory_bytes=self.options.device_memory_bytes,
+            )
+            # Arenas are reserved and first-touched here, once, off the loop.
+            self.devices = await asyncio.to_thread(lambda: DevicePool(open_devices(spec)))
         self._lifecycle_lock = asyncio.Lock()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -220,13 +239,15 @@ class Engine:
             for v in entry.versions.values():
                 if v.function is not None:
                     try:
-                        await asyncio.get_running_loop().run_in_executor(self.pool, v.function.unload)
+                        await asyncio.get_running_loop().run_in_executor(self.workers, v.function.unload)
                     except Exception:  # noqa: BLE001 - shutting down anyway
                         log.exception("unloading %s failed", entry.name)
                     v.function = None
             self._drop_override(entry)
         self.shm.close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.workers.shutdown(wait=False, cancel_futures=True)
+        if self.devices is not None:
+            self.devices.close()
 
     # ---------------------------------------------------------------------------------------
     # health and metadata
@@ -401,13 +422,25 @@ class Engine:
             ve = VersionEntry(v, state="LOADING")
             try:
                 fn = self.factory(name, v, config, model_dir / str(v), model_dir)
-                await loop.run_in_executor(self.pool, fn.load)
+                await loop.run_in_executor(self.workers, fn.load)
             except Exception as e:  # noqa: BLE001 - any adapter failure is a load failure
                 msg = e.message if isinstance(e, TorporError) else f"{type(e).__name__}: {e}"
                 ve.state, ve.reason = "UNAVAILABLE", msg
                 errors.append(f"version {v}: {msg}")
                 log.error("failed to load '%s' version %d: %s", name, v, msg)
             else:
+                if self.devices is not None and fn.placeable and fn.layer_groups():
+                    key = (name, v)
+                    try:
+                        # weights into the host store (pinned when CUDA is present); no device touched
+                        await loop.run_in_executor(self.workers, self.devices.register, key, fn.layer_groups(), fn.module)
+                    except Exception as e:  # noqa: BLE001
+                        msg = f"{type(e).__name__}: {e}"
+                        ve.state, ve.reason = "UNAVAILABLE", msg
+                        errors.append(f"version {v}: {msg}")
+                        new_versions[v] = ve
+                        continue
+                    ve.pool_key = key
                 ve.function = fn
                 ve.state = "READY"
                 ve.stats = ModelStats(name, str(v))
@@ -462,8 +495,14 @@ class Engine:
                     await ve.slots.acquire()
                 del count
             fn, ve.function = ve.function, None
+            if ve.pool_key is not None and self.devices is not None:
+                try:
+                    await self.devices.unregister(ve.pool_key)
+                except Exception:  # noqa: BLE001
+                    log.exception("dropping %s version %d from the devices failed", fn.name, ve.version)
+                ve.pool_key = None
             try:
-                await loop.run_in_executor(self.pool, fn.unload)
+                await loop.run_in_executor(self.workers, fn.unload)
             except Exception:  # noqa: BLE001
                 log.exception("unloading %s version %d failed", fn.name, ve.version)
 
@@ -572,24 +611,48 @@ class Engine:
                 self.models.pop(name, None)
 
     # ---------------------------------------------------------------------------------------
-    # statistics
+    # statistics and residency
     # ---------------------------------------------------------------------------------------
+    def residency(self) -> dict:
+        """Per device: which models are resident, bytes used and free (GET /v2/torpor/residency)."""
+        if self.devices is None:
+            return {"devices": [], "note": "no devices configured (--devices): models run where loaded"}
+        return self.devices.residency()
+
+    def swap_counters(self) -> dict:
+        """Per (model, version): the swap engine's counters (swap-ins, bytes, hits, ...)."""
+        return self.devices.counters() if self.devices is not None else {}
+
+    def _memory_usage(self, ve: VersionEntry) -> list[dict]:
+        """Triton's memory_usage entries: where this version's weights are resident now."""
+        if self.devices is None or ve.pool_key is None:
+            return []
+        out = []
+        for m in self.devices.memories:
+            r = m.residents.get(ve.pool_key)
+            if r is not None:
+                out.append({"type": "GPU" if m.device.kind == "cuda" else "CPU", "id": m.device.index,
+                            "byte_size": r.nbytes})
+        return out
+
+    def _stats_dict(self, name: str, ve: VersionEntry) -> dict:
+        if ve.stats is None:
+            return empty_stats(name, str(ve.version))
+        ve.stats.memory_usage = self._memory_usage(ve)
+        return ve.stats.to_dict()
+
     def statistics(self, name: str = "", version: str = "") -> list[dict]:
         if not name:
-            out = []
-            for n in sorted(self.models):
-                for v, ve in sorted(self.models[n].versions.items()):
-                    if ve.state == "READY" and ve.stats is not None:
-                        out.append(ve.stats.to_dict())
-            return out
+            return [
+                self._stats_dict(n, ve)
+                for n in sorted(self.models)
+                for _, ve in sorted(self.models[n].versions.items())
+                if ve.state == "READY"
+            ]
         entry, ve = self.resolve(name, version)
         if version in ("", "-1"):
-            return [
-                (e.stats.to_dict() if e.stats else empty_stats(name, str(v)))
-                for v, e in sorted(entry.versions.items())
-                if e.state == "READY"
-            ]
-        return [ve.stats.to_dict() if ve.stats else empty_stats(name, str(ve.version))]
+            return [self._stats_dict(name, e) for _, e in sorted(entry.versions.items()) if e.state == "READY"]
+        return [self._stats_dict(name, ve)]
 
     # ---------------------------------------------------------------------------------------
     # inference
@@ -826,12 +889,14 @@ class Engine:
                     result_holder.append((t_in, time.thread_time_ns() - cpu))
                     return res
 
-                if ve.gate.inline:
+                if ve.pool_key is not None:
+                    result = await self._run_on_device(ve, mreq, request, result_holder)
+                elif ve.gate.inline:
                     result = work()
                 else:
-                    result = await loop.run_in_executor(self.pool, work)
+                    result = await loop.run_in_executor(self.workers, work)
                 t_done = time.monotonic_ns()
-                if result_holder:
+                if result_holder and ve.pool_key is None:
                     ve.gate.record(result_holder[0][1])
             if isinstance(result, Exception):
                 raise result
@@ -853,6 +918,17 @@ class Engine:
             output_ns=t_end - t_done,
         )
         return response
+
+    async def _run_on_device(self, ve: VersionEntry, mreq: ModelRequest, request: InferRequest, holder: list):
+        """Late binding: pin the model on a device (resident, or swapped in with the copy
+        pipelined under this very execution), run there, unpin."""
+        timeout = _timeout_seconds(request)
+        async with self.devices.acquire(ve.pool_key, timeout=timeout) as placement:
+            holder.append((time.monotonic_ns(), 0))
+            fn = ve.function
+            # execute_on runs in the device's worker, compute stream current, group waits armed
+            (res,) = await placement.run(lambda: fn.execute_on((placement.module, placement.device), [mreq]))
+        return res
 
     async def _run_decoupled(self, entry: ModelEntry, ve: VersionEntry, request: InferRequest) -> AsyncIterator[InferResponse]:
         stats = ve.stats
@@ -876,7 +952,7 @@ class Engine:
 
         async with ve.slots:
             t_start = time.monotonic_ns()
-            fut = loop.run_in_executor(self.pool, work)
+            fut = loop.run_in_executor(self.workers, work)
             failed = False
             try:
                 while True:
@@ -953,6 +1029,14 @@ class Engine:
                     s += f":{labels[idx]}"
                 out[b, j] = s.encode()
         return out if batched else out.reshape(k)
+
+
+def _timeout_seconds(request: InferRequest) -> float | None:
+    """The request's `timeout` parameter (microseconds, as Triton) in seconds."""
+    t = request.parameters.get("timeout")
+    if isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0:
+        return t / 1e6
+    return None
 
 
 def _to_numpy(value) -> np.ndarray:

@@ -186,9 +186,51 @@ class MetricsCollector:
                 log.exception("metrics source failed")
 
 
+# (counter key in DevicePool.counters(), metric name, help, kind, scale)
+_SWAP_METRICS = [
+    ("swap_ins", "torpor_swap_ins", "Swap-ins of the model's weights to a device (host or peer copies)", "counter", 1),
+    ("peer_swap_ins", "torpor_swap_peer_ins", "Swap-ins copied from a peer device", "counter", 1),
+    ("bytes_moved", "torpor_swap_bytes", "Bytes of weights copied to devices", "counter", 1),
+    ("swap_seconds", "torpor_swap_duration_us", "Cumulative copy time of completed swap-ins in microseconds",
+     "counter", 1e6),
+    ("hits", "torpor_swap_hits", "Requests that found the model resident and fully arrived", "counter", 1),
+    ("joins", "torpor_swap_joins", "Requests that shared a swap-in already in flight", "counter", 1),
+    ("misses", "torpor_swap_misses", "Requests that started a swap-in", "counter", 1),
+    ("evictions", "torpor_swap_evictions", "Times the model was evicted from a device", "counter", 1),
+    ("memory_waits", "torpor_swap_memory_waits", "Requests that waited for device memory", "counter", 1),
+    ("timeouts", "torpor_swap_timeouts", "Requests that gave up waiting for device memory", "counter", 1),
+]
+
+
+def swap_metrics(engine: "Engine") -> Iterable[Metric]:
+    """The swap engine's torpor_* families: per model counters, residency and device memory."""
+    counters = engine.swap_counters()
+    if engine.devices is None:
+        return []
+    families = []
+    for key, name, doc, kind, scale in _SWAP_METRICS:
+        fam = Metric(name, doc, kind)
+        for label, c in counters.items():
+            model, _, version = label.rpartition(":")
+            fam.add_sample(name, {"model": model, "version": version}, float(c.get(key, 0)) * scale)
+        families.append(fam)
+    resident = Metric("torpor_model_resident", "1 while the model's weights are resident on the device", "gauge")
+    used = Metric("torpor_device_memory_used_bytes", "Arena bytes holding model weights", "gauge")
+    free = Metric("torpor_device_memory_free_bytes", "Arena bytes free", "gauge")
+    for dev in engine.residency().get("devices", []):
+        dname = str(dev.get("name", ""))
+        used.add_sample(used.name, {"device": dname}, float(dev.get("used_bytes", 0)))
+        free.add_sample(free.name, {"device": dname}, float(dev.get("free_bytes", 0)))
+        for m in dev.get("models", []):
+            model, _, version = str(m.get("model", "")).rpartition(":")
+            resident.add_sample(resident.name, {"model": model, "version": version, "device": dname}, 1.0)
+    return [*families, resident, used, free]
+
+
 def make_registry(engine: "Engine", gpu: bool = True, cpu: bool = True) -> tuple[CollectorRegistry, MetricsCollector]:
     registry = CollectorRegistry(auto_describe=False)
     collector = MetricsCollector(engine, gpu=gpu, cpu=cpu)
+    collector.add_source(lambda: swap_metrics(engine))
     registry.register(collector)
     return registry, collector
 

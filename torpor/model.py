@@ -70,6 +70,11 @@ class ModelFunction:
 
     platform: str = ""
     backend: str = ""
+    # True when the swap engine may bind this model's weights to a device per request: it then
+    # exposes `module` (an nn.Module whose state_dict keys match `layer_groups`) and implements
+    # `execute_on(target, requests)` with target = (device-bound module, torpor Device).
+    placeable: bool = False
+    module = None
 
     def __init__(self, name: str, version: int, config, version_path: Path, model_path: Path):
         self.name = name
@@ -97,6 +102,10 @@ class ModelFunction:
             emit(None, result, True)
         else:
             emit(result, None, True)
+
+    def execute_on(self, target, requests: list[ModelRequest]) -> list[dict[str, Any] | Exception]:
+        """`execute` with the weights bound to a device (placeable models only)."""
+        raise NotImplementedError
 
     # weights -------------------------------------------------------------------------------
     def layer_groups(self) -> list[LayerGroup]:

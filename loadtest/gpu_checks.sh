@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Every GPU check the project has, in one go, for a lent CUDA machine (see README "GPU checks").
+# Writes logs and JSON under $OUT (default ./gpu-results). Optional inputs, when present:
+#   .whl/      cp312 wheels of the web stack (fastapi, uvicorn, tritonclient, ...) to install first
+#   .gpu/examples/  Triton's client examples (src/python/examples), for the unmodified-client runs
+set -u
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+[ -d .gpu/examples ] && export TRITON_CLIENT_EXAMPLES=$PWD/.gpu/examples
+STEPS=${STEPS:-"info gpu bench server suite"}
+
+step() { echo; echo "=== $1 ($(date +%T))"; }
+
+for s in $STEPS; do case $s in
+info)
+  step info
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+  python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+  ;;
+gpu)
+  step "pytest -m gpu"
+  timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest-gpu.log" | tail -25
+  ;;
+bench)
+  step "swap_bench --device cuda"
+  timeout 300 python3 loadtest/swap_bench.py --device cuda --json "$OUT/swap_bench.json" 2>&1 | tee "$OUT/swap_bench.txt"
+  ;;
+server)
+  step "server on --devices cuda: cudashm examples, metrics"
+  python3 -m torpor.cli serve --http-address 127.0.0.1 --grpc-address 127.0.0.1 --allow-client-shm true \
+      --devices cuda > "$OUT/server.log" 2>&1 &
+  SPID=$!
+  for _ in $(seq 120); do curl -sf localhost:8000/v2/health/ready >/dev/null && break; sleep 1; done
+  if [ -d .gpu/examples ]; then
+    for ex in simple_grpc_cudashm_client.py simple_http_cudashm_client.py; do
+      timeout 60 python3 .gpu/examples/$ex -u localhost:$([ "${ex#simple_grpc}" != "$ex" ] && echo 8001 || echo 8000) \
+        > "$OUT/$ex.log" 2>&1; echo "$ex rc=$?"; tail -2 "$OUT/$ex.log"
+    done
+  fi
+  curl -s localhost:8002/metrics > "$OUT/metrics.txt"; grep -E '^nv_gpu_|^torpor_' "$OUT/metrics.txt" | head -20
+  kill -TERM $SPID; wait $SPID; echo "server exit $?"
+  tail -5 "$OUT/server.log"
+  ;;
+suite)
+  step "whole suite with CUDA present"
+  timeout 420 python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest-all.log" | tail -15
+  ;;
+esac; done
