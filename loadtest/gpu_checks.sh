@@ -9,6 +9,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    $(ls .gpu/grpcwhl/*.whl 2>/dev/null) \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -32,23 +33,33 @@ bench)
   timeout 300 python3 loadtest/swap_bench.py --device cuda --json "$OUT/swap_bench.json" 2>&1 | tee "$OUT/swap_bench.txt"
   ;;
 server)
-  step "server on --devices cuda: cudashm examples, metrics"
+  step "server on --devices cuda: cudashm examples, metrics, latency"
   python3 -m torpor.cli serve --http-address 127.0.0.1 --grpc-address 127.0.0.1 --allow-client-shm true \
       --devices cuda > "$OUT/server.log" 2>&1 &
   SPID=$!
-  for _ in $(seq 120); do curl -sf localhost:8000/v2/health/ready >/dev/null && break; sleep 1; done
+  for _ in $(seq 180); do curl -sf localhost:8000/v2/health/ready >/dev/null && break; sleep 1; done
   if [ -d .gpu/examples ]; then
     for ex in simple_grpc_cudashm_client.py simple_http_cudashm_client.py; do
-      timeout 60 python3 .gpu/examples/$ex -u localhost:$([ "${ex#simple_grpc}" != "$ex" ] && echo 8001 || echo 8000) \
-        > "$OUT/$ex.log" 2>&1; echo "$ex rc=$?"; tail -2 "$OUT/$ex.log"
+      port=8000; case $ex in simple_grpc*) port=8001;; esac
+      timeout 60 python3 .gpu/examples/$ex -u localhost:$port > "$OUT/$ex.log" 2>&1; echo "$ex rc=$?"; tail -2 "$OUT/$ex.log"
     done
   fi
-  curl -s localhost:8002/metrics > "$OUT/metrics.txt"; grep -E '^nv_gpu_|^torpor_' "$OUT/metrics.txt" | head -20
+  timeout 120 python3 loadtest/server_latency.py --url localhost:8000 --n 30 --json "$OUT/latency_resident.json"
+  curl -s localhost:8002/metrics > "$OUT/metrics.txt"; grep -E '^nv_gpu_' "$OUT/metrics.txt" | head -8
+  curl -s localhost:8000/v2/torpor/residency > "$OUT/residency.json"
   kill -TERM $SPID; wait $SPID; echo "server exit $?"
-  tail -5 "$OUT/server.log"
+  step "server with a 500 MiB arena: resnet50 + bert cannot both stay resident"
+  python3 -m torpor.cli serve --http-address 127.0.0.1 --grpc-address 127.0.0.1 --devices cuda \
+      --device-memory-bytes 500MiB > "$OUT/server-small.log" 2>&1 &
+  SPID=$!
+  for _ in $(seq 180); do curl -sf localhost:8000/v2/health/ready >/dev/null && break; sleep 1; done
+  timeout 120 python3 loadtest/server_latency.py --url localhost:8000 --n 30 --json "$OUT/latency_swapping.json"
+  curl -s localhost:8002/metrics | grep -E '^torpor_swap_(ins|evictions|bytes)' | tee "$OUT/swap_metrics.txt"
+  kill -TERM $SPID; wait $SPID; echo "server exit $?"
+  tail -3 "$OUT/server-small.log"
   ;;
 suite)
   step "whole suite with CUDA present"
-  timeout 420 python3 -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest-all.log" | tail -15
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest-all.log" | tail -15
   ;;
 esac; done
