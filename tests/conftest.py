@@ -60,7 +60,7 @@ class Server:
             "--grpc-port", str(self.grpc_port),
             "--metrics-port", str(self.metrics_port),
             *extra,
-        ] + os.environ.get("TORPOR_TEST_EXTRA", "").split()
+        ]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None

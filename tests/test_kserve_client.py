@@ -437,21 +437,8 @@ print(json.dumps(RESULTS))
 '''
 
 
-def _grpc_skip_reason() -> str | None:
-    if not (ROOT / "api" / "grpc.py").exists():
-        return "api/grpc.py does not exist yet (no gRPC front end to test)"
-    extra = os.environ.get("TORPOR_TEST_EXTRA", "").split()
-    for i, a in enumerate(extra[:-1]):
-        if a == "--allow-grpc" and extra[i + 1].lower() in ("false", "0", "no", "off"):
-            return "gRPC is turned off by TORPOR_TEST_EXTRA"
-    return None
-
-
 @pytest.fixture(scope="module")
 def grpc_results(kserve_python, kserve_server, tmp_path_factory) -> dict:
-    why = _grpc_skip_reason()
-    if why:
-        pytest.skip(why)
     results = run_client(
         kserve_python, tmp_path_factory.mktemp("kserve-grpc"), "kserve_grpc_client", GRPC_CLIENT,
         {"url": kserve_server.grpc_url},
