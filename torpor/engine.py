@@ -489,11 +489,8 @@ class Engine:
                 continue
             # Let in-flight executions finish before unloading: take every slot.
             if ve.slots is not None:
-                count = ve.slots._value if hasattr(ve.slots, "_value") else 0
-                n = max(1, self._instance_count(ve.function.config))
-                for _ in range(n):
+                for _ in range(self._instance_count(ve.function.config)):
                     await ve.slots.acquire()
-                del count
             fn, ve.function = ve.function, None
             if ve.pool_key is not None and self.devices is not None:
                 try:
@@ -513,17 +510,13 @@ class Engine:
         async with self._lifecycle_lock:
             entry = self.models.get(name)
             if entry is None:
-                sources, _ = self.repository.scan()
-                if name not in sources:
-                    # Triton answers an unload of an unknown model with success.
-                    return
-                return
+                return  # Triton answers an unload of an unknown or never-loaded model with success
             for ve in entry.versions.values():
                 if ve.state == "READY":
                     ve.state = "UNLOADING"
             await self._retire(entry.versions.values())
             for ve in entry.versions.values():
-                ve.state, ve.reason, ve.stats = "UNAVAILABLE", "unloaded", ve.stats
+                ve.state, ve.reason = "UNAVAILABLE", "unloaded"
             self._drop_override(entry)
             for cb in self.listeners:
                 cb("unload", entry)
