@@ -140,15 +140,7 @@ class BlsBridge:
     # keeping BLS callers off the event loop -------------------------------------------------
     def keep_off_loop(self, function) -> None:
         """Never again execute `function` inline on the loop (see torpor.engine.InlineGate)."""
-        if getattr(function, "_torpor_off_loop", False):
-            return
-        function._torpor_off_loop = True
-        entry = self.engine.models.get(function.name)
-        version = entry.versions.get(function.version) if entry is not None else None
-        if version is not None and version.function is function:
-            gate = version.gate
-            gate.banned = True
-            gate.inline = False
+        function.blocking = True
 
     def _on_loop_thread(self) -> bool:
         return asyncio._get_running_loop() is self.loop

@@ -297,8 +297,7 @@ async def test_bls_caller_never_runs_inline_but_callee_may(engine):
         response = await engine.infer(_request("bls_async", a, b))
         np.testing.assert_array_equal(response.outputs[1].data, b - a)
     for caller in ("bls_add", "bls_async"):
-        gate = engine.models[caller].versions[1].gate
-        assert gate.banned and not gate.inline
+        assert engine.models[caller].versions[1].function.blocking
     assert engine.models["simple"].versions[1].gate.inline  # cheap callee: promoted as usual
 
 
@@ -330,7 +329,7 @@ async def test_bls_exec_from_a_model_running_inline(engine):
 
     with pytest.raises(TorporError, match="event loop thread"):
         await engine.infer(_request("bls_add", a, a))
-    assert ve.gate.banned and not ve.gate.inline
+    assert ve.function.blocking  # runs on a worker thread from its next request on
     response = await engine.infer(_request("bls_add", a, a))
     np.testing.assert_array_equal(response.outputs[0].data, a + a)
 

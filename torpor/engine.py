@@ -884,7 +884,7 @@ class Engine:
 
                 if ve.pool_key is not None:
                     result = await self._run_on_device(ve, mreq, request, result_holder)
-                elif ve.gate.inline:
+                elif ve.gate.inline and not ve.function.blocking:
                     result = work()
                 else:
                     result = await loop.run_in_executor(self.workers, work)

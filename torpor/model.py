@@ -75,6 +75,9 @@ class ModelFunction:
     # `execute_on(target, requests)` with target = (device-bound module, torpor Device).
     placeable: bool = False
     module = None
+    # Set (by the adapter, at any time) when executions may wait on other work, e.g. a python
+    # model calling other models through BLS: the engine then never runs it on the event loop.
+    blocking: bool = False
 
     def __init__(self, name: str, version: int, config, version_path: Path, model_path: Path):
         self.name = name
