@@ -1,0 +1,876 @@
+"""End to end: many eager models through the real server, Torpor (device memory bounded to a
+fraction of the models' bytes) against all-resident ("native", the bound above the total),
+same open-loop workload, over HTTP and/or gRPC (issue 10).
+
+    python loadtest/e2e.py --device cuda --models 40 --fraction 0.25 --duration 100 --json e2e.json
+    python loadtest/e2e.py --tiny --models 8 --device cpu --duration 15       # CPU smoke run
+
+Phases (each printed with a timestamp, the whole run kept inside --budget-s):
+
+1. repository: N model functions under --repo, round-robin over --mix (resnet50 = the ResNet-50
+   shape, bert = BERT-base, seq 128; --tiny: mlp_small / mlp_large, adapters.networks.WideMLP),
+   distinct weights per model (torpor.generate_weights seed = 1000 + index). The weights are
+   written here in parallel processes, exactly as the eager adapter would write them at first
+   load (same seed, same class, same file), because the server loads models one by one: about
+   0.7 s (ResNet-50) and 3.0 s (BERT) per model on one core, so 40 models would take ~75 s
+   inside each server start versus ~10-20 s spread over 16 processes. A folder that already
+   holds the same spec (e2e_spec.json) is reused.
+2. for each configuration (native first when --speedup auto, since it calibrates the load, then
+   torpor): start `python -m torpor.cli serve` on free 127.0.0.1 ports with --devices and
+   --device-memory-bytes, wait for ready, warm up (one request per model, in order, then a few
+   sequential requests per class: the resident service time), run each workload, stop with
+   SIGTERM and require exit status 0.
+3. workloads (open loop, one asyncio client, one task per arrival, at most --max-outstanding in
+   flight: arrivals beyond that are dropped and counted; latency runs from the scheduled arrival
+   time, so a late client shows up in the latency and as "lag", never hides load):
+   - trace: the paper's production trace (README of shared/data): draw N rows (seeded), for each
+     minute spread the minute's total count with exponential gaps (mean 60 s / total; rescaled
+     into the minute when they overrun it) and give each arrival to a function with probability
+     proportional to its count in that minute; minutes wrap after the trace's 31. Time is
+     compressed by --speedup (auto: offered rate = --load x the single-stream capacity measured
+     at warm-up on the first configuration, capped by --max-rps).
+   - zipf: the same mean rate, Zipf(--zipf-s) popularity over a seeded permutation of the
+     models, arrivals from a two-state Markov-modulated Poisson process (bursts of mean 1 s at
+     --burst-factor x the base rate, gaps of mean 4 s).
+4. report per configuration, workload and class: sent, answered, failed (errors printed),
+   dropped, p50/p99 latency, SLO attainment (--slo-ms), swap-ins, evictions and bytes moved
+   (torpor_swap_* on the metrics port, differenced around each workload), the device's
+   residency, server-side compute time; then Torpor p50/p99 over native p50/p99. --json writes it all.
+
+Exit status: 0 when every configuration ran, every server exited 0 and no request failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+BLOCK = 2 * 1024 * 1024  # the arena's block size: models occupy whole blocks
+BERT_SEQ = 128
+T0 = time.monotonic()
+
+
+def stamp(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# model kinds
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    module_class: str
+    kwargs: dict
+    inputs: tuple  # (name, datatype, dims, optional)
+    outputs: tuple  # (name, datatype, dims)
+    request_outputs: tuple  # outputs the client asks for (BERT: only the pooled vector)
+    slo_ms: float
+
+
+KINDS = {
+    "resnet50": Kind("resnet50", "adapters.networks:ResNet50", {},
+                     (("input", "FP32", (3, 224, 224), False),),
+                     (("logits", "FP32", (1000,)),), ("logits",), 80.0),
+    "bert": Kind("bert", "adapters.networks:BertEncoder", {},
+                 (("input_ids", "INT64", (-1,), False), ("attention_mask", "INT64", (-1,), False),
+                  ("token_type_ids", "INT64", (-1,), True)),
+                 (("last_hidden_state", "FP32", (-1, 768)), ("pooler_output", "FP32", (768,))),
+                 ("pooler_output",), 200.0),
+    # --tiny: weight-heavy, compute-light stand-ins a 2-core CPU can serve (17 MB and 67 MB)
+    "mlp_small": Kind("mlp_small", "adapters.networks:WideMLP", {"hidden": 1024, "layers": 4},
+                      (("input", "FP32", (1024,), False),), (("output", "FP32", (1024,)),), ("output",), 100.0),
+    "mlp_large": Kind("mlp_large", "adapters.networks:WideMLP", {"hidden": 2048, "layers": 4},
+                      (("input", "FP32", (2048,), False),), (("output", "FP32", (2048,)),), ("output",), 200.0),
+}
+
+
+def request_arrays(kind: Kind, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One realistic request (batch 1): ResNet 1x3x224x224 FP32, BERT seq-128 ids + mask."""
+    out = {}
+    for name, dtype, dims, optional in kind.inputs:
+        if optional:
+            continue
+        shape = [1] + [BERT_SEQ if d == -1 else d for d in dims]
+        if dtype == "FP32":
+            out[name] = rng.standard_normal(shape).astype(np.float32)
+        elif name == "attention_mask":
+            out[name] = np.ones(shape, dtype=np.int64)
+        else:
+            ids = rng.integers(1000, 30000, shape, dtype=np.int64)
+            ids[:, 0] = 101  # [CLS]
+            out[name] = ids
+    return out
+
+
+def config_text(model: str, kind: Kind, seed: int, batching: bool) -> str:
+    def dims(d):
+        return ", ".join(str(x) for x in d)
+
+    ins = ",\n".join(
+        f'  {{\n    name: "{n}"\n    data_type: TYPE_{t}\n    dims: [ {dims(d)} ]' + ("\n    optional: true" if o else "") + "\n  }"
+        for n, t, d, o in kind.inputs)
+    outs = ",\n".join(f'  {{\n    name: "{n}"\n    data_type: TYPE_{t}\n    dims: [ {dims(d)} ]\n  }}'
+                      for n, t, d in kind.outputs)
+    params = [("torpor.module_class", kind.module_class), ("torpor.generate_weights", str(seed))]
+    if kind.kwargs:
+        params.append(("torpor.module_kwargs", json.dumps(kind.kwargs)))
+    ptext = "\n".join(f'parameters {{\n  key: "{k}"\n  value: {{ string_value: {json.dumps(v)} }}\n}}' for k, v in params)
+    return (f"# generated by loadtest/e2e.py ({kind.name}, seed {seed})\n"
+            f'name: "{model}"\nbackend: "pytorch"\nmax_batch_size: 8\n'
+            f"input [\n{ins}\n]\noutput [\n{outs}\n]\n"
+            + ("dynamic_batching { }\n" if batching else "")
+            + 'instance_group [ { kind: KIND_CPU } ]\n' + ptext + "\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# repository
+# ------------------------------------------------------------------------------------------------
+
+
+def _generate(job: tuple[str, str, str, int]) -> tuple[str, float]:
+    """In a worker process: what the eager adapter does for a missing weights file."""
+    path, module_class, kwargs_json, seed = job
+    import torch
+
+    from adapters.weights import save_safetensors
+
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    mod, _, attr = module_class.partition(":")
+    cls = getattr(importlib.import_module(mod), attr)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = cls(**json.loads(kwargs_json))
+    save_safetensors(module.state_dict(), Path(path))
+    return path, time.perf_counter() - t
+
+
+def safetensors_bytes(path: Path) -> int:
+    with open(path, "rb") as f:
+        (header,) = struct.unpack("<Q", f.read(8))
+    return path.stat().st_size - 8 - header
+
+
+def build_repository(repo: Path, models: list[tuple[str, Kind, int]], batching: bool, workers: int) -> dict:
+    spec = {"version": 1, "batching": batching,
+            "models": [[m, k.name, k.module_class, k.kwargs, s] for m, k, s in models]}
+    spec_path = repo / "e2e_spec.json"
+    if spec_path.exists() and json.loads(spec_path.read_text()) == spec and all(
+            (repo / m / "1" / "model.safetensors").exists() for m, _, _ in models):
+        stamp(f"repository {repo}: reusing ({len(models)} models, same spec)")
+        return {"reused": True, "seconds": 0.0}
+    if repo.exists():
+        if any(repo.iterdir()) and not spec_path.exists():
+            raise SystemExit(f"{repo} exists, is not empty and was not made by e2e.py; refusing to overwrite")
+        shutil.rmtree(repo)
+    repo.mkdir(parents=True)
+    jobs = []
+    for m, k, seed in models:
+        (repo / m / "1").mkdir(parents=True)
+        (repo / m / "config.pbtxt").write_text(config_text(m, k, seed, batching))
+        jobs.append((str(repo / m / "1" / "model.safetensors"), k.module_class, json.dumps(k.kwargs), seed))
+    workers = max(1, min(workers, len(jobs)))
+    # largest models first so the pool's tail is short
+    jobs.sort(key=lambda j: 0 if "Bert" in j[1] else 1)
+    t = time.monotonic()
+    import concurrent.futures
+    import multiprocessing
+
+    per_model = []
+    ctx = multiprocessing.get_context("spawn")  # a clean torch per worker, no inherited threads
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        for _, secs in pool.map(_generate, jobs):
+            per_model.append(secs)
+    spec_path.write_text(json.dumps(spec))
+    elapsed = time.monotonic() - t
+    stamp(f"repository {repo}: generated {len(jobs)} weight files in {elapsed:.1f}s with {workers} processes "
+          f"(sum of per-model times {sum(per_model):.1f}s: what loading them one by one in the server would cost)")
+    return {"reused": False, "seconds": elapsed, "workers": workers, "serial_seconds": sum(per_model)}
+
+
+# ------------------------------------------------------------------------------------------------
+# workloads
+# ------------------------------------------------------------------------------------------------
+
+
+def trace_arrivals(trace: np.ndarray, n: int, speedup: float, duration: float, seed: int):
+    """(times in s, function index) over `duration` wall seconds of trace compressed by `speedup`."""
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(trace.shape[0], size=n, replace=n > trace.shape[0])
+    counts = trace[rows].astype(np.int64)  # [n, minutes]
+    minutes = counts.shape[1]
+    times, funcs = [], []
+    m = 0
+    while m * 60.0 / speedup < duration:
+        col = counts[:, m % minutes]
+        total = int(col.sum())
+        if total > 0:
+            t = np.cumsum(rng.exponential(60.0 / total, size=total))
+            end = t[-1] + rng.exponential(60.0 / total)
+            if end > 60.0:
+                t = t * (60.0 / end)
+            f = rng.choice(n, size=total, p=col / total)
+            times.append((m * 60.0 + t) / speedup)
+            funcs.append(f)
+        m += 1
+    if not times:
+        return np.zeros(0), np.zeros(0, dtype=np.int64), rows
+    t = np.concatenate(times)
+    f = np.concatenate(funcs)
+    keep = t < duration
+    return t[keep], f[keep], rows
+
+
+def zipf_arrivals(n: int, rate: float, duration: float, seed: int, s: float, burst_factor: float,
+                  on_mean: float = 1.0, off_mean: float = 4.0):
+    """Zipf popularity, Markov-modulated Poisson arrivals with mean `rate`."""
+    rng = np.random.default_rng(seed + 7)
+    ranks = rng.permutation(n) + 1
+    p = 1.0 / ranks.astype(float) ** s
+    p /= p.sum()
+    low = rate * (on_mean + off_mean) / (off_mean + burst_factor * on_mean)
+    times = []
+    t, on = 0.0, False
+    while t < duration:
+        span = rng.exponential(on_mean if on else off_mean)
+        r = low * (burst_factor if on else 1.0)
+        k = rng.poisson(r * span)
+        times.append(t + np.sort(rng.uniform(0.0, span, size=k)))
+        t += span
+        on = not on
+    tt = np.concatenate(times) if times else np.zeros(0)
+    tt = tt[tt < duration]
+    return tt, rng.choice(n, size=tt.size, p=p)
+
+
+def base_trace_rate(trace: np.ndarray, n: int, seed: int) -> float:
+    """Requests per second of real (uncompressed) trace time for the drawn rows."""
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(trace.shape[0], size=n, replace=n > trace.shape[0])
+    return float(trace[rows].sum() / (trace.shape[1] * 60.0))
+
+
+# ------------------------------------------------------------------------------------------------
+# server
+# ------------------------------------------------------------------------------------------------
+
+
+def free_ports(k: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(k):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def http_get(url: str, timeout: float = 10.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read()
+
+
+class Server:
+    def __init__(self, repo: Path, device: str, bound: int, log_path: Path, extra: list[str]):
+        self.http, self.grpc, self.metrics = free_ports(3)
+        self.log_path = log_path
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONUNBUFFERED"] = "1"
+        self.cmd = [sys.executable, "-m", "torpor.cli", "serve", "--model-repository", str(repo),
+                    "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1", "--metrics-address", "127.0.0.1",
+                    "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
+                    "--devices", device, "--device-memory-bytes", str(bound), *extra]
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.http}"
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode} before ready:\n{self.tail()}")
+            try:
+                http_get(self.base + "/v2/health/ready", 2.0)
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.25)
+        raise RuntimeError(f"server not ready after {timeout:.0f}s:\n{self.tail()}")
+
+    def tail(self, n: int = 30) -> str:
+        self.log.flush()
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+    # server-side numbers ------------------------------------------------------------------------
+    def swap_metrics(self) -> dict[str, dict[str, float]]:
+        """torpor_swap_* per model from the metrics port: {model: {metric: value}}."""
+        text = http_get(f"http://127.0.0.1:{self.metrics}/metrics").decode()
+        out: dict[str, dict[str, float]] = {}
+        for m in re.finditer(r'^(torpor_swap_\w+)\{model="([^"]*)",version="[^"]*"\} (\S+)$', text, re.M):
+            out.setdefault(m.group(2), {})[m.group(1)] = float(m.group(3))
+        return out
+
+    def residency(self) -> dict:
+        return json.loads(http_get(self.base + "/v2/torpor/residency"))
+
+    def model_stats(self) -> dict[str, dict]:
+        data = json.loads(http_get(self.base + "/v2/models/stats"))
+        return {s["name"]: s.get("inference_stats", {}) for s in data.get("model_stats", [])}
+
+
+# ------------------------------------------------------------------------------------------------
+# client
+# ------------------------------------------------------------------------------------------------
+
+
+class Client:
+    """One aio client per protocol, inputs built once per (kind, protocol) and reused."""
+
+    def __init__(self, server: Server, protocols: list[str], kinds: dict[str, Kind], outstanding: int, seed: int):
+        self.protocols = protocols
+        self.kinds = kinds
+        self.clients = {}
+        self.inputs: dict[tuple[str, str], tuple[list, list]] = {}
+        rng = np.random.default_rng(seed)
+        arrays = {k: request_arrays(kind, rng) for k, kind in kinds.items()}
+        for proto in protocols:
+            if proto == "http":
+                import tritonclient.http as mod
+                import tritonclient.http.aio as aio
+
+                self.clients[proto] = aio.InferenceServerClient(f"127.0.0.1:{server.http}", conn_limit=outstanding,
+                                                                conn_timeout=120.0)
+            else:
+                import tritonclient.grpc as mod
+                import tritonclient.grpc.aio as aio
+
+                self.clients[proto] = aio.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+            for k, kind in kinds.items():
+                ins = []
+                for name, x in arrays[k].items():
+                    dt = "FP32" if x.dtype == np.float32 else "INT64"
+                    i = mod.InferInput(name, list(x.shape), dt)
+                    if proto == "http":
+                        i.set_data_from_numpy(x, binary_data=True)
+                    else:
+                        i.set_data_from_numpy(x)
+                    ins.append(i)
+                outs = [mod.InferRequestedOutput(o, binary_data=True) if proto == "http" else mod.InferRequestedOutput(o)
+                        for o in kind.request_outputs]
+                self.inputs[(k, proto)] = (ins, outs)
+
+    async def infer(self, proto: str, model: str, kind: str):
+        ins, outs = self.inputs[(kind, proto)]
+        if proto == "grpc":
+            return await self.clients[proto].infer(model, ins, outputs=outs, client_timeout=120.0)
+        return await self.clients[proto].infer(model, ins, outputs=outs)
+
+    async def close(self) -> None:
+        for c in self.clients.values():
+            await c.close()
+
+
+@dataclass
+class RunLog:
+    sched: np.ndarray  # scheduled arrival (s from start)
+    func: np.ndarray
+    proto: np.ndarray  # index into protocols
+    latency: np.ndarray  # ms from scheduled arrival, nan if not answered
+    lag: np.ndarray  # ms the send started after its scheduled time
+    status: np.ndarray  # 0 ok, 1 failed, 2 dropped (too many outstanding), 3 not sent
+    errors: list = field(default_factory=list)
+
+
+async def drive(client: Client, names: list[str], kinds_of: list[str], times: np.ndarray, funcs: np.ndarray,
+                max_outstanding: int, drain_s: float) -> RunLog:
+    n = times.size
+    protos = client.protocols
+    log = RunLog(times, funcs, np.arange(n) % len(protos), np.full(n, np.nan), np.full(n, np.nan),
+                 np.full(n, 3, dtype=np.int8))
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task] = set()
+    outstanding = 0
+
+    async def one(i: int, t_sched: float) -> None:
+        nonlocal outstanding
+        try:
+            await client.infer(protos[log.proto[i]], names[funcs[i]], kinds_of[funcs[i]])
+            log.latency[i] = (loop.time() - t_sched) * 1e3
+            log.status[i] = 0
+        except Exception as e:  # noqa: BLE001 - every failure is counted and shown
+            log.status[i] = 1
+            if len(log.errors) < 20:
+                log.errors.append(f"{names[funcs[i]]} via {protos[log.proto[i]]}: {type(e).__name__}: {e}"[:400])
+        finally:
+            outstanding -= 1
+
+    start = loop.time() + 0.05
+    for i in range(n):
+        t_sched = start + float(times[i])
+        delay = t_sched - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        log.lag[i] = max(0.0, (loop.time() - t_sched) * 1e3)
+        if outstanding >= max_outstanding:
+            log.status[i] = 2
+            continue
+        outstanding += 1
+        task = asyncio.create_task(one(i, t_sched))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        done, pending = await asyncio.wait(list(tasks), timeout=drain_s)
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+            log.errors.append(f"{len(pending)} requests still outstanding {drain_s:.0f}s after the last arrival: cancelled")
+    for i in np.nonzero(log.status == 3)[0]:
+        log.status[i] = 1  # cancelled at the drain deadline
+    return log
+
+
+async def warmup(client: Client, names: list[str], kinds_of: list[str], reps: int) -> dict[str, float]:
+    """One request per model in order (native: everything resident afterwards), then `reps`
+    sequential requests to one model per class: its resident, single-stream latency (ms)."""
+    proto = client.protocols[0]
+    for name, kind in zip(names, kinds_of, strict=True):
+        await client.infer(proto, name, kind)
+    for p in client.protocols[1:]:
+        await client.infer(p, names[-1], kinds_of[-1])
+    single = {}
+    for kind in dict.fromkeys(kinds_of):
+        name = names[len(kinds_of) - 1 - kinds_of[::-1].index(kind)]  # the last one, resident in both configs
+        for _ in range(3):
+            await client.infer(proto, name, kind)
+        xs = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            await client.infer(proto, name, kind)
+            xs.append((time.perf_counter() - t) * 1e3)
+        single[kind] = float(np.median(xs))
+    return single
+
+
+# ------------------------------------------------------------------------------------------------
+# statistics
+# ------------------------------------------------------------------------------------------------
+
+
+def pct(xs: np.ndarray, q: float) -> float | None:
+    return float(np.percentile(xs, q)) if xs.size else None
+
+
+def summarize(log: RunLog, kinds_of: list[str], names: list[str], slo: dict[str, float], protos: list[str],
+              swap_before: dict, swap_after: dict, stats_before: dict, stats_after: dict) -> dict:
+    kind_arr = np.array(kinds_of)[log.func] if log.func.size else np.zeros(0, dtype=str)
+    out = {}
+    groups = [(k, kind_arr == k) for k in dict.fromkeys(kinds_of)] + [("all", np.ones(log.func.size, bool))]
+    if len(protos) > 1:
+        groups += [(f"all/{p}", log.proto == j) for j, p in enumerate(protos)]
+    for label, sel in groups:
+        st = log.status[sel]
+        lat = log.latency[sel][st == 0]
+        # SLO per request by its own class
+        ok_slo = 0
+        for k in dict.fromkeys(kinds_of):
+            m = sel & (kind_arr == k) & (log.status == 0)
+            ok_slo += int((log.latency[m] <= slo[k]).sum())
+        sent = int(((st == 0) | (st == 1)).sum())
+        row = {
+            "arrivals": int(sel.sum()), "sent": sent, "answered": int((st == 0).sum()),
+            "failed": int((st == 1).sum()), "dropped": int((st == 2).sum()),
+            "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "mean_ms": float(lat.mean()) if lat.size else None,
+            "slo_ms": slo[label] if label in slo else None,
+            "slo_attainment": ok_slo / int(sel.sum()) if sel.sum() else None,  # dropped/failed count as misses
+            "client_lag_p99_ms": pct(log.lag[sel][~np.isnan(log.lag[sel])], 99),
+        }
+        if not label.startswith("all/"):
+            members = [nm for nm, k in zip(names, kinds_of, strict=True) if label == "all" or k == label]
+            for key, metric in (("swap_ins", "torpor_swap_ins"), ("evictions", "torpor_swap_evictions"),
+                                ("bytes_moved", "torpor_swap_bytes"), ("misses", "torpor_swap_misses"),
+                                ("joins", "torpor_swap_joins"), ("hits", "torpor_swap_hits"),
+                                ("memory_waits", "torpor_swap_memory_waits"), ("timeouts", "torpor_swap_timeouts"),
+                                ("swap_us", "torpor_swap_duration_us")):
+                row[key] = sum(swap_after.get(nm, {}).get(metric, 0.0) - swap_before.get(nm, {}).get(metric, 0.0)
+                               for nm in members)
+            cnt = ns = 0
+            for nm in members:
+                a = stats_after.get(nm, {}).get("compute_infer", {})
+                b = stats_before.get(nm, {}).get("compute_infer", {})
+                cnt += a.get("count", 0) - b.get("count", 0)
+                ns += a.get("ns", 0) - b.get("ns", 0)
+            row["server_compute_mean_ms"] = ns / cnt / 1e6 if cnt else None
+        out[label] = row
+    return out
+
+
+def fmt(x, spec=".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(title: str, rows: dict) -> None:
+    print(f"\n{title}")
+    print(f"{'class':<12} {'sent':>6} {'ok':>6} {'fail':>5} {'drop':>5} {'p50 ms':>8} {'p99 ms':>8} {'SLO':>6} "
+          f"{'SLO %':>6} {'swap-ins':>8} {'evict':>6} {'GB moved':>8} {'srv ms':>7} {'lag99':>6}")
+    for label, r in rows.items():
+        print(f"{label:<12} {r['sent']:>6} {r['answered']:>6} {r['failed']:>5} {r['dropped']:>5} "
+              f"{fmt(r['p50_ms']):>8} {fmt(r['p99_ms']):>8} {fmt(r['slo_ms'], '.0f'):>6} "
+              f"{fmt(None if r['slo_attainment'] is None else 100 * r['slo_attainment']):>6} "
+              f"{fmt(r.get('swap_ins'), '.0f'):>8} {fmt(r.get('evictions'), '.0f'):>6} "
+              f"{fmt(None if r.get('bytes_moved') is None else r['bytes_moved'] / 1e9, '.2f'):>8} "
+              f"{fmt(r.get('server_compute_mean_ms'), '.2f'):>7} {fmt(r['client_lag_p99_ms']):>6}")
+
+
+# ------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_slo(text: str, kinds: list[str]) -> dict[str, float]:
+    slo = {k: KINDS[k].slo_ms for k in kinds}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        k, _, v = part.partition("=")
+        slo[k.strip()] = float(v)
+    return slo
+
+
+def find_trace(arg: str | None) -> Path | None:
+    cands = [Path(arg)] if arg else [ROOT.parent / "shared" / "data" / "torpor-trace-samples.npy",
+                                     ROOT / ".gpu" / "data" / "torpor-trace-samples.npy"]
+    for c in cands:
+        if c.is_file():
+            return c
+    if arg:
+        raise SystemExit(f"trace not found: {arg}")
+    return None
+
+
+def versions() -> dict:
+    code = ("import json, sys, torch; d = {'python': sys.version.split()[0], 'torch': torch.__version__, "
+            "'cuda': torch.version.cuda, 'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}; "
+            "print(json.dumps(d))")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+        d = json.loads(out.strip().splitlines()[-1])
+    except Exception:  # noqa: BLE001
+        d = {}
+    try:
+        import tritonclient
+
+        d["tritonclient"] = getattr(tritonclient, "__version__", None)
+    except ImportError:
+        pass
+    d["cpus"] = os.cpu_count()
+    return d
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repo", type=Path, default=None, help="model repository folder (default: a fresh temp dir)")
+    ap.add_argument("--models", type=int, default=40)
+    ap.add_argument("--mix", default=None, help="model kinds, round-robin (default resnet50,bert; --tiny: mlp_small,mlp_large)")
+    ap.add_argument("--tiny", action="store_true", help="small WideMLP models and CPU-friendly defaults (smoke runs)")
+    ap.add_argument("--batching", action="store_true", help="dynamic_batching in every model config")
+    ap.add_argument("--device", default="cuda", help="--devices for the server: cuda, cuda:0, cpu, cpu:N")
+    ap.add_argument("--fraction", type=float, default=0.25, help="Torpor's device memory bound / total model bytes")
+    ap.add_argument("--native-factor", type=float, default=1.25, help="the all-resident bound / total model bytes")
+    ap.add_argument("--configs", default="auto", help="'native,torpor' order (auto: native first, it calibrates)")
+    ap.add_argument("--workload", default="trace", choices=["trace", "zipf", "both"])
+    ap.add_argument("--protocol", default="http", choices=["http", "grpc", "both"],
+                    help="both: arrivals alternate between HTTP and gRPC")
+    ap.add_argument("--duration", type=float, default=100.0, help="seconds of load per configuration and workload")
+    ap.add_argument("--trace", default=None, help="trace .npy (default ../shared/data/ or .gpu/data/ beside the repo)")
+    ap.add_argument("--speedup", default="auto", help="trace seconds per wall second, or auto (see --load)")
+    ap.add_argument("--load", type=float, default=0.5,
+                    help="auto speedup: offered req/s = LOAD / mean single-stream service time (resident, measured)")
+    ap.add_argument("--max-rps", type=float, default=None, help="cap on the auto rate (default 400; --tiny 25)")
+    ap.add_argument("--zipf-s", type=float, default=1.0)
+    ap.add_argument("--burst-factor", type=float, default=4.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--slo-ms", default="", help="per class, e.g. resnet50=80,bert=200 (those are the defaults)")
+    ap.add_argument("--max-outstanding", type=int, default=256)
+    ap.add_argument("--drain-s", type=float, default=30.0)
+    ap.add_argument("--gen-workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--ready-timeout", type=float, default=300.0)
+    ap.add_argument("--budget-s", type=float, default=480.0, help="the whole run, all phases; durations shrink to fit")
+    ap.add_argument("--server-arg", action="append", default=[], help="extra argument for torpor serve (repeatable)")
+    ap.add_argument("--logs", type=Path, default=None, help="folder for server logs (default: beside --json, else temp)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    deadline = T0 + args.budget_s
+    mix = (args.mix or ("mlp_small,mlp_large" if args.tiny else "resnet50,bert")).split(",")
+    for k in mix:
+        if k not in KINDS:
+            raise SystemExit(f"unknown kind {k!r} (known: {', '.join(KINDS)})")
+    max_rps = args.max_rps if args.max_rps is not None else (25.0 if args.tiny else 400.0)
+    slo = parse_slo(args.slo_ms, mix)
+    protocols = ["http", "grpc"] if args.protocol == "both" else [args.protocol]
+    workloads = ["trace", "zipf"] if args.workload == "both" else [args.workload]
+    for proto in list(protocols):  # before anything expensive: the aio clients need aiohttp / grpcio
+        try:
+            importlib.import_module(f"tritonclient.{proto}.aio")
+        except ImportError as e:
+            if len(protocols) == 1:
+                raise SystemExit(f"tritonclient.{proto}.aio cannot be imported: {e}") from None
+            print(f"WARNING: tritonclient.{proto}.aio cannot be imported ({e}); driving {proto} is skipped", flush=True)
+            protocols.remove(proto)
+    trace_path = find_trace(args.trace)
+    if "trace" in workloads and trace_path is None:
+        raise SystemExit("no trace found (--trace PATH, or use --workload zipf)")
+    trace = np.load(trace_path) if trace_path else None
+
+    info = versions()
+    stamp(f"start: python {info.get('python')}, torch {info.get('torch')}, gpu {info.get('gpu')}, "
+          f"{info.get('cpus')} CPUs; budget {args.budget_s:.0f}s")
+
+    # 1. repository ------------------------------------------------------------------------------
+    tmp_owned = args.repo is None
+    repo = args.repo or Path(tempfile.mkdtemp(prefix="torpor-e2e-")) / "models"
+    models = [(f"{mix[i % len(mix)]}_{i:03d}", KINDS[mix[i % len(mix)]], 1000 + i) for i in range(args.models)]
+    names = [m for m, _, _ in models]
+    kinds_of = [k.name for _, k, _ in models]
+    phases: dict[str, float] = {}
+    t = time.monotonic()
+    gen = build_repository(repo, models, args.batching, args.gen_workers)
+    phases["repository"] = time.monotonic() - t
+    nbytes = {m: safetensors_bytes(repo / m / "1" / "model.safetensors") for m in names}
+    footprint = {m: math.ceil(b / BLOCK) * BLOCK for m, b in nbytes.items()}
+    total = sum(footprint.values())
+    largest = max(footprint.values())
+    torpor_bound = math.ceil(args.fraction * total / BLOCK) * BLOCK
+    if torpor_bound < largest + BLOCK:
+        stamp(f"WARNING: {args.fraction} of the total ({torpor_bound} B) cannot hold the largest model; using {largest + BLOCK}")
+        torpor_bound = largest + BLOCK
+    native_bound = math.ceil(args.native_factor * total / BLOCK) * BLOCK
+    by_kind = {k: sum(nbytes[m] for m, kk in zip(names, kinds_of, strict=True) if kk == k) for k in mix}
+    stamp(f"models: {len(names)} ({', '.join(f'{kinds_of.count(k)} x {k} {by_kind[k] / max(1, kinds_of.count(k)) / 1e6:.0f} MB' for k in mix)}), "
+          f"total {total / 2**30:.2f} GiB; torpor bound {torpor_bound / 2**30:.2f} GiB ({torpor_bound / total:.2f} of total, "
+          f"native needs {total / torpor_bound:.1f}x), native bound {native_bound / 2**30:.2f} GiB")
+
+    configs = ["native", "torpor"] if args.configs == "auto" else args.configs.split(",")
+    # Up-front estimate (measured on CPU: server start ~3 s + ~2.5 s per GiB of weights loaded and
+    # copied into the host store; warm-up one request per model; ~3 s per run to set up and drain)
+    est_start = 3.0 + 2.5 * sum(nbytes.values()) / 2**30 + (5.0 if args.device.startswith("cuda") else 0.0)
+    est_runs = len(configs) * len(workloads) * (args.duration + 3)
+    est = (time.monotonic() - T0) + len(configs) * (est_start + 5 + 2) + est_runs
+    stamp(f"estimate: server start ~{est_start:.0f}s each, {len(configs)} x {len(workloads)} runs of "
+          f"{args.duration:.0f}s (+~3s each) -> ~{est:.0f}s in all (budget {args.budget_s:.0f}s"
+          + ("; durations will be shortened to fit)" if est > args.budget_s else ")"))
+    bounds = {"native": native_bound, "torpor": torpor_bound}
+    logs_dir = args.logs or (args.json.parent if args.json else Path(tempfile.mkdtemp(prefix="torpor-e2e-logs-")))
+    logs_dir.mkdir(parents=True, exist_ok=True)
+
+    speedup = None if args.speedup == "auto" else float(args.speedup)
+    base_rate = base_trace_rate(trace, len(names), args.seed) if trace is not None else 9.8 * len(names) / 60.0
+    results: dict = {"runs": {}, "phases": phases}
+    ok = True
+    server_start_s = est_start  # a first guess, replaced by the measured start
+    n_runs_total = len(configs) * len(workloads)
+    runs_done = 0
+    rate = None
+    skipped: list[str] = []
+
+    for ci, cfg in enumerate(configs):
+        remaining_cfgs = len(configs) - ci
+        # budget: this and later servers' start/stop, then the load runs share what is left
+        left = deadline - time.monotonic()
+        if left < remaining_cfgs * (server_start_s + 5 + 8 * len(workloads)):
+            stamp(f"{cfg}: SKIPPED, {left:.0f}s left of the budget is not enough for a server start and a run")
+            results["runs"][cfg] = {"skipped": "budget"}
+            skipped.append(cfg)
+            continue
+        t = time.monotonic()
+        stamp(f"{cfg}: starting server (--devices {args.device} --device-memory-bytes {bounds[cfg]})")
+        server = Server(repo, args.device, bounds[cfg], logs_dir / f"server-{cfg}.log", args.server_arg)
+        cfg_result: dict = {"bound_bytes": bounds[cfg], "workloads": {}}
+        results["runs"][cfg] = cfg_result
+        try:
+            server.wait_ready(min(args.ready_timeout, max(10.0, deadline - time.monotonic() - 30)))
+            server_start_s = time.monotonic() - t
+            phases[f"{cfg}/server_start"] = server_start_s
+            stamp(f"{cfg}: ready in {server_start_s:.1f}s (http {server.http}, grpc {server.grpc}, metrics {server.metrics})")
+
+            async def run_config() -> None:
+                nonlocal speedup, rate, runs_done
+                client = Client(server, protocols, {k: KINDS[k] for k in mix}, args.max_outstanding, args.seed)
+                try:
+                    tw = time.monotonic()
+                    single = await warmup(client, names, kinds_of, 10 if args.tiny else 20)
+                    phases[f"{cfg}/warmup"] = time.monotonic() - tw
+                    cfg_result["single_stream_ms"] = single
+                    res = server.residency()
+                    cfg_result["residency_after_warmup"] = _residency_summary(res)
+                    stamp(f"{cfg}: warm-up {phases[f'{cfg}/warmup']:.1f}s; single-stream resident latency "
+                          + ", ".join(f"{k} {v:.2f} ms" for k, v in single.items())
+                          + f"; resident {cfg_result['residency_after_warmup']['resident_models']} models")
+                    if rate is None:
+                        share = {k: kinds_of.count(k) / len(kinds_of) for k in mix}
+                        mean_s = sum(share[k] * single[k] for k in mix) / 1e3
+                        if speedup is None:
+                            rate = min(max_rps, args.load / mean_s)
+                            speedup = rate / base_rate
+                        else:
+                            rate = base_rate * speedup
+                        stamp(f"load: trace base rate {base_rate:.2f} req/s for {len(names)} functions; speedup "
+                              f"{speedup:.2f} ({60 / speedup:.1f}s of wall per trace minute) -> offered {rate:.1f} req/s "
+                              f"(single-stream capacity {1 / mean_s:.0f} req/s, {rate * mean_s:.2f} of it)")
+                        results["load"] = {"speedup": speedup, "offered_rps": rate, "base_rps": base_rate,
+                                           "single_stream_capacity_rps": 1 / mean_s, "load": rate * mean_s}
+                    for wl in workloads:
+                        left = deadline - time.monotonic()
+                        runs_left = n_runs_total - runs_done
+                        later_cfgs = len(configs) - ci - 1
+                        # later servers' start, warm-up and stop; this one's stop; ~3 s per run to set up and drain
+                        avail = left - later_cfgs * (server_start_s + 5) - 5 - runs_left * 3
+                        dur = min(args.duration, avail / runs_left)
+                        if dur < min(5.0, args.duration):
+                            stamp(f"{cfg}/{wl}: SKIPPED, budget left {left:.0f}s")
+                            cfg_result["workloads"][wl] = {"skipped": "budget"}
+                            skipped.append(f"{cfg}/{wl}")
+                            runs_done += 1
+                            continue
+                        if dur < args.duration:
+                            stamp(f"{cfg}/{wl}: duration shortened to {dur:.0f}s to fit the budget")
+                        if wl == "trace":
+                            times, funcs, _ = trace_arrivals(trace, len(names), speedup, dur, args.seed)
+                        else:
+                            times, funcs = zipf_arrivals(len(names), rate, dur, args.seed, args.zipf_s, args.burst_factor)
+                        sb, stb = server.swap_metrics(), server.model_stats()
+                        stamp(f"{cfg}/{wl}: {times.size} arrivals over {dur:.0f}s ({times.size / dur:.1f} req/s offered)")
+                        tl = time.monotonic()
+                        log = await drive(client, names, kinds_of, times, funcs, args.max_outstanding,
+                                          min(args.drain_s, max(5.0, deadline - time.monotonic() - 20)))
+                        phases[f"{cfg}/{wl}"] = time.monotonic() - tl
+                        sa, sta = server.swap_metrics(), server.model_stats()
+                        rows = summarize(log, kinds_of, names, slo, protocols, sb, sa, stb, sta)
+                        res = server.residency()
+                        cfg_result["workloads"][wl] = {"duration_s": dur, "arrivals": int(times.size), "classes": rows,
+                                                       "errors": log.errors, "residency_after": _residency_summary(res)}
+                        print_table(f"{cfg} / {wl} ({args.device}, bound {bounds[cfg] / 2**30:.2f} GiB, "
+                                    f"{'+'.join(protocols)}, {dur:.0f}s)", rows)
+                        for e in log.errors:
+                            print(f"  error: {e}")
+                        runs_done += 1
+                finally:
+                    await client.close()
+
+            asyncio.run(run_config())
+        except Exception as e:  # noqa: BLE001 - report, stop the server, go on with the next config
+            ok = False
+            cfg_result["error"] = f"{type(e).__name__}: {e}"
+            stamp(f"{cfg}: FAILED: {type(e).__name__}: {e}")
+        finally:
+            ts = time.monotonic()
+            rc = server.stop()
+            phases[f"{cfg}/server_stop"] = time.monotonic() - ts
+            cfg_result["server_exit"] = rc
+            stamp(f"{cfg}: server stopped, exit {rc} ({phases[f'{cfg}/server_stop']:.1f}s); log {server.log_path}")
+            if rc != 0:
+                ok = False
+                print(server.tail())
+
+    # ratios --------------------------------------------------------------------------------------
+    ratios = {}
+    nat, tor = results["runs"].get("native", {}), results["runs"].get("torpor", {})
+    for wl in workloads:
+        a = nat.get("workloads", {}).get(wl, {}).get("classes")
+        b = tor.get("workloads", {}).get(wl, {}).get("classes")
+        if not a or not b:
+            continue
+        ratios[wl] = {}
+        for label in b:
+            if label in a and a[label]["p50_ms"] and b[label]["p50_ms"]:
+                ratios[wl][label] = {"p50": b[label]["p50_ms"] / a[label]["p50_ms"],
+                                     "p99": b[label]["p99_ms"] / a[label]["p99_ms"]}
+    results["ratios"] = ratios
+    if ratios:
+        print(f"\nTorpor / native (bound {torpor_bound / total:.2f} of the models' bytes; native needs "
+              f"{total / torpor_bound:.1f}x Torpor's device memory)")
+        print(f"{'workload':<8} {'class':<12} {'p50 ratio':>9} {'p99 ratio':>9}")
+        for wl, rows in ratios.items():
+            for label, r in rows.items():
+                print(f"{wl:<8} {label:<12} {r['p50']:9.2f} {r['p99']:9.2f}")
+
+    failed = sum(r.get("classes", {}).get("all", {}).get("failed", 0)
+                 for c in results["runs"].values() for r in c.get("workloads", {}).values())
+    if failed or skipped:
+        ok = False
+    phases["total"] = time.monotonic() - T0
+    print("\nphases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
+    results.update({
+        "ok": ok, "failed_requests": failed, "skipped": skipped, "versions": info, "device": args.device,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else "e2e.main(" + " ".join(argv) + ")",
+        "models": {"count": len(names), "mix": mix, "bytes_by_kind": by_kind, "total_block_bytes": total,
+                   "tiny": args.tiny, "batching": args.batching},
+        "repository": {"path": str(repo), **gen}, "bounds": bounds, "fraction": args.fraction,
+        "workloads": workloads, "protocols": protocols, "slo_ms": slo, "seed": args.seed,
+        "trace": str(trace_path) if trace_path else None,
+    })
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+        stamp(f"wrote {args.json}")
+    if tmp_owned:
+        shutil.rmtree(repo.parent, ignore_errors=True)
+    stamp(f"done: {'OK' if ok else 'FAILED'}, {failed} failed requests")
+    return 0 if ok else 1
+
+
+def _residency_summary(res: dict) -> dict:
+    devs = res.get("devices", [])
+    return {
+        "devices": [{k: d.get(k) for k in ("name", "gpu", "capacity_bytes", "used_bytes", "free_bytes", "evictions",
+                                           "fragmentation")} for d in devs],
+        "resident_models": sum(len(d.get("models", [])) for d in devs),
+        "host": res.get("host"),
+        "policy": res.get("policy"),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""loadtest/e2e.py: its arrival generators, and one tiny end-to-end run on CPU (two servers,
+native and torpor, WideMLP models, HTTP and gRPC) that must answer every request."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "loadtest" / "e2e.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("torpor_e2e", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_trace_arrivals_follow_the_counts():
+    e2e = _load()
+    trace = np.random.default_rng(1).integers(0, 20, size=(50, 31))
+    speedup = 60.0  # one trace minute per second
+    times, funcs, rows = e2e.trace_arrivals(trace, 6, speedup, 5.0, seed=3)
+    counts = trace[rows]
+    assert np.all(np.diff(times) >= 0) or times.size == 0
+    assert times.min() >= 0 and times.max() < 5.0
+    for minute in range(5):  # every minute's total lands inside its (compressed) minute
+        sel = (times >= minute) & (times < minute + 1)
+        assert sel.sum() == counts[:, minute].sum()
+        for f in np.unique(funcs[sel]):
+            assert counts[f, minute] > 0  # only functions with requests in that minute get any
+
+
+def test_zipf_arrivals_mean_rate_and_skew():
+    e2e = _load()
+    times, funcs = e2e.zipf_arrivals(20, rate=50.0, duration=200.0, seed=0, s=1.0, burst_factor=4.0)
+    assert 0.8 * 50 * 200 < times.size < 1.2 * 50 * 200
+    top = np.bincount(funcs, minlength=20).max()
+    assert top > 3 * times.size / 20  # the most popular model gets far more than its even share
+
+
+def test_e2e_tiny_cpu(tmp_path):
+    pytest.importorskip("tritonclient.http.aio")
+    pytest.importorskip("tritonclient.grpc.aio")
+    out = tmp_path / "e2e.json"
+    trace = _load().find_trace(None)  # the paper's trace when it is beside the repo, else Zipf
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--models", "4", "--device", "cpu", "--duration", "3",
+           "--protocol", "both", "--workload", "trace" if trace else "zipf",
+           "--repo", str(tmp_path / "models"), "--json", str(out), "--budget-s", "60", "--gen-workers", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["ok"] and res["failed_requests"] == 0
+    for cfg in ("native", "torpor"):
+        run = res["runs"][cfg]
+        assert run["server_exit"] == 0
+        (wl,) = run["workloads"].values()
+        overall = wl["classes"]["all"]
+        assert overall["answered"] > 0 and overall["failed"] == 0
+        assert wl["classes"]["all/http"]["answered"] > 0 and wl["classes"]["all/grpc"]["answered"] > 0
+    native = next(iter(res["runs"]["native"]["workloads"].values()))["classes"]["all"]
+    torpor = next(iter(res["runs"]["torpor"]["workloads"].values()))["classes"]["all"]
+    assert native["swap_ins"] == 0  # everything became resident at warm-up
+    assert torpor["swap_ins"] > 0 and torpor["bytes_moved"] > 0  # a quarter of the bytes: it must swap
+    assert res["ratios"]
