@@ -1,0 +1,369 @@
+"""Scheduler: where a request runs and where its model comes from. Pure logic over a snapshot.
+
+The engine builds a `Snapshot` from the DevicePool (`torpor.residency`) and its per-device work
+accounting; the simulator (`torpor.simulator`) keeps one up to date on virtual time. Both call
+the same `Scheduler.place(model, snapshot)`, which returns a `Decision`: a device, an action and
+the residents to evict.
+
+Options considered for every device `d` (policy "torpor"):
+
+- **run**: the model is resident on `d` and `d` is idle: completion = rest of its copy (if still
+  landing) + execution.
+- **queue**: resident on `d` and `d` has work ahead: completion = that work + execution.
+- **swap**: copy from host over `d`'s PCIe path (bandwidth shared with copies in flight on the
+  same links, `torpor.costmodel`), evicting idle residents in the eviction policy's order
+  (`torpor.eviction`, the same code the DevicePool runs) until it fits; pipelined completion.
+- **peer**: copy from a device holding a landed copy, over NVLink (or PCIe peer-to-peer) where
+  the topology has a path; same eviction and pipelining.
+
+Among options whose estimated completion meets the SLO (times `slo_margin`, a hedge against
+estimation error), the cheapest wins. Cost is resource-seconds: link time the copy occupies at
+nominal bandwidth (so a peer copy over a fast link costs less than a host swap, and no copy
+costs least), plus the expected reload time of what it evicts (`reload_s x P(requested within
+horizon)`, reload from a replica being `peer_speedup` times cheaper: evicting a hot model is
+dear), plus execution time. Ties go to the earlier completion. When no option meets the SLO,
+the fastest is chosen and the decision says so (`meets_slo=False`). When no option is possible
+(every device full of pinned models) `place` returns None and the caller waits.
+
+Baselines (for the simulator and as engine fallbacks):
+
+- "lru-swap": resident anywhere -> the least-loaded holder; else host swap to the least-loaded
+  device that can make room, LRU eviction. No peer copies, no SLO awareness.
+- "static": each model bound to one device (`static_map`), kept there; a model with no device
+  is not served.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .costmodel import CostModel
+from .eviction import Candidate, CostAwarePolicy, EvictionPolicy, LRUPolicy
+
+POLICIES = ("torpor", "lru-swap", "static")
+
+
+@dataclass(slots=True)
+class ResidentState:
+    key: Any
+    nbytes: int
+    ready_at: float = 0.0  # when its copy has fully landed (snapshot clock)
+    pins: int = 0  # requests queued or running on it
+    last_used: float = 0.0
+    locked_until: float = 0.0  # a peer copy reads it until then
+
+    def evictable(self, now: float) -> bool:
+        return self.pins == 0 and self.ready_at <= now and self.locked_until <= now
+
+
+@dataclass(slots=True)
+class DeviceState:
+    name: str
+    capacity: int
+    free_bytes: int
+    residents: dict[Any, ResidentState] = field(default_factory=dict)
+    backlog_s: float = 0.0  # estimated seconds of work ahead of a new request (queued + running)
+    queue_len: int = 0
+    version: int = -1  # bumped by the owner whenever `residents` gains or loses a key; -1: unknown
+
+
+@dataclass
+class Snapshot:
+    now: float
+    devices: list[DeviceState]
+    inflight: Mapping[str, int] = field(default_factory=dict)  # link id -> transfers in flight
+    rate: Callable[[Any], float] = lambda key: 0.0  # recent requests/s per model
+    # key -> number of devices holding it; kept up to date by a caller that owns the state
+    # (the simulator), computed once per snapshot otherwise
+    holder_count: dict[Any, int] | None = None
+
+    def holders(self, key: Any) -> list[DeviceState]:
+        return [d for d in self.devices if key in d.residents]
+
+    def replicas(self, key: Any) -> int:
+        """Devices holding `key`, less one (0 for a single copy)."""
+        if self.holder_count is None:
+            counts: dict[Any, int] = {}
+            for d in self.devices:
+                for k in d.residents:
+                    counts[k] = counts.get(k, 0) + 1
+            self.holder_count = counts
+        return self.holder_count.get(key, 0) - 1
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    key: Any
+    nbytes: int
+    first_group_bytes: int
+    slo_s: float | None = None
+    batch: int = 1
+
+
+@dataclass(slots=True)
+class Option:
+    device: str
+    action: str  # run | queue | swap | peer
+    source: str | None  # None (no copy), "host", or the peer device's name
+    completion_s: float
+    transfer_s: float = 0.0
+    exec_s: float = 0.0
+    evict: list[Any] = field(default_factory=list)
+    evict_cost_s: float = 0.0
+    bytes_moved: int = 0
+    path: tuple[str, ...] = ()
+    cost: float = 0.0
+    meets_slo: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device, "action": self.action, "source": self.source,
+            "completion_ms": round(self.completion_s * 1e3, 3), "transfer_ms": round(self.transfer_s * 1e3, 3),
+            "exec_ms": round(self.exec_s * 1e3, 3), "evict": [str(k) for k in self.evict],
+            "bytes_moved": self.bytes_moved, "cost": round(self.cost, 6), "meets_slo": self.meets_slo,
+        }
+
+
+@dataclass(slots=True)
+class Decision:
+    option: Option | None  # None: not served (static policy, model has no device)
+    meets_slo: bool
+    slo_s: float | None
+    options: list[Option] = field(default_factory=list)
+    reason: str = ""
+
+    @property
+    def device(self) -> str | None:
+        return self.option.device if self.option else None
+
+    @property
+    def action(self) -> str | None:
+        return self.option.action if self.option else None
+
+
+class Scheduler:
+    def __init__(
+        self,
+        cost: CostModel,
+        policy: str = "torpor",
+        *,
+        eviction: EvictionPolicy | None = None,
+        static_map: Mapping[Any, str] | None = None,
+        slo_margin: float = 0.9,
+        reuse_horizon_s: float = 60.0,
+        peer_speedup: float = 8.0,
+        keep_options: bool = False,
+        order_ttl_s: float = 1.0,
+    ):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown scheduling policy {policy!r}: expected one of {list(POLICIES)}")
+        self.cost = cost
+        self.policy = policy
+        if eviction is None:
+            eviction = LRUPolicy() if policy == "lru-swap" else CostAwarePolicy(peer_speedup)
+        self.eviction = eviction
+        self.static_map = dict(static_map or {})
+        self.slo_margin = slo_margin
+        self.reuse_horizon_s = reuse_horizon_s
+        self.peer_speedup = peer_speedup
+        self.keep_options = keep_options
+        self.order_ttl_s = order_ttl_s
+        self._order_cache: dict[tuple[int, str], tuple[int, float, list[Candidate]]] = {}
+
+    # entry point ---------------------------------------------------------------------------------
+    def place(self, model: ModelInfo, snap: Snapshot) -> Decision | None:
+        if self.policy == "static":
+            return self._place_static(model, snap)
+        if self.policy == "lru-swap":
+            return self._place_lru(model, snap)
+        return self._place_torpor(model, snap)
+
+    # Torpor's policy -----------------------------------------------------------------------------
+    def options(self, model: ModelInfo, snap: Snapshot, *, resident: bool = True, copies: bool = True) -> list[Option]:
+        """Every feasible option on every device (see the module docstring): those on devices
+        holding the model (`resident`), and copies to the others (`copies`)."""
+        now = snap.now
+        exec_s = self.cost.exec_seconds(model.key, model.batch)
+        holders = snap.holders(model.key)
+        sources = [h for h in holders if h.residents[model.key].ready_at <= now]
+        out: list[Option] = []
+        for d in snap.devices:
+            r = d.residents.get(model.key)
+            if r is not None:
+                if not resident:
+                    continue
+                landing = max(0.0, r.ready_at - now)
+                wait = d.backlog_s
+                done = max(wait, landing) + exec_s
+                action = "run" if wait <= 0 else "queue"
+                out.append(Option(d.name, action, None, done, 0.0, exec_s, cost=exec_s))
+                continue
+            if not copies or model.nbytes > d.capacity:
+                continue
+            evict = self._eviction_plan(d, model, snap)
+            if evict is None:
+                continue
+            victims, evict_cost = evict
+            # host swap over d's PCIe path
+            path = self.cost.links.host_path(d.name)
+            out.append(self._copy_option(d, model, snap, "swap", "host", path, exec_s, victims, evict_cost))
+            # peer copies from every device holding a landed copy, where a path exists
+            for s in sources:
+                ppath = self.cost.links.peer_path(s.name, d.name)
+                if ppath is not None:
+                    out.append(self._copy_option(d, model, snap, "peer", s.name, ppath, exec_s, victims, evict_cost))
+        return out
+
+    def _copy_option(self, d: DeviceState, model: ModelInfo, snap: Snapshot, action: str, source: str,
+                     path: tuple[str, ...], exec_s: float, victims: list[Any], evict_cost: float) -> Option:
+        transfer = self.cost.transfer_seconds(model.nbytes, path, snap.inflight)
+        first = self.cost.transfer_seconds(model.first_group_bytes, path, snap.inflight)
+        done = self.cost.completion(d.backlog_s, transfer, exec_s, first)
+        link_s = self.cost.nominal_seconds(model.nbytes, path)
+        return Option(d.name, action, source, done, transfer, exec_s, victims, evict_cost, model.nbytes,
+                      path, cost=link_s + evict_cost + exec_s)
+
+    def _place_torpor(self, model: ModelInfo, snap: Snapshot) -> Decision | None:
+        limit = None if model.slo_s is None else model.slo_s * self.slo_margin
+        opts = self.options(model, snap, copies=False)
+        # A resident option that meets the SLO is the cheapest there is (a copy option costs the
+        # same execution plus link time and evictions), so copies are only costed without one.
+        if not any(limit is None or o.completion_s <= limit for o in opts) or self.keep_options:
+            opts += self.options(model, snap, resident=False)
+        if not opts:
+            return None
+        for o in opts:
+            o.meets_slo = limit is None or o.completion_s <= limit
+        good = [o for o in opts if o.meets_slo]
+        if good:
+            best = min(good, key=lambda o: (o.cost, o.completion_s))
+        else:
+            best = min(opts, key=lambda o: (o.completion_s, o.cost))
+        return Decision(best, best.meets_slo, model.slo_s, opts if self.keep_options else [])
+
+    # eviction -------------------------------------------------------------------------------------
+    def _eviction_plan(self, d: DeviceState, model: ModelInfo, snap: Snapshot,
+                       policy: EvictionPolicy | None = None) -> tuple[list[Any], float] | None:
+        """Victims (in the eviction policy's order) freeing enough room on `d`, and their
+        expected reload cost; None if even every idle resident is not enough."""
+        need = model.nbytes - d.free_bytes
+        if need <= 0:
+            return [], 0.0
+        policy = policy or self.eviction
+        plan = self._walk(d, model, snap, *self._policy_order(d, snap, policy), need)
+        if plan is None and d.version >= 0:  # a cached order misses residents added since: redo it fresh
+            plan = self._walk(d, model, snap, *self._policy_order(d, snap, policy, fresh=True), need)
+        return plan
+
+    def _walk(self, d: DeviceState, model: ModelInfo, snap: Snapshot, ordered_at: float,
+              order: list[Candidate], need: int) -> tuple[list[Any], float] | None:
+        now = snap.now
+        victims, freed, cost = [], 0, 0.0
+        late: list[tuple[float, Candidate]] = []
+        residents = d.residents
+
+        def take(c: Candidate) -> bool:
+            nonlocal freed, cost
+            victims.append(c.key)
+            freed += c.nbytes
+            reload_s = c.reload_s / self.peer_speedup if c.replicas else c.reload_s
+            cost += reload_s * (1.0 - math.exp(-c.rate * self.reuse_horizon_s))
+            return freed >= need
+
+        for c in order:
+            r = residents.get(c.key)
+            if r is None or not r.evictable(now):
+                continue
+            if r.last_used > ordered_at:
+                late.append((r.last_used, c))  # used since the order was made: most recent now
+                continue
+            if take(c):
+                return victims, cost
+        for _, c in sorted(late, key=lambda t: t[0]):
+            if take(c):
+                return victims, cost
+        return None
+
+    def _policy_order(self, d: DeviceState, snap: Snapshot, policy: EvictionPolicy,
+                      fresh: bool = False) -> tuple[float, list[Candidate]]:
+        """Every resident of `d` in the policy's eviction order, with the time it was made.
+        Where the snapshot's owner keeps device states across calls (`DeviceState.version` >= 0,
+        the simulator) the order is reused for `order_ttl_s`: request rates move slowly (time
+        constant of a minute); residents used or added since the order was made are the most
+        recently used, so the walk takes them last (exact for LRU), and a walk that falls short
+        is redone on a fresh order."""
+        key = (id(policy), d.name)
+        if d.version >= 0 and not fresh:
+            hit = self._order_cache.get(key)
+            if hit is not None and snap.now - hit[1] < self.order_ttl_s:
+                return hit[1], hit[2]
+        bw = self.cost.links.bandwidth(self.cost.links.host_path(d.name)[0])
+        cands = [Candidate(r.key, r.nbytes, r.last_used, snap.rate(r.key), r.nbytes / bw, snap.replicas(r.key))
+                 for r in d.residents.values()]
+        order = policy.order(cands, snap.now)
+        if d.version >= 0:
+            self._order_cache[key] = (d.version, snap.now, order)
+        return snap.now, order
+
+    # baselines ------------------------------------------------------------------------------------
+    def _place_lru(self, model: ModelInfo, snap: Snapshot) -> Decision | None:
+        now = snap.now
+        exec_s = self.cost.exec_seconds(model.key, model.batch)
+        holders = snap.holders(model.key)
+        if holders:
+            d = min(holders, key=lambda h: h.backlog_s)
+            r = d.residents[model.key]
+            done = max(d.backlog_s, r.ready_at - now) + exec_s
+            o = Option(d.name, "run" if d.backlog_s <= 0 else "queue", None, done, 0.0, exec_s, cost=exec_s)
+            return self._decide(o, model)
+        best = None
+        for d in sorted(snap.devices, key=lambda x: (x.backlog_s, -x.free_bytes)):
+            if model.nbytes > d.capacity:
+                continue
+            plan = self._eviction_plan(d, model, snap, self.eviction)
+            if plan is not None:
+                best = self._copy_option(d, model, snap, "swap", "host", self.cost.links.host_path(d.name),
+                                         exec_s, plan[0], plan[1])
+                break
+        return None if best is None else self._decide(best, model)
+
+    def _place_static(self, model: ModelInfo, snap: Snapshot) -> Decision | None:
+        name = self.static_map.get(model.key)
+        if name is None:
+            return Decision(None, False, model.slo_s, reason="not served: no device holds this model")
+        d = next(x for x in snap.devices if x.name == name)
+        exec_s = self.cost.exec_seconds(model.key, model.batch)
+        r = d.residents.get(model.key)
+        if r is not None:
+            done = max(d.backlog_s, r.ready_at - snap.now) + exec_s
+            return self._decide(Option(d.name, "run" if d.backlog_s <= 0 else "queue", None, done, 0.0, exec_s,
+                                       cost=exec_s), model)
+        if model.nbytes > d.free_bytes:
+            return None
+        return self._decide(self._copy_option(d, model, snap, "swap", "host", self.cost.links.host_path(d.name),
+                                              exec_s, [], 0.0), model)
+
+    def _decide(self, o: Option, model: ModelInfo) -> Decision:
+        o.meets_slo = model.slo_s is None or o.completion_s <= model.slo_s * self.slo_margin
+        return Decision(o, o.meets_slo, model.slo_s, [o] if self.keep_options else [])
+
+
+def static_assignment(models: list[tuple[Any, int, float]], devices: list[tuple[str, int]]) -> dict[Any, str]:
+    """Native placement: models (key, bytes, expected load in exec-seconds per second), hottest
+    first, each to the device with the least load that still has room; what fits nowhere is
+    not served. Returns key -> device name."""
+    free = {name: cap for name, cap in devices}
+    load = dict.fromkeys(free, 0.0)
+    out: dict[Any, str] = {}
+    for key, nbytes, work in sorted(models, key=lambda m: -m[2]):
+        fits = [n for n in free if free[n] >= nbytes]
+        if not fits:
+            continue
+        n = min(fits, key=lambda x: (load[x], -free[x]))
+        free[n] -= nbytes
+        load[n] += work
+        out[key] = n
+    return out

@@ -1,0 +1,704 @@
+"""Discrete-event simulator: the real Scheduler, CostModel and eviction policies on virtual time.
+
+    result = simulate(load_scenario("loadtest/scenarios/h100x4.json"), policy="torpor")
+
+What is simulated, and how:
+
+- **Devices**: N GPUs, each with a weight budget (bytes; no fragmentation: the block arena's
+  fragmentation is bounded by eviction, see `torpor.memory`), one request executing at a time,
+  a FIFO queue. Topology is a node template (PCIe per GPU, PCIe-switch siblings, NVLink pairs
+  with bandwidths; `torpor.costmodel.LinkMap`) repeated for every `gpus_per_node` GPUs.
+- **Transfers**: a copy gets its share of the narrowest link on its path when it starts
+  (shared with copies already in flight on those links) and keeps that rate; its first group
+  lands after the first group's bytes at that rate. A device computing a request whose model
+  is still landing starts when the first group has landed and ends no earlier than the last
+  group lands (pipelined swap).
+- **Execution**: the model's profiled time times lognormal noise (`exec_noise`); each measured
+  time refines the CostModel's moving estimate exactly as the engine's measurements do.
+- **Decisions**: `torpor.scheduler.Scheduler.place` on a `Snapshot` the simulator keeps up to
+  date (device states are the simulator's own state objects, not copies); eviction order from
+  `torpor.eviction` (CostAwarePolicy for "torpor", LRUPolicy for "lru-swap"). When no device
+  can make room (everything pinned), the request waits and is retried when work finishes.
+- **Workload** (`make_arrivals`, below): the paper's trace turned into arrivals as its README
+  says, or a synthetic generator with the trace's statistics (optionally Zipf, on/off bursts,
+  diurnal).
+
+Nothing here imports torch: it runs on any machine with numpy.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .costmodel import GB, CostModel, ExecEstimator, LinkMap, TopologyError
+from .eviction import RateMeter
+from .scheduler import POLICIES, DeviceState, ModelInfo, ResidentState, Scheduler, Snapshot, static_assignment
+
+MB = 1e6
+
+
+class ScenarioError(ValueError):
+    """A scenario file with a bad value; the message names the field."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Scenario
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    nbytes: int
+    exec_s: float
+    slo_s: float
+    first_group_bytes: int
+
+
+@dataclass
+class Scenario:
+    name: str
+    gpus: int
+    gpu_memory: int
+    gpus_per_node: int
+    node: dict[str, Any]
+    models: list[ModelSpec]
+    functions: int
+    workload: dict[str, Any]
+    policies: list[str]
+    exec_noise: float = 0.05
+    seed: int = 0
+    search_gpus: int = 0  # >0: find the fewest GPUs (up to this many) reaching `target_attainment`
+    target_attainment: float = 0.99
+    notes: str = ""
+    source: str = ""
+
+    def links(self, n_gpus: int) -> LinkMap:
+        return build_links(self.node, self.gpus_per_node, n_gpus)
+
+
+def _num(spec: dict, key: str, where: str, *, positive: bool = True, default: Any = None, integer: bool = False):
+    v = spec.get(key, default)
+    if v is None:
+        raise ScenarioError(f"{where}.{key}: required")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ScenarioError(f"{where}.{key}: expected a number, got {v!r}")
+    if integer and int(v) != v:
+        raise ScenarioError(f"{where}.{key}: expected an integer, got {v!r}")
+    if positive and v <= 0:
+        raise ScenarioError(f"{where}.{key}: must be positive, got {v!r}")
+    if not positive and v < 0:
+        raise ScenarioError(f"{where}.{key}: must not be negative, got {v!r}")
+    return int(v) if integer else float(v)
+
+
+def load_profiles(path: str | Path) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
+
+
+def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: str = "scenario") -> Scenario:
+    """Validate a scenario dict (see loadtest/scenarios/README.md); errors name the field."""
+    where = "scenario"
+    known = {"name", "gpus", "gpu_memory_GB", "gpus_per_node", "node", "models", "profile", "functions",
+             "workload", "policies", "exec_noise", "seed", "search_gpus", "target_attainment", "notes"}
+    unknown = set(spec) - known
+    if unknown:
+        raise ScenarioError(f"{where}: unknown field(s) {sorted(unknown)}")
+    gpus = _num(spec, "gpus", where, integer=True)
+    mem = int(_num(spec, "gpu_memory_GB", where) * GB)
+    per_node = _num(spec, "gpus_per_node", where, integer=True, default=gpus)
+    node = spec.get("node", {}) or {}
+    if not isinstance(node, dict):
+        raise ScenarioError(f"{where}.node: expected an object")
+    try:
+        build_links(node, per_node, gpus)
+    except TopologyError as e:
+        raise ScenarioError(f"{where}.{e}") from None
+    # the model mix: inline, or a key into a profile file
+    models_spec = spec.get("models")
+    if models_spec is None:
+        prof = spec.get("profile")
+        if not isinstance(prof, str) or "#" not in prof:
+            raise ScenarioError(f"{where}.profile: expected 'FILE#KEY' (or give 'models' inline), got {prof!r}")
+        file, _, key = prof.partition("#")
+        p = Path(file)
+        if not p.is_absolute() and base is not None:
+            p = base / p
+        try:
+            profiles = load_profiles(p)
+        except OSError as e:
+            raise ScenarioError(f"{where}.profile: cannot read {p}: {e}") from None
+        if key not in profiles:
+            raise ScenarioError(f"{where}.profile: no profile {key!r} in {p} (has {sorted(profiles)})")
+        models_spec = profiles[key].get("models")
+    if not isinstance(models_spec, list) or not models_spec:
+        raise ScenarioError(f"{where}.models: expected a non-empty list")
+    models = []
+    for i, m in enumerate(models_spec):
+        w = f"{where}.models[{i}]"
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str):
+            raise ScenarioError(f"{w}.name: required (a string)")
+        nbytes = int(_num(m, "size_MB", w) * MB)
+        if nbytes > mem:
+            raise ScenarioError(f"{w}.size_MB: model {m['name']!r} ({m['size_MB']} MB) is larger than every GPU's "
+                                f"memory ({spec['gpu_memory_GB']} GB)")
+        models.append(ModelSpec(m["name"], nbytes, _num(m, "exec_ms", w) / 1e3, _num(m, "slo_ms", w) / 1e3,
+                                int(_num(m, "first_group_MB", w, default=2.0) * MB)))
+    policies = spec.get("policies", list(POLICIES))
+    if not isinstance(policies, list) or not policies:
+        raise ScenarioError(f"{where}.policies: expected a non-empty list")
+    for i, p in enumerate(policies):
+        if p not in POLICIES:
+            raise ScenarioError(f"{where}.policies[{i}]: unknown policy {p!r}; expected one of {list(POLICIES)}")
+    workload = spec.get("workload", {}) or {}
+    if not isinstance(workload, dict):
+        raise ScenarioError(f"{where}.workload: expected an object")
+    target = _num(spec, "target_attainment", where, default=0.99)
+    if target > 1:
+        raise ScenarioError(f"{where}.target_attainment: must be at most 1, got {target}")
+    return Scenario(
+        name=str(spec.get("name", source)),
+        gpus=gpus,
+        gpu_memory=mem,
+        gpus_per_node=per_node,
+        node=node,
+        models=models,
+        functions=_num(spec, "functions", where, integer=True),
+        workload=workload,
+        policies=list(policies),
+        exec_noise=_num(spec, "exec_noise", where, positive=False, default=0.05),
+        seed=_num(spec, "seed", where, positive=False, integer=True, default=0),
+        search_gpus=_num(spec, "search_gpus", where, positive=False, integer=True, default=0),
+        target_attainment=target,
+        notes=str(spec.get("notes", "")),
+        source=source,
+    )
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    p = Path(path)
+    try:
+        spec = json.loads(p.read_text())
+    except OSError as e:
+        raise ScenarioError(f"cannot read scenario {p}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ScenarioError(f"scenario {p}: not valid JSON: {e}") from None
+    return parse_scenario(spec, base=p.parent, source=str(p))
+
+
+def build_links(node: dict[str, Any], per_node: int, n_gpus: int) -> LinkMap:
+    """The node template repeated over `n_gpus` GPUs (the last node may be partial)."""
+    names = [f"gpu{i}" for i in range(n_gpus)]
+    nodes = -(-n_gpus // per_node)
+    pcie_t = node.get("pcie_GBps", 25.0)
+    spec: dict[str, Any] = {k: v for k, v in node.items() if k in ("switch_GBps", "nvlink_GBps")}
+    pcie = []
+    for i in range(n_gpus):
+        pcie.append(pcie_t[i % per_node] if isinstance(pcie_t, list) and len(pcie_t) == per_node else pcie_t)
+    if isinstance(pcie_t, list) and len(pcie_t) != per_node:
+        raise TopologyError(f"node.pcie_GBps: {len(pcie_t)} values for {per_node} GPUs per node")
+    spec["pcie_GBps"] = pcie if all(isinstance(x, (int, float)) for x in pcie) else pcie_t
+
+    def shift(items: list, n: int, key: str) -> list:
+        out = []
+        for i, it in enumerate(items or []):
+            if not isinstance(it, list):
+                raise TopologyError(f"node.{key}[{i}]: expected a list")
+            idx = [x for x in it if isinstance(x, int) and not isinstance(x, bool)]
+            bad = [x for x in it[:2 if key != "switches" else None] if not isinstance(x, int) or isinstance(x, bool)
+                   or not 0 <= x < per_node]
+            if bad:
+                raise TopologyError(f"node.{key}[{i}]: GPU indices must be 0..{per_node - 1}, got {bad}")
+            del idx
+            if key == "switches":
+                g = [n * per_node + x for x in it if n * per_node + x < n_gpus]
+                if g:
+                    out.append(g)
+            else:
+                a, b = n * per_node + it[0], n * per_node + it[1]
+                if a < n_gpus and b < n_gpus:
+                    out.append([a, b, *it[2:]])
+        return out
+
+    for key in ("switches", "nvlink", "p2p"):
+        if key in node:
+            spec[key] = [x for n in range(nodes) for x in shift(node[key], n, key)]
+    unknown = set(node) - {"pcie_GBps", "switches", "switch_GBps", "nvlink", "nvlink_GBps", "p2p"}
+    if unknown:
+        raise TopologyError(f"node: unknown field(s) {sorted(unknown)}")
+    return LinkMap.from_dict(names, spec, where="node")
+
+
+# ------------------------------------------------------------------------------------------------
+# Workload
+# ------------------------------------------------------------------------------------------------
+
+DEFAULT_TRACE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "torpor-trace-samples.npy"
+TRACE_MINUTE_S = 60.0
+
+
+class WorkloadError(ValueError):
+    """A bad workload field; the message starts with the field's name."""
+
+
+def load_trace(path: str | Path | None = None) -> np.ndarray:
+    """The (functions x minutes) count matrix (see ../shared/data/README.md); no pickle."""
+    p = Path(path) if path else DEFAULT_TRACE
+    if p.is_dir():
+        p = p / "torpor-trace-samples.npy"
+    try:
+        a = np.load(p, allow_pickle=False)
+    except OSError as e:
+        raise WorkloadError(f"trace: cannot read {p}: {e} (use a synthetic workload without it)") from None
+    if a.ndim != 2 or a.min() < 0:
+        raise WorkloadError(f"trace: {p} is not a (functions x minutes) count matrix")
+    return a.astype(np.int64)
+
+
+def trace_counts(trace: np.ndarray, functions: int, minutes: int, rng: np.random.Generator) -> np.ndarray:
+    """N rows drawn from the trace (with replacement only when N exceeds its rows); minutes past
+    its end wrap around. Returns (functions x minutes)."""
+    rows = rng.choice(trace.shape[0], size=functions, replace=functions > trace.shape[0])
+    cols = np.arange(minutes) % trace.shape[1]
+    return trace[rows][:, cols]
+
+
+def synthetic_counts(functions: int, minutes: int, rng: np.random.Generator, *, mean_per_min: float = 9.8,
+                     mean_spread: tuple[float, float] = (4.9, 14.4), minute_cv: float = 0.30, zipf: float = 0.0,
+                     burst_on_frac: float = 1.0, burst_mean_min: float = 5.0, diurnal_amplitude: float = 0.0
+                     ) -> np.ndarray:
+    """Per-minute counts with the trace's statistics by default: per-function means spread
+    uniformly over [4.9, 14.4]/min (the trace's range; mean 9.8), and minute-to-minute
+    variation of a Poisson count around a gamma-distributed rate with coefficient of variation
+    `minute_cv` (0.30 with the Poisson noise gives the trace's ~0.44 per-function CV).
+    Options: `zipf` > 0 gives function i a mean proportional to 1/(i+1)^zipf (same total);
+    `burst_on_frac` < 1 makes each function alternate on/off periods (exponential, mean
+    `burst_mean_min` minutes on) with the rate raised while on to keep the mean; `diurnal_amplitude`
+    in [0, 1) scales the whole load by 1 + a*sin over one period across the run."""
+    if zipf > 0:
+        w = 1.0 / np.arange(1, functions + 1) ** zipf
+        means = w / w.mean() * mean_per_min
+        rng.shuffle(means)
+    else:
+        lo, hi = mean_spread
+        means = rng.uniform(lo, hi, size=functions)
+        means *= mean_per_min / means.mean()
+    shape = 1.0 / minute_cv**2 if minute_cv > 0 else None
+    rate = np.repeat(means[:, None], minutes, axis=1)
+    if shape is not None:
+        rate = rate * rng.gamma(shape, 1.0 / shape, size=rate.shape)
+    if burst_on_frac < 1.0:
+        on = np.zeros((functions, minutes), dtype=bool)
+        off_mean = burst_mean_min * (1 - burst_on_frac) / burst_on_frac
+        for f in range(functions):
+            t, state = 0.0, rng.random() < burst_on_frac
+            while t < minutes:
+                length = rng.exponential(burst_mean_min if state else off_mean)
+                a, b = int(t), int(min(minutes, math.ceil(t + length)))
+                if state:
+                    on[f, a:b] = True
+                t += max(length, 1.0)
+                state = not state
+        rate = rate * on / burst_on_frac
+    if diurnal_amplitude:
+        rate = rate * (1.0 + diurnal_amplitude * np.sin(2 * np.pi * np.arange(minutes) / minutes))[None, :]
+    return rng.poisson(rate)
+
+
+def counts_to_arrivals(counts: np.ndarray, rng: np.random.Generator, scale: float = 1.0
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's harness: for each minute, exponential gaps of mean 60 s / (that minute's total
+    x scale) across the minute, each arrival given to a function with probability proportional
+    to its count in that minute. Returns (times in seconds, function index), sorted by time."""
+    ts, fs = [], []
+    for m in range(counts.shape[1]):
+        col = counts[:, m]
+        total = float(col.sum()) * scale
+        if total <= 0:
+            continue
+        gaps = rng.exponential(TRACE_MINUTE_S / total, size=int(total * 1.3 + 30))
+        t = np.cumsum(gaps)
+        while t[-1] < TRACE_MINUTE_S:
+            t = np.concatenate([t, t[-1] + np.cumsum(rng.exponential(TRACE_MINUTE_S / total, size=int(total) + 30))])
+        t = t[t < TRACE_MINUTE_S]
+        ts.append(m * TRACE_MINUTE_S + t)
+        fs.append(rng.choice(len(col), size=len(t), p=col / col.sum()))
+    if not ts:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    return np.concatenate(ts), np.concatenate(fs).astype(np.int64)
+
+
+def make_arrivals(workload: dict[str, Any], functions: int, *, seed: int = 0,
+                  trace_path: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """From a scenario's workload section: {"kind": "trace" | "synthetic", "duration_s": 1800,
+    "rate_scale": 1.0, "trace": path, plus synthetic_counts' options}. (times, fns, duration)."""
+    known = {"kind", "duration_s", "rate_scale", "trace", "mean_per_min", "minute_cv", "zipf",
+             "burst_on_frac", "burst_mean_min", "diurnal_amplitude"}
+    unknown = set(workload) - known
+    if unknown:
+        raise WorkloadError(f"{sorted(unknown)[0]}: unknown field (expected {sorted(known)})")
+    kind = workload.get("kind", "trace")
+    duration = workload.get("duration_s", 1800)
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration <= 0:
+        raise WorkloadError(f"duration_s: must be a positive number of seconds, got {duration!r}")
+    scale = workload.get("rate_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
+        raise WorkloadError(f"rate_scale: must be positive, got {scale!r}")
+    minutes = int(math.ceil(duration / TRACE_MINUTE_S))
+    rng = np.random.default_rng(seed)
+    if kind == "trace":
+        counts = trace_counts(load_trace(trace_path or workload.get("trace")), functions, minutes, rng)
+    elif kind == "synthetic":
+        opts = {k: workload[k] for k in ("mean_per_min", "minute_cv", "zipf", "burst_on_frac", "burst_mean_min",
+                                         "diurnal_amplitude") if k in workload}
+        for k, v in opts.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise WorkloadError(f"{k}: must be a non-negative number, got {v!r}")
+        if "burst_on_frac" in opts and not 0 < opts["burst_on_frac"] <= 1:
+            raise WorkloadError(f"burst_on_frac: must be in (0, 1], got {opts['burst_on_frac']!r}")
+        counts = synthetic_counts(functions, minutes, rng, **opts)
+    else:
+        raise WorkloadError(f"kind: unknown workload kind {kind!r}; expected 'trace' or 'synthetic'")
+    t, fn = counts_to_arrivals(counts, rng, float(scale))
+    keep = t < duration
+    return t[keep], fn[keep], float(duration)
+
+
+# ------------------------------------------------------------------------------------------------
+# Simulation
+# ------------------------------------------------------------------------------------------------
+
+_DONE, _LANDED = 0, 1
+
+
+@dataclass
+class _Job:
+    rid: int
+    fn: int
+    arrival: float
+    est: float
+    resident: ResidentState
+    meets_pred: bool
+
+
+@dataclass
+class _Dev:
+    state: DeviceState
+    queue: deque = field(default_factory=deque)
+    busy_until: float = 0.0
+    running: bool = False
+    queued_est: float = 0.0
+    busy_s: float = 0.0
+
+
+@dataclass
+class SimResult:
+    policy: str
+    gpus: int
+    requests: int
+    served: int
+    unserved: int
+    attainment: float  # requests within their SLO / all requests
+    compliant_functions: float  # functions whose p98 latency is within SLO / functions with requests
+    p50_ms: float
+    p99_ms: float
+    swaps: int
+    peer_copies: int
+    bytes_moved: int
+    evictions: int
+    gpu_busy: float  # busy seconds / (GPUs x duration)
+    waits: int  # requests that found no room at first and waited
+    wall_s: float
+    duration_s: float
+    gpus_needed: int | None = None
+    gpus_searched: int = 0
+    actions: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Simulation:
+    def __init__(self, scenario: Scenario, policy: str, n_gpus: int | None = None):
+        if policy not in POLICIES:
+            raise ScenarioError(f"policy: unknown policy {policy!r}; expected one of {list(POLICIES)}")
+        self.sc = scenario
+        self.policy = policy
+        self.n = n_gpus or scenario.gpus
+        self.links = scenario.links(self.n)
+        mix = scenario.models
+        self.fn_model = [mix[f % len(mix)] for f in range(scenario.functions)]
+        est = ExecEstimator()
+        for f, m in enumerate(self.fn_model):
+            est.seed(f, m.exec_s)  # the load-time profile (a few warm runs in the engine)
+        self.cost = CostModel(self.links, est)
+        self.devs = [_Dev(DeviceState(name, scenario.gpu_memory, scenario.gpu_memory, version=0))
+                     for name in self.links.devices]
+        self.by_name = {d.state.name: d for d in self.devs}
+        self.rates = [RateMeter(tau=60.0) for _ in range(scenario.functions)]
+        self.holder_count: dict[int, int] = {}
+        self.inflight: dict[str, int] = {}
+        self.snap = Snapshot(0.0, [d.state for d in self.devs], self.inflight,
+                             lambda k: self.rates[k].rate(self.snap.now), self.holder_count)
+        self.first_at: dict[tuple[str, int], float] = {}
+        self.static_map: dict[int, str] = {}
+        self.scheduler = Scheduler(self.cost, policy)
+        self.models = [ModelInfo(f, m.nbytes, m.first_group_bytes, m.slo_s) for f, m in enumerate(self.fn_model)]
+
+    def _prepare_static(self, arrivals_fn: np.ndarray, duration: float) -> None:
+        counts = np.bincount(arrivals_fn, minlength=self.sc.functions)
+        items = [(f, m.nbytes, counts[f] / duration * m.exec_s) for f, m in enumerate(self.fn_model)]
+        self.static_map = static_assignment(items, [(d.state.name, d.state.capacity) for d in self.devs])
+        self.scheduler.static_map = self.static_map
+        for f, name in self.static_map.items():  # native: loaded before traffic, resident forever
+            self._add_resident(self.by_name[name], f, 0.0, 0.0)
+
+    def _add_resident(self, d: _Dev, f: int, first: float, full: float) -> ResidentState:
+        r = ResidentState(f, self.models[f].nbytes, ready_at=full, last_used=self.snap.now)
+        d.state.residents[f] = r
+        d.state.version += 1
+        d.state.free_bytes -= r.nbytes
+        self.holder_count[f] = self.holder_count.get(f, 0) + 1
+        self.first_at[(d.state.name, f)] = first
+        return r
+
+    def _evict(self, d: _Dev, f: int) -> None:
+        r = d.state.residents.pop(f)
+        d.state.version += 1
+        d.state.free_bytes += r.nbytes
+        self.holder_count[f] -= 1
+        self.first_at.pop((d.state.name, f), None)
+
+    def run(self, arrivals_t: np.ndarray, arrivals_fn: np.ndarray, duration: float) -> SimResult:
+        t_wall = time.perf_counter()
+        rng = np.random.default_rng(self.sc.seed + 1)
+        noise = (rng.lognormal(0.0, self.sc.exec_noise, size=len(arrivals_t)) if self.sc.exec_noise
+                 else np.ones(len(arrivals_t)))
+        if self.policy == "static":
+            self._prepare_static(arrivals_fn, duration)
+        n_req = len(arrivals_t)
+        latency = np.full(n_req, np.inf)
+        heap: list = []
+        seq = 0
+        pending: deque = deque()
+        swaps = peers = moved = evictions = waits = unserved = 0
+        actions: dict[str, int] = {}
+        snap, sched, cost = self.snap, self.scheduler, self.cost
+        devs, by_name = self.devs, self.by_name
+        fn_model, models, rates = self.fn_model, self.models, self.rates
+
+        def start_next(d: _Dev, now: float) -> None:
+            nonlocal seq
+            if d.running or not d.queue:
+                return
+            job: _Job = d.queue.popleft()
+            d.queued_est -= job.est
+            r = job.resident
+            begin = max(now, self.first_at.get((d.state.name, job.fn), 0.0))
+            ex = fn_model[job.fn].exec_s * noise[job.rid]
+            done = max(begin + ex, r.ready_at)
+            d.running = True
+            d.busy_until = done
+            d.busy_s += done - now
+            heapq.heappush(heap, (done, seq, _DONE, (d, job, ex)))
+            seq += 1
+
+        def try_place(rid: int, f: int, arrival: float, now: float) -> bool:
+            nonlocal seq, swaps, peers, moved, evictions, unserved
+            snap.now = now
+            for d in devs:
+                d.state.backlog_s = (max(0.0, d.busy_until - now) if d.running else 0.0) + d.queued_est
+            dec = sched.place(models[f], snap)
+            if dec is None:
+                return False
+            o = dec.option
+            if o is None:
+                unserved += 1
+                return True
+            actions[o.action] = actions.get(o.action, 0) + 1
+            d = by_name[o.device]
+            if o.action in ("swap", "peer"):
+                for v in o.evict:
+                    self._evict(d, v)
+                    evictions += 1
+                first = cost.transfer_seconds(models[f].first_group_bytes, o.path, self.inflight)
+                r = self._add_resident(d, f, now + first, now + o.transfer_s)
+                for lk in o.path:
+                    self.inflight[lk] = self.inflight.get(lk, 0) + 1
+                heapq.heappush(heap, (now + o.transfer_s, seq, _LANDED, o.path))
+                seq += 1
+                moved += o.bytes_moved
+                if o.action == "peer":
+                    peers += 1
+                    src = by_name[o.source].state.residents[f]
+                    src.locked_until = max(src.locked_until, now + o.transfer_s)
+                else:
+                    swaps += 1
+            else:
+                r = d.state.residents[f]
+            r.pins += 1
+            r.last_used = now
+            est = cost.exec_seconds(f)
+            d.queue.append(_Job(rid, f, arrival, est, r, dec.meets_slo))
+            d.queued_est += est
+            start_next(d, now)
+            return True
+
+        def handle(ev: tuple) -> None:
+            t, _, kind, data = ev
+            if kind == _LANDED:
+                for lk in data:
+                    self.inflight[lk] -= 1
+                return
+            d, job, ex = data
+            latency[job.rid] = t - job.arrival
+            job.resident.pins -= 1
+            job.resident.last_used = t
+            cost.observe_exec(job.fn, ex)
+            d.running = False
+            start_next(d, t)
+            if pending:
+                for _ in range(len(pending)):
+                    rid, f, arr = pending.popleft()
+                    if not try_place(rid, f, arr, t):
+                        pending.append((rid, f, arr))
+
+        for i in range(n_req):
+            t = float(arrivals_t[i])
+            while heap and heap[0][0] <= t:
+                handle(heapq.heappop(heap))
+            f = int(arrivals_fn[i])
+            rates[f].hit(t)
+            if not try_place(i, f, t, t):
+                waits += 1
+                pending.append((i, f, t))
+        while heap:
+            handle(heapq.heappop(heap))
+
+        slo = np.array([fn_model[int(f)].slo_s for f in arrivals_fn]) if n_req else np.zeros(0)
+        ok = latency <= slo
+        served = latency[np.isfinite(latency)]
+        # per-function compliance at p98, as the paper counts it
+        compliant = total_fns = 0
+        if n_req:
+            order = np.argsort(arrivals_fn, kind="stable")
+            fns_sorted = arrivals_fn[order]
+            bounds = np.flatnonzero(np.diff(fns_sorted)) + 1
+            for grp in np.split(order, bounds):
+                total_fns += 1
+                lat = latency[grp]
+                p98 = np.inf if not np.all(np.isfinite(lat)) else float(np.percentile(lat, 98))
+                compliant += p98 <= fn_model[int(arrivals_fn[grp[0]])].slo_s
+        span = max(duration, float(max((d.busy_until for d in devs), default=0.0)))
+        return SimResult(
+            policy=self.policy,
+            gpus=self.n,
+            requests=n_req,
+            served=int(served.size),
+            unserved=unserved,
+            attainment=float(ok.mean()) if n_req else 1.0,
+            compliant_functions=compliant / total_fns if total_fns else 1.0,
+            p50_ms=float(np.percentile(served, 50) * 1e3) if served.size else math.nan,
+            p99_ms=float(np.percentile(served, 99) * 1e3) if served.size else math.nan,
+            swaps=swaps,
+            peer_copies=peers,
+            bytes_moved=moved,
+            evictions=evictions,
+            gpu_busy=sum(d.busy_s for d in devs) / (self.n * span) if span else 0.0,
+            waits=waits,
+            wall_s=time.perf_counter() - t_wall,
+            duration_s=duration,
+            actions=actions,
+        )
+
+
+def scenario_arrivals(sc: Scenario, trace_path: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    try:
+        return make_arrivals(sc.workload, sc.functions, seed=sc.seed, trace_path=trace_path)
+    except WorkloadError as e:
+        raise ScenarioError(f"scenario.workload.{e}") from None
+
+
+def simulate(sc: Scenario, policy: str, n_gpus: int | None = None, *, arrivals=None,
+             trace_path: str | Path | None = None) -> SimResult:
+    t, fn, duration = arrivals if arrivals is not None else scenario_arrivals(sc, trace_path)
+    return Simulation(sc, policy, n_gpus).run(t, fn, duration)
+
+
+def gpus_needed(sc: Scenario, policy: str, arrivals, *, limit: int, target: float | None = None) -> int | None:
+    """The fewest GPUs (1..limit) at which `policy` reaches the target SLO attainment (binary
+    search; attainment is taken to grow with GPUs). None if `limit` is not enough."""
+    target = sc.target_attainment if target is None else target
+    lo, hi = 1, limit
+    if simulate(sc, policy, hi, arrivals=arrivals).attainment < target:
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if simulate(sc, policy, mid, arrivals=arrivals).attainment >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def compare(sc: Scenario, *, policies: list[str] | None = None, trace_path: str | Path | None = None,
+            search_gpus: int | None = None) -> dict[str, Any]:
+    """Every policy on the same arrivals; the fewest GPUs each needs when `search_gpus` > 0."""
+    arrivals = scenario_arrivals(sc, trace_path)
+    search = sc.search_gpus if search_gpus is None else search_gpus
+    results = []
+    for p in policies or sc.policies:
+        r = simulate(sc, p, arrivals=arrivals)
+        if search:
+            t0 = time.perf_counter()
+            r.gpus_needed = gpus_needed(sc, p, arrivals, limit=search)
+            r.gpus_searched = search
+            r.wall_s += time.perf_counter() - t0
+        results.append(r)
+    t, fn, duration = arrivals
+    return {
+        "scenario": sc.name,
+        "source": sc.source,
+        "gpus": sc.gpus,
+        "gpu_memory_GB": sc.gpu_memory / GB,
+        "functions": sc.functions,
+        "models": [m.__dict__ for m in sc.models],
+        "total_model_GB": sum(sc.models[f % len(sc.models)].nbytes for f in range(sc.functions)) / GB,
+        "requests": int(len(t)),
+        "duration_s": duration,
+        "workload": sc.workload,
+        "target_attainment": sc.target_attainment,
+        "topology": sc.links(sc.gpus).as_dict(),
+        "results": [r.as_dict() for r in results],
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    head = (f"{report['scenario']}: {report['gpus']} GPUs x {report['gpu_memory_GB']:.0f} GB, "
+            f"{report['functions']} functions ({report['total_model_GB']:.0f} GB of models), "
+            f"{report['requests']} requests over {report['duration_s'] / 60:.0f} min")
+    cols = ["policy", "SLO met", "fns ok", "p50 ms", "p99 ms", "swaps", "peer", "GB moved", "evict",
+            "busy", "unserved", f"GPUs@{report['target_attainment']:.0%}", "wall s"]
+    rows = []
+    for r in report["results"]:
+        need = r.get("gpus_needed")
+        rows.append([
+            r["policy"], f"{r['attainment']:.2%}", f"{r['compliant_functions']:.1%}", f"{r['p50_ms']:.1f}",
+            f"{r['p99_ms']:.1f}", str(r["swaps"]), str(r["peer_copies"]), f"{r['bytes_moved'] / GB:.0f}",
+            str(r["evictions"]), f"{r['gpu_busy']:.0%}", str(r["unserved"]),
+            "-" if not r["gpus_searched"] else (f">{r['gpus_searched']}" if need is None else str(need)),
+            f"{r['wall_s']:.1f}",
+        ])
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
+    return "\n".join([head, line(cols), line(["-" * w for w in widths]), *(line(r) for r in rows)])
