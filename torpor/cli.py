@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of each GPU's free memory Torpor reserves for model weights (default 0.8)")
     s.add_argument("--device-memory-bytes", default=None,
                    help="arena size per device, e.g. 40GiB (CPU virtual devices default to 2GiB)")
+    sim = sub.add_parser("simulate", help="compare scheduling policies in the discrete-event simulator")
+    from .simulator import add_arguments
+
+    add_arguments(sim)
     return p
 
 
@@ -178,6 +182,10 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "simulate":
+        from .simulator import run_cli
+
+        sys.exit(run_cli(args))
     logging.basicConfig(level=logging.INFO if args.log_verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -29,6 +29,7 @@ Nothing here imports torch: it runs on any machine with numpy.
 from __future__ import annotations
 
 import heapq
+import sys
 import json
 import math
 import time
@@ -379,6 +380,7 @@ def make_arrivals(workload: dict[str, Any], functions: int, *, seed: int = 0,
 # ------------------------------------------------------------------------------------------------
 
 _DONE, _LANDED = 0, 1
+_RETRIES = 4
 
 
 @dataclass
@@ -422,6 +424,7 @@ class SimResult:
     duration_s: float
     gpus_needed: int | None = None
     gpus_searched: int = 0
+    stopped: bool = False
     actions: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -479,7 +482,11 @@ class Simulation:
         self.holder_count[f] -= 1
         self.first_at.pop((d.state.name, f), None)
 
-    def run(self, arrivals_t: np.ndarray, arrivals_fn: np.ndarray, duration: float) -> SimResult:
+    def run(self, arrivals_t: np.ndarray, arrivals_fn: np.ndarray, duration: float, *,
+            stop_below: float | None = None) -> SimResult:
+        """Replay the arrivals. `stop_below`: give up (attainment reported as an upper bound,
+        `stopped` set) once more requests have missed their SLO than that attainment allows;
+        the GPU-count search uses it to skip hopeless configurations."""
         t_wall = time.perf_counter()
         rng = np.random.default_rng(self.sc.seed + 1)
         noise = (rng.lognormal(0.0, self.sc.exec_noise, size=len(arrivals_t)) if self.sc.exec_noise
@@ -493,6 +500,9 @@ class Simulation:
         pending: deque = deque()
         swaps = peers = moved = evictions = waits = unserved = 0
         actions: dict[str, int] = {}
+        misses = 0
+        allowed = math.inf if stop_below is None else (1.0 - stop_below) * len(arrivals_t)
+        stopped = False
         snap, sched, cost = self.snap, self.scheduler, self.cost
         devs, by_name = self.devs, self.by_name
         fn_model, models, rates = self.fn_model, self.models, self.rates
@@ -514,7 +524,7 @@ class Simulation:
             seq += 1
 
         def try_place(rid: int, f: int, arrival: float, now: float) -> bool:
-            nonlocal seq, swaps, peers, moved, evictions, unserved
+            nonlocal seq, swaps, peers, moved, evictions, unserved, misses
             snap.now = now
             for d in devs:
                 d.state.backlog_s = (max(0.0, d.busy_until - now) if d.running else 0.0) + d.queued_est
@@ -524,6 +534,7 @@ class Simulation:
             o = dec.option
             if o is None:
                 unserved += 1
+                misses += 1
                 return True
             actions[o.action] = actions.get(o.action, 0) + 1
             d = by_name[o.device]
@@ -560,18 +571,23 @@ class Simulation:
                 for lk in data:
                     self.inflight[lk] -= 1
                 return
+            nonlocal misses
             d, job, ex = data
             latency[job.rid] = t - job.arrival
+            if t - job.arrival > fn_model[job.fn].slo_s:
+                misses += 1
             job.resident.pins -= 1
             job.resident.last_used = t
             cost.observe_exec(job.fn, ex)
             d.running = False
             start_next(d, t)
-            if pending:
-                for _ in range(len(pending)):
-                    rid, f, arr = pending.popleft()
-                    if not try_place(rid, f, arr, t):
-                        pending.append((rid, f, arr))
+            # Waiting requests retry in arrival order, a few per completion (a completion frees
+            # at most one pin; rescanning a long backlog each time would be quadratic).
+            for _ in range(min(len(pending), _RETRIES)):
+                rid, f, arr = pending[0]
+                if not try_place(rid, f, arr, t):
+                    break
+                pending.popleft()
 
         for i in range(n_req):
             t = float(arrivals_t[i])
@@ -579,11 +595,16 @@ class Simulation:
                 handle(heapq.heappop(heap))
             f = int(arrivals_fn[i])
             rates[f].hit(t)
-            if not try_place(i, f, t, t):
+            if pending or not try_place(i, f, t, t):
                 waits += 1
                 pending.append((i, f, t))
-        while heap:
+            if misses > allowed:
+                stopped = True
+                break
+        while heap and not stopped:
             handle(heapq.heappop(heap))
+            if misses > allowed:
+                stopped = True
 
         slo = np.array([fn_model[int(f)].slo_s for f in arrivals_fn]) if n_req else np.zeros(0)
         ok = latency <= slo
@@ -606,7 +627,7 @@ class Simulation:
             requests=n_req,
             served=int(served.size),
             unserved=unserved,
-            attainment=float(ok.mean()) if n_req else 1.0,
+            attainment=(1.0 - misses / n_req if stopped else float(ok.mean())) if n_req else 1.0,
             compliant_functions=compliant / total_fns if total_fns else 1.0,
             p50_ms=float(np.percentile(served, 50) * 1e3) if served.size else math.nan,
             p99_ms=float(np.percentile(served, 99) * 1e3) if served.size else math.nan,
@@ -619,6 +640,7 @@ class Simulation:
             wall_s=time.perf_counter() - t_wall,
             duration_s=duration,
             actions=actions,
+            stopped=stopped,
         )
 
 
@@ -630,9 +652,9 @@ def scenario_arrivals(sc: Scenario, trace_path: str | Path | None = None) -> tup
 
 
 def simulate(sc: Scenario, policy: str, n_gpus: int | None = None, *, arrivals=None,
-             trace_path: str | Path | None = None) -> SimResult:
+             trace_path: str | Path | None = None, stop_below: float | None = None) -> SimResult:
     t, fn, duration = arrivals if arrivals is not None else scenario_arrivals(sc, trace_path)
-    return Simulation(sc, policy, n_gpus).run(t, fn, duration)
+    return Simulation(sc, policy, n_gpus).run(t, fn, duration, stop_below=stop_below)
 
 
 def gpus_needed(sc: Scenario, policy: str, arrivals, *, limit: int, target: float | None = None) -> int | None:
@@ -640,11 +662,11 @@ def gpus_needed(sc: Scenario, policy: str, arrivals, *, limit: int, target: floa
     search; attainment is taken to grow with GPUs). None if `limit` is not enough."""
     target = sc.target_attainment if target is None else target
     lo, hi = 1, limit
-    if simulate(sc, policy, hi, arrivals=arrivals).attainment < target:
+    if simulate(sc, policy, hi, arrivals=arrivals, stop_below=target).attainment < target:
         return None
     while lo < hi:
         mid = (lo + hi) // 2
-        if simulate(sc, policy, mid, arrivals=arrivals).attainment >= target:
+        if simulate(sc, policy, mid, arrivals=arrivals, stop_below=target).attainment >= target:
             hi = mid
         else:
             lo = mid + 1
@@ -702,3 +724,53 @@ def format_table(report: dict[str, Any]) -> str:
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
     return "\n".join([head, line(cols), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line (`torpor simulate`, loadtest/simulate.py)
+# ------------------------------------------------------------------------------------------------
+
+DEFAULT_SCENARIO = Path(__file__).resolve().parent.parent / "loadtest" / "scenarios" / "h100x4.json"
+
+
+def add_arguments(p: Any) -> None:
+    p.add_argument("--scenario", default=str(DEFAULT_SCENARIO), help="scenario JSON (default: %(default)s)")
+    p.add_argument("--policy", action="append", choices=list(POLICIES),
+                   help="policy to run (repeatable; default: the scenario's list)")
+    p.add_argument("--gpus", type=int, default=None, help="override the scenario's GPU count")
+    p.add_argument("--functions", type=int, default=None, help="override the scenario's function count")
+    p.add_argument("--duration", type=float, default=None, help="override the workload's duration (s)")
+    p.add_argument("--workload", choices=["trace", "synthetic"], default=None, help="override the workload kind")
+    p.add_argument("--trace", default=None, help="trace .npy (default: ../shared/data/ beside the project)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--search-gpus", type=int, default=None,
+                   help="find the fewest GPUs (up to N) reaching the target attainment; 0: skip")
+    p.add_argument("--json", default=None, help="write the report here (default: sim-<scenario>.json)")
+
+
+def run_cli(args: Any) -> int:
+    try:
+        p = Path(args.scenario)
+        spec = json.loads(p.read_text())
+        for attr, key in (("gpus", "gpus"), ("functions", "functions"), ("seed", "seed")):
+            if getattr(args, attr) is not None:
+                spec[key] = getattr(args, attr)
+        if args.duration is not None or args.workload is not None:
+            spec["workload"] = dict(spec.get("workload") or {})
+            if args.duration is not None:
+                spec["workload"]["duration_s"] = args.duration
+            if args.workload is not None:
+                spec["workload"]["kind"] = args.workload
+        sc = parse_scenario(spec, base=p.parent, source=str(p))
+        report = compare(sc, policies=args.policy, trace_path=args.trace, search_gpus=args.search_gpus)
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"torpor simulate: cannot read scenario {args.scenario}: {e}", file=sys.stderr)
+        return 2
+    except (ScenarioError, WorkloadError, TopologyError) as e:
+        print(f"torpor simulate: {e}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    out = Path(args.json or f"sim-{sc.name}.json")
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"wrote {out}")
+    return 0
