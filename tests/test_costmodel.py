@@ -1,0 +1,88 @@
+"""CostModel: link paths, bandwidth sharing, pipelined completion, exec estimates, SLOs."""
+
+import pytest
+
+from torpor.costmodel import GB, CostModel, ExecEstimator, LinkMap, TopologyError, slo_seconds
+
+DEVS = ["gpu0", "gpu1", "gpu2", "gpu3"]
+
+
+def links():
+    return LinkMap.from_dict(DEVS, {"pcie_GBps": 25, "switches": [[0, 1], [2, 3]], "switch_GBps": 50,
+                                    "nvlink": [[0, 3, 150]], "p2p": [[1, 2]]})
+
+
+def test_paths():
+    lm = links()
+    assert lm.host_path("gpu0") == ("pcie:gpu0", "switch:sw0")
+    assert lm.peer_path("gpu3", "gpu0") == ("nvlink:gpu3>gpu0",)
+    assert lm.peer_path("gpu1", "gpu2") == ("pcie:gpu1", "switch:sw0", "pcie:gpu2", "switch:sw1")
+    assert lm.peer_path("gpu0", "gpu1") is None
+    assert lm.siblings("gpu0") == ["gpu1"]
+    d = lm.as_dict()
+    assert {x["link"] for x in d["links"]} >= {"pcie:gpu0", "switch:sw1", "nvlink:gpu0>gpu3"}
+
+
+def test_bandwidth_sharing():
+    lm = links()
+    path = lm.host_path("gpu0")
+    assert lm.effective_bandwidth(path, {}) == 25 * GB
+    # one copy already on this GPU's link: half of it
+    assert lm.effective_bandwidth(path, {"pcie:gpu0": 1}) == 12.5 * GB
+    # the sibling's copies share the 50 GB/s uplink: 3 in flight -> 12.5 GB/s, narrower than PCIe
+    assert lm.effective_bandwidth(path, {"switch:sw0": 3}) == 12.5 * GB
+    # one sibling copy: uplink 25 GB/s each, PCIe link 25: still 25
+    assert lm.effective_bandwidth(path, {"switch:sw0": 1}) == 25 * GB
+    cm = CostModel(lm, transfer_latency_s=0.0)
+    assert cm.transfer_seconds(int(25 * GB), path, {"pcie:gpu0": 1}) == pytest.approx(2.0)
+    assert cm.nominal_seconds(int(25 * GB), path) == pytest.approx(1.0)
+
+
+def test_pipelined_completion():
+    c = CostModel.completion
+    assert c(0.0, 0.100, 0.030, 0.002) == pytest.approx(0.102)  # transfer-bound
+    assert c(0.0, 0.010, 0.030, 0.002) == pytest.approx(0.032)  # compute-bound
+    assert c(0.050, 0.040, 0.030, 0.002) == pytest.approx(0.080)  # copy hidden by the queue wait
+    assert c(0.020, 0.100, 0.030, 0.002) == pytest.approx(0.020 + 0.080 + 0.002)
+
+
+def test_exec_estimator_moving_average_and_batches():
+    e = ExecEstimator(alpha=0.5, default_s=0.01)
+    assert e.estimate("m") == 0.01
+    e.seed("m", 0.020)
+    e.observe("m", 0.040)
+    assert e.estimate("m") == pytest.approx(0.030)
+    assert e.estimate("m", batch=4) == pytest.approx(0.120)  # scaled from batch 1
+    e.observe("m", 0.050, batch=4)
+    assert e.estimate("m", batch=4) == pytest.approx(0.050)
+
+
+def test_observed_swap_refines_pcie_bandwidth():
+    lm = links()
+    cm = CostModel(lm, transfer_latency_s=0.0)
+    cm.observe_swap("gpu0", int(1 * GB), 1 / 50, source="host")  # measured 50 GB/s
+    assert lm.bandwidth("pcie:gpu0") == pytest.approx(25 * GB + 0.2 * 25 * GB)
+    assert lm.measured["pcie:gpu0"]
+
+
+@pytest.mark.parametrize("spec, field", [
+    ({"pcie_GBps": -5}, "pcie_GBps"),
+    ({"nvlink": [[0, 1, 0]]}, "nvlink[0]"),
+    ({"nvlink": [[0, 9, 100]]}, "nvlink[0]"),
+    ({"switches": [[0, 1], [1, 2]]}, "switches[1]"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_bad_topology_names_field(spec, field):
+    with pytest.raises(TopologyError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        LinkMap.from_dict(DEVS, spec)
+
+
+def test_slo_resolution():
+    assert slo_seconds({"torpor.slo_ms": "80"}, 500) == pytest.approx(0.080)
+    assert slo_seconds({}, 500) == pytest.approx(0.5)
+    assert slo_seconds({}, None) is None
+    assert slo_seconds({"torpor.slo_ms": "80"}, None, timeout_s=0.05) == pytest.approx(0.05)  # tightens
+    assert slo_seconds({"torpor.slo_ms": "80"}, None, timeout_s=1.0) == pytest.approx(0.08)  # never loosens
+    assert slo_seconds({}, None, timeout_s=0.2) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="torpor.slo_ms"):
+        slo_seconds({"torpor.slo_ms": "fast"}, None)

@@ -1,0 +1,133 @@
+"""Scheduler on small hand-built snapshots: each action where it should be chosen."""
+
+import pytest
+
+from torpor.costmodel import GB, CostModel, ExecEstimator, LinkMap
+from torpor.eviction import LRUPolicy
+from torpor.scheduler import DeviceState, ModelInfo, ResidentState, Scheduler, Snapshot, static_assignment
+
+MB = 10**6
+DEVS = ["gpu0", "gpu1", "gpu2", "gpu3"]
+
+
+def cost(exec_s=0.010):
+    lm = LinkMap.from_dict(DEVS, {"pcie_GBps": 25, "switches": [[0, 1], [2, 3]],
+                                  "nvlink": [[0, 1, 150], [2, 3, 150]]})
+    est = ExecEstimator(default_s=exec_s)
+    return CostModel(lm, est, transfer_latency_s=0.0)
+
+
+def devices(cap=10 * GB):
+    return [DeviceState(n, cap, cap) for n in DEVS]
+
+
+def put(d: DeviceState, key, nbytes, *, pins=0, last_used=0.0, ready_at=0.0):
+    d.residents[key] = ResidentState(key, nbytes, ready_at=ready_at, pins=pins, last_used=last_used)
+    d.free_bytes -= nbytes
+
+
+def model(key="m", nbytes=500 * MB, slo=0.100):
+    return ModelInfo(key, nbytes, 2 * MB, slo)
+
+
+def test_run_where_resident_and_idle():
+    ds = devices()
+    put(ds[2], "m", 500 * MB)
+    dec = Scheduler(cost()).place(model(), Snapshot(10.0, ds))
+    assert (dec.device, dec.action, dec.option.source) == ("gpu2", "run", None)
+    assert dec.meets_slo and dec.option.bytes_moved == 0
+
+
+def test_queue_behind_work_when_it_still_meets_the_slo():
+    ds = devices()
+    put(ds[2], "m", 500 * MB)
+    ds[2].backlog_s = 0.040  # 40 ms + 10 ms exec < 90 ms: queue, no copy
+    dec = Scheduler(cost()).place(model(), Snapshot(10.0, ds))
+    assert (dec.device, dec.action) == ("gpu2", "queue")
+    assert dec.option.completion_s == pytest.approx(0.050)
+
+
+def test_peer_copy_over_nvlink_when_queue_would_miss():
+    ds = devices()
+    put(ds[0], "m", 500 * MB)
+    ds[0].backlog_s = 0.200  # queueing misses a 100 ms SLO
+    dec = Scheduler(cost(), keep_options=True).place(model(), Snapshot(10.0, ds))
+    # gpu1 has NVLink to gpu0: 500 MB at 150 GB/s ~ 3.3 ms, cheaper than a 20 ms host swap
+    assert (dec.device, dec.action, dec.option.source) == ("gpu1", "peer", "gpu0")
+    assert dec.meets_slo
+    actions = {(o.device, o.action) for o in dec.options}
+    assert ("gpu0", "queue") in actions and ("gpu2", "swap") in actions
+    assert ("gpu2", "peer") not in actions  # no path gpu0 -> gpu2
+
+
+def test_host_swap_when_not_resident_anywhere_and_fastest_when_none_meets_slo():
+    ds = devices()
+    dec = Scheduler(cost()).place(model(), Snapshot(10.0, ds))
+    assert dec.action == "swap" and dec.option.source == "host"
+    assert dec.option.transfer_s == pytest.approx(0.020)
+    assert dec.option.completion_s == pytest.approx(0.020 + 2 * MB / (25 * GB))
+    # 5 GB at 25 GB/s = 200 ms > 100 ms SLO: nothing meets it, the fastest is taken
+    big = Scheduler(cost()).place(model("big", 5 * GB), Snapshot(10.0, devices()))
+    assert not big.meets_slo and big.action == "swap"
+
+
+def test_host_swap_avoids_busy_links():
+    ds = devices()
+    inflight = {"pcie:gpu0": 2, "pcie:gpu1": 2, "switch:sw0": 4}
+    dec = Scheduler(cost()).place(model(), Snapshot(10.0, ds, inflight))
+    assert dec.device in ("gpu2", "gpu3")  # gpu0/gpu1 get a third of their link
+
+
+def test_eviction_prefers_cold_over_hot_and_skips_pinned():
+    ds = devices(cap=1 * GB)
+    d = ds[0]
+    put(d, "hot", 300 * MB, last_used=1.0)
+    put(d, "cold", 300 * MB, last_used=5.0)
+    put(d, "busy", 300 * MB, pins=1)
+    for o in ds[1:]:  # make every other device full of pinned models
+        put(o, "p" + o.name, 1 * GB, pins=1)
+    rates = {"hot": 5.0, "cold": 0.001}
+    snap = Snapshot(10.0, ds, rate=lambda k: rates.get(k, 0.0))
+    dec = Scheduler(cost()).place(model(nbytes=300 * MB), snap)
+    assert dec.device == "gpu0" and dec.option.evict == ["cold"]
+    # LRU evicts the least recently used, hot or not
+    dec = Scheduler(cost(), "lru-swap").place(model(nbytes=300 * MB), snap)
+    assert dec.option.evict == ["hot"]
+    # nothing evictable enough anywhere: wait
+    assert Scheduler(cost()).place(model(nbytes=800 * MB), snap) is None
+
+
+def test_landing_copy_counts_as_resident():
+    ds = devices()
+    put(ds[3], "m", 500 * MB, ready_at=10.015)  # still landing for 15 ms
+    dec = Scheduler(cost()).place(model(), Snapshot(10.0, ds))
+    assert (dec.device, dec.action) == ("gpu3", "run")
+    assert dec.option.completion_s == pytest.approx(0.025)
+
+
+def test_lru_swap_baseline_least_loaded_no_peer():
+    ds = devices()
+    for i, d in enumerate(ds):
+        d.backlog_s = 0.05 * (4 - i)
+    s = Scheduler(cost(), "lru-swap")
+    assert isinstance(s.eviction, LRUPolicy)
+    assert s.place(model(), Snapshot(10.0, ds)).device == "gpu3"
+    put(ds[0], "m", 500 * MB)
+    dec = s.place(model(), Snapshot(10.0, ds))
+    assert (dec.device, dec.action) == ("gpu0", "queue")  # no SLO awareness: queues at the holder
+
+
+def test_static_baseline():
+    placement = static_assignment([("a", 6 * GB, 1.0), ("b", 6 * GB, 0.5), ("c", 6 * GB, 0.1)],
+                                  [("gpu0", 10 * GB), ("gpu1", 10 * GB)])
+    assert placement == {"a": "gpu0", "b": "gpu1"}  # c fits nowhere: not served
+    s = Scheduler(cost(), "static", static_map=placement)
+    ds = devices()
+    assert s.place(model("c"), Snapshot(0.0, ds)).option is None
+    dec = s.place(model("b"), Snapshot(0.0, ds))
+    assert dec.device == "gpu1" and dec.action == "swap"
+
+
+def test_unknown_policy():
+    with pytest.raises(ValueError, match="unknown scheduling policy"):
+        Scheduler(cost(), "random")

@@ -1,0 +1,115 @@
+"""Simulator: scenario validation, workload statistics, a small comparison, speed."""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from torpor.simulator import (
+    DEFAULT_TRACE,
+    ScenarioError,
+    compare,
+    counts_to_arrivals,
+    format_table,
+    load_scenario,
+    make_arrivals,
+    parse_scenario,
+    simulate,
+    synthetic_counts,
+)
+
+SCENARIOS = Path(__file__).resolve().parent.parent / "loadtest" / "scenarios"
+
+
+def small(**over):
+    spec = {
+        "name": "small", "gpus": 2, "gpu_memory_GB": 2, "gpus_per_node": 2,
+        "node": {"pcie_GBps": 25, "nvlink": [[0, 1, 150]]},
+        "models": [{"name": "a", "size_MB": 300, "exec_ms": 5, "slo_ms": 50},
+                   {"name": "b", "size_MB": 900, "exec_ms": 20, "slo_ms": 150}],
+        "functions": 12, "workload": {"kind": "synthetic", "duration_s": 300}, "seed": 3,
+    }
+    spec.update(over)
+    return spec
+
+
+@pytest.mark.parametrize("over, field", [
+    ({"node": {"pcie_GBps": -1}}, "pcie_GBps"),
+    ({"node": {"nvlink": [[0, 1, -150]]}}, "nvlink[0]"),
+    ({"policies": ["torpor", "fifo"]}, "policies[1]"),
+    ({"models": [{"name": "huge", "size_MB": 5000, "exec_ms": 5, "slo_ms": 50}]}, r"models\[0\].size_MB"),
+    ({"functions": 0}, "functions"),
+    ({"gpu_memory_GB": "lots"}, "gpu_memory_GB"),
+])
+def test_bad_scenario_names_field(over, field):
+    with pytest.raises(ScenarioError, match=field.replace("[", r"\[").replace("]", r"\]") if "\\" not in field else field):
+        parse_scenario(small(**over))
+
+
+def test_bad_workload_names_field():
+    sc = parse_scenario(small(workload={"kind": "synthetic", "rate_scale": -2}))
+    with pytest.raises(ScenarioError, match="rate_scale"):
+        simulate(sc, "torpor")
+
+
+def test_arrivals_follow_counts():
+    rng = np.random.default_rng(0)
+    counts = np.array([[30, 0], [10, 60]])
+    t, fn = counts_to_arrivals(counts, rng)
+    assert np.all(np.diff(t) >= 0)
+    first = t < 60
+    assert abs(first.sum() - 40) < 25 and abs((~first).sum() - 60) < 30
+    assert not np.any(fn[~first] == 0)  # function 0 had no requests in minute 1
+
+
+def test_synthetic_matches_trace_statistics():
+    c = synthetic_counts(400, 31, np.random.default_rng(1))
+    assert 9.0 < c.mean() < 10.6
+    cv = np.mean(c.std(axis=1) / np.maximum(c.mean(axis=1), 1e-9))
+    assert 0.35 < cv < 0.55  # the trace: ~0.44
+    if DEFAULT_TRACE.exists():
+        trace = np.load(DEFAULT_TRACE)
+        assert abs(c.mean() - trace.mean()) < 1.0
+
+
+@pytest.mark.skipif(not DEFAULT_TRACE.exists(), reason="trace not present beside the project")
+def test_trace_arrivals_seeded():
+    a = make_arrivals({"kind": "trace", "duration_s": 600}, 50, seed=7)
+    b = make_arrivals({"kind": "trace", "duration_s": 600}, 50, seed=7)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert 50 * 10 * 9.8 * 0.7 < len(a[0]) < 50 * 10 * 9.8 * 1.3
+
+
+def test_policies_compared_on_same_arrivals(tmp_path):
+    sc = parse_scenario(small(functions=16, gpus=2))
+    report = compare(sc, search_gpus=4)
+    by = {r["policy"]: r for r in report["results"]}
+    assert set(by) == {"torpor", "lru-swap", "static"}
+    assert len({r["requests"] for r in by.values()}) == 1
+    # 16 functions x 600 MB average = 9.6 GB on 2 x 2 GB: static cannot hold them all
+    assert by["static"]["unserved"] > 0
+    assert by["torpor"]["attainment"] >= by["lru-swap"]["attainment"] - 0.01
+    assert by["torpor"]["swaps"] + by["torpor"]["peer_copies"] > 0
+    assert by["static"]["gpus_needed"] is None or by["static"]["gpus_needed"] >= 3
+    text = format_table(report)
+    assert "torpor" in text and "GPUs@99%" in text
+    json.dumps(report, default=str)
+
+
+def test_bundled_scenarios_load():
+    for p in SCENARIOS.glob("*.json"):
+        if p.name != "profiles.json":
+            sc = load_scenario(p)
+            assert sc.functions >= 300 and sc.gpus == 4
+
+
+def test_speed_hundreds_of_functions():
+    sc = parse_scenario(small(functions=300, gpus=4, gpus_per_node=4, gpu_memory_GB=16,
+                              node={"pcie_GBps": 25, "nvlink": [[0, 1, 150], [2, 3, 150]]},
+                              workload={"kind": "synthetic", "duration_s": 1800}))
+    t0 = time.perf_counter()
+    r = simulate(sc, "torpor")
+    assert r.requests > 80_000  # 300 x 9.8/min x 30 min
+    assert time.perf_counter() - t0 < 30
