@@ -136,7 +136,13 @@ async def serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=int(args.exit_timeout_secs) or None,
         )
         http_server = _Server(config)
-        tasks.append(asyncio.create_task(http_server.serve()))
+        async def serve_http() -> None:
+            try:
+                await http_server.serve()
+            except SystemExit:  # uvicorn exits the process when it cannot bind; we shut down cleanly instead
+                raise RuntimeError(f"HTTP listener could not start on {args.http_address}:{args.http_port}") from None
+
+        tasks.append(asyncio.create_task(serve_http()))
 
         async def stop_http(grace: float) -> None:
             http_server.should_exit = True
@@ -163,10 +169,12 @@ async def serve(args: argparse.Namespace) -> int:
 
     stop_wait = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    failed = False
     for t in tasks:
         if t in done and t.exception() is not None:
             log.error("server task failed: %s", t.exception())
-            stop.set()
+            print(f"torpor: {t.exception()}", file=sys.stderr, flush=True)
+            failed = True
     # Graceful exit: refuse new work, let listeners finish in-flight requests, drain the engine.
     engine.exiting = True
     grace = args.exit_timeout_secs
@@ -177,7 +185,7 @@ async def serve(args: argparse.Namespace) -> int:
     if not drained:
         log.warning("exit timeout: %d requests still in flight", engine.inflight)
     await engine.stop()
-    return 0
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> None:
