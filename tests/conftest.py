@@ -61,6 +61,10 @@ class Server:
             "--metrics-port", str(self.metrics_port),
             *extra,
         ]
+        if "--devices" not in extra:
+            # Test servers run models where loaded unless a test asks for devices: on a GPU
+            # machine `auto` would reserve most of the GPU for every server a test starts.
+            self.args += ["--devices", "none"]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
