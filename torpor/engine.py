@@ -95,32 +95,43 @@ class InlineGate:
     Why: handing a request to a worker thread costs tens of microseconds of GIL hand-off,
     more than a trivial model's whole execution. A model runs inline only after it has shown,
     over PROBE threaded runs, a mean thread CPU time under THRESHOLD_NS (inflated about 3x on
-    a worker thread by cache and GIL effects, so the bar is set above the inline cost); one inline run over
-    BAILOUT_NS sends it back to the thread pool for good, so a model that can block never
-    stalls the loop for long.
+    a worker thread by cache and GIL effects, so the bar is set above the inline cost). Inline
+    runs are judged by wall time, which is what the loop loses: STRIKES runs over BAILOUT_NS
+    within one window of WINDOW inline runs send the model back to the thread pool for good,
+    so a model that can block never stalls the loop for long, while a rare garbage-collection
+    pause does not demote a cheap one.
     """
 
     PROBE = 32
     THRESHOLD_NS = 200_000
     BAILOUT_NS = 2_000_000
+    STRIKES = 3
+    WINDOW = 256
 
-    __slots__ = ("runs", "total_ns", "inline", "banned")
+    __slots__ = ("runs", "total_ns", "inline", "banned", "strikes", "inline_runs")
 
     def __init__(self):
         self.runs = 0
         self.total_ns = 0
         self.inline = False
         self.banned = False
+        self.strikes = 0
+        self.inline_runs = 0
 
-    def record(self, ns: int) -> None:
+    def record(self, cpu_ns: int, wall_ns: int) -> None:
         if self.inline:
-            if ns > self.BAILOUT_NS:
-                self.inline, self.banned = False, True
+            self.inline_runs += 1
+            if self.inline_runs >= self.WINDOW:
+                self.inline_runs = self.strikes = 0
+            if wall_ns > self.BAILOUT_NS:
+                self.strikes += 1
+                if self.strikes >= self.STRIKES:
+                    self.inline, self.banned = False, True
             return
         if self.banned or self.runs >= self.PROBE:
             return
         self.runs += 1
-        self.total_ns += ns
+        self.total_ns += cpu_ns
         if self.runs == self.PROBE and self.total_ns / self.PROBE < self.THRESHOLD_NS:
             self.inline = True
 
@@ -890,7 +901,11 @@ class Engine:
                     result = await loop.run_in_executor(self.workers, work)
                 t_done = time.monotonic_ns()
                 if result_holder and ve.pool_key is None:
-                    ve.gate.record(result_holder[0][1])
+                    was = ve.gate.inline
+                    ve.gate.record(result_holder[0][1], t_done - result_holder[0][0])
+                    if ve.gate.inline != was:
+                        log.debug("model '%s' version %d now runs %s", entry.name, ve.version,
+                                  "inline on the event loop" if ve.gate.inline else "on worker threads")
             if isinstance(result, Exception):
                 raise result
             t_exec_start = result_holder[0][0] if result_holder else t_start
