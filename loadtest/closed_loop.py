@@ -1,0 +1,95 @@
+"""Closed-loop protocol load on the `simple` model: N concurrent workers, one shared tritonclient
+aio client (HTTP binary tensors or gRPC), every response checked.
+
+    taskset -c 0 python loadtest/closed_loop.py --url localhost:8000 --protocol http -c 8 -n 8000
+    taskset -c 0 python loadtest/closed_loop.py --url localhost:8001 --protocol grpc -c 8 -n 8000
+
+Pin the server to the other core (`taskset -c 1 torpor serve ...`) so client and server do not
+share one. Prints one row and, with --json, writes it. The side-by-side peer comparison
+(MLServer, KServe) is a separate script (issue 6); this is its client half.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+async def run(url: str, protocol: str, concurrency: int, total: int, warmup: int) -> dict:
+    if protocol == "http":
+        import tritonclient.http.aio as client_mod
+    else:
+        import tritonclient.grpc.aio as client_mod
+    client = client_mod.InferenceServerClient(url)
+    a = np.arange(16, dtype=np.int32).reshape(1, 16)
+    b = np.ones((1, 16), dtype=np.int32)
+    inputs = [client_mod.InferInput("INPUT0", [1, 16], "INT32"), client_mod.InferInput("INPUT1", [1, 16], "INT32")]
+    inputs[0].set_data_from_numpy(a)
+    inputs[1].set_data_from_numpy(b)
+    expected = a + b
+
+    async def one() -> float:
+        t = time.perf_counter()
+        r = await client.infer("simple", inputs)
+        dt = time.perf_counter() - t
+        if not np.array_equal(r.as_numpy("OUTPUT0"), expected):
+            raise AssertionError("wrong answer")
+        return dt
+
+    try:
+        for _ in range(warmup):
+            await one()
+        latencies: list[float] = []
+        remaining = total
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                latencies.append(await one())
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    finally:
+        await client.close()
+    latencies.sort()
+    return {
+        "protocol": protocol,
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "req_per_s": len(latencies) / elapsed,
+        "p50_ms": latencies[len(latencies) // 2] * 1e3,
+        "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1e3,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", default="localhost:8000")
+    ap.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    ap.add_argument("-c", "--concurrency", type=int, default=8)
+    ap.add_argument("-n", "--requests", type=int, default=8000)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    try:
+        import uvloop
+
+        row = uvloop.run(run(args.url, args.protocol, args.concurrency, args.requests, args.warmup))
+    except ImportError:
+        row = asyncio.run(run(args.url, args.protocol, args.concurrency, args.requests, args.warmup))
+    print(f"{'protocol':<8} {'c':>3} {'requests':>8} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7}")
+    print(f"{row['protocol']:<8} {row['concurrency']:>3} {row['requests']:>8} {row['req_per_s']:>8.0f} "
+          f"{row['p50_ms']:>7.2f} {row['p99_ms']:>7.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(row, indent=2))
+
+
+if __name__ == "__main__":
+    main()
