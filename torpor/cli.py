@@ -99,7 +99,12 @@ async def serve(args: argparse.Namespace) -> int:
     engine = Engine(options, create_model_function)
     install_bls(engine, asyncio.get_running_loop())  # pb_utils.InferenceRequest.exec() in python models
     engine.logging.update({"log_verbose_level": args.log_verbose})
-    await engine.start()
+    try:
+        await engine.start()
+    except Exception as e:  # noqa: BLE001 - a start-up failure is reported in one line, not a traceback
+        print(f"torpor: could not start: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        await engine.stop()
+        return 1
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -208,7 +208,15 @@ class Engine:
                 memory_bytes=self.options.device_memory_bytes,
             )
             # Arenas are reserved and first-touched here, once, off the loop.
-            self.devices = await asyncio.to_thread(lambda: DevicePool(open_devices(spec)))
+            try:
+                self.devices = await asyncio.to_thread(lambda: DevicePool(open_devices(spec)))
+            except (RuntimeError, ValueError, MemoryError) as e:
+                text = str(e)
+                hint = ""
+                if isinstance(e, MemoryError) or "memory" in text.lower() and "allocat" in text.lower():
+                    hint = (" (another process may hold the memory: lower --device-memory-fraction "
+                            "or set --device-memory-bytes)")
+                raise RuntimeError(f"--devices {self.options.devices!r}: {text}{hint}") from None
         self._lifecycle_lock = asyncio.Lock()
         self._idle = asyncio.Event()
         self._idle.set()
