@@ -214,6 +214,7 @@ def test_renderer_and_extra_sources():
             st.record_success(2, 5_000, 1_000, 1_000, 2_000, 1_000)
             st.record_failure(3_000, "BACKEND")
             self.models = {'we"ird\\name': _Entry(st)}
+            self.devices = None  # no swap engine
 
     registry, collector = make_registry(_Engine(), gpu=False)
 
@@ -223,14 +224,13 @@ def test_renderer_and_extra_sources():
         return [m]
 
     collector.add_source(swap_metrics)
-    engine = collector.engine
 
     def engine_side():
         m = Metric("torpor_swap_bytes", "Bytes swapped in", "counter")
         m.add_sample("torpor_swap_bytes", {"model": "x"}, 1024)
         return [m]
 
-    engine.metrics_sources = [engine_side]
+    collector.add_source(engine_side)
     collector.add_source(lambda: 1 / 0)  # a broken source does not break the scrape
     text = render(registry).decode()
     assert '# TYPE nv_inference_request_success counter' in text

@@ -73,6 +73,26 @@ def tensor_specs(config: ModelConfig) -> tuple[list[TensorSpec], list[TensorSpec
     return inputs, outputs
 
 
+def sequence_controls(config: ModelConfig) -> dict[str, tuple[str, object, str]]:
+    """The sequence batcher's control inputs: name -> (kind, (false, true) values, datatype)."""
+    if not config.HasField("sequence_batching"):
+        return {}
+    out = {}
+    for ci in config.sequence_batching.control_input:
+        for c in ci.control:
+            kind = type(c).Kind.Name(c.kind)
+            if c.int32_false_true:
+                vals, dt = tuple(c.int32_false_true), "INT32"
+            elif c.fp32_false_true:
+                vals, dt = tuple(c.fp32_false_true), "FP32"
+            elif c.bool_false_true:
+                vals, dt = tuple(c.bool_false_true), "BOOL"
+            else:
+                vals, dt = None, datatype_name(c.data_type) if c.data_type else "UINT64"
+            out[ci.name] = (kind, vals, dt)
+    return out
+
+
 def parameter(config: ModelConfig, key: str, default: str | None = None) -> str | None:
     """A config `parameters { key: ... value: { string_value: ... } }` entry."""
     if key in config.parameters:

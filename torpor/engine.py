@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .config import ModelConfig, config_to_dict, parse_config_json, read_config, tensor_specs
+from .config import ModelConfig, config_to_dict, parse_config_json, read_config, sequence_controls, tensor_specs
 from .datatypes import from_raw, num_elements, numpy_dtype, to_raw
 from .errors import Status, TorporError, internal, invalid_arg, not_found, unavailable, unsupported
 from .model import SEQUENCE_END, SEQUENCE_START, ModelFunction, ModelRequest, TensorSpec
@@ -151,6 +151,17 @@ class ModelEntry:
     labels: dict[str, list[str]] = field(default_factory=dict)
     active_sequences: set = field(default_factory=set)
     mtime: float = 0.0
+    # Derived from the config once (set_config), so the infer path does no config walking.
+    input_index: dict[str, TensorSpec] = field(default_factory=dict)
+    output_index: dict[str, TensorSpec] = field(default_factory=dict)
+    controls: dict[str, tuple[str, Any, str]] = field(default_factory=dict)
+
+    def set_config(self, config: ModelConfig) -> None:
+        self.config = config
+        self.inputs, self.outputs = tensor_specs(config)
+        self.input_index = {s.name: s for s in self.inputs}
+        self.output_index = {s.name: s for s in self.outputs}
+        self.controls = sequence_controls(config)
 
     @property
     def decoupled(self) -> bool:
@@ -178,7 +189,6 @@ class Engine:
         self.factory = factory
         self.repository = Repository(options.model_repositories)
         self.models: dict[str, ModelEntry] = {}
-        self.duplicates: set[str] = set()
         self.shm = SharedMemoryManager(options.allow_client_shm)
         self.trace = TraceSettings()
         self.logging = LogSettings()
@@ -191,7 +201,6 @@ class Engine:
         self._lifecycle_lock: asyncio.Lock | None = None
         self.inflight = 0
         self._idle: asyncio.Event | None = None
-        self.listeners: list[Callable[[str, ModelEntry], None]] = []  # lifecycle observers
 
     # ---------------------------------------------------------------------------------------
     # start / stop
@@ -221,8 +230,8 @@ class Engine:
         self._idle = asyncio.Event()
         self._idle.set()
         mode = self.options.model_control_mode
-        sources, self.duplicates = self.repository.scan()
-        for name in self.duplicates:
+        sources, duplicates = self.repository.scan()
+        for name in duplicates:
             self.models[name] = ModelEntry(name, error="model appears in two or more repositories")
         for name, src in sources.items():
             self.models.setdefault(name, ModelEntry(name, source=src))
@@ -422,7 +431,6 @@ class Engine:
                 raise invalid_arg(f"model name in config '{config.name}' does not match the folder '{name}'")
             config.name = name
             versions = select_versions(config, available_versions(model_dir))
-            inputs, outputs = tensor_specs(config)
         except TorporError as e:
             if override_dir is not None:
                 shutil.rmtree(override_dir, ignore_errors=True)
@@ -448,16 +456,18 @@ class Engine:
                 errors.append(f"version {v}: {msg}")
                 log.error("failed to load '%s' version %d: %s", name, v, msg)
             else:
-                if self.devices is not None and fn.placeable and fn.layer_groups():
+                groups = fn.layer_groups() if self.devices is not None and fn.placeable else []
+                if groups:
                     key = (name, v)
                     try:
                         # weights into the host store (pinned when CUDA is present); no device touched
-                        await loop.run_in_executor(self.workers, self.devices.register, key, fn.layer_groups(), fn.module)
+                        await loop.run_in_executor(self.workers, self.devices.register, key, groups, fn.module)
                     except Exception as e:  # noqa: BLE001
                         msg = f"{type(e).__name__}: {e}"
                         ve.state, ve.reason = "UNAVAILABLE", msg
                         errors.append(f"version {v}: {msg}")
                         new_versions[v] = ve
+                        await loop.run_in_executor(self.workers, fn.unload)
                         continue
                     ve.pool_key = key
                 ve.function = fn
@@ -472,7 +482,7 @@ class Engine:
                 shutil.rmtree(override_dir, ignore_errors=True)
             old_ready = [ve for ve in entry.versions.values() if ve.state == "READY"]
             if not old_ready:
-                entry.config, entry.inputs, entry.outputs = config, inputs, outputs
+                entry.set_config(config)
                 entry.versions = new_versions
                 entry.source = src
                 entry.error = ""
@@ -481,25 +491,22 @@ class Engine:
 
         # A python model's auto_complete_config may have filled in its config during load.
         loaded = [ve.function for ve in new_versions.values() if ve.function is not None]
-        if loaded and loaded[-1].config is not config:
+        if loaded:
             config = loaded[-1].config
-            inputs, outputs = tensor_specs(config)
         old = entry.versions
         old_override = entry.override_dir
-        entry.config, entry.inputs, entry.outputs = config, inputs, outputs
+        entry.set_config(config)
         entry.versions = new_versions
         entry.source = src
         entry.error = ""
         entry.override_dir = override_dir
-        entry.labels = self._read_labels(model_dir, outputs)
+        entry.labels = self._read_labels(model_dir, entry.outputs)
         entry.mtime = self._mtime(model_dir)
         entry.active_sequences = set()
         self.models[name] = entry
         await self._retire(old.values())
         if old_override is not None and old_override != override_dir:
             shutil.rmtree(old_override, ignore_errors=True)
-        for cb in self.listeners:
-            cb("load", entry)
 
     async def _retire(self, versions) -> None:
         loop = asyncio.get_running_loop()
@@ -537,8 +544,6 @@ class Engine:
             for ve in entry.versions.values():
                 ve.state, ve.reason = "UNAVAILABLE", "unloaded"
             self._drop_override(entry)
-            for cb in self.listeners:
-                cb("unload", entry)
 
     def _drop_override(self, entry: ModelEntry) -> None:
         if entry.override_dir is not None:
@@ -720,8 +725,8 @@ class Engine:
 
     def _prepare(self, entry: ModelEntry, ve: VersionEntry, request: InferRequest) -> tuple[ModelRequest, int]:
         name = entry.name
-        specs = {s.name: s for s in entry.inputs}
-        controls = self._sequence_controls(entry)
+        specs = entry.input_index
+        controls = entry.controls
         inputs: dict[str, np.ndarray] = {}
         max_batch = entry.max_batch_size
         batch = None
@@ -785,9 +790,8 @@ class Engine:
         if controls:
             self._fill_controls(entry, inputs, controls, corr, flags, batch)
         output_names = [o.name for o in request.outputs] if request.outputs else [s.name for s in entry.outputs]
-        known_outputs = {s.name for s in entry.outputs}
         for o in output_names:
-            if o not in known_outputs:
+            if o not in entry.output_index:
                 raise invalid_arg(f"unexpected inference output '{o}' for model '{name}'")
         custom = {k: v for k, v in params.items() if k not in ("sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output")}
         return (
@@ -823,29 +827,6 @@ class Engine:
         return arr.copy() if t.datatype != "BYTES" else arr
 
     # sequence batcher ----------------------------------------------------------------------
-    @staticmethod
-    def _sequence_controls(entry: ModelEntry) -> dict[str, tuple[str, Any, str]]:
-        """name -> (kind, (false, true) values, datatype) of the config's control inputs."""
-        cfg = entry.config
-        if cfg is None or not cfg.HasField("sequence_batching"):
-            return {}
-        out = {}
-        from .config import datatype_name
-
-        for ci in cfg.sequence_batching.control_input:
-            for c in ci.control:
-                kind = type(c).Kind.Name(c.kind)
-                if c.int32_false_true:
-                    vals, dt = tuple(c.int32_false_true), "INT32"
-                elif c.fp32_false_true:
-                    vals, dt = tuple(c.fp32_false_true), "FP32"
-                elif c.bool_false_true:
-                    vals, dt = tuple(c.bool_false_true), "BOOL"
-                else:
-                    vals, dt = None, datatype_name(c.data_type) if c.data_type else "UINT64"
-                out[ci.name] = (kind, vals, dt)
-        return out
-
     def _fill_controls(self, entry, inputs, controls, corr, flags, batch) -> None:
         name = entry.name
         if corr in (0, "", None):
@@ -996,7 +977,7 @@ class Engine:
             stats.record_success(batch, t_end - t0, t_start - t0, 0, t_end - t_start, 0)
 
     def _build_response(self, entry: ModelEntry, ve: VersionEntry, request: InferRequest, result: dict, batch: int) -> InferResponse:
-        specs = {s.name: s for s in entry.outputs}
+        specs = entry.output_index
         wanted: list[RequestedOutput] = (
             request.outputs if request.outputs else [RequestedOutput(s.name) for s in entry.outputs if s.name in result]
         )

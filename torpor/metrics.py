@@ -10,8 +10,8 @@ appends to counters, so `render()` writes the exposition text itself from the co
 families (same format: HELP, TYPE, samples).
 
 Torpor's own metrics (`torpor_swap_*` ...) plug in as sources: callables returning metric
-families, called at every scrape. Either `MetricsCollector.add_source(fn)`, or, from engine-side
-code that never sees the listener, append to a list attribute `engine.metrics_sources`.
+families, called at every scrape, added with `MetricsCollector.add_source(fn)` (make_registry
+adds the swap engine's).
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ class MetricsCollector:
         if self._cpu is not None:
             yield from self._cpu.collect()
         # --- Torpor's own metrics (torpor_swap_* and friends) ----------------------------------
-        for source in [*self._sources, *getattr(self.engine, "metrics_sources", ())]:
+        for source in list(self._sources):
             try:
                 yield from source()
             except Exception:  # noqa: BLE001 - one broken source must not break the scrape
@@ -204,9 +204,9 @@ _SWAP_METRICS = [
 
 def swap_metrics(engine: "Engine") -> Iterable[Metric]:
     """The swap engine's torpor_* families: per model counters, residency and device memory."""
-    counters = engine.swap_counters()
     if engine.devices is None:
         return []
+    counters = engine.swap_counters()
     families = []
     for key, name, doc, kind, scale in _SWAP_METRICS:
         fam = Metric(name, doc, kind)
