@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
-from torpor.datatypes import NUMPY_DTYPES, from_raw, num_elements, serialize_bytes
+from torpor.datatypes import NUMPY_DTYPES, from_raw, num_elements, to_raw
 from torpor.errors import invalid_arg
 from torpor.tensors import InferRequest, InferResponse, RequestedOutput, Tensor
 
@@ -158,11 +158,7 @@ def decode_request(msg: pb.ModelInferRequest) -> tuple[InferRequest, bool]:
         if k == EMPTY_FINAL_PARAM:
             empty_final = bool(param_value(v))
             continue
-        if k.startswith("triton_"):
-            raise invalid_arg(
-                f"parameter keys starting with 'triton_' are reserved for Triton usage and should not be specified: '{k}'"
-            )
-        params[k] = param_value(v)
+        params[k] = param_value(v)  # the engine refuses the other reserved triton_* keys
 
     outputs = None
     if msg.outputs:
@@ -199,9 +195,7 @@ def encode_response(resp: InferResponse, out: pb.ModelInferResponse | None = Non
                 if k in t.parameters:
                     set_param(o.parameters[k], t.parameters[k])
             raw_out.append(b"")
-        elif t.datatype == "BYTES":
-            raw_out.append(serialize_bytes(t.data))
         else:
-            raw_out.append(np.ascontiguousarray(t.data).tobytes())
+            raw_out.append(to_raw(t.data, t.datatype))
     msg.raw_output_contents.extend(raw_out)
     return msg

@@ -12,11 +12,10 @@ from typing import Any
 import numpy as np
 import orjson
 
-from torpor.datatypes import NUMPY_DTYPES, element_size, from_raw, num_elements, serialize_bytes
+from torpor.datatypes import NUMPY_DTYPES, element_size, from_raw, num_elements, to_raw
 from torpor.errors import invalid_arg
 from torpor.tensors import InferRequest, InferResponse, RequestedOutput, Tensor
 
-_RESERVED_REQUEST_PARAMS = {"sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output"}
 _MAX_JSON_DEPTH = 100
 
 
@@ -135,9 +134,6 @@ def decode_infer_request(
     if not isinstance(req_id, str):
         raise invalid_arg("'id' must be a string")
     params = _params(header.get("parameters"), "the request")
-    for k in params:
-        if k.startswith("triton_"):
-            raise invalid_arg(f"parameter keys starting with 'triton_' are reserved for Triton usage: '{k}'")
     offset = 0
     inputs: list[Tensor] = []
     for i, t in enumerate(raw_inputs):
@@ -222,7 +218,7 @@ def encode_infer_response(response: InferResponse, request: InferRequest) -> tup
         binary = p.get("binary_data")
         binary = default_binary if binary is None else bool(binary)
         if binary:
-            raw = serialize_bytes(t.data) if t.datatype == "BYTES" else np.ascontiguousarray(t.data).tobytes()
+            raw = to_raw(t.data, t.datatype)
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:

@@ -783,6 +783,11 @@ class Engine:
                 inputs[s.name] = inputs[s.name].reshape(lead + tuple(s.dims))
 
         params = request.parameters
+        for k in params:
+            if k.startswith("triton_"):
+                raise invalid_arg(
+                    f"parameter keys starting with 'triton_' are reserved for Triton usage and should not be specified: '{k}'"
+                )
         corr = params.get("sequence_id", 0)
         flags = (SEQUENCE_START if params.get("sequence_start") else 0) | (
             SEQUENCE_END if params.get("sequence_end") else 0
