@@ -32,6 +32,16 @@ SIMPLE_MODELS = [
 ]
 
 
+# Triton's own example clients (triton-inference-server/client src/python/examples), run
+# unmodified by tests/test_examples_*.py when this folder exists (it does not in CI).
+TRITON_EXAMPLES = Path(os.environ.get("TRITON_CLIENT_EXAMPLES", "/work/tritonclient-src/src/python/examples"))
+
+
+def run_example(args: list[str], url: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TRITON_EXAMPLES / args[0]), *args[1:], "-u", url],
+                          capture_output=True, text=True, timeout=180, cwd=TRITON_EXAMPLES)
+
+
 def free_port() -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind(("127.0.0.1", 0))

@@ -7,17 +7,11 @@ they check is covered by tests/test_grpc.py and tests/test_shm.py on their own.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from .conftest import SIMPLE_MODELS, Server, make_repo
+from .conftest import SIMPLE_MODELS, TRITON_EXAMPLES, Server, make_repo, run_example
 
-EXAMPLES = Path(os.environ.get("TRITON_CLIENT_EXAMPLES", "/work/tritonclient-src/src/python/examples"))
-pytestmark = pytest.mark.skipif(not EXAMPLES.is_dir(), reason="Triton client examples not available")
+pytestmark = pytest.mark.skipif(not TRITON_EXAMPLES.is_dir(), reason="Triton client examples not available")
 
 # Triton's gRPC L0 repository: the 7 example models plus simple_string_dyna_sequence (8).
 GRPC_L0_MODELS = SIMPLE_MODELS + ["simple_string_dyna_sequence"]
@@ -41,14 +35,8 @@ SCRIPTS = [
     (["grpc_explicit_int8_content_client.py"], "grpc", "PASS: explicit int8"),
     (["simple_grpc_shm_client.py"], "grpc", "PASS: system shared memory"),
     (["simple_grpc_shm_string_client.py"], "grpc", "PASS: system shared memory"),
-    (["simple_http_shm_client.py"], "http", "PASS: system shared memory"),
     (["reuse_infer_objects_client.py", "-i", "grpc"], "grpc", None),
 ]
-
-
-def run_example(args: list[str], url: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(EXAMPLES / args[0]), *args[1:], "-u", url],
-                          capture_output=True, text=True, timeout=180, cwd=EXAMPLES)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +49,7 @@ def l0_server(tmp_path_factory):
 
 @pytest.mark.parametrize("args,protocol,expect", SCRIPTS, ids=lambda x: " ".join(x) if isinstance(x, list) else "")
 def test_grpc_example(l0_server, args, protocol, expect):
-    if not (EXAMPLES / args[0]).exists():
+    if not (TRITON_EXAMPLES / args[0]).exists():
         pytest.skip(f"{args[0]} not in this client checkout")
     url = l0_server.grpc_url if protocol == "grpc" else l0_server.http_url
     r = run_example(args, url)

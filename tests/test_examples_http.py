@@ -7,17 +7,11 @@ they check is covered by tests/test_http.py on its own.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from .conftest import SIMPLE_MODELS, Server, make_repo
+from .conftest import SIMPLE_MODELS, TRITON_EXAMPLES, Server, make_repo, run_example
 
-EXAMPLES = Path(os.environ.get("TRITON_CLIENT_EXAMPLES", "/work/tritonclient-src/src/python/examples"))
-pytestmark = pytest.mark.skipif(not EXAMPLES.is_dir(), reason="Triton client examples not available")
+pytestmark = pytest.mark.skipif(not TRITON_EXAMPLES.is_dir(), reason="Triton client examples not available")
 
 SCRIPTS = [
     ["simple_http_infer_client.py"],
@@ -30,11 +24,6 @@ SCRIPTS = [
     ["simple_http_shm_string_client.py"],
     ["reuse_infer_objects_client.py", "-i", "http"],
 ]
-
-
-def run_example(args: list[str], url: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(EXAMPLES / args[0]), *args[1:], "-u", url],
-                          capture_output=True, text=True, timeout=120, cwd=EXAMPLES)
 
 
 @pytest.fixture(scope="module")
