@@ -25,12 +25,14 @@ class SystemRegion:
     offset: int
     byte_size: int
     mapping: mmap.mmap
+    base: int  # where `offset` falls inside the mapping (mmap starts on a page boundary)
 
     def status(self) -> dict:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
 
     def view(self, offset: int, size: int) -> memoryview:
-        return memoryview(self.mapping)[offset : offset + size]
+        start = self.base + offset
+        return memoryview(self.mapping)[start : start + size]
 
     def close(self) -> None:
         try:
@@ -91,9 +93,7 @@ class SharedMemoryManager:
                 m = mmap.mmap(fd, byte_size + (offset - start), offset=start)
             finally:
                 os.close(fd)
-            region = SystemRegion(name, key, offset, byte_size, m)
-            region._base = offset - start  # type: ignore[attr-defined]
-            self.system[name] = region
+            self.system[name] = SystemRegion(name, key, offset, byte_size, m, offset - start)
 
     def system_status(self, name: str = "") -> list[dict]:
         self._check_allowed()
@@ -153,7 +153,7 @@ class SharedMemoryManager:
         region = self.system.get(name)
         if region is not None:
             self._bounds(name, region.byte_size, offset, size)
-            return region.view(region._base + offset, size)  # type: ignore[attr-defined]
+            return region.view(offset, size)
         cregion = self.cuda.get(name)
         if cregion is not None:
             self._bounds(name, cregion.byte_size, offset, size)
@@ -174,8 +174,8 @@ class SharedMemoryManager:
                 f"but the output needs {len(data)} bytes"
             )
         if region is not None:
-            base = region._base + offset  # type: ignore[attr-defined]
-            region.mapping[base : base + len(data)] = data
+            start = region.base + offset
+            region.mapping[start : start + len(data)] = data
         else:
             cregion.write(offset, data)
 
