@@ -874,35 +874,23 @@ class Engine:
         t0 = request.arrival_ns
         try:
             mreq, batch = self._prepare(entry, ve, request)
-            loop = asyncio.get_running_loop()
             async with ve.slots:
                 t_start = time.monotonic_ns()
-                result_holder: list = []
-
-                def work():
-                    t_in = time.monotonic_ns()
-                    cpu = time.thread_time_ns()
-                    (res,) = ve.function.execute([mreq])
-                    # CPU time, not wall time: a worker thread's wall time includes GIL waits.
-                    result_holder.append((t_in, time.thread_time_ns() - cpu))
-                    return res
-
                 if ve.pool_key is not None:
-                    result = await self._run_on_device(ve, mreq, request, result_holder)
-                elif ve.gate.inline and not ve.function.blocking:
-                    result = work()
+                    result, t_exec_start = await self._run_on_device(ve, mreq, request)
+                    t_done = time.monotonic_ns()
                 else:
-                    result = await loop.run_in_executor(self.workers, work)
-                t_done = time.monotonic_ns()
-                if result_holder and ve.pool_key is None:
-                    was = ve.gate.inline
-                    ve.gate.record(result_holder[0][1], t_done - result_holder[0][0])
-                    if ve.gate.inline != was:
-                        log.debug("model '%s' version %d now runs %s", entry.name, ve.version,
-                                  "inline on the event loop" if ve.gate.inline else "on worker threads")
+                    fn = ve.function
+                    if ve.gate.inline and not fn.blocking:
+                        result, t_exec_start, cpu_ns = _timed_execute(fn, mreq)
+                    else:
+                        result, t_exec_start, cpu_ns = await asyncio.get_running_loop().run_in_executor(
+                            self.workers, _timed_execute, fn, mreq
+                        )
+                    t_done = time.monotonic_ns()
+                    self._gate(entry, ve, cpu_ns, t_done - t_exec_start)
             if isinstance(result, Exception):
                 raise result
-            t_exec_start = result_holder[0][0] if result_holder else t_start
             response = self._build_response(entry, ve, request, result, batch)
             t_end = time.monotonic_ns()
         except TorporError as e:
@@ -921,16 +909,23 @@ class Engine:
         )
         return response
 
-    async def _run_on_device(self, ve: VersionEntry, mreq: ModelRequest, request: InferRequest, holder: list):
+    @staticmethod
+    def _gate(entry: ModelEntry, ve: VersionEntry, cpu_ns: int, wall_ns: int) -> None:
+        was = ve.gate.inline
+        ve.gate.record(cpu_ns, wall_ns)
+        if ve.gate.inline != was:
+            log.debug("model '%s' version %d now runs %s", entry.name, ve.version,
+                      "inline on the event loop" if ve.gate.inline else "on worker threads")
+
+    async def _run_on_device(self, ve: VersionEntry, mreq: ModelRequest, request: InferRequest):
         """Late binding: pin the model on a device (resident, or swapped in with the copy
-        pipelined under this very execution), run there, unpin."""
-        timeout = _timeout_seconds(request)
-        async with self.devices.acquire(ve.pool_key, timeout=timeout) as placement:
-            holder.append((time.monotonic_ns(), 0))
+        pipelined under this very execution), run there, unpin. (result, execution start ns)"""
+        async with self.devices.acquire(ve.pool_key, timeout=_timeout_seconds(request)) as placement:
+            t_exec_start = time.monotonic_ns()
             fn = ve.function
             # execute_on runs in the device's worker, compute stream current, group waits armed
             (res,) = await placement.run(lambda: fn.execute_on((placement.module, placement.device), [mreq]))
-        return res
+        return res, t_exec_start
 
     async def _run_decoupled(self, entry: ModelEntry, ve: VersionEntry, request: InferRequest) -> AsyncIterator[InferResponse]:
         stats = ve.stats
@@ -1031,6 +1026,15 @@ class Engine:
                     s += f":{labels[idx]}"
                 out[b, j] = s.encode()
         return out if batched else out.reshape(k)
+
+
+def _timed_execute(fn: ModelFunction, mreq: ModelRequest) -> tuple[Any, int, int]:
+    """(result, start ns, thread CPU ns). CPU time, not wall time, judges a threaded run: a
+    worker thread's wall time includes waiting for the GIL."""
+    t_in = time.monotonic_ns()
+    cpu = time.thread_time_ns()
+    (res,) = fn.execute([mreq])
+    return res, t_in, time.thread_time_ns() - cpu
 
 
 def _timeout_seconds(request: InferRequest) -> float | None:
