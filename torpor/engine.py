@@ -986,7 +986,7 @@ class Engine:
             spec = specs[ro.name]
             if ro.name not in result:
                 raise internal(f"model '{entry.name}' did not produce output '{ro.name}'")
-            arr = _to_numpy(result[ro.name])
+            arr = np.asarray(result[ro.name])  # adapters hand back numpy (torpor.model contract)
             datatype = spec.datatype
             if datatype == "BYTES" and arr.dtype != np.object_:
                 arr = _as_bytes_array(arr)
@@ -1043,23 +1043,6 @@ def _timeout_seconds(request: InferRequest) -> float | None:
     if isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0:
         return t / 1e6
     return None
-
-
-def _to_numpy(value) -> np.ndarray:
-    if isinstance(value, np.ndarray):
-        return value
-    if hasattr(value, "detach"):  # a torch tensor; imported lazily so the engine needs no torch
-        t = value.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        import torch
-
-        if t.dtype == torch.bfloat16:
-            import ml_dtypes
-
-            return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return t.numpy()
-    return np.asarray(value)
 
 
 def _as_bytes_array(arr: np.ndarray) -> np.ndarray:

@@ -9,8 +9,8 @@ Execution contract (adapters implement it, the engine calls it):
   event loop; at most `instance_count` calls run at once per model version.
 - Inputs arrive as numpy arrays (BYTES as object arrays of bytes), already validated against
   the config (names, datatypes, shapes incl. the batch dimension) and with sequence control
-  tensors filled in. Outputs are returned as numpy arrays (or torch tensors, which the engine
-  converts) keyed by output name.
+  tensors filled in. Outputs are returned as numpy arrays keyed by output name (torch adapters
+  convert with adapters.torch_tensors.to_numpy).
 """
 
 from __future__ import annotations
