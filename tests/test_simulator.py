@@ -16,6 +16,8 @@ from torpor.simulator import (
     load_scenario,
     make_arrivals,
     parse_scenario,
+    Simulation,
+    scenario_arrivals,
     simulate,
     synthetic_counts,
 )
@@ -113,3 +115,57 @@ def test_speed_hundreds_of_functions():
     r = simulate(sc, "torpor")
     assert r.requests > 80_000  # 300 x 9.8/min x 30 min
     assert time.perf_counter() - t0 < 30
+
+
+def one_gpu(**model):
+    m = {"name": "m", "size_MB": 1, "exec_ms": 10, "slo_ms": 1000, "first_group_MB": 1}
+    m.update(model)
+    return parse_scenario(small(gpus=1, gpus_per_node=1, node={"pcie_GBps": 25}, models=[m], functions=1,
+                                exec_noise=0, policies=["torpor"]))
+
+
+def burst(times):
+    return np.array(times, dtype=float), np.zeros(len(times), dtype=np.int64), 10.0
+
+
+def test_no_batching_by_default():
+    r = simulate(one_gpu(), "torpor", arrivals=burst([1.0] * 5))
+    assert r.batches == 5 and r.mean_batch == 1.0
+
+
+def test_queued_requests_of_one_model_run_as_one_batch():
+    sc = one_gpu(max_batch=3, batch_scale=0.5)
+    sim = Simulation(sc, "torpor")
+    r = sim.run(*burst([1.0] * 5))
+    # the first runs alone (the device was idle); the next three batch, the last one follows
+    assert (r.batches, r.mean_batch) == (3, 5 / 3)
+    lat = np.sort(sim.latency)
+    swap = lat[0] - 0.010  # the first request's copy-in
+    b3 = 0.010 * (1 + 0.5 * 2)
+    assert lat == pytest.approx([0.010 + swap, 0.010 + swap + b3, 0.010 + swap + b3, 0.010 + swap + b3,
+                                 0.010 + swap + b3 + 0.010], abs=1e-6)
+
+
+def test_max_queue_delay_waits_for_a_fuller_batch():
+    sc = one_gpu(max_batch=4, max_queue_delay_ms=5, batch_scale=0.5)
+    sim = Simulation(sc, "torpor")
+    r = sim.run(*burst([1.0, 1.001, 1.002, 1.003, 1.040]))
+    # the first four make a full batch before the 5 ms delay ends; the fifth waits its own 5 ms
+    assert (r.batches, r.mean_batch) == (2, 2.5)
+    b4 = 0.010 * (1 + 0.5 * 3)
+    assert sim.latency[0] == pytest.approx(0.003 + b4, abs=1e-6)
+    assert sim.latency[4] == pytest.approx(0.005 + 0.010, abs=1e-6)
+
+
+def test_predictions_hold_when_execution_is_exact():
+    # With exact execution times the scheduler's estimate (queued work, including copies still
+    # landing ahead of this request) is never optimistic: a request predicted to meet its SLO does.
+    sc = parse_scenario(small(functions=24, exec_noise=0, workload={"kind": "synthetic", "duration_s": 300,
+                                                                    "rate_scale": 3}))
+    for policy in ("torpor", "lru-swap"):
+        sim = Simulation(sc, policy)
+        r = sim.run(*scenario_arrivals(sc))
+        assert r.swaps > 100 and r.actions.get("queue", 0) > 100
+        served = np.isfinite(sim.predicted)
+        assert served.all()
+        assert np.all(sim.latency[served] <= sim.predicted[served] + 1e-6)

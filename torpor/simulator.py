@@ -15,6 +15,14 @@ What is simulated, and how:
   group lands (pipelined swap).
 - **Execution**: the model's profiled time times lognormal noise (`exec_noise`); each measured
   time refines the CostModel's moving estimate exactly as the engine's measurements do.
+- **Batching**: a model with `max_batch` > 1 runs the requests of one model function waiting in
+  a device's queue as one batch (up to `max_batch`), taking `exec(1) x (1 + batch_scale x (b-1))`;
+  with `max_queue_delay_ms` a short batch at the head of an idle device waits up to that long for
+  more (Triton's `max_batch_size` and `dynamic_batching.max_queue_delay_microseconds`).
+- **Work ahead** (`DeviceState.backlog_s`, what the scheduler is told): the projected end of
+  everything queued on a device, counting for each queued request the wait for its own copy to
+  land, not only execution estimates (a queue of cold requests holds a device longer than the
+  sum of their run times).
 - **Decisions**: `torpor.scheduler.Scheduler.place` on a `Snapshot` the simulator keeps up to
   date (device states are the simulator's own state objects, not copies); eviction order from
   `torpor.eviction` (CostAwarePolicy for "torpor", LRUPolicy for "lru-swap"). When no device
@@ -56,6 +64,9 @@ class ScenarioError(ValueError):
 # ------------------------------------------------------------------------------------------------
 
 
+DEFAULT_BATCH_SCALE = 0.25  # assumed: each extra request in a batch adds a quarter of a batch-1 run
+
+
 @dataclass
 class ModelSpec:
     name: str
@@ -63,6 +74,12 @@ class ModelSpec:
     exec_s: float
     slo_s: float
     first_group_bytes: int
+    max_batch: int = 1  # 1: no batching
+    max_queue_delay_s: float = 0.0  # dynamic batching: how long a short batch may wait for more
+    batch_scale: float = DEFAULT_BATCH_SCALE  # exec(b) = exec(1) * (1 + batch_scale * (b - 1))
+
+    def exec_seconds(self, batch: int = 1) -> float:
+        return self.exec_s * (1.0 + self.batch_scale * (batch - 1))
 
 
 @dataclass
@@ -153,8 +170,17 @@ def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: st
         if nbytes > mem:
             raise ScenarioError(f"{w}.size_MB: model {m['name']!r} ({m['size_MB']} MB) is larger than every GPU's "
                                 f"memory ({spec['gpu_memory_GB']} GB)")
-        models.append(ModelSpec(m["name"], nbytes, _num(m, "exec_ms", w) / 1e3, _num(m, "slo_ms", w) / 1e3,
-                                int(_num(m, "first_group_MB", w, default=2.0) * MB)))
+        unknown_m = set(m) - {"name", "size_MB", "exec_ms", "slo_ms", "first_group_MB", "max_batch",
+                              "max_queue_delay_ms", "batch_scale"}
+        if unknown_m:
+            raise ScenarioError(f"{w}: unknown field(s) {sorted(unknown_m)}")
+        models.append(ModelSpec(
+            m["name"], nbytes, _num(m, "exec_ms", w) / 1e3, _num(m, "slo_ms", w) / 1e3,
+            int(_num(m, "first_group_MB", w, default=2.0) * MB),
+            max_batch=_num(m, "max_batch", w, integer=True, default=1),
+            max_queue_delay_s=_num(m, "max_queue_delay_ms", w, positive=False, default=0.0) / 1e3,
+            batch_scale=_num(m, "batch_scale", w, positive=False, default=DEFAULT_BATCH_SCALE),
+        ))
     policies = spec.get("policies", list(POLICIES))
     if not isinstance(policies, list) or not policies:
         raise ScenarioError(f"{where}.policies: expected a non-empty list")
@@ -379,8 +405,9 @@ def make_arrivals(workload: dict[str, Any], functions: int, *, seed: int = 0,
 # Simulation
 # ------------------------------------------------------------------------------------------------
 
-_DONE, _LANDED = 0, 1
+_DONE, _LANDED, _WAKE = 0, 1, 2
 _RETRIES = 4
+_ACTION_CODE = {"run": 1, "queue": 2, "swap": 3, "peer": 4}
 
 
 @dataclass
@@ -391,6 +418,8 @@ class _Job:
     est: float
     resident: ResidentState
     meets_pred: bool
+    enqueued: float = 0.0
+    first_at: float = 0.0  # when its model's first group lands on the device
 
 
 @dataclass
@@ -399,8 +428,12 @@ class _Dev:
     queue: deque = field(default_factory=deque)
     busy_until: float = 0.0
     running: bool = False
-    queued_est: float = 0.0
     busy_s: float = 0.0
+    proj_end: float = 0.0  # when the work queued so far should be done (estimates, transfer stalls)
+    queued_fn: dict = field(default_factory=dict)  # function -> requests of it in the queue
+    hold_until: float = -1.0  # a short batch waits for more requests until then
+    batches: int = 0
+    batched: int = 0  # requests run in those batches
 
 
 @dataclass
@@ -422,6 +455,8 @@ class SimResult:
     waits: int  # requests that found no room at first and waited
     wall_s: float
     duration_s: float
+    batches: int = 0  # executions (a batch of several requests counts once)
+    mean_batch: float = 1.0  # requests per execution
     gpus_needed: int | None = None
     gpus_searched: int = 0
     stopped: bool = False
@@ -443,7 +478,8 @@ class Simulation:
         self.fn_model = [mix[f % len(mix)] for f in range(scenario.functions)]
         est = ExecEstimator()
         for f, m in enumerate(self.fn_model):
-            est.seed(f, m.exec_s)  # the load-time profile (a few warm runs in the engine)
+            for b in range(1, m.max_batch + 1):  # the load-time profile (a few warm runs in the engine)
+                est.seed(f, m.exec_seconds(b), b)
         self.cost = CostModel(self.links, est)
         self.devs = [_Dev(DeviceState(name, scenario.gpu_memory, scenario.gpu_memory, version=0))
                      for name in self.links.devices]
@@ -495,6 +531,10 @@ class Simulation:
             self._prepare_static(arrivals_fn, duration)
         n_req = len(arrivals_t)
         latency = np.full(n_req, np.inf)
+        # per request, for diagnosis: the scheduler's predicted latency and chosen action
+        self.predicted = predicted = np.full(n_req, np.nan)
+        self.action_of = action_of = np.zeros(n_req, dtype=np.int8)
+        self.latency = latency
         heap: list = []
         seq = 0
         pending: deque = deque()
@@ -511,23 +551,55 @@ class Simulation:
             nonlocal seq
             if d.running or not d.queue:
                 return
-            job: _Job = d.queue.popleft()
-            d.queued_est -= job.est
-            r = job.resident
-            begin = max(now, self.first_at.get((d.state.name, job.fn), 0.0))
-            ex = fn_model[job.fn].exec_s * noise[job.rid]
+            head: _Job = d.queue[0]
+            f = head.fn
+            spec = fn_model[f]
+            same = d.queued_fn.get(f, 0)
+            if spec.max_batch > 1 and same < spec.max_batch and spec.max_queue_delay_s > 0:
+                # dynamic batching: a short batch waits for more requests up to the queue delay
+                hold = head.enqueued + spec.max_queue_delay_s
+                if now < hold:
+                    if d.hold_until != hold:
+                        d.hold_until = hold
+                        heapq.heappush(heap, (hold, seq, _WAKE, d))
+                        seq += 1
+                    return
+            d.queue.popleft()
+            batch = [head]
+            if spec.max_batch > 1 and same > 1:
+                # requests of one model function anywhere in the queue join the head's batch
+                # (Triton's dynamic batcher); the rest keep their order
+                keep: deque = deque()
+                for j in d.queue:
+                    if j.fn == f and len(batch) < spec.max_batch:
+                        batch.append(j)
+                    else:
+                        keep.append(j)
+                d.queue = keep
+            b = len(batch)
+            d.queued_fn[f] = same - b
+            r = head.resident
+            begin = max(now, self.first_at.get((d.state.name, f), 0.0))
+            ex = spec.exec_seconds(b) * noise[head.rid]
             done = max(begin + ex, r.ready_at)
             d.running = True
             d.busy_until = done
             d.busy_s += done - now
-            heapq.heappush(heap, (done, seq, _DONE, (d, job, ex)))
+            d.batches += 1
+            d.batched += b
+            # re-anchor the projection of queued work on this batch's real end
+            t_end = done
+            for j in d.queue:
+                t_end = max(max(t_end, j.first_at) + j.est, j.resident.ready_at)
+            d.proj_end = t_end
+            heapq.heappush(heap, (done, seq, _DONE, (d, batch, ex)))
             seq += 1
 
         def try_place(rid: int, f: int, arrival: float, now: float) -> bool:
             nonlocal seq, swaps, peers, moved, evictions, unserved, misses
             snap.now = now
             for d in devs:
-                d.state.backlog_s = (max(0.0, d.busy_until - now) if d.running else 0.0) + d.queued_est
+                d.state.backlog_s = max(0.0, d.proj_end - now)
             dec = sched.place(models[f], snap)
             if dec is None:
                 return False
@@ -559,9 +631,20 @@ class Simulation:
                 r = d.state.residents[f]
             r.pins += 1
             r.last_used = now
-            est = cost.exec_seconds(f)
-            d.queue.append(_Job(rid, f, arrival, est, r, dec.meets_slo))
-            d.queued_est += est
+            spec = fn_model[f]
+            same = d.queued_fn.get(f, 0)
+            # what this request adds to the device's work: a whole run, or one more member of a
+            # batch already queued there
+            if spec.max_batch > 1 and same % spec.max_batch:
+                est = cost.exec_seconds(f) * spec.batch_scale
+            else:
+                est = cost.exec_seconds(f)
+            predicted[rid] = now - arrival + o.completion_s
+            action_of[rid] = _ACTION_CODE[o.action]
+            first_at = self.first_at.get((d.state.name, f), 0.0)
+            d.queue.append(_Job(rid, f, arrival, est, r, dec.meets_slo, now, first_at))
+            d.queued_fn[f] = same + 1
+            d.proj_end = max(max(d.proj_end, now, first_at) + est, r.ready_at)
             start_next(d, now)
             return True
 
@@ -571,14 +654,21 @@ class Simulation:
                 for lk in data:
                     self.inflight[lk] -= 1
                 return
+            if kind == _WAKE:
+                if data.hold_until == t:
+                    data.hold_until = -1.0
+                    start_next(data, t)
+                return
             nonlocal misses
-            d, job, ex = data
-            latency[job.rid] = t - job.arrival
-            if t - job.arrival > fn_model[job.fn].slo_s:
-                misses += 1
-            job.resident.pins -= 1
-            job.resident.last_used = t
-            cost.observe_exec(job.fn, ex)
+            d, batch, ex = data
+            for job in batch:
+                latency[job.rid] = t - job.arrival
+                if t - job.arrival > fn_model[job.fn].slo_s:
+                    misses += 1
+            r = batch[0].resident
+            r.pins -= len(batch)
+            r.last_used = t
+            cost.observe_exec(batch[0].fn, ex, len(batch))
             d.running = False
             start_next(d, t)
             # Waiting requests retry in arrival order, a few per completion (a completion frees
@@ -639,6 +729,8 @@ class Simulation:
             waits=waits,
             wall_s=time.perf_counter() - t_wall,
             duration_s=duration,
+            batches=sum(d.batches for d in devs),
+            mean_batch=sum(d.batched for d in devs) / max(1, sum(d.batches for d in devs)),
             actions=actions,
             stopped=stopped,
         )
