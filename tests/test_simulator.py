@@ -18,7 +18,11 @@ from torpor.simulator import (
     parse_scenario,
     Simulation,
     scenario_arrivals,
+    parse_sweep,
     simulate,
+    sweep,
+    format_sweep,
+    write_plot,
     synthetic_counts,
 )
 
@@ -169,3 +173,47 @@ def test_predictions_hold_when_execution_is_exact():
         served = np.isfinite(sim.predicted)
         assert served.all()
         assert np.all(sim.latency[served] <= sim.predicted[served] + 1e-6)
+
+
+@pytest.mark.parametrize("text, param, values", [
+    ("functions=300:600:100", "functions", [300, 400, 500, 600]),
+    ("rate_scale=1,1.5", "rate_scale", [1.0, 1.5]),
+    ({"param": "gpus", "values": [2, 4]}, "gpus", [2, 4]),
+])
+def test_sweep_parsing(text, param, values):
+    assert parse_sweep(text) == (param, values)
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("watts=1:2:1", "unknown parameter 'watts'"),
+    ("functions=300:200:50", "START <= STOP"),
+    ("functions=1.5,2", "whole numbers"),
+    ("functions", "PARAM=START"),
+])
+def test_bad_sweep_names_field(text, msg):
+    with pytest.raises(ScenarioError, match=r"scenario\.sweep: .*" + msg):
+        parse_scenario(small(sweep=text))
+
+
+def test_sweep_runs_every_policy_at_every_point(tmp_path):
+    spec = small(functions=8, workload={"kind": "synthetic", "duration_s": 120})
+    rep = sweep(spec, "functions", [8, 16], policies=["torpor", "lru-swap"])
+    assert [p["sweep_value"] for p in rep["points"]] == [8, 16]
+    for p in rep["points"]:
+        assert [r["policy"] for r in p["results"]] == ["torpor", "lru-swap"]
+        assert len({r["requests"] for r in p["results"]}) == 1  # same arrivals for both
+    assert rep["points"][1]["requests"] > rep["points"][0]["requests"]
+    text = format_sweep(rep)
+    assert "functions" in text and "lru-swap" in text
+    pytest.importorskip("matplotlib")
+    for report, name in ((rep, "sweep.png"), (rep["points"][0], "one.png")):
+        assert write_plot(report, tmp_path / name).startswith("wrote")
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    msg = write_plot({"target_attainment": 0.99, "results": []}, tmp_path / "x.png")
+    assert "matplotlib is not installed" in msg and not (tmp_path / "x.png").exists()

@@ -99,6 +99,7 @@ class Scenario:
     target_attainment: float = 0.99
     notes: str = ""
     source: str = ""
+    sweep: tuple[str, list[float]] | None = None  # (parameter, values): run every policy at each
 
     def links(self, n_gpus: int) -> LinkMap:
         return build_links(self.node, self.gpus_per_node, n_gpus)
@@ -128,7 +129,7 @@ def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: st
     """Validate a scenario dict (see loadtest/scenarios/README.md); errors name the field."""
     where = "scenario"
     known = {"name", "gpus", "gpu_memory_GB", "gpus_per_node", "node", "models", "profile", "functions",
-             "workload", "policies", "exec_noise", "seed", "search_gpus", "target_attainment", "notes"}
+             "workload", "policies", "exec_noise", "seed", "search_gpus", "target_attainment", "notes", "sweep"}
     unknown = set(spec) - known
     if unknown:
         raise ScenarioError(f"{where}: unknown field(s) {sorted(unknown)}")
@@ -209,7 +210,55 @@ def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: st
         target_attainment=target,
         notes=str(spec.get("notes", "")),
         source=source,
+        sweep=None if spec.get("sweep") is None else parse_sweep(spec["sweep"], f"{where}.sweep"),
     )
+
+
+SWEEP_PARAMS = ("functions", "rate_scale", "gpus")
+
+
+def parse_sweep(value: Any, where: str = "sweep") -> tuple[str, list[float]]:
+    """`"functions=300:600:50"` (start:stop:step, stop included), `"rate_scale=1,1.5,2"`, or
+    `{"param": "functions", "values": [300, 400]}`; the parameter is one of SWEEP_PARAMS."""
+    if isinstance(value, str):
+        param, eq, rng = value.partition("=")
+        if not eq:
+            raise ScenarioError(f"{where}: expected PARAM=START:STOP:STEP or PARAM=V1,V2,..., got {value!r}")
+        try:
+            if ":" in rng:
+                parts = [float(x) for x in rng.split(":")]
+                if len(parts) != 3:
+                    raise ValueError
+            else:
+                values = [float(x) for x in rng.split(",")]
+        except ValueError:
+            raise ScenarioError(f"{where}: bad values {rng!r} (START:STOP:STEP or V1,V2,...)") from None
+        if ":" in rng:
+            start, stop, step = parts
+            if step <= 0 or stop < start:
+                raise ScenarioError(f"{where}: need START <= STOP and STEP > 0, got {rng!r}")
+            n = int(math.floor((stop - start) / step + 1e-9)) + 1
+            values = [start + i * step for i in range(n)]
+    elif isinstance(value, dict):
+        unknown = set(value) - {"param", "values"}
+        if unknown:
+            raise ScenarioError(f"{where}: unknown field(s) {sorted(unknown)}")
+        param, values = value.get("param"), value.get("values")
+        if not isinstance(values, list) or not values or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise ScenarioError(f"{where}.values: expected a non-empty list of numbers, got {values!r}")
+    else:
+        raise ScenarioError(f"{where}: expected a string or an object, got {value!r}")
+    param = str(param).strip()
+    if param not in SWEEP_PARAMS:
+        raise ScenarioError(f"{where}: unknown parameter {param!r}; expected one of {list(SWEEP_PARAMS)}")
+    if param != "rate_scale":
+        if any(v != int(v) for v in values):
+            raise ScenarioError(f"{where}: {param} takes whole numbers, got {values}")
+        values = [int(v) for v in values]
+    if any(v <= 0 for v in values):
+        raise ScenarioError(f"{where}: values must be positive, got {values}")
+    return param, list(values)
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -406,6 +455,7 @@ def make_arrivals(workload: dict[str, Any], functions: int, *, seed: int = 0,
 # ------------------------------------------------------------------------------------------------
 
 _DONE, _LANDED, _WAKE = 0, 1, 2
+LATENCY_PCTS = [*range(0, 90, 2), *np.round(np.arange(90, 100, 0.25), 2).tolist(), 99.5, 99.9, 100]
 _RETRIES = 4
 _ACTION_CODE = {"run": 1, "queue": 2, "swap": 3, "peer": 4}
 
@@ -455,6 +505,7 @@ class SimResult:
     waits: int  # requests that found no room at first and waited
     wall_s: float
     duration_s: float
+    latency_pct_ms: list = field(default_factory=list)  # at LATENCY_PCTS, unserved as None (the CDF)
     batches: int = 0  # executions (a batch of several requests counts once)
     mean_batch: float = 1.0  # requests per execution
     gpus_needed: int | None = None
@@ -729,6 +780,9 @@ class Simulation:
             waits=waits,
             wall_s=time.perf_counter() - t_wall,
             duration_s=duration,
+            latency_pct_ms=[None if not math.isfinite(x) else round(x * 1e3, 3)
+                            for x in (np.percentile(latency, LATENCY_PCTS, method="lower") if n_req and not stopped
+                                      else [])],
             batches=sum(d.batches for d in devs),
             mean_batch=sum(d.batched for d in devs) / max(1, sum(d.batches for d in devs)),
             actions=actions,
@@ -802,20 +856,159 @@ def format_table(report: dict[str, Any]) -> str:
             f"{report['functions']} functions ({report['total_model_GB']:.0f} GB of models), "
             f"{report['requests']} requests over {report['duration_s'] / 60:.0f} min")
     cols = ["policy", "SLO met", "fns ok", "p50 ms", "p99 ms", "swaps", "peer", "GB moved", "evict",
-            "busy", "unserved", f"GPUs@{report['target_attainment']:.0%}", "wall s"]
+            "batch", "busy", "unserved", f"GPUs@{report['target_attainment']:.0%}", "wall s"]
     rows = []
     for r in report["results"]:
-        need = r.get("gpus_needed")
         rows.append([
             r["policy"], f"{r['attainment']:.2%}", f"{r['compliant_functions']:.1%}", f"{r['p50_ms']:.1f}",
             f"{r['p99_ms']:.1f}", str(r["swaps"]), str(r["peer_copies"]), f"{r['bytes_moved'] / GB:.0f}",
-            str(r["evictions"]), f"{r['gpu_busy']:.0%}", str(r["unserved"]),
-            "-" if not r["gpus_searched"] else (f">{r['gpus_searched']}" if need is None else str(need)),
-            f"{r['wall_s']:.1f}",
+            str(r["evictions"]), f"{r.get('mean_batch', 1.0):.2f}", f"{r['gpu_busy']:.0%}", str(r["unserved"]),
+            _gpus_cell(r), f"{r['wall_s']:.1f}",
         ])
+    return "\n".join([head, *_grid(cols, rows)])
+
+
+def _gpus_cell(r: dict[str, Any]) -> str:
+    if not r.get("gpus_searched"):
+        return "-"
+    return f">{r['gpus_searched']}" if r.get("gpus_needed") is None else str(r["gpus_needed"])
+
+
+def _grid(cols: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
-    return "\n".join([head, line(cols), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+    def line(vals: list[str]) -> str:
+        return "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
+
+    return [line(cols), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def with_param(spec: dict[str, Any], param: str, value: float) -> dict[str, Any]:
+    """A copy of a scenario dict with one sweep parameter set."""
+    out = dict(spec)
+    out.pop("sweep", None)
+    if param == "rate_scale":
+        out["workload"] = {**(spec.get("workload") or {}), "rate_scale": value}
+    else:
+        out[param] = value
+    return out
+
+
+def sweep(spec: dict[str, Any], param: str, values: list[float], *, base: Path | None = None,
+          source: str = "scenario", policies: list[str] | None = None, trace_path: str | Path | None = None,
+          search_gpus: int | None = None, progress: Any = None) -> dict[str, Any]:
+    """`compare` at each value of one parameter (the same seed at every point, so at one point
+    every policy sees the same arrivals). Returns {"sweep": {...}, "points": [compare reports]}."""
+    points = []
+    for v in values:
+        sc = parse_scenario(with_param(spec, param, v), base=base, source=source)
+        rep = compare(sc, policies=policies, trace_path=trace_path, search_gpus=search_gpus)
+        rep["sweep_value"] = v
+        points.append(rep)
+        if progress is not None:
+            progress(f"{param}={v}: " + ", ".join(f"{r['policy']} {r['attainment']:.2%}" for r in rep["results"]))
+    first = points[0]
+    return {"scenario": first["scenario"], "source": source, "sweep": {"param": param, "values": list(values)},
+            "target_attainment": first["target_attainment"], "points": points}
+
+
+def format_sweep(report: dict[str, Any]) -> str:
+    param = report["sweep"]["param"]
+    pts = report["points"]
+    p0 = pts[0]
+    policies = [r["policy"] for r in p0["results"]]
+    searched = any(r.get("gpus_searched") for p in pts for r in p["results"])
+    need = f" (GPUs needed for {report['target_attainment']:.0%} in brackets)" if searched else ""
+    head = (f"{report['scenario']}: SLO attainment per policy over {param}{need}; "
+            f"{p0['gpus']} GPUs x {p0['gpu_memory_GB']:.0f} GB, {p0['duration_s'] / 60:.0f} min per point")
+    cols = [param, "requests", "GB of models", *policies]
+    rows = []
+    for p in pts:
+        cells = []
+        for r in p["results"]:
+            cell = f"{r['attainment']:.2%}"
+            if r.get("gpus_searched"):
+                cell += f" ({_gpus_cell(r)})"
+            cells.append(cell)
+        v = p["sweep_value"]
+        rows.append([f"{v:g}", str(p["requests"]), f"{p['total_model_GB']:.0f}", *cells])
+    return "\n".join([head, *_grid(cols, rows)])
+
+
+def _nines(attainment: float) -> float:
+    # "nines" scale: 90% -> 1, 99% -> 2, 99.9% -> 3; shows 40% and 99.5% on one readable axis
+    return -math.log10(max(1.0 - attainment, 1e-4))
+
+
+def _nines_axis(ax: Any, target: float) -> None:
+    ticks = [0.0, 50.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.99]
+    ax.set_yticks([_nines(t / 100) for t in ticks], [f"{t:g}%" for t in ticks])
+    ax.set_ylim(0, _nines(0.9999) + 0.05)
+    ax.axhline(_nines(target), ls="--", lw=0.8, color="k")
+    ax.set_ylabel("requests within SLO")
+
+
+def write_plot(report: dict[str, Any], path: str | Path) -> str:
+    """A PNG of the report: attainment (and GPUs needed) against the swept parameter, or for one
+    point the latency CDF and attainment per policy. Returns a line saying what was written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'torpor[sim]'): no plot written"
+    colors = {"torpor": "tab:blue", "lru-swap": "tab:orange", "static": "tab:gray"}
+    target = report["target_attainment"]
+    if "sweep" in report:
+        param = report["sweep"]["param"]
+        pts = report["points"]
+        xs = [p["sweep_value"] for p in pts]
+        policies = [r["policy"] for r in pts[0]["results"]]
+        searched = any(r.get("gpus_searched") for p in pts for r in p["results"])
+        fig, axes = plt.subplots(1, 2 if searched else 1, figsize=(11 if searched else 6, 4), squeeze=False)
+        ax = axes[0][0]
+        for i, pol in enumerate(policies):
+            ax.plot(xs, [_nines(p["results"][i]["attainment"]) for p in pts], "o-", label=pol, color=colors.get(pol))
+        _nines_axis(ax, target)
+        ax.set_xlabel(param)
+        ax.set_title(f"{report['scenario']}: SLO attainment ({pts[0]['gpus']} GPUs)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        if searched:
+            ax = axes[0][1]
+            for i, pol in enumerate(policies):
+                ys = [p["results"][i].get("gpus_needed") for p in pts]
+                ax.plot([x for x, y in zip(xs, ys) if y is not None], [y for y in ys if y is not None], "o-",
+                        label=pol, color=colors.get(pol))
+            ax.set_xlabel(param)
+            ax.set_ylabel(f"fewest GPUs for {target:.0%} within SLO")
+            ax.set_ylim(bottom=0)
+            ax.set_title("GPUs needed")
+            ax.legend()
+            ax.grid(alpha=0.3)
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        ax = axes[0]
+        for r in report["results"]:
+            ys = [(q, v) for q, v in zip(LATENCY_PCTS, r.get("latency_pct_ms") or []) if v is not None]
+            if ys:
+                ax.plot([v for _, v in ys], [q for q, _ in ys], label=r["policy"], color=colors.get(r["policy"]))
+        ax.set_xscale("log")
+        ax.set_xlabel("latency (ms)")
+        ax.set_ylabel("requests (%)")
+        ax.set_title(f"{report['scenario']}: latency CDF ({report['functions']} functions)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        ax = axes[1]
+        pols = [r["policy"] for r in report["results"]]
+        ax.bar(pols, [_nines(r["attainment"]) for r in report["results"]], color=[colors.get(p) for p in pols])
+        _nines_axis(ax, target)
+        ax.set_title(f"SLO attainment ({report['gpus']} GPUs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return f"wrote {path}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -837,7 +1030,11 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--search-gpus", type=int, default=None,
                    help="find the fewest GPUs (up to N) reaching the target attainment; 0: skip")
+    p.add_argument("--sweep", default=None, metavar="PARAM=START:STOP:STEP",
+                   help=f"run every policy at each value of one of {list(SWEEP_PARAMS)} "
+                        "(e.g. functions=300:600:50; overrides the scenario's 'sweep'); 'none': no sweep")
     p.add_argument("--json", default=None, help="write the report here (default: sim-<scenario>.json)")
+    p.add_argument("--plot", default=None, help="write the PNG here (default: the JSON's name with .png)")
 
 
 def run_cli(args: Any) -> int:
@@ -853,16 +1050,31 @@ def run_cli(args: Any) -> int:
                 spec["workload"]["duration_s"] = args.duration
             if args.workload is not None:
                 spec["workload"]["kind"] = args.workload
+        sweep_arg = getattr(args, "sweep", None)
+        if sweep_arg is not None:
+            if sweep_arg.strip().lower() == "none":
+                spec.pop("sweep", None)
+            else:
+                spec["sweep"] = sweep_arg
         sc = parse_scenario(spec, base=p.parent, source=str(p))
-        report = compare(sc, policies=args.policy, trace_path=args.trace, search_gpus=args.search_gpus)
+        if sc.sweep is not None:
+            param, values = sc.sweep
+            report = sweep(spec, param, values, base=p.parent, source=str(p), policies=args.policy,
+                           trace_path=args.trace, search_gpus=args.search_gpus,
+                           progress=lambda line: print(line, file=sys.stderr, flush=True))
+            table = format_sweep(report)
+        else:
+            report = compare(sc, policies=args.policy, trace_path=args.trace, search_gpus=args.search_gpus)
+            table = format_table(report)
     except (OSError, json.JSONDecodeError) as e:
         print(f"torpor simulate: cannot read scenario {args.scenario}: {e}", file=sys.stderr)
         return 2
     except (ScenarioError, WorkloadError, TopologyError) as e:
         print(f"torpor simulate: {e}", file=sys.stderr)
         return 2
-    print(format_table(report))
+    print(table)
     out = Path(args.json or f"sim-{sc.name}.json")
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"wrote {out}")
+    print(write_plot(report, getattr(args, "plot", None) or out.with_suffix(".png")))
     return 0
