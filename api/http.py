@@ -378,6 +378,10 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024) -> InferF
     async def residency():
         return _json(engine.residency())
 
+    @app.get("/v2/torpor/topology")
+    async def topology():
+        return _json(engine.topology())
+
     # -- shared memory -------------------------------------------------------------------
     @app.get("/v2/systemsharedmemory/status")
     @app.get("/v2/systemsharedmemory/region/{region}/status")

@@ -59,11 +59,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of each GPU's free memory Torpor reserves for model weights (default 0.8)")
     s.add_argument("--device-memory-bytes", default=None,
                    help="arena size per device, e.g. 40GiB (CPU virtual devices default to 2GiB)")
+    s.add_argument("--scheduler", choices=["torpor", "lru-swap"], default="torpor",
+                   help="placement policy: 'torpor' (cost model: run, queue, host swap or peer copy, whichever "
+                        "meets the SLO cheapest) or 'lru-swap' (least-loaded holder, else host swap, LRU eviction)")
+    s.add_argument("--device-bandwidths", "--topology", dest="device_bandwidths", default=None,
+                   help="links the scheduler plans with instead of measuring them: a topology JSON file, inline "
+                        "JSON, or 'pcie=GBps[,nvlink=GBps]'; on CPU virtual devices copies are paced to these rates")
+    s.add_argument("--default-slo-ms", type=_positive, default=None,
+                   help="latency objective (ms) of models whose config has no torpor.slo_ms parameter")
     sim = sub.add_parser("simulate", help="compare scheduling policies in the discrete-event simulator")
     from .simulator import add_arguments
 
     add_arguments(sim)
     return p
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return v
 
 
 def _resolve_devices(text: str) -> str:
@@ -95,6 +113,9 @@ async def serve(args: argparse.Namespace) -> int:
         devices=_resolve_devices(args.devices),
         device_memory_fraction=args.device_memory_fraction,
         device_memory_bytes=args.device_memory_bytes,
+        scheduler=args.scheduler,
+        device_bandwidths=args.device_bandwidths,
+        default_slo_ms=args.default_slo_ms,
     )
     engine = Engine(options, create_model_function)
     install_bls(engine, asyncio.get_running_loop())  # pb_utils.InferenceRequest.exec() in python models

@@ -294,12 +294,17 @@ class CpuDevice(Device):
 
     def __init__(self, index: int, capacity: int, exec_slots: int = 1):
         super().__init__(f"cpu:{index}", index, torch.device("cpu"), capacity, exec_slots)
+        # Emulated link speeds (bytes/s) by source: "host" or a peer device's name. Set from a
+        # topology file (torpor.links) so CPU virtual devices behave like the node it describes:
+        # a copy is paced so its groups land when they would over that link. Empty: memcpy speed.
+        self.link_rates: dict[str, float] = {}
+        self.peers: set[str] | None = None  # names it may copy from; None: every CPU device
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._copier = threading.Thread(target=self._copy_loop, name=f"torpor-{self.name}-copy", daemon=True)
         self._copier.start()
 
     def can_peer(self, other: Device) -> bool:
-        return isinstance(other, CpuDevice)
+        return isinstance(other, CpuDevice) and (self.peers is None or other.name in self.peers)
 
     def wait_on_compute(self, event: Event) -> None:
         event.synchronize()  # the worker thread stands in for the compute stream: it waits
@@ -313,7 +318,8 @@ class CpuDevice(Device):
         events = [CpuEvent() for _ in jobs]
         t_start = [0.0]
         batch = CopyBatch(events, sum(d.numel() for d, _, _ in jobs), time.perf_counter(), None, t_start)
-        self._jobs.put((jobs, events, t_start))
+        rate = self.link_rates.get(src_device.name if src_device is not None else "host")
+        self._jobs.put((jobs, events, t_start, rate))
         return batch
 
     def _copy_loop(self) -> None:
@@ -321,8 +327,9 @@ class CpuDevice(Device):
             item = self._jobs.get()
             if item is None:
                 return
-            jobs, events, t_start = item
-            t_start[0] = time.perf_counter()
+            jobs, events, t_start, rate = item
+            t0 = t_start[0] = time.perf_counter()
+            done_bytes = 0
             failed: BaseException | None = None
             for (dst, src, after), ev in zip(jobs, events, strict=True):
                 if failed is None:
@@ -330,6 +337,11 @@ class CpuDevice(Device):
                         if after is not None:
                             after.synchronize()  # a peer source group may itself still be arriving
                         dst.copy_(src)
+                        done_bytes += dst.numel()
+                        if rate:
+                            lag = t0 + done_bytes / rate - time.perf_counter()
+                            if lag > 0:
+                                time.sleep(lag)
                     except BaseException as e:  # noqa: BLE001 - reported through the events
                         failed = e
                 ev.set(failed)

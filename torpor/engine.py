@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .config import ModelConfig, config_to_dict, parse_config_json, read_config, sequence_controls, tensor_specs
+from .config import (ModelConfig, config_to_dict, parameter, parse_config_json, read_config, sequence_controls,
+                     tensor_specs)
+from .costmodel import slo_seconds
 from .datatypes import from_raw, num_elements, numpy_dtype, to_raw
 from .errors import Status, TorporError, internal, invalid_arg, not_found, unavailable, unsupported
 from .model import SEQUENCE_END, SEQUENCE_START, ModelFunction, ModelRequest, TensorSpec
@@ -75,6 +77,12 @@ class EngineOptions:
     devices: str = ""
     device_memory_fraction: float | None = None
     device_memory_bytes: str | None = None
+    # The scheduler (torpor.placer): its policy, the links it plans with (a topology file or
+    # short form, torpor.links; None: measured at start), and the latency objective of models
+    # whose config has no `torpor.slo_ms` (None: no objective, the fastest option wins).
+    scheduler: str = "torpor"
+    device_bandwidths: str | None = None
+    default_slo_ms: float | None = None
 
 
 @dataclass
@@ -162,6 +170,9 @@ class ModelEntry:
         self.input_index = {s.name: s for s in self.inputs}
         self.output_index = {s.name: s for s in self.outputs}
         self.controls = sequence_controls(config)
+        # the model's own latency objective (validated at load); the server default applies without it
+        raw = parameter(config, "torpor.slo_ms")
+        self.slo_ms = float(raw) if raw not in (None, "") else None
 
     @property
     def decoupled(self) -> bool:
@@ -195,6 +206,7 @@ class Engine:
         workers = options.worker_threads or min(32, (os.cpu_count() or 1) + 4)
         self.workers = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="torpor-exec")
         self.devices = None  # torpor.residency.DevicePool when --devices names any (the swap engine)
+        self.placer = None  # torpor.placer.Placer over those devices: the scheduler's seam
         self.live = False
         self.exiting = False
         self._poll_task: asyncio.Task | None = None
@@ -216,9 +228,26 @@ class Engine:
                 memory_fraction=self.options.device_memory_fraction,
                 memory_bytes=self.options.device_memory_bytes,
             )
-            # Arenas are reserved and first-touched here, once, off the loop.
+            from .costmodel import TopologyError
+            from .eviction import CostAwarePolicy, LRUPolicy
+            from .links import build_links, parse_bandwidth_spec
+            from .placer import Placer
+
             try:
-                self.devices = await asyncio.to_thread(lambda: DevicePool(open_devices(spec)))
+                links_spec = (parse_bandwidth_spec(self.options.device_bandwidths)
+                              if self.options.device_bandwidths else None)
+            except TopologyError as e:
+                raise RuntimeError(str(e)) from None
+            eviction = LRUPolicy() if self.options.scheduler == "lru-swap" else CostAwarePolicy()
+            # Arenas are reserved and first-touched here, once, off the loop; links measured too.
+            try:
+                self.devices = await asyncio.to_thread(lambda: DevicePool(open_devices(spec), policy=eviction))
+                links = await asyncio.to_thread(build_links, self.devices.devices, links_spec)
+                for m in self.devices.memories:
+                    self.devices.set_host_bandwidth(m.device, links.bandwidth(f"pcie:{m.device.name}"))
+                self.placer = Placer(self.devices, links, policy=self.options.scheduler)
+            except TopologyError as e:
+                raise RuntimeError(str(e)) from None
             except (RuntimeError, ValueError, MemoryError) as e:
                 text = str(e)
                 hint = ""
@@ -429,6 +458,10 @@ class Engine:
                 config = read_config(model_dir)
             if config.name and config.name != name:
                 raise invalid_arg(f"model name in config '{config.name}' does not match the folder '{name}'")
+            try:
+                slo_seconds({"torpor.slo_ms": parameter(config, "torpor.slo_ms") or ""}, None)
+            except ValueError as e:
+                raise invalid_arg(str(e)) from None
             config.name = name
             versions = select_versions(config, available_versions(model_dir))
         except TorporError as e:
@@ -474,7 +507,9 @@ class Engine:
                 ve.state = "READY"
                 ve.stats = ModelStats(name, str(v))
                 ve.stats.load_duration_s = time.monotonic() - started
-                ve.slots = asyncio.Semaphore(self._instance_count(config))
+                # A late-bound model's instances are per device, as Triton's KIND_GPU count is per GPU.
+                per = len(self.devices.memories) if ve.pool_key is not None else 1
+                ve.slots = asyncio.Semaphore(self._instance_count(config) * per)
             new_versions[v] = ve
 
         if errors and not any(ve.state == "READY" for ve in new_versions.values()):
@@ -515,12 +550,15 @@ class Engine:
                 continue
             # Let in-flight executions finish before unloading: take every slot.
             if ve.slots is not None:
-                for _ in range(self._instance_count(ve.function.config)):
+                per = len(self.devices.memories) if ve.pool_key is not None and self.devices is not None else 1
+                for _ in range(self._instance_count(ve.function.config) * per):
                     await ve.slots.acquire()
             fn, ve.function = ve.function, None
             if ve.pool_key is not None and self.devices is not None:
                 try:
                     await self.devices.unregister(ve.pool_key)
+                    if self.placer is not None:
+                        self.placer.forget(ve.pool_key)
                 except Exception:  # noqa: BLE001
                     log.exception("dropping %s version %d from the devices failed", fn.name, ve.version)
                 ve.pool_key = None
@@ -635,6 +673,13 @@ class Engine:
         if self.devices is None:
             return {"devices": [], "note": "no devices configured (--devices): models run where loaded"}
         return self.devices.residency()
+
+    def topology(self) -> dict:
+        """The devices' links (measured or configured), the scheduler's state and per-model
+        SLO accounting (GET /v2/torpor/topology)."""
+        if self.placer is None:
+            return {"devices": [], "links": [], "note": "no devices configured (--devices): models run where loaded"}
+        return self.placer.describe()
 
     def swap_counters(self) -> dict:
         """Per (model, version): the swap engine's counters (swap-ins, bytes, hits, ...)."""
@@ -877,7 +922,7 @@ class Engine:
             async with ve.slots:
                 t_start = time.monotonic_ns()
                 if ve.pool_key is not None:
-                    result, t_exec_start = await self._run_on_device(ve, mreq, request)
+                    result, t_exec_start = await self._run_on_device(entry, ve, mreq, request, batch)
                     t_done = time.monotonic_ns()
                 else:
                     fn = ve.function
@@ -917,14 +962,49 @@ class Engine:
             log.debug("model '%s' version %d now runs %s", entry.name, ve.version,
                       "inline on the event loop" if ve.gate.inline else "on worker threads")
 
-    async def _run_on_device(self, ve: VersionEntry, mreq: ModelRequest, request: InferRequest):
-        """Late binding: pin the model on a device (resident, or swapped in with the copy
-        pipelined under this very execution), run there, unpin. (result, execution start ns)"""
-        async with self.devices.acquire(ve.pool_key, timeout=_timeout_seconds(request)) as placement:
-            t_exec_start = time.monotonic_ns()
-            fn = ve.function
-            # execute_on runs in the device's worker, compute stream current, group waits armed
-            (res,) = await placement.run(lambda: fn.execute_on((placement.module, placement.device), [mreq]))
+    def _slo(self, entry: ModelEntry, request: InferRequest) -> float | None:
+        """Seconds: the model's `torpor.slo_ms`, else `--default-slo-ms`, tightened by the
+        request's `timeout` parameter."""
+        slo_ms = entry.slo_ms if entry.slo_ms is not None else self.options.default_slo_ms
+        slo = slo_ms / 1e3 if slo_ms else None
+        t = _timeout_seconds(request)
+        if t is not None:
+            slo = t if slo is None else min(slo, t)
+        return slo
+
+    async def _run_on_device(self, entry: ModelEntry, ve: VersionEntry, mreq: ModelRequest,
+                             request: InferRequest, batch: int):
+        """Late binding: the scheduler picks the device and the copy's source (torpor.placer);
+        pin the model there (resident, or swapped in with the copy pipelined under this very
+        execution), run, unpin. (result, execution start ns)"""
+        key, placer = ve.pool_key, self.placer
+        slo = self._slo(entry, request)
+        decision = placer.place(key, slo, batch)
+        device, source = None, "auto"
+        if decision is not None and decision.option is not None:
+            o = decision.option
+            device = o.device
+            source = "host" if o.action == "swap" else (o.source if o.action == "peer" else "auto")
+        ticket = placer.admit(key, decision, batch)
+        fn = ve.function
+        try:
+            async with self.devices.acquire(key, device, timeout=_timeout_seconds(request), source=source) as placement:
+                if placement.outcome in ("host", "peer"):
+                    placer.copy_started(placement.resident, decision, placement.outcome)
+                t_exec_start = time.monotonic_ns()
+
+                def work():
+                    t = time.perf_counter()
+                    # execute_on runs in the device's worker, compute stream current, group waits armed
+                    out = fn.execute_on((placement.module, placement.device), [mreq])
+                    return out, time.perf_counter() - t
+
+                (res,), seconds = await placement.run(work)
+                if placement.outcome == "hit":
+                    placer.observe_exec(key, seconds, batch)
+        finally:
+            ticket.done()
+        placer.observe_latency(key, (time.monotonic_ns() - request.arrival_ns) / 1e9, slo)
         return res, t_exec_start
 
     async def _run_decoupled(self, entry: ModelEntry, ve: VersionEntry, request: InferRequest) -> AsyncIterator[InferResponse]:

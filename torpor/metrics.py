@@ -224,7 +224,20 @@ def swap_metrics(engine: "Engine") -> Iterable[Metric]:
         for m in dev.get("models", []):
             model, _, version = str(m.get("model", "")).rpartition(":")
             resident.add_sample(resident.name, {"model": model, "version": version, "device": dname}, 1.0)
-    return [*families, resident, used, free]
+    out = [*families, resident, used, free]
+    topo = engine.topology() if getattr(engine, "placer", None) is not None else {}
+    if topo.get("models") is not None:
+        decided = Metric("torpor_scheduler_decisions", "Scheduler decisions per action (run, queue, swap, peer, wait)",
+                         "counter")
+        slo = Metric("torpor_slo_requests", "Requests with a latency objective, by whether they met it", "counter")
+        for label, m in topo["models"].items():
+            model, _, version = label.rpartition(":")
+            for action, n in m["decisions"].items():
+                decided.add_sample(decided.name, {"model": model, "version": version, "action": action}, float(n))
+            slo.add_sample(slo.name, {"model": model, "version": version, "outcome": "met"}, float(m["slo_met"]))
+            slo.add_sample(slo.name, {"model": model, "version": version, "outcome": "missed"}, float(m["slo_missed"]))
+        out += [decided, slo]
+    return out
 
 
 def make_registry(engine: "Engine", gpu: bool = True, cpu: bool = True) -> tuple[CollectorRegistry, MetricsCollector]:

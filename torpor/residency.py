@@ -20,7 +20,8 @@ API (all on the event loop thread; nothing here blocks the loop on a device):
   residents by policy), issues every group copy at once and returns immediately: the copy
   runs while the request executes. Concurrent acquires of a model still arriving share that
   copy. `source`: "auto" (a peer device holding the model if one can copy to this one, else
-  host), "host", or "peer". When nothing can be evicted it waits (until `timeout`, default
+  host), "host", "peer", or a device's name (copy from that device where it still holds the
+  model: the scheduler's choice, `torpor.placer`). When nothing can be evicted it waits (until `timeout`, default
   `default_timeout`) and then raises `MemoryFullError` (UNAVAILABLE); a model larger than
   every allowed device's arena raises it at once.
 - `Placement.run(fn, *args, **kwargs)`: awaitable; runs `fn` in one of the device's worker
@@ -191,6 +192,7 @@ class DevicePool:
         if not self.devices:
             raise ValueError("DevicePool needs at least one device")
         self.memories = [DeviceMemory(d, block_bytes) for d in self.devices]
+        self._names = {d.name for d in self.devices}
         self.store = store or HostStore(pin=any(d.kind == "cuda" for d in self.devices))
         self.policy = policy or CostAwarePolicy()
         self.default_timeout = default_timeout
@@ -246,8 +248,8 @@ class DevicePool:
     def acquire(
         self, key: Any, device: Any = None, *, timeout: float | None = None, source: str = "auto"
     ) -> _Acquire:
-        if source not in ("auto", "host", "peer"):
-            raise ValueError(f"source must be 'auto', 'host' or 'peer', not {source!r}")
+        if source not in ("auto", "host", "peer") and source not in self._names:
+            raise ValueError(f"source must be 'auto', 'host', 'peer' or a device name, not {source!r}")
         return _Acquire(self, key, device, timeout, source)
 
     async def prefetch(
@@ -331,6 +333,14 @@ class DevicePool:
         return [m for _, _, m in sorted(scored, key=lambda t: t[:2])]
 
     def _swap_in(self, r: Resident, source: str) -> str:
+        """Start the copy: from the named device where it still holds the model (the
+        scheduler's choice), else from any peer that can copy directly ('auto', 'peer'),
+        else from the host."""
+        if source in self._names:
+            src = self.memory(source).residents.get(r.key)
+            if src is not None and src is not r and r.device.can_peer(src.device):
+                swap_in_from_peer(r, src)
+                return "peer"
         if source != "host":
             for m in self.memories:
                 src = m.residents.get(r.key)
