@@ -153,3 +153,45 @@ def test_bad_slo_parameter_fails_the_load(tmp_path):
         assert "torpor.slo_ms" in index["bad"]["reason"]
     finally:
         srv.stop()
+
+
+def batched_config(name: str) -> str:
+    return f'''name: "{name}"
+backend: "pytorch"
+max_batch_size: 8
+dynamic_batching {{ max_queue_delay_microseconds: 20000 }}
+input [ {{ name: "x" data_type: TYPE_FP32 dims: [ {DIM} ] }} ]
+output [ {{ name: "y" data_type: TYPE_FP32 dims: [ {DIM} ] }} ]
+parameters {{ key: "torpor.module_class" value: {{ string_value: "slow.py:Slow" }} }}
+parameters {{ key: "torpor.module_kwargs" value: {{ string_value: "{{\\"seconds\\": 0.1}}" }} }}
+parameters {{ key: "torpor.generate_weights" value: {{ string_value: "3" }} }}
+'''
+
+
+def test_requests_queued_on_a_device_batch(tmp_path):
+    """Six concurrent requests for a model with dynamic batching on one device: they ride in
+    fewer executions than requests, each with its own rows back."""
+    repo = tmp_path / "repo"
+    (repo / "batched" / "1").mkdir(parents=True)
+    (repo / "batched" / "config.pbtxt").write_text(batched_config("batched"))
+    (repo / "batched" / "slow.py").write_text(SLOW_PY)
+    srv = Server(repo, "--devices", "cpu:1", "--device-memory-bytes", "64MiB").start(tmp_path)
+    try:
+        def one(i: int) -> np.ndarray:
+            x = np.full((1, DIM), float(i), dtype=np.float32)
+            with httpclient.InferenceServerClient(srv.http_url, network_timeout=60) as c:
+                inp = httpclient.InferInput("x", [1, DIM], "FP32")
+                inp.set_data_from_numpy(x)
+                return c.infer("batched", [inp]).as_numpy("y")
+
+        one(0)  # resident, and its execution time known
+        with ThreadPoolExecutor(6) as pool:
+            outs = list(pool.map(one, range(1, 7)))
+        ref = {i: one(i) for i in (1, 6)}  # alone, one execution each
+        np.testing.assert_allclose(outs[0], ref[1], rtol=1e-4, atol=1e-5)  # batched GEMM: last bits differ
+        np.testing.assert_allclose(outs[5], ref[6], rtol=1e-4, atol=1e-5)
+        stats = get(srv, "/v2/models/batched/stats")["model_stats"][0]
+        assert stats["inference_count"] == 9
+        assert stats["execution_count"] < 9, stats
+    finally:
+        assert srv.stop() == 0

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -173,6 +174,9 @@ class ModelEntry:
         # the model's own latency objective (validated at load); the server default applies without it
         raw = parameter(config, "torpor.slo_ms")
         self.slo_ms = float(raw) if raw not in (None, "") else None
+        # dynamic batching on a device's queue: None (off), else the max queue delay in seconds
+        self.batching = (config.dynamic_batching.max_queue_delay_microseconds / 1e6
+                         if config.max_batch_size > 0 and config.HasField("dynamic_batching") else None)
 
     @property
     def decoupled(self) -> bool:
@@ -207,6 +211,7 @@ class Engine:
         self.workers = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="torpor-exec")
         self.devices = None  # torpor.residency.DevicePool when --devices names any (the swap engine)
         self.placer = None  # torpor.placer.Placer over those devices: the scheduler's seam
+        self._batches: dict[tuple, _DeviceBatch] = {}  # (model key, device) -> batch still open
         self.live = False
         self.exiting = False
         self._poll_task: asyncio.Task | None = None
@@ -507,9 +512,7 @@ class Engine:
                 ve.state = "READY"
                 ve.stats = ModelStats(name, str(v))
                 ve.stats.load_duration_s = time.monotonic() - started
-                # A late-bound model's instances are per device, as Triton's KIND_GPU count is per GPU.
-                per = len(self.devices.memories) if ve.pool_key is not None else 1
-                ve.slots = asyncio.Semaphore(self._instance_count(config) * per)
+                ve.slots = asyncio.Semaphore(self._slot_count(ve, config))
             new_versions[v] = ve
 
         if errors and not any(ve.state == "READY" for ve in new_versions.values()):
@@ -550,8 +553,7 @@ class Engine:
                 continue
             # Let in-flight executions finish before unloading: take every slot.
             if ve.slots is not None:
-                per = len(self.devices.memories) if ve.pool_key is not None and self.devices is not None else 1
-                for _ in range(self._instance_count(ve.function.config) * per):
+                for _ in range(self._slot_count(ve, ve.function.config)):
                     await ve.slots.acquire()
             fn, ve.function = ve.function, None
             if ve.pool_key is not None and self.devices is not None:
@@ -615,6 +617,15 @@ class Engine:
             merged.ClearField(field_desc.name)
         merged.MergeFrom(override)
         return merged
+
+    def _slot_count(self, ve: VersionEntry, config: ModelConfig) -> int:
+        """Requests of a version in flight at once. Where loaded: one per model instance. On
+        devices: the devices' workers run one request at a time each, and the scheduler must
+        see requests queued per device to place, queue or batch them, so the slots only bound
+        admission."""
+        if ve.pool_key is not None and self.devices is not None:
+            return _DEVICE_INFLIGHT * len(self.devices.memories)
+        return self._instance_count(config)
 
     @staticmethod
     def _instance_count(config: ModelConfig) -> int:
@@ -921,8 +932,9 @@ class Engine:
             mreq, batch = self._prepare(entry, ve, request)
             async with ve.slots:
                 t_start = time.monotonic_ns()
+                executions = 1
                 if ve.pool_key is not None:
-                    result, t_exec_start = await self._run_on_device(entry, ve, mreq, request, batch)
+                    result, t_exec_start, executions = await self._run_on_device(entry, ve, mreq, request, batch)
                     t_done = time.monotonic_ns()
                 else:
                     fn = ve.function
@@ -951,6 +963,7 @@ class Engine:
             input_ns=t_exec_start - t_start,
             infer_ns=t_done - t_exec_start,
             output_ns=t_end - t_done,
+            executions=executions,
         )
         return response
 
@@ -976,7 +989,8 @@ class Engine:
                              request: InferRequest, batch: int):
         """Late binding: the scheduler picks the device and the copy's source (torpor.placer);
         pin the model there (resident, or swapped in with the copy pipelined under this very
-        execution), run, unpin. (result, execution start ns)"""
+        execution), run, unpin. (result, execution start ns, executions: 0 when it rode in
+        another request's batch)"""
         key, placer = ve.pool_key, self.placer
         slo = self._slo(entry, request)
         decision = placer.place(key, slo, batch)
@@ -986,26 +1000,64 @@ class Engine:
             device = o.device
             source = "host" if o.action == "swap" else (o.source if o.action == "peer" else "auto")
         ticket = placer.admit(key, decision, batch)
+        executions = 1
+        try:
+            if device is not None and entry.batching is not None:
+                open_batch = self._batches.get((key, device))
+                if open_batch is not None and open_batch.join(mreq, batch):
+                    # Rides with requests already queued for that device: one execution for all.
+                    res, t_exec_start = await open_batch.result(mreq)
+                    executions = 0
+                else:
+                    res, t_exec_start = await self._run_batch(entry, ve, key, device, source, decision, mreq, batch,
+                                                              request)
+            else:
+                res, t_exec_start = await self._run_batch(entry, ve, key, device, source, decision, mreq, batch,
+                                                          request, batching=False)
+        finally:
+            ticket.done()
+        placer.observe_latency(key, (time.monotonic_ns() - request.arrival_ns) / 1e9, slo)
+        return res, t_exec_start, executions
+
+    async def _run_batch(self, entry: ModelEntry, ve: VersionEntry, key: Any, device: str | None, source: str,
+                         decision: Any, mreq: ModelRequest, batch: int, request: InferRequest,
+                         batching: bool = True):
+        """Acquire the model on `device` and execute `mreq`, with whatever requests of the same
+        model join it (`_DeviceBatch`) until the device's worker starts it."""
+        placer = self.placer
+        group = _DeviceBatch(entry.max_batch_size, mreq, batch)
+        if batching:
+            self._batches[(key, device)] = group
         fn = ve.function
         try:
+            delay = entry.batching or 0.0
+            if batching and delay > 0:
+                # dynamic_batching.max_queue_delay_microseconds: hold the batch open that long
+                # for others to join, unless it fills first
+                await group.wait_full(delay)
             async with self.devices.acquire(key, device, timeout=_timeout_seconds(request), source=source) as placement:
                 if placement.outcome in ("host", "peer"):
                     placer.copy_started(placement.resident, decision, placement.outcome)
                 t_exec_start = time.monotonic_ns()
 
                 def work():
+                    members, size = group.close()
                     t = time.perf_counter()
                     # execute_on runs in the device's worker, compute stream current, group waits armed
-                    out = fn.execute_on((placement.module, placement.device), [mreq])
-                    return out, time.perf_counter() - t
+                    out = fn.execute_on((placement.module, placement.device), members)
+                    return members, size, out, time.perf_counter() - t
 
-                (res,), seconds = await placement.run(work)
+                members, size, outs, seconds = await placement.run(work)
                 if placement.outcome == "hit":
-                    placer.observe_exec(key, seconds, batch)
+                    placer.observe_exec(key, seconds, size)
+        except BaseException as e:
+            group.fail(e)
+            raise
         finally:
-            ticket.done()
-        placer.observe_latency(key, (time.monotonic_ns() - request.arrival_ns) / 1e9, slo)
-        return res, t_exec_start
+            if self._batches.get((key, device)) is group:
+                del self._batches[(key, device)]
+        group.deliver(members, outs, t_exec_start)
+        return outs[0], t_exec_start
 
     async def _run_decoupled(self, entry: ModelEntry, ve: VersionEntry, request: InferRequest) -> AsyncIterator[InferResponse]:
         stats = ve.stats
@@ -1115,6 +1167,70 @@ def _timed_execute(fn: ModelFunction, mreq: ModelRequest) -> tuple[Any, int, int
     cpu = time.thread_time_ns()
     (res,) = fn.execute([mreq])
     return res, t_in, time.thread_time_ns() - cpu
+
+
+_DEVICE_INFLIGHT = 64  # per device, per model version
+
+
+class _DeviceBatch:
+    """Requests of one model queued for one device, executed together (dynamic batching).
+
+    Opened by the request that goes to the device; others the scheduler sends to the same
+    device join it while it is open and the batch has room (`max_batch_size`). It closes when
+    the device's worker starts executing it (`close()`, on that worker thread, hence the
+    lock); each member's result is handed back on the loop (`deliver`)."""
+
+    __slots__ = ("_closed", "_full", "_futures", "_lock", "max_batch", "members", "size")
+
+    def __init__(self, max_batch: int, first: ModelRequest, batch: int):
+        self.max_batch = max_batch
+        self.members = [first]
+        self.size = batch
+        self._closed = False
+        self._lock = threading.Lock()
+        self._futures: dict[int, asyncio.Future] = {}
+        self._full: asyncio.Event | None = None
+
+    def join(self, mreq: ModelRequest, batch: int) -> bool:
+        with self._lock:
+            if self._closed or self.size + batch > self.max_batch:
+                return False
+            self.members.append(mreq)
+            self.size += batch
+            self._futures[id(mreq)] = asyncio.get_running_loop().create_future()
+            full = self.size >= self.max_batch
+        if full and self._full is not None:
+            self._full.set()
+        return True
+
+    async def wait_full(self, delay: float) -> None:
+        self._full = asyncio.Event()
+        if self.size < self.max_batch:
+            try:
+                await asyncio.wait_for(self._full.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+
+    def close(self) -> tuple[list[ModelRequest], int]:
+        with self._lock:
+            self._closed = True
+            return list(self.members), self.size
+
+    async def result(self, mreq: ModelRequest):
+        return await self._futures[id(mreq)]
+
+    def deliver(self, members: list[ModelRequest], outs: list, t_exec_start: int) -> None:
+        for m, out in zip(members, outs, strict=True):
+            f = self._futures.get(id(m))
+            if f is not None and not f.done():
+                f.set_result((out, t_exec_start))
+
+    def fail(self, error: BaseException) -> None:
+        with self._lock:
+            self._closed = True
+        for f in self._futures.values():
+            if not f.done():
+                f.set_exception(error if isinstance(error, Exception) else internal("request cancelled"))
 
 
 def _timeout_seconds(request: InferRequest) -> float | None:
