@@ -32,3 +32,16 @@ def test_http_port_in_use(simple_repo):
     assert r.returncode == 1
     assert f"HTTP listener could not start on 127.0.0.1:{port}" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_bad_device_bandwidths(simple_repo):
+    r = serve("--model-repository", str(simple_repo), "--http-port", str(free_port()), "--devices", "cpu:2",
+              "--device-memory-bytes", "16MiB", "--device-bandwidths", '{"pcie_GBps": -3}')
+    assert r.returncode == 1
+    assert "torpor: could not start" in r.stderr and "pcie_GBps" in r.stderr and "positive" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_default_slo(simple_repo):
+    r = serve("--model-repository", str(simple_repo), "--default-slo-ms", "-5")
+    assert r.returncode == 2 and "--default-slo-ms" in r.stderr and "positive" in r.stderr
