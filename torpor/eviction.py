@@ -5,12 +5,15 @@ still being copied in, or being read by a peer copy); `DeviceMemory.make_room` e
 order until the new model fits.
 
 - `LRUPolicy`: least recently used first (the baseline).
-- `CostAwarePolicy` (default): cheapest expected reload first. The score of a resident is
-  `reload_s x rate`: the seconds of swap-in it would cost per second if evicted, where
-  `reload_s` is its bytes over the link it would come back on (host PCIe, or the much faster
-  peer link when another device also holds it) and `rate` its recent request rate (an
-  exponentially decayed count, time constant `tau`). Small, rarely used models and models with
-  a replica elsewhere go first; large, busy ones stay. Ties fall back to LRU.
+- `CostAwarePolicy` (default): cheapest expected reload per byte freed first. The score of a
+  resident is `reload_s x rate / nbytes`: the seconds of swap-in per second it would cost if
+  evicted, where `reload_s` is its bytes over the link it would come back on (host PCIe, or the
+  much faster peer link when another device also holds it) and `rate` its recent request rate
+  (an exponentially decayed count, time constant `tau`), divided by the bytes it gives back.
+  Eviction frees a number of bytes, so the cost that matters is per byte: scored per model
+  instead, ten small warm models went before one large cold one and all ten came back soon
+  (more swaps and more bytes moved than LRU on the paper's model mix). Rarely used models and
+  models with a replica elsewhere go first. Ties fall back to LRU.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ class CostAwarePolicy:
 
     def score(self, c: Candidate) -> float:
         reload_s = c.reload_s / self.peer_speedup if c.replicas else c.reload_s
-        return reload_s * c.rate
+        return reload_s * c.rate / max(c.nbytes, 1)
 
     def order(self, candidates: list[Candidate], now: float) -> list[Candidate]:
         return sorted(candidates, key=lambda c: (self.score(c), c.last_used))

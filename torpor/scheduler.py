@@ -21,7 +21,11 @@ estimation error), the cheapest wins. Cost is resource-seconds: link time the co
 nominal bandwidth (so a peer copy over a fast link costs less than a host swap, and no copy
 costs least), plus the expected reload time of what it evicts (`reload_s x P(requested within
 horizon)`, reload from a replica being `peer_speedup` times cheaper: evicting a hot model is
-dear), plus execution time. Ties go to the earlier completion. When no option meets the SLO,
+dear), plus the device time the request holds: its run and any wait for its own copy beyond the
+work already queued there. A copy to an idle device holds that device while it lands (a 2.5 GB
+model over PCIe: ~100 ms for a 40 ms run); a copy queued behind other work lands during it and
+holds the device only for the run, so where both meet the SLO the second is cheaper and the idle
+device stays free for requests with tight objectives. Ties go to the earlier completion. When no option meets the SLO,
 the fastest is chosen and the decision says so (`meets_slo=False`). When no option is possible
 (every device full of pinned models) `place` returns None and the caller waits.
 
@@ -199,7 +203,8 @@ class Scheduler:
                 wait = d.backlog_s
                 done = max(wait, landing) + exec_s
                 action = "run" if wait <= 0 else "queue"
-                out.append(Option(d.name, action, None, done, 0.0, exec_s, cost=exec_s))
+                # device time it takes: its run, plus any wait for its own copy beyond the work ahead
+                out.append(Option(d.name, action, None, done, 0.0, exec_s, cost=done - wait))
                 continue
             if not copies or model.nbytes > d.capacity:
                 continue
@@ -224,7 +229,7 @@ class Scheduler:
         done = self.cost.completion(d.backlog_s, transfer, exec_s, first)
         link_s = self.cost.nominal_seconds(model.nbytes, path)
         return Option(d.name, action, source, done, transfer, exec_s, victims, evict_cost, model.nbytes,
-                      path, cost=link_s + evict_cost + exec_s)
+                      path, cost=link_s + evict_cost + (done - d.backlog_s))
 
     def _place_torpor(self, model: ModelInfo, snap: Snapshot) -> Decision | None:
         limit = None if model.slo_s is None else model.slo_s * self.slo_margin
