@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device-bandwidths", "--topology", dest="device_bandwidths", default=None,
                    help="links the scheduler plans with instead of measuring them: a topology JSON file, inline "
                         "JSON, or 'pcie=GBps[,nvlink=GBps]'; on CPU virtual devices copies are paced to these rates")
+    s.add_argument("--profile-runs", type=int, default=2,
+                   help="timed runs of each device-bound model at load, after one warm-up run, on zero inputs: "
+                        "the scheduler's first execution estimate (0: measure on real requests only)")
     s.add_argument("--default-slo-ms", type=_positive, default=None,
                    help="latency objective (ms) of models whose config has no torpor.slo_ms parameter")
     sim = sub.add_parser("simulate", help="compare scheduling policies in the discrete-event simulator")
@@ -116,6 +119,7 @@ async def serve(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         device_bandwidths=args.device_bandwidths,
         default_slo_ms=args.default_slo_ms,
+        profile_runs=args.profile_runs,
     )
     engine = Engine(options, create_model_function)
     install_bls(engine, asyncio.get_running_loop())  # pb_utils.InferenceRequest.exec() in python models

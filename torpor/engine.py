@@ -84,6 +84,7 @@ class EngineOptions:
     scheduler: str = "torpor"
     device_bandwidths: str | None = None
     default_slo_ms: float | None = None
+    profile_runs: int = 2  # timed runs per device-bound model at load (after one warm-up); 0: none
 
 
 @dataclass
@@ -508,6 +509,7 @@ class Engine:
                         await loop.run_in_executor(self.workers, fn.unload)
                         continue
                     ve.pool_key = key
+                    await self._profile(key, fn, config)
                 ve.function = fn
                 ve.state = "READY"
                 ve.stats = ModelStats(name, str(v))
@@ -617,6 +619,49 @@ class Engine:
             merged.ClearField(field_desc.name)
         merged.MergeFrom(override)
         return merged
+
+    async def _profile(self, key: Any, fn: ModelFunction, config: ModelConfig) -> None:
+        """A few runs on a device at load, on zero inputs of batch 1: the scheduler's first
+        execution estimate, and the model's warm-up (first-run costs such as kernel selection
+        are paid here, not by a user's request). Best effort: models with BYTES or variable-
+        size inputs, or that fail on zeros, are left to be measured by real requests."""
+        runs = self.options.profile_runs
+        if runs <= 0 or self.placer is None:
+            return
+        inputs: dict[str, np.ndarray] = {}
+        specs, _ = tensor_specs(config)
+        for spec in specs:
+            dims = spec.reshape if spec.reshape is not None else spec.dims
+            if spec.optional:
+                continue
+            if spec.datatype == "BYTES" or any(d < 0 for d in dims):
+                return
+            shape = ((1,) if config.max_batch_size > 0 else ()) + tuple(dims)
+            inputs[spec.name] = np.zeros(shape, dtype=numpy_dtype(spec.datatype))
+        mreq = ModelRequest(inputs, [])
+        try:
+            decision = self.placer.place(key, None)
+            device = decision.option.device if decision is not None and decision.option is not None else None
+            async with self.devices.acquire(key, device, timeout=30.0) as placement:
+                if placement.outcome in ("host", "peer"):
+                    self.placer.copy_started(placement.resident, decision, placement.outcome)
+                await placement.ready()
+
+                def work():
+                    times = []
+                    for _ in range(runs + 1):
+                        t = time.perf_counter()
+                        (out,) = fn.execute_on((placement.module, placement.device), [mreq])
+                        if isinstance(out, Exception):
+                            raise out
+                        times.append(time.perf_counter() - t)
+                    return times[1:]  # the first run is the warm-up
+
+                times = await placement.run(work)
+            self.placer.cost.exec.seed(key, sorted(times)[len(times) // 2])
+            self.placer.slo.pop(key, None)  # the profile's decision is not a request's
+        except Exception as e:  # noqa: BLE001 - profiling is best effort
+            log.debug("profiling %s at load skipped: %s", key, e)
 
     def _slot_count(self, ve: VersionEntry, config: ModelConfig) -> int:
         """Requests of a version in flight at once. Where loaded: one per model instance. On
