@@ -48,6 +48,11 @@ def small(**over):
     ({"models": [{"name": "huge", "size_MB": 5000, "exec_ms": 5, "slo_ms": 50}]}, r"models\[0\].size_MB"),
     ({"functions": 0}, "functions"),
     ({"gpu_memory_GB": "lots"}, "gpu_memory_GB"),
+    ({"weight_fraction": 1.5}, "weight_fraction"),
+    # 900 MB model, 2 GB GPUs, but only 0.4 of it for weights
+    ({"weight_fraction": 0.4}, r"models\[1\].size_MB: model 'b' .* larger than every GPU"),
+    ({"models": [{"name": "a", "size_MB": 30, "exec_ms": 5, "slo_ms": 50, "max_batch": 0}]}, r"models\[0\].max_batch"),
+    ({"models": [{"name": "a", "size_MB": 30, "exec_ms": 5, "slo_ms": 50, "batch": 4}]}, r"models\[0\]: unknown"),
 ])
 def test_bad_scenario_names_field(over, field):
     with pytest.raises(ScenarioError, match=field.replace("[", r"\[").replace("]", r"\]") if "\\" not in field else field):

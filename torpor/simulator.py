@@ -100,6 +100,11 @@ class Scenario:
     notes: str = ""
     source: str = ""
     sweep: tuple[str, list[float]] | None = None  # (parameter, values): run every policy at each
+    weight_fraction: float = 1.0  # of each GPU's memory, what model weights may use
+
+    @property
+    def weight_budget(self) -> int:
+        return int(self.gpu_memory * self.weight_fraction)
 
     def links(self, n_gpus: int) -> LinkMap:
         return build_links(self.node, self.gpus_per_node, n_gpus)
@@ -129,12 +134,17 @@ def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: st
     """Validate a scenario dict (see loadtest/scenarios/README.md); errors name the field."""
     where = "scenario"
     known = {"name", "gpus", "gpu_memory_GB", "gpus_per_node", "node", "models", "profile", "functions",
-             "workload", "policies", "exec_noise", "seed", "search_gpus", "target_attainment", "notes", "sweep"}
+             "workload", "policies", "exec_noise", "seed", "search_gpus", "target_attainment", "notes", "sweep",
+             "weight_fraction"}
     unknown = set(spec) - known
     if unknown:
         raise ScenarioError(f"{where}: unknown field(s) {sorted(unknown)}")
     gpus = _num(spec, "gpus", where, integer=True)
     mem = int(_num(spec, "gpu_memory_GB", where) * GB)
+    frac = _num(spec, "weight_fraction", where, default=1.0)
+    if frac > 1:
+        raise ScenarioError(f"{where}.weight_fraction: must be at most 1, got {frac}")
+    budget = int(mem * frac)
     per_node = _num(spec, "gpus_per_node", where, integer=True, default=gpus)
     node = spec.get("node", {}) or {}
     if not isinstance(node, dict):
@@ -168,9 +178,9 @@ def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: st
         if not isinstance(m, dict) or not isinstance(m.get("name"), str):
             raise ScenarioError(f"{w}.name: required (a string)")
         nbytes = int(_num(m, "size_MB", w) * MB)
-        if nbytes > mem:
-            raise ScenarioError(f"{w}.size_MB: model {m['name']!r} ({m['size_MB']} MB) is larger than every GPU's "
-                                f"memory ({spec['gpu_memory_GB']} GB)")
+        if nbytes > budget:
+            raise ScenarioError(f"{w}.size_MB: model {m['name']!r} ({m['size_MB']} MB) is larger than every GPU "
+                                f"(weight budget {budget / GB:g} GB: gpu_memory_GB x weight_fraction)")
         unknown_m = set(m) - {"name", "size_MB", "exec_ms", "slo_ms", "first_group_MB", "max_batch",
                               "max_queue_delay_ms", "batch_scale"}
         if unknown_m:
@@ -211,6 +221,7 @@ def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: st
         notes=str(spec.get("notes", "")),
         source=source,
         sweep=None if spec.get("sweep") is None else parse_sweep(spec["sweep"], f"{where}.sweep"),
+        weight_fraction=frac,
     )
 
 
@@ -532,7 +543,7 @@ class Simulation:
             for b in range(1, m.max_batch + 1):  # the load-time profile (a few warm runs in the engine)
                 est.seed(f, m.exec_seconds(b), b)
         self.cost = CostModel(self.links, est)
-        self.devs = [_Dev(DeviceState(name, scenario.gpu_memory, scenario.gpu_memory, version=0))
+        self.devs = [_Dev(DeviceState(name, scenario.weight_budget, scenario.weight_budget, version=0))
                      for name in self.links.devices]
         self.by_name = {d.state.name: d for d in self.devs}
         self.rates = [RateMeter(tau=60.0) for _ in range(scenario.functions)]
@@ -839,6 +850,7 @@ def compare(sc: Scenario, *, policies: list[str] | None = None, trace_path: str 
         "source": sc.source,
         "gpus": sc.gpus,
         "gpu_memory_GB": sc.gpu_memory / GB,
+        "weight_budget_GB": sc.weight_budget / GB,
         "functions": sc.functions,
         "models": [m.__dict__ for m in sc.models],
         "total_model_GB": sum(sc.models[f % len(sc.models)].nbytes for f in range(sc.functions)) / GB,
@@ -852,7 +864,7 @@ def compare(sc: Scenario, *, policies: list[str] | None = None, trace_path: str 
 
 
 def format_table(report: dict[str, Any]) -> str:
-    head = (f"{report['scenario']}: {report['gpus']} GPUs x {report['gpu_memory_GB']:.0f} GB, "
+    head = (f"{report['scenario']}: {report['gpus']} GPUs x {_memory(report)}, "
             f"{report['functions']} functions ({report['total_model_GB']:.0f} GB of models), "
             f"{report['requests']} requests over {report['duration_s'] / 60:.0f} min")
     cols = ["policy", "SLO met", "fns ok", "p50 ms", "p99 ms", "swaps", "peer", "GB moved", "evict",
@@ -866,6 +878,11 @@ def format_table(report: dict[str, Any]) -> str:
             _gpus_cell(r), f"{r['wall_s']:.1f}",
         ])
     return "\n".join([head, *_grid(cols, rows)])
+
+
+def _memory(report: dict[str, Any]) -> str:
+    mem, budget = report["gpu_memory_GB"], report.get("weight_budget_GB", report["gpu_memory_GB"])
+    return f"{mem:g} GB" + (f" ({budget:g} GB for weights)" if budget < mem else "")
 
 
 def _gpus_cell(r: dict[str, Any]) -> str:
@@ -920,7 +937,7 @@ def format_sweep(report: dict[str, Any]) -> str:
     searched = any(r.get("gpus_searched") for p in pts for r in p["results"])
     need = f" (GPUs needed for {report['target_attainment']:.0%} in brackets)" if searched else ""
     head = (f"{report['scenario']}: SLO attainment per policy over {param}{need}; "
-            f"{p0['gpus']} GPUs x {p0['gpu_memory_GB']:.0f} GB, {p0['duration_s'] / 60:.0f} min per point")
+            f"{p0['gpus']} GPUs x {_memory(p0)}, {p0['duration_s'] / 60:.0f} min per point")
     cols = [param, "requests", "GB of models", *policies]
     rows = []
     for p in pts:
