@@ -42,7 +42,9 @@ def small(**over):
 
 
 @pytest.mark.parametrize("over, field", [
-    ({"node": {"pcie_GBps": -1}}, "pcie_GBps"),
+    ({"node": {"pcie_GBps": -1}}, r"scenario\.node\.pcie_GBps: bandwidth must be a positive"),
+    ({"node": {"pcie_GBps": [25, -1]}}, r"scenario\.node\.pcie_GBps\[1\]: bandwidth must be a positive"),
+    ({"node": {"switches": [[0, 1]], "switch_GBps": -50}}, r"node\.switch_GBps: bandwidth must be a positive"),
     ({"node": {"nvlink": [[0, 1, -150]]}}, "nvlink[0]"),
     ({"policies": ["torpor", "fifo"]}, "policies[1]"),
     ({"models": [{"name": "huge", "size_MB": 5000, "exec_ms": 5, "slo_ms": 50}]}, r"models\[0\].size_MB"),
@@ -235,3 +237,27 @@ def test_plot_without_matplotlib_says_so(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     msg = write_plot({"target_attainment": 0.99, "results": []}, tmp_path / "x.png")
     assert "matplotlib is not installed" in msg and not (tmp_path / "x.png").exists()
+
+
+def test_profile_model_larger_than_every_gpu_names_profile_and_field():
+    spec = small(gpu_memory_GB=1)
+    del spec["models"]
+    spec["profile"] = "profiles.json#v100-paper"
+    with pytest.raises(ScenarioError, match=r"scenario\.profile 'profiles.json#v100-paper': models\[7\]\.size_MB: "
+                                            r"model 'bert_qa' \(1340 MB\) is larger than every GPU"):
+        parse_scenario(spec, base=SCENARIOS)
+
+
+def test_cli_bad_scenario_is_one_line_and_exit_2(tmp_path, capsys):
+    import argparse
+
+    from torpor.simulator import add_arguments, run_cli
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(small(node={"pcie_GBps": 25, "nvlink": [[0, 1, -150]]})))
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert run_cli(p.parse_args(["--scenario", str(bad), "--json", str(tmp_path / "out.json")])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "scenario.node.nvlink[0]: bandwidth must be a positive" in err
+    assert not (tmp_path / "out.json").exists()

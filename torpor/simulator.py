@@ -177,11 +177,14 @@ def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: st
         if key not in profiles:
             raise ScenarioError(f"{where}.profile: no profile {key!r} in {p} (has {sorted(profiles)})")
         models_spec = profiles[key].get("models")
+        models_where = f"{where}.profile {prof!r}: models"
+    else:
+        models_where = f"{where}.models"
     if not isinstance(models_spec, list) or not models_spec:
-        raise ScenarioError(f"{where}.models: expected a non-empty list")
+        raise ScenarioError(f"{models_where}: expected a non-empty list")
     models = []
     for i, m in enumerate(models_spec):
-        w = f"{where}.models[{i}]"
+        w = f"{models_where}[{i}]"
         if not isinstance(m, dict) or not isinstance(m.get("name"), str):
             raise ScenarioError(f"{w}.name: required (a string)")
         nbytes = int(_num(m, "size_MB", w) * MB)
@@ -295,6 +298,8 @@ def build_links(node: dict[str, Any], per_node: int, n_gpus: int) -> LinkMap:
     names = [f"gpu{i}" for i in range(n_gpus)]
     nodes = -(-n_gpus // per_node)
     pcie_t = node.get("pcie_GBps", 25.0)
+    if not isinstance(pcie_t, list):  # one value for every GPU: name the field, not an expanded index
+        LinkMap.from_dict(["gpu0"], {"pcie_GBps": pcie_t}, where="node")
     spec: dict[str, Any] = {k: v for k, v in node.items() if k in ("switch_GBps", "nvlink_GBps")}
     pcie = []
     for i in range(n_gpus):
