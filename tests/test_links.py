@@ -85,3 +85,28 @@ def test_measured_when_not_configured():
     finally:
         for d in devices:
             d.close()
+
+
+def test_cuda_links_from_discovered_topology(monkeypatch):
+    """Without a GPU: the NVML topology (faked) becomes NVLink pairs, P2P pairs and switch
+    groups; two logical devices on one GPU copy within its memory."""
+    from types import SimpleNamespace
+
+    import torpor.topology as topology
+    from torpor.links import _cuda_links
+
+    topo = topology.Topology(
+        nvlink_links={(0, 1): 4}, p2p={(0, 1), (1, 2)},
+        common_ancestor={(0, 1): "system", (1, 2): "single_switch", (0, 2): "system"}, source="nvml")
+    monkeypatch.setattr(topology, "discover", lambda: topo)
+    devs = [SimpleNamespace(name=n, kind="cuda", ordinal=o)
+            for n, o in (("cuda:0", 0), ("cuda:0/1", 0), ("cuda:1", 1), ("cuda:2", 2))]
+    links = _cuda_links(devs, measure=False, nbytes=0)
+    assert links.peer_path("cuda:0", "cuda:1") == ("nvlink:cuda:0>cuda:1",)
+    assert links.peer_path("cuda:0", "cuda:0/1") == ("nvlink:cuda:0>cuda:0/1",)
+    assert links.peer_path("cuda:1", "cuda:2") == ("pcie:cuda:1", "pcie:cuda:2")  # P2P through their switch
+    assert links.peer_path("cuda:0", "cuda:2") is None
+    assert links.siblings("cuda:1") == ["cuda:2"]
+    assert links.host_path("cuda:2") == ("pcie:cuda:2", "switch:sw1")
+    # two logical devices on one GPU share its one PCIe link, modelled as a switch of their own
+    assert links.siblings("cuda:0") == ["cuda:0/1"]
