@@ -261,3 +261,23 @@ def test_cli_bad_scenario_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "scenario.node.nvlink[0]: bandwidth must be a positive" in err
     assert not (tmp_path / "out.json").exists()
+
+
+def test_gpu_search_agrees_with_exhaustive_runs(monkeypatch):
+    import torpor.simulator as sim_mod
+
+    # attainment as a step function of the GPU count: the search must find the step from any start
+    for need in (1, 2, 5, 9):
+        calls = []
+
+        def fake(sc, policy, n, *, arrivals=None, stop_below=None, need=need):
+            calls.append(n)
+            return type("R", (), {"attainment": 1.0 if n >= need else 0.5})()
+
+        monkeypatch.setattr(sim_mod, "simulate", fake)
+        sc = parse_scenario(small())
+        for start in (1, 2, 4, 12):
+            calls.clear()
+            assert sim_mod.gpus_needed(sc, "torpor", None, limit=12, start=start) == need
+            assert len(calls) == len(set(calls)) <= 7
+        assert sim_mod.gpus_needed(sc, "torpor", None, limit=need - 1 or 1, start=1) == (None if need > 1 else 1)

@@ -882,20 +882,47 @@ def simulate(sc: Scenario, policy: str, n_gpus: int | None = None, *, arrivals=N
     return Simulation(sc, policy, n_gpus).run(t, fn, duration, stop_below=stop_below)
 
 
-def gpus_needed(sc: Scenario, policy: str, arrivals, *, limit: int, target: float | None = None) -> int | None:
-    """The fewest GPUs (1..limit) at which `policy` reaches the target SLO attainment (binary
-    search; attainment is taken to grow with GPUs). None if `limit` is not enough."""
+def gpus_needed(sc: Scenario, policy: str, arrivals, *, limit: int, target: float | None = None,
+                start: int | None = None) -> int | None:
+    """The fewest GPUs (1..limit) at which `policy` reaches the target SLO attainment, taking
+    attainment to grow with GPUs; None if `limit` is not enough. The search starts at `start`
+    (default: the scenario's GPU count), steps outward doubling the step until the answer is
+    bracketed, then bisects: a few runs near the answer, and runs that fall short stop early."""
     target = sc.target_attainment if target is None else target
-    lo, hi = 1, limit
-    if simulate(sc, policy, hi, arrivals=arrivals, stop_below=target).attainment < target:
-        return None
-    while lo < hi:
+    memo: dict[int, bool] = {}
+
+    def ok(n: int) -> bool:
+        if n not in memo:
+            memo[n] = simulate(sc, policy, n, arrivals=arrivals, stop_below=target).attainment >= target
+        return memo[n]
+
+    n = max(1, min(limit, start or sc.gpus))
+    step = 1
+    if ok(n):
+        hi, lo = n, 0  # hi reaches the target, lo does not (0: nothing tried below)
+        while hi > 1:
+            m = max(1, hi - step)
+            if not ok(m):
+                lo = m
+                break
+            hi, step = m, step * 2
+    else:
+        lo = n
+        while True:
+            if lo >= limit:
+                return None
+            m = min(limit, lo + step)
+            if ok(m):
+                hi = m
+                break
+            lo, step = m, step * 2
+    while hi - lo > 1:
         mid = (lo + hi) // 2
-        if simulate(sc, policy, mid, arrivals=arrivals, stop_below=target).attainment >= target:
+        if ok(mid):
             hi = mid
         else:
-            lo = mid + 1
-    return lo
+            lo = mid
+    return hi
 
 
 def compare(sc: Scenario, *, policies: list[str] | None = None, trace_path: str | Path | None = None,
