@@ -1,7 +1,6 @@
-"""Simulator: scenario validation, workload statistics, a small comparison, speed."""
+"""Simulator: scenario validation, workload statistics, batching, deadline queues, sweeps, plots."""
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -123,14 +122,14 @@ def test_bundled_scenarios_load():
     assert (scale.gpus, scale.functions, scale.workload["duration_s"]) == (8, 500, 3600)
 
 
-def test_speed_hundreds_of_functions():
+def test_hundreds_of_functions():
+    # speed is measured by a script (loadtest/scenarios/scale_8gpu.json), never asserted here
     sc = parse_scenario(small(functions=300, gpus=4, gpus_per_node=4, gpu_memory_GB=16,
                               node={"pcie_GBps": 25, "nvlink": [[0, 1, 150], [2, 3, 150]]},
-                              workload={"kind": "synthetic", "duration_s": 1800}))
-    t0 = time.perf_counter()
+                              workload={"kind": "synthetic", "duration_s": 600}))
     r = simulate(sc, "torpor")
-    assert r.requests > 80_000  # 300 x 9.8/min x 30 min
-    assert time.perf_counter() - t0 < 30
+    assert r.requests > 25_000  # 300 x 9.8/min x 10 min
+    assert r.served == r.requests and r.swaps + r.peer_copies > 0
 
 
 def one_gpu(**model):
