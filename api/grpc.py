@@ -17,6 +17,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pbg
 
+from torpor.access import Restriction
 from torpor.engine import Engine
 from torpor.errors import Status, TorporError, internal, invalid_arg, unsupported
 
@@ -45,11 +46,47 @@ SERVER_OPTIONS = [
 ]
 
 
+# Triton's restricted-protocol group of each RPC (--grpc-restricted-protocol)
+METHOD_GROUP = {
+    "ServerLive": "health",
+    "ServerReady": "health",
+    "ModelReady": "health",
+    "ServerMetadata": "metadata",
+    "ModelMetadata": "metadata",
+    "ModelInfer": "inference",
+    "ModelStreamInfer": "inference",
+    "ModelConfig": "model-config",
+    "ModelStatistics": "statistics",
+    "RepositoryIndex": "model-repository",
+    "RepositoryModelLoad": "model-repository",
+    "RepositoryModelUnload": "model-repository",
+    "SystemSharedMemoryStatus": "shared-memory",
+    "SystemSharedMemoryRegister": "shared-memory",
+    "SystemSharedMemoryUnregister": "shared-memory",
+    "CudaSharedMemoryStatus": "shared-memory",
+    "CudaSharedMemoryRegister": "shared-memory",
+    "CudaSharedMemoryUnregister": "shared-memory",
+    "TraceSetting": "trace",
+    "LogSettings": "logging",
+}
+
+
+async def _check_restricted(servicer: "InferenceServicer", method: str, context) -> None:
+    rule = servicer.restricted.get(METHOD_GROUP[method]) if servicer.restricted else None
+    if rule is None:
+        return
+    presented = next((v for k, v in (context.invocation_metadata() or ()) if k == rule.header), None)
+    if not rule.allows(presented if isinstance(presented, str) else None):
+        # Triton answers UNAVAILABLE with this text (grpc_handler / infer_handler), not PERMISSION_DENIED
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"This protocol is restricted, expecting header '{rule.header}'")
+
+
 def _unary(fn):
     """Turn a TorporError (or any other failure) into a gRPC status, as Triton does."""
 
     @functools.wraps(fn)
     async def wrapper(self, request, context):
+        await _check_restricted(self, fn.__name__, context)
         try:
             return await fn(self, request, context)
         except TorporError as e:
@@ -69,8 +106,9 @@ def _check_repository_name(name: str) -> None:
 
 
 class InferenceServicer(pbg.GRPCInferenceServiceServicer):
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, restricted: dict[str, Restriction] | None = None):
         self.engine = engine
+        self.restricted = restricted or {}
 
     # -- health and metadata -----------------------------------------------------------------
     @_unary
@@ -123,6 +161,7 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         """Requests are processed concurrently as they arrive (requests of one sequence in
         order); each yields 0..n responses. Per-request failures travel as `error_message`
         and never end the stream."""
+        await _check_restricted(self, "ModelStreamInfer", context)
         engine = self.engine
         out: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
@@ -334,10 +373,11 @@ def _stream_error(msg: pb.ModelInferRequest, text: str) -> pb.ModelStreamInferRe
     return m
 
 
-async def start_grpc_server(engine: Engine, address: str, port: int) -> grpc.aio.Server:
+async def start_grpc_server(engine: Engine, address: str, port: int,
+                            restricted: dict[str, Restriction] | None = None) -> grpc.aio.Server:
     """Start the gRPC listener on the running loop; returns the started server."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    pbg.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine), server)
+    pbg.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, restricted), server)
     host = f"[{address}]" if ":" in address and not address.startswith("[") else address
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

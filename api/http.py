@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from torpor.access import Restriction
 from torpor.engine import Engine
 from torpor.errors import Status, TorporError, invalid_arg, unsupported
 
@@ -178,15 +179,27 @@ class InferFastPath:
     load, so it skips them. Every other path goes to the FastAPI app unchanged.
     """
 
-    def __init__(self, app: FastAPI, engine: Engine, max_input_size: int):
+    def __init__(self, app: FastAPI, engine: Engine, max_input_size: int,
+                 restricted: dict[str, Restriction] | None = None):
         self.app = app
         self.engine = engine
         self.max_input_size = max_input_size
+        self.restricted = restricted or {}
 
     def __getattr__(self, name):  # expose the FastAPI app's attributes (openapi, routes, ...)
         return getattr(self.app, name)
 
     async def __call__(self, scope, receive, send):
+        if self.restricted and scope["type"] == "http":
+            # Checked here, ahead of routing, so no endpoint (infer included) can miss it.
+            group = http_group(scope["path"])
+            rule = self.restricted.get(group) if group is not None else None
+            if rule is not None:
+                presented = next((v.decode("latin-1") for k, v in scope["headers"]
+                                  if k.decode("latin-1").lower() == rule.header), None)
+                if not rule.allows(presented):
+                    body = orjson.dumps({"error": f"This API is restricted, expecting header '{rule.header}'"})
+                    return await _send_response(send, 403, {"Content-Type": JSON}, body)
         if scope["type"] == "http" and scope["method"] == "POST":
             path = scope["path"]
             if path.endswith("/infer") and path.startswith("/v2/models/"):
@@ -222,13 +235,56 @@ class InferFastPath:
         else:
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             status, out_headers, content = await handle_infer(self.engine, model, version, headers, body, limit)
-        raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in out_headers.items()]
-        raw_headers.append((b"content-length", str(len(content)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": content})
+        await _send_response(send, status, out_headers, content)
 
 
-def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024) -> InferFastPath:
+async def _send_response(send, status: int, headers: dict[str, str], content: bytes) -> None:
+    raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    raw_headers.append((b"content-length", str(len(content)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": content})
+
+
+_MODEL_KIND_GROUP = {
+    "": "metadata",
+    "ready": "health",
+    "infer": "inference",
+    "generate": "inference",
+    "generate_stream": "inference",
+    "config": "model-config",
+    "stats": "statistics",
+    "trace/setting": "trace",
+}
+
+
+def http_group(path: str) -> str | None:
+    """The restricted-API group of a path (Triton's mapping), None for paths outside the API."""
+    if path == "/v2":
+        return "metadata"
+    if path in ("/v2/health/live", "/v2/health/ready"):
+        return "health"
+    if path == "/v2/models/stats":
+        return "statistics"
+    if path == "/v2/logging":
+        return "logging"
+    if path == "/v2/trace/setting":
+        return "trace"
+    if path.startswith("/v2/repository/"):
+        return "model-repository"
+    if path.startswith(("/v2/systemsharedmemory", "/v2/cudasharedmemory")):
+        return "shared-memory"
+    if path.startswith("/v2/torpor/"):
+        return "statistics"  # Torpor's own state reports (residency, topology)
+    if path.startswith("/v2/models/"):
+        parts = path[len("/v2/models/"):].split("/")[1:]
+        if len(parts) >= 2 and parts[0] == "versions":
+            parts = parts[2:]
+        return _MODEL_KIND_GROUP.get("/".join(parts))
+    return None
+
+
+def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024,
+               restricted: dict[str, Restriction] | None = None) -> InferFastPath:
     app = FastAPI(title="Torpor", version="0.1.0", docs_url=None, redoc_url=None)
 
     @app.exception_handler(TorporError)
@@ -429,7 +485,7 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024) -> InferF
         engine.shm.unregister_cuda(region)
         return _empty()
 
-    return InferFastPath(app, engine, max_input_size)
+    return InferFastPath(app, engine, max_input_size, restricted)
 
 
 def _require_model(engine: Engine, model: str) -> None:

@@ -597,7 +597,8 @@ def test_repository_index_and_control_refused_in_none_mode(client):
 
 def test_repository_control_explicit_mode(start_server, tmp_path):
     repo = make_repo(tmp_path / "repo", ["simple", "simple_string"])
-    s = start_server(repo, "--model-control-mode", "explicit", "--load-model", "simple_string")
+    s = start_server(repo, "--model-control-mode", "explicit", "--load-model", "simple_string",
+                     "--allow-override-code", "true")  # it uploads a python model's code in file: contents
     c = grpcclient.InferenceServerClient(s.grpc_url)
     index = {m.name: m for m in c.get_model_repository_index().models}
     assert index["simple"].state == "" and index["simple_string"].state == "READY"

@@ -316,7 +316,9 @@ def test_repository_index_and_none_mode(server):
 
 
 def test_explicit_mode_load_unload(start_server, simple_repo):
-    s = start_server(simple_repo, "--model-control-mode", "explicit", "--load-model", "simple")
+    # this test uploads a python-backend model's code through file: contents
+    s = start_server(simple_repo, "--model-control-mode", "explicit", "--load-model", "simple",
+                     "--allow-override-code", "true")
     c = httpclient.InferenceServerClient(s.http_url)
     index = {m["name"]: m for m in c.get_model_repository_index()}
     assert index["simple"]["state"] == "READY"

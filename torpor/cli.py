@@ -51,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--exit-timeout-secs", type=float, default=30.0)
     s.add_argument("--http-max-input-size", type=int, default=64 * 1024 * 1024)
     s.add_argument("--allow-client-shm", type=_bool, default=False)
+    s.add_argument("--http-restricted-api", action="append", default=[], metavar="GROUPS:KEY=VALUE",
+                   help="restrict API groups (health, metadata, inference, shared-memory, model-config, "
+                        "model-repository, statistics, trace, logging) to HTTP callers sending header KEY: VALUE "
+                        "(repeatable; a group in one spec only)")
+    s.add_argument("--grpc-restricted-protocol", action="append", default=[], metavar="GROUPS:KEY=VALUE",
+                   help="as --http-restricted-api for gRPC; the metadata key is triton-grpc-protocol-KEY")
+    s.add_argument("--allow-override-code", type=_bool, default=False,
+                   help="accept Python code (.py and other code files, python-backend models) in the file: "
+                        "contents of a model load request; off by default: whoever can load can run code")
     s.add_argument("--devices", default="auto",
                    help="devices models are late-bound to: 'cuda' (every GPU), 'cuda:0,1', 'cpu' or 'cpu:N' "
                         "(virtual devices with their own memory, for machines without a GPU), 'none' "
@@ -113,6 +122,7 @@ async def serve(args: argparse.Namespace) -> int:
         strict_model_config=args.strict_model_config,
         server_id=args.id,
         allow_client_shm=args.allow_client_shm,
+        allow_override_code=args.allow_override_code,
         devices=_resolve_devices(args.devices),
         device_memory_fraction=args.device_memory_fraction,
         device_memory_bytes=args.device_memory_bytes,
@@ -155,7 +165,7 @@ async def serve(args: argparse.Namespace) -> int:
                 return contextlib.nullcontext()
 
         config = uvicorn.Config(
-            create_app(engine, args.http_max_input_size),
+            create_app(engine, args.http_max_input_size, args.http_restricted),
             host=args.http_address,
             port=args.http_port,
             loop="none",
@@ -181,7 +191,7 @@ async def serve(args: argparse.Namespace) -> int:
     if args.allow_grpc:
         from api.grpc import start_grpc_server
 
-        grpc_server = await start_grpc_server(engine, args.grpc_address, args.grpc_port)
+        grpc_server = await start_grpc_server(engine, args.grpc_address, args.grpc_port, args.grpc_restricted)
 
         async def stop_grpc(grace: float) -> None:
             await grpc_server.stop(grace)
@@ -219,7 +229,17 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        from .access import GRPC_HEADER_PREFIX, parse_restrictions
+
+        try:
+            args.http_restricted = parse_restrictions(args.http_restricted_api, "--http-restricted-api")
+            args.grpc_restricted = parse_restrictions(args.grpc_restricted_protocol, "--grpc-restricted-protocol",
+                                                      GRPC_HEADER_PREFIX)
+        except ValueError as e:
+            parser.error(str(e))
     if args.command == "simulate":
         from .simulator import run_cli
 

@@ -72,6 +72,9 @@ class EngineOptions:
     strict_model_config: bool = False
     server_id: str = "triton"
     allow_client_shm: bool = False
+    # Code in a load request's `file:` contents (python-backend models, .py files): refused
+    # unless allowed, since whoever may load models could otherwise run anything in the server.
+    allow_override_code: bool = False
     worker_threads: int = 0  # 0: min(32, cpu_count + 4)
     # The swap engine: "" runs models where they are loaded (host); "cuda", "cuda:0,1", "cpu",
     # "cpu:2" bind weighted models to those devices late, per request (torpor.residency).
@@ -449,6 +452,7 @@ class Engine:
         src = sources.get(name)
         override_dir = None
         if files:
+            self._refuse_override_code(name, files)
             override_dir = self._write_override(name, files)
             model_dir = override_dir
         elif src is not None:
@@ -478,6 +482,13 @@ class Engine:
                 entry.source = src
                 self.models[name] = entry
             raise internal(f"failed to load '{name}', {e.message}") from None
+        if config_json is not None:
+            try:
+                self._confine_config(name, config, config_json, model_dir, bool(files))
+            except TorporError:
+                if override_dir is not None:
+                    shutil.rmtree(override_dir, ignore_errors=True)
+                raise
 
         # Load the new versions before retiring the old ones, so a failed reload keeps serving.
         started = time.monotonic()
@@ -592,21 +603,72 @@ class Engine:
             shutil.rmtree(entry.override_dir, ignore_errors=True)
             entry.override_dir = None
 
+    def _refuse_override_code(self, name: str, files: dict[str, bytes]) -> None:
+        if self.options.allow_override_code:
+            return
+        for rel in files:
+            if rel.lower().endswith(_CODE_SUFFIXES):
+                raise invalid_arg(
+                    f"failed to load '{name}', the load request carries code in 'file:{rel}'; this server refuses "
+                    "code in file: overrides (start it with --allow-override-code=true to allow it)"
+                )
+
     def _write_override(self, name: str, files: dict[str, bytes]) -> Path:
+        for rel in files:
+            if not _confined_path(rel):
+                # the client's mistake (or an attack), not the server's: INVALID_ARG, and nothing written
+                raise invalid_arg(
+                    f"failed to load '{name}', invalid file path 'file:{rel}' in load override: it must be a "
+                    "relative path inside the model's folder (no '..', no absolute path)"
+                )
         root = Path(tempfile.mkdtemp(prefix=f"torpor-{name}-"))
+        real_root = root.resolve()
         try:
             for rel, data in files.items():
-                rel_path = Path(rel)
-                if rel_path.is_absolute() or ".." in rel_path.parts or not rel_path.parts:
-                    raise invalid_arg(f"invalid file path '{rel}' in load override")
-                target = root / rel_path
+                target = root / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(data)
-        except (OSError, TorporError) as e:
+                # nothing in a fresh folder links out of it, but a later file may not write through
+                # an earlier folder that resolves elsewhere either
+                if not target.parent.resolve().is_relative_to(real_root):
+                    raise invalid_arg(f"invalid file path 'file:{rel}' in load override: it leaves the model's folder")
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+        except (OSError, ValueError, TorporError) as e:
             shutil.rmtree(root, ignore_errors=True)
             msg = e.message if isinstance(e, TorporError) else str(e)
             raise internal(f"failed to load '{name}', failed to poll from model repository: {msg}") from None
         return root
+
+    def _confine_config(self, name: str, config: ModelConfig, config_json: str, model_dir: Path,
+                        with_files: bool) -> None:
+        """A config that arrives through the load API may only name files inside the model's own
+        folder, and (unless code is allowed) may not pick code to run: a python-backend model
+        from `file:` contents, or a `torpor.module_class` the folder's own config does not name."""
+        where = [("default_model_filename", config.default_model_filename)]
+        where += [(f"label_filename of output '{o.name}'", o.label_filename) for o in config.output]
+        module_class = parameter(config, "torpor.module_class") or ""
+        if ".py:" in module_class:
+            where.append(("torpor.module_class", module_class.rpartition(":")[0]))
+        for what, rel in where:
+            if rel and not _confined_path(rel, model_dir):
+                raise invalid_arg(f"failed to load '{name}', {what} '{rel}' must name a file inside the model's folder")
+        if self.options.allow_override_code:
+            return
+        if with_files and config.backend == "python":
+            raise invalid_arg(
+                f"failed to load '{name}', a python-backend model's code may not arrive in file: overrides "
+                "(start the server with --allow-override-code=true to allow it)"
+            )
+        override = parse_config_json(config_json, name)
+        wanted = parameter(override, "torpor.module_class")
+        if wanted:
+            on_disk = read_config(model_dir) if (model_dir / "config.pbtxt").exists() else None
+            if on_disk is None or parameter(on_disk, "torpor.module_class") != wanted:
+                raise invalid_arg(
+                    f"failed to load '{name}', a load request may not choose the model's code "
+                    "('torpor.module_class'); start the server with --allow-override-code=true to allow it"
+                )
 
     @staticmethod
     def _complete_config(override: ModelConfig, on_disk: ModelConfig) -> ModelConfig:
@@ -1276,6 +1338,25 @@ class _DeviceBatch:
         for f in self._futures.values():
             if not f.done():
                 f.set_exception(error if isinstance(error, Exception) else internal("request cancelled"))
+
+
+_CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyw", ".pyz", ".so", ".pth")
+
+
+def _confined_path(rel: str, folder: Path | None = None) -> bool:
+    """`rel` is a relative path that stays inside `folder` (lexically; and, where it exists,
+    after resolving symlinks)."""
+    if not rel or "\0" in rel:
+        return False
+    p = Path(rel)
+    if p.is_absolute() or ".." in p.parts or not p.parts:
+        return False
+    if folder is None:
+        return True
+    try:
+        return (folder / p).resolve().is_relative_to(folder.resolve())
+    except (OSError, ValueError, RuntimeError):
+        return False
 
 
 def _timeout_seconds(request: InferRequest) -> float | None:

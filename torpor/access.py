@@ -1,0 +1,57 @@
+"""Triton's restricted APIs: `--http-restricted-api` / `--grpc-restricted-protocol`.
+
+A spec is `<group>[,<group>...]:<key>=<value>`, repeatable; a request to an API of a listed group
+must carry the header `<key>` (HTTP) or the metadata `triton-grpc-protocol-<key>` (gRPC) with that
+exact value. A group may appear in one spec only, as in tritonserver. The front ends map each of
+their endpoints to a group and answer a refusal in their own shape.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+GROUPS = (
+    "health",
+    "metadata",
+    "inference",
+    "shared-memory",
+    "model-config",
+    "model-repository",
+    "statistics",
+    "trace",
+    "logging",
+)
+
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
+
+
+@dataclass(frozen=True)
+class Restriction:
+    header: str  # lower case: HTTP header names are case-insensitive, gRPC metadata keys are lower case
+    value: str
+
+    def allows(self, presented: str | None) -> bool:
+        # constant-time, so the comparison does not leak how much of a guessed key was right
+        return presented is not None and hmac.compare_digest(presented.encode(), self.value.encode())
+
+
+def parse_restrictions(specs: list[str] | None, option: str, header_prefix: str = "") -> dict[str, Restriction]:
+    """{group: Restriction}; ValueError naming the option and the bad part."""
+    out: dict[str, Restriction] = {}
+    for spec in specs or []:
+        groups_text, sep, pair = spec.partition(":")
+        key, eq, value = pair.partition("=")
+        if not sep or not eq or not groups_text.strip() or not key.strip() or not value:
+            raise ValueError(
+                f"{option} '{spec}': expected <group>[,<group>...]:<key>=<value>, groups among {', '.join(GROUPS)}"
+            )
+        header = (header_prefix + key.strip()).lower()
+        for g in groups_text.split(","):
+            g = g.strip()
+            if g not in GROUPS:
+                raise ValueError(f"{option} '{spec}': unknown group '{g}' (known: {', '.join(GROUPS)})")
+            if g in out:
+                raise ValueError(f"{option}: group '{g}' can not be specified in multiple config groups")
+            out[g] = Restriction(header, value)
+    return out
