@@ -73,8 +73,8 @@ def check_version(version: str) -> str:
 
 
 def _shape(dims, name: str) -> tuple[int, ...]:
-    shape = tuple(int(d) for d in dims)
-    if any(d < 0 for d in shape):
+    shape = tuple(dims)  # protobuf int64s are Python ints already
+    if shape and min(shape) < 0:
         raise invalid_arg(
             f"invalid shape [{','.join(str(d) for d in shape)}] for input '{name}': dimensions must not be negative"
         )
@@ -108,7 +108,8 @@ def _typed_contents(t: pb.ModelInferRequest.InferInputTensor, shape: tuple[int, 
 def decode_request(msg: pb.ModelInferRequest) -> tuple[InferRequest, bool]:
     """The engine request and whether empty final responses were asked for (streams)."""
     model = msg.model_name
-    check_version(msg.model_version)
+    if msg.model_version:
+        check_version(msg.model_version)
     raw = msg.raw_input_contents
     raw_index = 0
     inputs: list[Tensor] = []

@@ -76,6 +76,11 @@ class EngineOptions:
     # Code in a load request's `file:` contents (python-backend models, .py files): refused
     # unless allowed, since whoever may load models could otherwise run anything in the server.
     allow_override_code: bool = False
+    # Limits: requests of one model version waiting for an instance beyond those executing
+    # (a config's dynamic_batching.default_queue_policy.max_queue_size wins; 0: unbounded), and
+    # elements in one input or output tensor.
+    max_queue_size: int = 1024
+    max_tensor_elements: int = 1 << 28
     worker_threads: int = 0  # 0: min(32, cpu_count + 4)
     # The swap engine: "" runs models where they are loaded (host); "cuda", "cuda:0,1", "cpu",
     # "cpu:2" bind weighted models to those devices late, per request (torpor.residency).
@@ -99,6 +104,7 @@ class VersionEntry:
     function: ModelFunction | None = None
     stats: ModelStats | None = None
     slots: asyncio.Semaphore | None = None  # one per model instance
+    capacity: int = 1  # the slots' count
     pool_key: tuple | None = None  # registered with the DevicePool: runs on a device, late-bound
     gate: "InlineGate" = field(default_factory=lambda: InlineGate())
 
@@ -192,6 +198,7 @@ class ModelEntry:
         self.input_index = {s.name: s for s in self.inputs}
         self.output_index = {s.name: s for s in self.outputs}
         self.controls = sequence_controls(config)
+        self.max_queue_size = int(config.dynamic_batching.default_queue_policy.max_queue_size)
         # the model's own latency objective (validated at load); the server default applies without it
         raw = parameter(config, "torpor.slo_ms")
         self.slo_ms = float(raw) if raw not in (None, "") else None
@@ -542,7 +549,8 @@ class Engine:
                 ve.state = "READY"
                 ve.stats = ModelStats(name, str(v))
                 ve.stats.load_duration_s = time.monotonic() - started
-                ve.slots = asyncio.Semaphore(self._slot_count(ve, config))
+                ve.capacity = self._slot_count(ve, config)
+                ve.slots = asyncio.Semaphore(ve.capacity)
             new_versions[v] = ve
 
         if errors and not any(ve.state == "READY" for ve in new_versions.values()):
@@ -876,6 +884,7 @@ class Engine:
                     "ModelInfer RPC doesn't support models with decoupled transaction policy"
                 )
             stats = ve.stats
+            self._admit(entry, ve)
             stats.pending += 1
             try:
                 return await self._run(entry, ve, request)
@@ -891,6 +900,7 @@ class Engine:
         try:
             entry, ve = self.resolve(request.model_name, request.model_version)
             stats = ve.stats
+            self._admit(entry, ve)
             stats.pending += 1
             try:
                 if not entry.decoupled:
@@ -925,6 +935,10 @@ class Engine:
             shape = tuple(int(d) for d in t.shape)
             if any(d < 0 for d in shape):
                 raise invalid_arg(f"invalid shape {_shape_str(shape)} for input '{t.name}' of model '{name}'")
+            limit = self.options.max_tensor_elements
+            if limit > 0 and num_elements(shape) > limit:
+                raise invalid_arg(f"input '{t.name}' of model '{name}' has {num_elements(shape)} elements, more than "
+                                  f"the server's maximum of {limit} (--max-tensor-elements)")
             expected = spec.reshape if spec.reshape is not None else spec.dims
             body = shape
             if max_batch > 0:
@@ -1049,12 +1063,24 @@ class Engine:
             inputs[cname] = np.full(lead, v, dtype=numpy_dtype(dt))
 
     # execution -----------------------------------------------------------------------------
+    def _admit(self, entry: ModelEntry, ve: VersionEntry) -> None:
+        """Refuse a request the model's queue has no room for, so a burst or a stuck model costs
+        a bounded number of waiting requests, not unbounded memory."""
+        limit = entry.max_queue_size if entry.max_queue_size > 0 else self.options.max_queue_size
+        if limit > 0 and ve.stats.pending >= ve.capacity + limit:
+            ve.stats.record_failure(0, "REJECTED")
+            raise unavailable(f"Exceeds maximum queue size: model '{entry.name}' has {ve.stats.pending} requests "
+                              f"in flight, {limit} may wait for its {ve.capacity} instance(s)")
+
     async def _run(self, entry: ModelEntry, ve: VersionEntry, request: InferRequest) -> InferResponse:
         stats = ve.stats
         t0 = request.arrival_ns
         try:
             mreq, batch = self._prepare(entry, ve, request)
-            async with ve.slots:
+            deadline = _deadline(request)
+            await _acquire_slot(ve.slots, deadline)
+            held = True
+            try:
                 t_start = time.monotonic_ns()
                 executions = 1
                 if ve.pool_key is not None:
@@ -1065,18 +1091,27 @@ class Engine:
                     if ve.gate.inline and not fn.blocking:
                         result, t_exec_start, cpu_ns, blocked = _timed_execute_inline(fn, mreq)
                     else:
-                        result, t_exec_start, cpu_ns = await asyncio.get_running_loop().run_in_executor(
-                            self.workers, _timed_execute, fn, mreq
-                        )
+                        fut = asyncio.get_running_loop().run_in_executor(self.workers, _timed_execute, fn, mreq)
+                        # The instance stays taken until its thread returns, even when this request
+                        # stops waiting (timeout, client gone): a thread cannot be stopped.
+                        held = False
+                        fut.add_done_callback(lambda _f, slots=ve.slots: slots.release())
+                        result, t_exec_start, cpu_ns = await _wait_until(fut, deadline)
                         blocked = False
                     t_done = time.monotonic_ns()
                     self._gate(entry, ve, cpu_ns, t_done - t_exec_start, blocked)
+            finally:
+                if held:
+                    ve.slots.release()
             if isinstance(result, Exception):
                 raise result
             response = self._build_response(entry, ve, request, result, batch)
             t_end = time.monotonic_ns()
         except TorporError as e:
             stats.record_failure(time.monotonic_ns() - t0, "REJECTED" if e.status == Status.INVALID_ARG else "BACKEND")
+            raise
+        except asyncio.CancelledError:  # the client went away (HTTP disconnect, gRPC cancel or deadline)
+            stats.record_failure(time.monotonic_ns() - t0, "CANCELED")
             raise
         except Exception as e:  # noqa: BLE001 - a model's own failure is the request's failure
             stats.record_failure(time.monotonic_ns() - t0, "BACKEND")
@@ -1244,6 +1279,7 @@ class Engine:
             if ro.name not in result:
                 raise internal(f"model '{entry.name}' did not produce output '{ro.name}'")
             arr = np.asarray(result[ro.name])  # adapters hand back numpy (torpor.model contract)
+            self._check_output(entry, spec, arr, batch)
             datatype = spec.datatype
             if datatype == "BYTES" and arr.dtype != np.object_:
                 arr = _as_bytes_array(arr)
@@ -1264,6 +1300,27 @@ class Engine:
             else:
                 outputs.append(Tensor(ro.name, datatype, tuple(arr.shape), arr, dict(ro.parameters)))
         return InferResponse(entry.name, str(ve.version), request.id, outputs)
+
+    def _check_output(self, entry: ModelEntry, spec: TensorSpec, arr: np.ndarray, batch: int) -> None:
+        """A model's output must have the shape its config declares (the reshape or the dims,
+        -1 matching anything) and stay within the element limit: a wrong answer is the model's
+        failure, reported as such, never passed on to the client."""
+        lead = (batch,) if entry.max_batch_size > 0 else ()
+        shape = arr.shape
+        for dims in (spec.reshape, spec.dims):
+            if dims is None:
+                continue
+            expected = lead + tuple(dims)
+            if len(shape) == len(expected) and all(e < 0 or e == d for e, d in zip(expected, shape)):
+                break
+        else:
+            want = lead + tuple(spec.reshape if spec.reshape is not None else spec.dims)
+            raise internal(f"model '{entry.name}' returned output '{spec.name}' with shape {_shape_str(shape)}, "
+                           f"but its config expects {_shape_str(want)}")
+        limit = self.options.max_tensor_elements
+        if limit > 0 and arr.size > limit:
+            raise internal(f"model '{entry.name}' returned output '{spec.name}' with {arr.size} elements, more than "
+                           f"the server's maximum of {limit} (--max-tensor-elements)")
 
     def _classify(self, entry: ModelEntry, spec: TensorSpec, arr: np.ndarray, k: int) -> np.ndarray:
         if arr.dtype == np.object_:
@@ -1392,6 +1449,44 @@ def _confined_path(rel: str, folder: Path | None = None) -> bool:
         return (folder / p).resolve().is_relative_to(folder.resolve())
     except (OSError, ValueError, RuntimeError):
         return False
+
+
+def _deadline(request: InferRequest) -> float | None:
+    """time.monotonic() by which the request's `timeout` parameter wants an answer."""
+    t = _timeout_seconds(request)
+    return None if t is None else request.arrival_ns / 1e9 + t
+
+
+async def _acquire_slot(slots: asyncio.Semaphore, deadline: float | None) -> None:
+    if deadline is None or not slots.locked():
+        await slots.acquire()
+        return
+    waiter = asyncio.ensure_future(slots.acquire())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=max(0.0, deadline - time.monotonic()))
+    except asyncio.CancelledError:
+        _abandon(waiter, slots)
+        raise
+    if not done:
+        _abandon(waiter, slots)
+        raise unavailable("Request timeout expired: no model instance became free within the request's timeout")
+
+
+def _abandon(waiter: asyncio.Future, slots: asyncio.Semaphore) -> None:
+    # a permit the abandoned wait obtained after all goes straight back
+    waiter.add_done_callback(lambda f: None if f.cancelled() or f.exception() else slots.release())
+    waiter.cancel()
+
+
+async def _wait_until(fut: asyncio.Future, deadline: float | None):
+    """The worker thread's result; shielded, so neither a timeout nor a cancelled request
+    cancels the future whose completion frees the model instance."""
+    if deadline is None:
+        return await asyncio.shield(fut)
+    try:
+        return await asyncio.wait_for(asyncio.shield(fut), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        raise unavailable("Request timeout expired: the model did not answer within the request's timeout") from None
 
 
 def _timeout_seconds(request: InferRequest) -> float | None:
