@@ -65,8 +65,9 @@ POLICIES = ("paper", "fifo", "random", "lru", "native", "keepalive")
 SWAP_POLICIES = ("paper", "fifo", "random", "lru")
 
 # The prototype capped Native at 18 ResNet-152 functions per GPU (its own process, CUDA context
-# and framework each); with the 25 GB budget that is 25000/18 - 241 MB of runtime per function.
-DEFAULT_CONTEXT_MB = 1148.0
+# and framework each); with the 25 GB budget that is 25000/18 - 241 MB, rounded down, of runtime
+# per function.
+DEFAULT_CONTEXT_MB = 1147.0
 DEFAULT_COLD_START_S = 8.0  # the paper's ResNet-152 cold start
 
 
