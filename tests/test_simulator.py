@@ -9,20 +9,20 @@ import pytest
 from torpor.simulator import (
     DEFAULT_TRACE,
     ScenarioError,
+    Simulation,
     compare,
     counts_to_arrivals,
+    format_sweep,
     format_table,
     load_scenario,
     make_arrivals,
     parse_scenario,
-    Simulation,
-    scenario_arrivals,
     parse_sweep,
+    scenario_arrivals,
     simulate,
     sweep,
-    format_sweep,
-    write_plot,
     synthetic_counts,
+    write_plot,
 )
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "loadtest" / "scenarios"
@@ -269,7 +269,7 @@ def test_gpu_search_agrees_with_exhaustive_runs(monkeypatch):
     for need in (1, 2, 5, 9):
         calls = []
 
-        def fake(sc, policy, n, *, arrivals=None, stop_below=None, need=need):
+        def fake(sc, policy, n, *, arrivals=None, stop_below=None, need=need, calls=calls):
             calls.append(n)
             return type("R", (), {"attainment": 1.0 if n >= need else 0.5})()
 

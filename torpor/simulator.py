@@ -44,9 +44,9 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import sys
 import json
 import math
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -258,7 +258,7 @@ def parse_sweep(value: Any, where: str = "sweep") -> tuple[str, list[float]]:
             start, stop, step = parts
             if step <= 0 or stop < start:
                 raise ScenarioError(f"{where}: need START <= STOP and STEP > 0, got {rng!r}")
-            n = int(math.floor((stop - start) / step + 1e-9)) + 1
+            n = math.floor((stop - start) / step + 1e-9) + 1
             values = [start + i * step for i in range(n)]
     elif isinstance(value, dict):
         unknown = set(value) - {"param", "values"}
@@ -445,7 +445,7 @@ def make_arrivals(workload: dict[str, Any], functions: int, *, seed: int = 0,
              "burst_on_frac", "burst_mean_min", "diurnal_amplitude"}
     unknown = set(workload) - known
     if unknown:
-        raise WorkloadError(f"{sorted(unknown)[0]}: unknown field (expected {sorted(known)})")
+        raise WorkloadError(f"{min(unknown)}: unknown field (expected {sorted(known)})")
     kind = workload.get("kind", "trace")
     duration = workload.get("duration_s", 1800)
     if isinstance(duration, bool) or not isinstance(duration, (int, float)) or duration <= 0:
@@ -453,7 +453,7 @@ def make_arrivals(workload: dict[str, Any], functions: int, *, seed: int = 0,
     scale = workload.get("rate_scale", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
         raise WorkloadError(f"rate_scale: must be positive, got {scale!r}")
-    minutes = int(math.ceil(duration / TRACE_MINUTE_S))
+    minutes = math.ceil(duration / TRACE_MINUTE_S)
     rng = np.random.default_rng(seed)
     if kind == "trace":
         counts = trace_counts(load_trace(trace_path or workload.get("trace")), functions, minutes, rng)
@@ -697,8 +697,8 @@ class Simulation:
                 for d in devs:
                     t = d.busy_until if d.running else now
                     ahead = t2 = None
-                    harm = False
-                    for j in d.queue:
+                    harm = -1  # index of the first queued request it would make late
+                    for k, j in enumerate(d.queue):
                         if ahead is None and j.key > due:
                             # it holds the device for its run, or until its copy lands (a host
                             # copy, the slowest it may get)
@@ -710,12 +710,12 @@ class Simulation:
                         if t2 is not None:
                             t2 = max(max(t2, j.first_at) + j.est, j.resident.ready_at)
                             if t2 > j.guard and t <= j.deadline:
-                                harm = True
+                                harm = k
                                 break
-                    if ahead is None or harm:
-                        if harm:
-                            for j in d.queue[d.queue.index(j) + 1:]:
-                                t = max(max(t, j.first_at) + j.est, j.resident.ready_at)
+                    if ahead is None or harm >= 0:
+                        if harm >= 0:
+                            for q in d.queue[harm + 1:]:
+                                t = max(max(t, q.first_at) + q.est, q.resident.ready_at)
                         d.next_key = max(due, d.queue[-1].key) if d.queue else due
                         d.state.backlog_s = max(0.0, t - now)
                     else:
@@ -939,7 +939,7 @@ def compare(sc: Scenario, *, policies: list[str] | None = None, trace_path: str 
             r.gpus_searched = search
             r.wall_s += time.perf_counter() - t0
         results.append(r)
-    t, fn, duration = arrivals
+    t, _, duration = arrivals
     return {
         "scenario": sc.name,
         "source": sc.source,
@@ -949,7 +949,7 @@ def compare(sc: Scenario, *, policies: list[str] | None = None, trace_path: str 
         "functions": sc.functions,
         "models": [m.__dict__ for m in sc.models],
         "total_model_GB": sum(sc.models[f % len(sc.models)].nbytes for f in range(sc.functions)) / GB,
-        "requests": int(len(t)),
+        "requests": len(t),
         "duration_s": duration,
         "workload": sc.workload,
         "target_attainment": sc.target_attainment,
