@@ -280,3 +280,14 @@ def test_gpu_search_agrees_with_exhaustive_runs(monkeypatch):
             assert sim_mod.gpus_needed(sc, "torpor", None, limit=12, start=start) == need
             assert len(calls) == len(set(calls)) <= 7
         assert sim_mod.gpus_needed(sc, "torpor", None, limit=need - 1 or 1, start=1) == (None if need > 1 else 1)
+
+
+def test_batching_under_every_policy():
+    models = [{"name": "a", "size_MB": 300, "exec_ms": 5, "slo_ms": 50, "max_batch": 8, "max_queue_delay_ms": 2},
+              {"name": "b", "size_MB": 900, "exec_ms": 20, "slo_ms": 150, "max_batch": 4}]
+    sc = parse_scenario(small(models=models, workload={"kind": "synthetic", "duration_s": 120, "zipf": 1.2,
+                                                       "rate_scale": 40}))
+    by = {r["policy"]: r for r in compare(sc)["results"]}
+    for r in by.values():
+        assert r["mean_batch"] > 1.02 and r["batches"] < r["served"]
+    assert by["torpor"]["served"] == by["torpor"]["requests"]
