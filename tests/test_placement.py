@@ -16,6 +16,7 @@ the peer copy costs less link time: it goes to X's NVLink partner and nowhere el
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -192,5 +193,41 @@ def test_requests_queued_on_a_device_batch(tmp_path):
         stats = get(srv, "/v2/models/batched/stats")["model_stats"][0]
         assert stats["inference_count"] == 8
         assert stats["execution_count"] < 8, stats
+    finally:
+        assert srv.stop() == 0
+
+
+def test_an_urgent_request_overtakes_queued_work(tmp_path):
+    """Deadline order on a device: three 250 ms requests with a 5 s objective are queued when a
+    20 ms request with a 400 ms objective arrives; it runs right after the one executing
+    (first come, first served it would wait ~750 ms and miss)."""
+    repo = tmp_path / "repo"
+    for name, seconds, slo in (("bulk", 0.25, "5000"), ("urgent", 0.02, "400")):
+        (repo / name / "1").mkdir(parents=True)
+        cfg = slow_config(name, slo_ms=slo).replace(
+            'parameters { key: "torpor.slo_ms"',
+            f'parameters {{ key: "torpor.module_kwargs" value: {{ string_value: "{{\\"seconds\\": {seconds}}}" }} }}\n'
+            'parameters { key: "torpor.slo_ms"')
+        (repo / name / "config.pbtxt").write_text(cfg)
+        (repo / name / "slow.py").write_text(SLOW_PY)
+    srv = Server(repo, "--devices", "cpu:1", "--device-memory-bytes", "64MiB").start(tmp_path)
+    try:
+        def call(model: str) -> float:
+            x = np.ones((1, DIM), dtype=np.float32)
+            with httpclient.InferenceServerClient(srv.http_url, network_timeout=60) as c:
+                inp = httpclient.InferInput("x", [1, DIM], "FP32")
+                inp.set_data_from_numpy(x)
+                t = time.perf_counter()
+                c.infer(model, [inp])
+                return time.perf_counter() - t
+
+        with ThreadPoolExecutor(4) as pool:
+            bulk = [pool.submit(call, "bulk") for _ in range(3)]
+            time.sleep(0.08)  # the three are queued (one running)
+            urgent = pool.submit(call, "urgent").result()
+            [b.result() for b in bulk]
+        topo = get(srv, "/v2/torpor/topology")
+        assert topo["queue_order"] == "deadline"
+        assert topo["models"]["urgent:1"]["slo_met"] == 1, (urgent, topo["models"])
     finally:
         assert srv.stop() == 0

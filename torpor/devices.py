@@ -6,7 +6,9 @@ A `Device` owns what every model on it shares (runtime sharing, no per-model con
   runs copy jobs in FIFO order. `issue_copies` enqueues byte copies in order and returns one
   event per copy (a `CopyBatch`); it never blocks the caller.
 - **compute streams**: `exec_slots` worker threads, each with its own compute stream on CUDA.
-  `run_in_worker` runs a callable there; inside it, `wait_on_compute(event)` makes the compute
+  `run_in_worker(fn, *args, key=...)` queues a callable for them, served lowest `key` first
+  (the scheduler's deadline order; equal keys, and the default key, first come first served);
+  inside it, `wait_on_compute(event)` makes the compute
   stream wait for a copy event (CUDA: `Stream.wait_event`, the host does not block; CPU: the
   worker thread waits for the copy thread's event), and `finish_compute()` returns once the
   work enqueued by this thread has finished. The number of workers bounds how many executions
@@ -28,7 +30,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import heapq
 import itertools
+import math
 import os
 import queue
 import re
@@ -217,11 +221,7 @@ class Device:
         self.exec_slots = max(1, int(exec_slots))
         self._tls = threading.local()
         self._slot_counter = itertools.count()
-        self._workers = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.exec_slots,
-            thread_name_prefix=f"torpor-{name}",
-            initializer=self._init_worker,
-        )
+        self._workers = _OrderedWorkers(self.exec_slots, f"torpor-{name}", self._init_worker)
 
     # identity -----------------------------------------------------------------------------------
     @property
@@ -244,8 +244,12 @@ class Device:
     def _init_worker(self) -> None:
         self._tls.slot = next(self._slot_counter) % self.exec_slots
 
-    def run_in_worker(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
-        return self._workers.submit(fn, *args)
+    def run_in_worker(self, fn: Callable[..., Any], *args: Any, key: float = math.inf) -> concurrent.futures.Future:
+        return self._workers.submit(key, fn, *args)
+
+    def queued(self) -> int:
+        """Callables waiting for a worker (not counting those running)."""
+        return len(self._workers.heap)
 
     @contextlib.contextmanager
     def compute_scope(self) -> Iterator[None]:
@@ -277,7 +281,61 @@ class Device:
         raise NotImplementedError
 
     def close(self) -> None:
-        self._workers.shutdown(wait=True, cancel_futures=True)
+        self._workers.shutdown()
+
+
+class _OrderedWorkers:
+    """A device's worker threads, serving queued callables lowest key first (ties and the
+    default key in submission order). Written here because the standard library's
+    ThreadPoolExecutor only serves FIFO, and the scheduler orders a device's queue by deadline
+    (torpor.placer). A callable whose future was cancelled while queued is skipped."""
+
+    def __init__(self, n: int, prefix: str, initializer: Callable[[], None]):
+        self.heap: list[tuple[float, int, concurrent.futures.Future, Callable[..., Any], tuple]] = []
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._closing = False
+        self._initializer = initializer
+        self._threads = [threading.Thread(target=self._loop, name=f"{prefix}_{i}", daemon=True) for i in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, key: float, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cv:
+            if self._closing:
+                raise RuntimeError("device is closed")
+            heapq.heappush(self.heap, (key, next(self._seq), fut, fn, args))
+            self._cv.notify()
+        return fut
+
+    def _loop(self) -> None:
+        self._initializer()
+        while True:
+            with self._cv:
+                while not self.heap and not self._closing:
+                    self._cv.wait()
+                if not self.heap:
+                    return
+                _, _, fut, fn, args = heapq.heappop(self.heap)
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - delivered through the future
+                fut.set_exception(e)
+            else:
+                fut.set_result(result)
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._closing = True
+            pending, self.heap = self.heap, []
+            self._cv.notify_all()
+        for _, _, fut, _, _ in pending:
+            fut.cancel()
+        for t in self._threads:
+            t.join(timeout=30)
 
 
 def _aligned(buf: torch.Tensor, nbytes: int) -> torch.Tensor:

@@ -1153,34 +1153,36 @@ class Engine:
         another request's batch)"""
         key, placer = ve.pool_key, self.placer
         slo = self._slo(entry, request)
-        decision = placer.place(key, slo, batch)
+        arrival = request.arrival_ns / 1e9  # the monotonic clock, as the placer's
+        decision = placer.place(key, slo, batch, arrival)
         device, source = None, "auto"
         if decision is not None and decision.option is not None:
             o = decision.option
             device = o.device
             source = "host" if o.action == "swap" else (o.source if o.action == "peer" else "auto")
-        ticket = placer.admit(key, decision, batch)
+        ticket = placer.admit(key, decision, batch, slo, arrival)
         executions = 1
         try:
             if device is not None and entry.batching is not None:
                 open_batch = self._batches.get((key, device))
                 if open_batch is not None and open_batch.join(mreq, batch):
                     # Rides with requests already queued for that device: one execution for all.
+                    ticket.ride()
                     res, t_exec_start = await open_batch.result(mreq)
                     executions = 0
                 else:
                     res, t_exec_start = await self._run_batch(entry, ve, key, device, source, decision, mreq, batch,
-                                                              request)
+                                                              request, ticket)
             else:
                 res, t_exec_start = await self._run_batch(entry, ve, key, device, source, decision, mreq, batch,
-                                                          request, batching=False)
+                                                          request, ticket, batching=False)
         finally:
             ticket.done()
         placer.observe_latency(key, (time.monotonic_ns() - request.arrival_ns) / 1e9, slo)
         return res, t_exec_start, executions
 
     async def _run_batch(self, entry: ModelEntry, ve: VersionEntry, key: Any, device: str | None, source: str,
-                         decision: Any, mreq: ModelRequest, batch: int, request: InferRequest,
+                         decision: Any, mreq: ModelRequest, batch: int, request: InferRequest, ticket: Any,
                          batching: bool = True):
         """Acquire the model on `device` and execute `mreq`, with whatever requests of the same
         model join it (`_DeviceBatch`) until the device's worker starts it."""
@@ -1201,13 +1203,15 @@ class Engine:
                 t_exec_start = time.monotonic_ns()
 
                 def work():
+                    ticket.started()
                     members, size = group.close()
                     t = time.perf_counter()
                     # execute_on runs in the device's worker, compute stream current, group waits armed
                     out = fn.execute_on((placement.module, placement.device), members)
                     return members, size, out, time.perf_counter() - t
 
-                members, size, outs, seconds = await placement.run(work)
+                # queued on the device in the scheduler's order (its deadline, torpor.placer)
+                members, size, outs, seconds = await placement.run_ordered(ticket.key, work)
                 if placement.outcome == "hit":
                     placer.observe_exec(key, seconds, size)
         except BaseException as e:

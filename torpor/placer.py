@@ -9,9 +9,16 @@ on that device from that source, so the pool's own eviction (same policy code) m
 
 Accounting the snapshot needs and only the engine knows:
 
-- **Backlog per device**: estimated seconds of work sent to a device and not yet finished
-  (its worker threads run one request at a time in order, so that is the wait a new request
-  sees). `admit()` adds a request's estimate, the returned ticket's `done()` takes it back.
+- **Queues in deadline order** (policy "torpor", as the simulator's devices): a device's
+  worker serves the lowest key first (`Device.run_in_worker(key=...)`). A request's key is its
+  deadline (arrival + SLO; requests without an SLO get a soft one, `NO_SLO_DEADLINE_S`), so a
+  short-deadline request goes ahead of queued work with time to spare, but only if none of
+  the requests it would overtake, still on time now, would then finish past their SLO margin;
+  otherwise it queues behind them all. Baselines queue first come, first served.
+- **Work ahead per device** (`DeviceState.backlog_s`): the projected end of what runs now and
+  what is queued ahead of this request in that order, each queued request counting its
+  execution estimate and the landing of its own copy. `admit()` opens a ticket for the
+  request on its device, `Ticket.started()` marks it running, `Ticket.done()` closes it.
 - **Copies in flight**: the links each copy the scheduler ordered crosses, until it lands, so
   concurrent copies on one PCIe switch or NVLink see their shared bandwidth.
 - **Measurements back**: execution times of requests that found the model resident (a cold
@@ -23,6 +30,8 @@ Everything here runs on the event loop thread, no locks; nothing imports a web f
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -56,24 +65,43 @@ class ModelSlo:
                 "slo_met": self.met, "slo_missed": self.missed}
 
 
+NO_SLO_DEADLINE_S = 10.0  # the queue key of a request without an objective: served, never starved
+
+
 class Ticket:
-    """One admitted request's share of a device's backlog; `done()` returns it once."""
+    """One admitted request on its device: its place in the queue and its share of the work."""
 
-    __slots__ = ("_placer", "device", "estimate", "decision", "_open")
+    __slots__ = ("_placer", "device", "estimate", "decision", "key", "seq", "due", "guard", "ready_at",
+                 "started_at", "_open")
 
-    def __init__(self, placer: Placer, device: str | None, estimate: float, decision: Decision | None):
+    def __init__(self, placer: Placer, device: str | None, estimate: float, decision: Decision | None,
+                 key: float = math.inf, due: float = math.inf, guard: float = math.inf, ready_at: float = 0.0):
         self._placer = placer
         self.device = device
         self.estimate = estimate
         self.decision = decision
+        self.key = key  # the device queue's order (lowest first)
+        self.seq = next(placer._seq)
+        self.due = due  # arrival + SLO
+        self.guard = guard  # arrival + SLO x margin: nobody may push it past that
+        self.ready_at = ready_at  # when its model has landed on the device (0: already)
+        self.started_at: float | None = None
         self._open = device is not None
+        if self._open:
+            placer.tickets[device].append(self)
+
+    def started(self) -> None:
+        """Its execution began (called from the device's worker thread: a plain store)."""
+        self.started_at = time.monotonic()
+
+    def ride(self) -> None:
+        """It joined a batch queued before it: the batch's run carries it."""
+        self.estimate = 0.0
 
     def done(self) -> None:
         if self._open:
             self._open = False
-            p = self._placer
-            p.backlog[self.device] = max(0.0, p.backlog[self.device] - self.estimate)
-            p.queued[self.device] -= 1
+            self._placer.tickets[self.device].remove(self)
 
 
 class Placer:
@@ -82,11 +110,45 @@ class Placer:
         self.links = links
         self.cost = CostModel(links, ExecEstimator())
         self.scheduler = Scheduler(self.cost, policy, eviction=pool.policy, slo_margin=slo_margin)
+        self.deadline_order = policy == "torpor"
+        self.slo_margin = slo_margin
         names = [m.device.name for m in pool.memories]
-        self.backlog: dict[str, float] = dict.fromkeys(names, 0.0)
-        self.queued: dict[str, int] = dict.fromkeys(names, 0)
+        self.tickets: dict[str, list[Ticket]] = {n: [] for n in names}
+        self._seq = itertools.count()
+        self._keys: dict[str, float] = dict.fromkeys(names, math.inf)  # the last place() call's keys
         self._copies: list[_Copy] = []
         self.slo: dict[Any, ModelSlo] = {}
+
+    # queues --------------------------------------------------------------------------------------
+    def _work_ahead(self, dev: str, now: float, due: float | None, exec_s: float) -> tuple[float, float]:
+        """(seconds until the device reaches a new request, its queue key); see the module
+        docstring. `due` None: first come, first served."""
+        tickets = self.tickets[dev]
+        t = now
+        queued = []
+        for k in tickets:
+            if k.started_at is not None:
+                t = max(t, k.started_at + k.estimate, k.ready_at)
+            else:
+                queued.append(k)
+        if due is None:
+            for k in sorted(queued, key=lambda k: k.seq):
+                t = max(t + k.estimate, k.ready_at)
+            return t - now, math.inf
+        queued.sort(key=lambda k: (k.key, k.seq))
+        ahead = t2 = None
+        harm = False
+        for k in queued:
+            if ahead is None and k.key > due:
+                ahead, t2 = t, t + exec_s
+            t = max(t + k.estimate, k.ready_at)
+            if t2 is not None:
+                t2 = max(t2 + k.estimate, k.ready_at)
+                if t2 > k.guard and t <= k.due:
+                    harm = True
+        if ahead is None or harm:
+            return t - now, max(due, queued[-1].key) if queued else due
+        return ahead - now, due
 
     # snapshot ------------------------------------------------------------------------------------
     def _inflight(self, now: float) -> dict[str, int]:
@@ -111,7 +173,9 @@ class Placer:
         if seconds:
             self.cost.observe_swap(r.device.name, r.model.nbytes, seconds, source=c.source, concurrent=c.concurrent)
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, due: float | None = None, exec_s: float = 0.0) -> Snapshot:
+        """The pool as the scheduler sees it, for a request due at `due` (monotonic time;
+        None: first-come-first-served queues) taking `exec_s` to run."""
         now = time.monotonic()
         inflight = self._inflight(now)
         landing = {(id(c.resident)): c.eta for c in self._copies}
@@ -128,15 +192,21 @@ class Placer:
                     ready = landing.get(id(r), now + r.model.nbytes / self.links.bandwidth(f"pcie:{name}"))
                 residents[key] = ResidentState(key, r.nbytes, ready_at=ready, pins=r.pins, last_used=r.last_used,
                                                locked_until=now + 1e-3 if not r.readers_done() else 0.0)
-            devices.append(DeviceState(name, m.capacity, m.free_bytes, residents, self.backlog[name],
-                                       self.queued[name]))
+            backlog, self._keys[name] = self._work_ahead(name, now, due, exec_s)
+            devices.append(DeviceState(name, m.capacity, m.free_bytes, residents, backlog, len(self.tickets[name])))
         return Snapshot(now, devices, inflight, rate=self.pool._rate)
 
     # decisions -----------------------------------------------------------------------------------
-    def place(self, key: Any, slo_s: float | None, batch: int = 1) -> Decision | None:
+    def place(self, key: Any, slo_s: float | None, batch: int = 1, arrival: float | None = None) -> Decision | None:
+        """Ask the scheduler; `arrival` (monotonic seconds) anchors the request's deadline."""
         model = self.pool.store.get(key)
         first = model.groups[0].nbytes if model.groups else 0
-        decision = self.scheduler.place(ModelInfo(key, model.nbytes, first, slo_s, batch), self.snapshot())
+        due = None
+        if self.deadline_order:
+            t0 = time.monotonic() if arrival is None else arrival
+            due = t0 + (slo_s if slo_s is not None else NO_SLO_DEADLINE_S)
+        snap = self.snapshot(due, self.cost.exec_seconds(key, batch))
+        decision = self.scheduler.place(ModelInfo(key, model.nbytes, first, slo_s, batch), snap)
         s = self.slo.setdefault(key, ModelSlo())
         if decision is None or decision.option is None:
             s.decisions["wait"] += 1
@@ -146,15 +216,26 @@ class Placer:
                 s.predicted_misses += 1
         return decision
 
-    def admit(self, key: Any, decision: Decision | None, batch: int = 1) -> Ticket:
-        """Count the request into its device's backlog (until `Ticket.done()`)."""
+    def admit(self, key: Any, decision: Decision | None, batch: int = 1, slo_s: float | None = None,
+              arrival: float | None = None) -> Ticket:
+        """Open the request's ticket on the device the scheduler chose (until `Ticket.done()`);
+        its `key` orders the device's queue."""
         if decision is None or decision.option is None:
             return Ticket(self, None, 0.0, decision)
-        dev = decision.option.device
-        est = self.cost.exec_seconds(key, batch)
-        self.backlog[dev] += est
-        self.queued[dev] += 1
-        return Ticket(self, dev, est, decision)
+        o = decision.option
+        now = time.monotonic()
+        t0 = now if arrival is None else arrival
+        due = guard = math.inf
+        if slo_s is not None:
+            due, guard = t0 + slo_s, t0 + slo_s * self.slo_margin
+        ready = now + o.transfer_s if o.action in ("swap", "peer") else 0.0
+        if not ready:
+            r = self.pool.memory(o.device).residents.get(key)
+            if r is not None and not r.copy_done():
+                ready = next((c.eta for c in self._copies if c.resident is r), now)
+        return Ticket(self, o.device, self.cost.exec_seconds(key, batch), decision,
+                      key=self._keys.get(o.device, math.inf) if self.deadline_order else math.inf,
+                      due=due, guard=guard, ready_at=ready)
 
     def copy_started(self, resident: Any, decision: Decision | None, outcome: str) -> None:
         """A swap the acquire just issued: remember its links until it lands."""
@@ -204,8 +285,9 @@ class Placer:
             "slo_margin": self.scheduler.slo_margin,
             **self.links.as_dict(),
             "inflight": inflight,
-            "backlog_ms": {d: round(s * 1e3, 3) for d, s in self.backlog.items()},
-            "queued": dict(self.queued),
+            "queue_order": "deadline" if self.deadline_order else "fifo",
+            "backlog_ms": {d: round(self._work_ahead(d, now, None, 0.0)[0] * 1e3, 3) for d in self.tickets},
+            "queued": {d: len(t) for d, t in self.tickets.items()},
             "exec_estimates_ms": {_name(m): {str(b): round(sec * 1e3, 4) for b, sec in per.items()}
                                   for m, per in self.cost.exec._est.items()},
             "swap_observations": {k: {"bytes": b, "seconds": round(s, 6)}

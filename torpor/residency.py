@@ -43,6 +43,7 @@ was cancelled), the unpin happens when that run finishes, never before.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -130,10 +131,14 @@ class Placement:
         return self.resident.module
 
     async def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return await self.run_ordered(math.inf, fn, *args, **kwargs)
+
+    async def run_ordered(self, key: float, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """`run`, queued on the device by `key` (lowest first: the scheduler's deadline order)."""
         if self._closed:
             raise RuntimeError("placement already released")
         loop = asyncio.get_running_loop()
-        fut = self.device.run_in_worker(execute, self.resident, fn, args, kwargs)
+        fut = self.device.run_in_worker(execute, self.resident, fn, args, kwargs, key=key)
         self._inflight += 1
         fut.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._run_finished))
         return await asyncio.wrap_future(fut)
