@@ -153,7 +153,7 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
     # -- inference ---------------------------------------------------------------------------
     @_unary
     async def ModelInfer(self, request, context):
-        req, _ = decode_request(request)
+        req, _ = _decode(request)
         resp = await self.engine.infer(req)
         return encode_response(resp)
 
@@ -171,7 +171,7 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
             if after is not None:
                 await asyncio.wait([after])
             try:
-                req, empty_final = decode_request(msg)
+                req, empty_final = _decode(msg)
                 async for resp in engine.infer_stream(req):
                     if resp.error is not None:
                         err = resp.error
@@ -357,6 +357,16 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
 _WAKE = object()
 
 
+def _decode(msg: pb.ModelInferRequest):
+    try:
+        return decode_request(msg)
+    except TorporError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a decoder gap is still the request's fault, never INTERNAL
+        log.exception("decoding an infer request failed")
+        raise invalid_arg(f"malformed inference request: {type(e).__name__}: {e}") from None
+
+
 def _done(tasks: set, out: asyncio.Queue):
     def cb(task: asyncio.Task) -> None:
         tasks.discard(task)
@@ -374,9 +384,15 @@ def _stream_error(msg: pb.ModelInferRequest, text: str) -> pb.ModelStreamInferRe
 
 
 async def start_grpc_server(engine: Engine, address: str, port: int,
-                            restricted: dict[str, Restriction] | None = None) -> grpc.aio.Server:
-    """Start the gRPC listener on the running loop; returns the started server."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+                            restricted: dict[str, Restriction] | None = None,
+                            max_message_size: int = -1) -> grpc.aio.Server:
+    """Start the gRPC listener on the running loop; returns the started server. A message over
+    `max_message_size` bytes (-1: gRPC's own ceiling, 2 GiB) is refused by gRPC itself with
+    RESOURCE_EXHAUSTED before any of it is decoded."""
+    options = dict(SERVER_OPTIONS)
+    options["grpc.max_receive_message_length"] = max_message_size
+    options["grpc.max_send_message_length"] = max_message_size
+    server = grpc.aio.server(options=list(options.items()))
     pbg.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, restricted), server)
     host = f"[{address}]" if ":" in address and not address.startswith("[") else address
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
-from torpor.datatypes import NUMPY_DTYPES, from_raw, num_elements, to_raw
+from torpor.datatypes import NUMPY_DTYPES, check_shape, from_raw, num_elements, to_raw
 from torpor.errors import invalid_arg
 from torpor.tensors import InferRequest, InferResponse, RequestedOutput, Tensor
 
@@ -78,6 +78,7 @@ def _shape(dims, name: str) -> tuple[int, ...]:
         raise invalid_arg(
             f"invalid shape [{','.join(str(d) for d in shape)}] for input '{name}': dimensions must not be negative"
         )
+    check_shape(shape, name)
     return shape
 
 

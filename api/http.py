@@ -7,8 +7,10 @@ Triton's `{"error": "..."}` with Triton's status codes.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
+import logging
 import zlib
 from typing import Any
 
@@ -32,6 +34,8 @@ _HTTP_STATUS = {
 }
 
 JSON = "application/json"
+
+log = logging.getLogger("torpor.http")
 
 
 def _json(obj: Any, status: int = 200) -> Response:
@@ -145,7 +149,13 @@ async def handle_infer(
         entry_model = engine.models.get(model)
         if entry_model is not None and entry_model.decoupled and engine.model_ready(model, version):
             raise unsupported("HTTP end point doesn't support models with decoupled transaction policy")
-        req = decode_infer_request(body, header_length, model, version)
+        try:
+            req = decode_infer_request(body, header_length, model, version)
+        except TorporError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a decoder gap is still the request's fault, never a 500
+            log.exception("decoding an infer request failed")
+            raise invalid_arg(f"malformed inference request: {type(e).__name__}: {e}") from None
         resp = await engine.infer(req)
         content, json_len = encode_infer_response(resp, req)
     except TorporError as e:
@@ -234,8 +244,39 @@ class InferFastPath:
             content = orjson.dumps({"error": f"request body size exceeds the maximum input size of {limit} bytes (--http-max-input-size)"})
         else:
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            status, out_headers, content = await handle_infer(self.engine, model, version, headers, body, limit)
+            answered = await self._infer_unless_gone(receive, model, version, headers, body)
+            if answered is None:
+                return  # the client disconnected: the request was cancelled, its resources freed
+            status, out_headers, content = answered
         await _send_response(send, status, out_headers, content)
+
+    async def _infer_unless_gone(self, receive, model, version, headers, body):
+        """handle_infer, cancelled if the client disconnects first (uvicorn's receive() returns
+        http.disconnect then), so an abandoned request stops waiting for a queue slot or a slow
+        model instead of holding its tensors until the model answers."""
+        task = asyncio.current_task()
+        state = {"running": True, "gone": False}
+
+        def on_message(w: asyncio.Future) -> None:
+            if w.cancelled() or w.exception() is not None or w.result().get("type") != "http.disconnect":
+                return
+            state["gone"] = True
+            if state["running"]:
+                task.cancel()
+
+        watcher = asyncio.ensure_future(receive())
+        watcher.add_done_callback(on_message)
+        try:
+            result = await handle_infer(self.engine, model, version, headers, body, self.max_input_size)
+        except asyncio.CancelledError:
+            if state["gone"]:
+                task.uncancel()  # the cancellation was ours and is handled here
+                return None
+            raise
+        finally:
+            state["running"] = False
+            watcher.cancel()
+        return result
 
 
 async def _send_response(send, status: int, headers: dict[str, str], content: bytes) -> None:

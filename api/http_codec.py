@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from torpor.datatypes import NUMPY_DTYPES, element_size, from_raw, num_elements, to_raw
+from torpor.datatypes import NUMPY_DTYPES, check_shape, element_size, from_raw, num_elements, to_raw
 from torpor.errors import invalid_arg
 from torpor.tensors import InferRequest, InferResponse, RequestedOutput, Tensor
 
@@ -56,6 +56,7 @@ def _shape(obj: Any, name: str) -> tuple[int, ...]:
         raise invalid_arg(f"'shape' of input '{name}' must be an array of integers")
     if any(d < 0 for d in obj):
         raise invalid_arg(f"'shape' of input '{name}' must not contain negative dimensions")
+    check_shape(obj, name)
     return tuple(obj)
 
 

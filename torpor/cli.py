@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable; a group in one spec only)")
     s.add_argument("--grpc-restricted-protocol", action="append", default=[], metavar="GROUPS:KEY=VALUE",
                    help="as --http-restricted-api for gRPC; the metadata key is triton-grpc-protocol-KEY")
+    s.add_argument("--grpc-max-message-size", type=int, default=-1, metavar="BYTES",
+                   help="largest gRPC message received or sent (-1: gRPC's ceiling, 2 GiB); larger ones get "
+                        "RESOURCE_EXHAUSTED")
+    s.add_argument("--max-tensor-elements", type=int, default=1 << 28,
+                   help="most elements in one input or output tensor (0: no limit)")
+    s.add_argument("--max-queue-size", type=int, default=1024,
+                   help="requests per model version that may wait for an instance beyond those executing; more "
+                        "get UNAVAILABLE 'Exceeds maximum queue size' (a config's dynamic_batching "
+                        "default_queue_policy.max_queue_size wins; 0: no limit)")
     s.add_argument("--allow-override-code", type=_bool, default=False,
                    help="accept Python code (.py and other code files, python-backend models) in the file: "
                         "contents of a model load request; off by default: whoever can load can run code")
@@ -123,6 +132,8 @@ async def serve(args: argparse.Namespace) -> int:
         server_id=args.id,
         allow_client_shm=args.allow_client_shm,
         allow_override_code=args.allow_override_code,
+        max_queue_size=args.max_queue_size,
+        max_tensor_elements=args.max_tensor_elements,
         devices=_resolve_devices(args.devices),
         device_memory_fraction=args.device_memory_fraction,
         device_memory_bytes=args.device_memory_bytes,
@@ -191,7 +202,8 @@ async def serve(args: argparse.Namespace) -> int:
     if args.allow_grpc:
         from api.grpc import start_grpc_server
 
-        grpc_server = await start_grpc_server(engine, args.grpc_address, args.grpc_port, args.grpc_restricted)
+        grpc_server = await start_grpc_server(engine, args.grpc_address, args.grpc_port, args.grpc_restricted,
+                                              args.grpc_max_message_size)
 
         async def stop_grpc(grace: float) -> None:
             await grpc_server.stop(grace)

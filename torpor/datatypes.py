@@ -80,6 +80,26 @@ def num_elements(shape) -> int:
     return n
 
 
+_INT64_MAX = 2**63 - 1
+
+
+def check_shape(shape, name: str) -> None:
+    """Dimensions are int64 in the protocol, and a tensor's element count (zero dimensions left
+    aside, as numpy counts them) must fit too; beyond that no array can be made."""
+    n = 1
+    for d in shape:
+        if d > _INT64_MAX:
+            raise invalid_arg(f"invalid shape for input '{name}': dimension {d} is larger than an int64")
+        if d:
+            n *= d
+    if n > _INT64_MAX // 16:
+        raise invalid_arg(f"invalid shape for input '{name}': {_product_text(shape)} elements cannot be represented")
+
+
+def _product_text(shape) -> str:
+    return "x".join(str(d) for d in shape)
+
+
 def serialize_bytes(array: np.ndarray) -> bytes:
     """Length-prefixed encoding of a BYTES tensor (row-major)."""
     parts = []
