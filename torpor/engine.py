@@ -932,8 +932,8 @@ class Engine:
                 raise invalid_arg(
                     f"inference input '{t.name}' data-type is '{t.datatype}', but model '{name}' expects '{spec.datatype}'"
                 )
-            shape = tuple(int(d) for d in t.shape)
-            if any(d < 0 for d in shape):
+            shape = t.shape if type(t.shape) is tuple else tuple(int(d) for d in t.shape)
+            if shape and min(shape) < 0:
                 raise invalid_arg(f"invalid shape {_shape_str(shape)} for input '{t.name}' of model '{name}'")
             limit = self.options.max_tensor_elements
             if limit > 0 and num_elements(shape) > limit:
@@ -951,7 +951,8 @@ class Engine:
                         f"input '{t.name}' batch size does not match other inputs for '{name}'"
                     )
                 body = shape[1:]
-            if len(body) != len(expected) or any(e != -1 and e != d for e, d in zip(expected, body)):
+            if body != expected and (len(body) != len(expected)
+                                     or any(e != -1 and e != d for e, d in zip(expected, body))):
                 full = ((-1,) + tuple(expected)) if max_batch > 0 else tuple(expected)
                 raise invalid_arg(
                     f"unexpected shape for input '{t.name}' for model '{name}'. Expected {_shape_str(full)}, got {_shape_str(shape)}. "
@@ -1285,10 +1286,13 @@ class Engine:
             arr = np.asarray(result[ro.name])  # adapters hand back numpy (torpor.model contract)
             self._check_output(entry, spec, arr, batch)
             datatype = spec.datatype
-            if datatype == "BYTES" and arr.dtype != np.object_:
-                arr = _as_bytes_array(arr)
-            elif datatype != "BYTES" and arr.dtype != numpy_dtype(datatype):
-                arr = arr.astype(numpy_dtype(datatype))
+            if datatype == "BYTES":
+                if arr.dtype != np.object_:
+                    arr = _as_bytes_array(arr)
+            else:
+                dt = numpy_dtype(datatype)
+                if arr.dtype != dt:
+                    arr = arr.astype(dt)
             k = ro.parameters.get("classification")
             if k:
                 arr = self._classify(entry, spec, arr, int(k))
@@ -1302,7 +1306,7 @@ class Engine:
                 self.shm.write(str(region), offset, size, to_raw(arr, datatype))
                 outputs.append(Tensor(ro.name, datatype, tuple(arr.shape), None, dict(ro.parameters)))
             else:
-                outputs.append(Tensor(ro.name, datatype, tuple(arr.shape), arr, dict(ro.parameters)))
+                outputs.append(Tensor(ro.name, datatype, arr.shape, arr, dict(ro.parameters) if ro.parameters else {}))
         return InferResponse(entry.name, str(ve.version), request.id, outputs)
 
     def _check_output(self, entry: ModelEntry, spec: TensorSpec, arr: np.ndarray, batch: int) -> None:
@@ -1314,8 +1318,9 @@ class Engine:
         for dims in (spec.reshape, spec.dims):
             if dims is None:
                 continue
-            expected = lead + tuple(dims)
-            if len(shape) == len(expected) and all(e < 0 or e == d for e, d in zip(expected, shape)):
+            expected = lead + dims
+            if shape == expected or (len(shape) == len(expected)
+                                     and all(e < 0 or e == d for e, d in zip(expected, shape))):
                 break
         else:
             want = lead + tuple(spec.reshape if spec.reshape is not None else spec.dims)
