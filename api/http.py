@@ -24,6 +24,7 @@ from torpor.access import Restriction
 from torpor.engine import Engine
 from torpor.errors import Status, TorporError, invalid_arg, unsupported
 
+from . import openapi
 from .http_codec import decode_infer_request, encode_infer_response
 
 _HTTP_STATUS = {
@@ -390,8 +391,8 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024,
         return _json(engine.model_config_dict(model, _check_version(version)))
 
     # -- infer ---------------------------------------------------------------------------
-    @app.post("/v2/models/{model}/infer")
-    @app.post("/v2/models/{model}/versions/{version}/infer")
+    @app.post("/v2/models/{model}/infer", openapi_extra=openapi.INFER)
+    @app.post("/v2/models/{model}/versions/{version}/infer", openapi_extra=openapi.INFER)
     async def infer(model: str, request: Request, version: str | None = None):
         # Normally answered by InferFastPath before FastAPI routing; kept as a route so the
         # OpenAPI description lists it and so the app works without the wrapper.
@@ -401,7 +402,7 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024,
         return Response(content, status_code=status, headers=headers)
 
     # -- repository ----------------------------------------------------------------------
-    @app.post("/v2/repository/index")
+    @app.post("/v2/repository/index", openapi_extra=openapi.REPOSITORY_INDEX)
     async def repository_index(request: Request):
         body = await _json_body(request)
         ready = body.get("ready", False)
@@ -409,7 +410,7 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024,
             raise invalid_arg("'ready' must be a boolean")
         return _json(engine.repository_index(ready_only=ready))
 
-    @app.post("/v2/repository/models/{model}/load")
+    @app.post("/v2/repository/models/{model}/load", openapi_extra=openapi.REPOSITORY_LOAD)
     async def load(model: str, request: Request):
         body = await _json_body(request)
         params = body.get("parameters") or {}
@@ -430,7 +431,7 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024,
         await engine.load(model, config, files)
         return _empty()
 
-    @app.post("/v2/repository/models/{model}/unload")
+    @app.post("/v2/repository/models/{model}/unload", openapi_extra=openapi.REPOSITORY_UNLOAD)
     async def unload(model: str, request: Request):
         body = await _json_body(request)
         params = body.get("parameters") or {}
@@ -438,8 +439,8 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024,
         await engine.unload(model, dependents)
         return _empty()
 
-    @app.post("/v2/repository/{repo}/models/{model}/load")
-    @app.post("/v2/repository/{repo}/models/{model}/unload")
+    @app.post("/v2/repository/{repo}/models/{model}/load", openapi_extra=openapi.GENERIC)
+    @app.post("/v2/repository/{repo}/models/{model}/unload", openapi_extra=openapi.GENERIC)
     async def repo_named(repo: str, model: str):
         raise unsupported("'repository_name' specification is not supported")
 
@@ -448,7 +449,7 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024,
     async def get_trace():
         return _json(engine.trace.get())
 
-    @app.post("/v2/trace/setting")
+    @app.post("/v2/trace/setting", openapi_extra=openapi.SETTINGS)
     async def set_trace(request: Request):
         return _json(engine.trace.update(await _json_body(request)))
 
@@ -457,7 +458,7 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024,
         _require_model(engine, model)
         return _json(engine.trace.get(model))
 
-    @app.post("/v2/models/{model}/trace/setting")
+    @app.post("/v2/models/{model}/trace/setting", openapi_extra=openapi.SETTINGS)
     async def set_model_trace(model: str, request: Request):
         _require_model(engine, model)
         return _json(engine.trace.update(await _json_body(request), model))
@@ -466,7 +467,7 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024,
     async def get_logging():
         return _json(engine.logging.get())
 
-    @app.post("/v2/logging")
+    @app.post("/v2/logging", openapi_extra=openapi.SETTINGS)
     async def set_logging(request: Request):
         return _json(engine.logging.update(await _json_body(request)))
 
@@ -485,7 +486,7 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024,
     async def sys_shm_status(region: str = ""):
         return _json(engine.shm.system_status(region))
 
-    @app.post("/v2/systemsharedmemory/region/{region}/register")
+    @app.post("/v2/systemsharedmemory/region/{region}/register", openapi_extra=openapi.SHM_REGISTER)
     async def sys_shm_register(region: str, request: Request):
         body = await _json_body(request)
         key, offset, size = body.get("key"), body.get("offset", 0), body.get("byte_size")
@@ -500,12 +501,12 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024,
         engine.shm.unregister_system(region)
         return _empty()
 
-    @app.get("/v2/cudasharedmemory/status")
-    @app.get("/v2/cudasharedmemory/region/{region}/status")
+    @app.get("/v2/cudasharedmemory/status", openapi_extra=openapi.GENERIC)
+    @app.get("/v2/cudasharedmemory/region/{region}/status", openapi_extra=openapi.GENERIC)
     async def cuda_shm_status(region: str = ""):
         return _json(engine.shm.cuda_status(region))
 
-    @app.post("/v2/cudasharedmemory/region/{region}/register")
+    @app.post("/v2/cudasharedmemory/region/{region}/register", openapi_extra=openapi.CUDA_SHM_REGISTER)
     async def cuda_shm_register(region: str, request: Request):
         body = await _json_body(request)
         handle = body.get("raw_handle")
@@ -526,6 +527,27 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024,
         engine.shm.unregister_cuda(region)
         return _empty()
 
+    describe = app.openapi
+
+    def accurate_openapi() -> dict:
+        # Routes with and without /versions/{version} (or /region/{region}) share one function
+        # whose parameter defaults to None; FastAPI would list it as a query parameter on the
+        # short path, which the server ignores. The description shows only what is read.
+        if app.openapi_schema is None:
+            schema = describe()
+            for path, ops in schema["paths"].items():
+                for op in ops.values():
+                    op["parameters"] = [q for q in op.get("parameters", []) if not (
+                        q["in"] == "query" and q["name"] in ("version", "region"))]
+                    if not op["parameters"]:
+                        del op["parameters"]
+                    responses = op.setdefault("responses", {})
+                    responses.pop("422", None)  # validation errors are answered 400
+                    for code, spec in openapi.GENERIC["responses"].items():
+                        responses.setdefault(code, spec)  # every route answers errors in Triton's shape
+        return app.openapi_schema
+
+    app.openapi = accurate_openapi
     return InferFastPath(app, engine, max_input_size, restricted)
 
 
