@@ -86,3 +86,19 @@ def test_slo_resolution():
     assert slo_seconds({}, None, timeout_s=0.2) == pytest.approx(0.2)
     with pytest.raises(ValueError, match="torpor.slo_ms"):
         slo_seconds({"torpor.slo_ms": "fast"}, None)
+
+
+def test_processor_sharing_estimate_from_bytes_left():
+    from torpor.costmodel import CostModel, LinkMap
+
+    lm = LinkMap.from_dict(["gpu0", "gpu1"], {"pcie_GBps": 10, "switches": [[0, 1]]})
+    cm = CostModel(lm, transfer_latency_s=0.0)
+    path = lm.host_path("gpu0")
+    # 1 GB behind the switch with a 200 MB copy in flight: they share until the small one lands
+    # (400 MB moved in 40 ms), then the rest at full rate: (1000 + 200) MB / 10 GB/s
+    assert cm.transfer_seconds(10**9, path, {"switch:sw0": 1}, {"switch:sw0": [2 * 10**8]}) == 0.12
+    # a larger copy in flight shares the link to the end: 2 x 1 GB / 10 GB/s
+    assert cm.transfer_seconds(10**9, path, {"switch:sw0": 1}, {"switch:sw0": [(5 * 10**9, 1.0)]}) == 0.2
+    # counts only: the share at the start for the whole copy
+    assert cm.transfer_seconds(10**9, path, {"switch:sw0": 1}) == 0.2
+    assert list(cm.delays(10**9, path, {"switch:sw0": [(2 * 10**8, 0.01)]})) == [(0.02, 0.01)]

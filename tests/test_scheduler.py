@@ -158,3 +158,39 @@ def test_copy_goes_where_it_overlaps_queued_work():
     assert (dec.device, dec.action) == ("gpu3", "swap") and dec.meets_slo
     idle = next(o for o in dec.options if o.device == "gpu2")
     assert idle.completion_s < dec.option.completion_s and idle.cost > dec.option.cost
+
+
+def test_eviction_keeps_a_model_whose_reload_eats_most_of_its_slo():
+    # On gpu0 (25 GB/s): "slow" (2.5 GB, 100 ms reload of a 135 ms margin) and "quick" (500 MB,
+    # 20 ms of a 90 ms margin), "quick" the busier. Plain reload-per-byte would evict "slow"
+    # (rarer); it misses whenever its copy shares the link, so "quick" goes instead.
+    ds = devices(cap=3 * GB)
+    put(ds[0], "slow", 2500 * MB, last_used=1.0)
+    put(ds[0], "quick", 500 * MB, last_used=2.0)
+    for d in ds[1:]:
+        put(d, "pin" + d.name, 3 * GB, pins=1)
+    rates = {"slow": 0.05, "quick": 0.2}
+    snap = Snapshot(10.0, ds, rate=lambda k: rates.get(k, 0.0))
+    sched = Scheduler(cost())
+    sched.place(model("slow", 2500 * MB, slo=0.150), snap)  # resident: learns its objective
+    sched.place(model("quick", 500 * MB, slo=0.100), snap)
+    dec = sched.place(model("new", 400 * MB, slo=0.100), snap)
+    assert dec.action == "swap" and dec.option.evict == ["quick"]
+    # without the risk weight (or under lru-swap) the rarer, larger model goes
+    flat = Scheduler(cost(), risk_power=0.0)
+    flat.place(model("slow", 2500 * MB, slo=0.150), snap)
+    assert flat.place(model("new", 400 * MB, slo=0.100), snap).option.evict == ["slow"]
+
+
+def test_a_copy_that_would_make_a_copy_in_flight_too_late_is_avoided():
+    # gpu0 is receiving a copy with 400 MB left whose request has 5 ms of slack; a new copy over
+    # gpu0's switch would delay it by 400 MB / 25 GB/s = 16 ms, so the new model goes to the
+    # other switch even though that costs the same
+    ds = devices()
+    inflight = {"pcie:gpu0": 1, "switch:sw0": 1}
+    remaining = {"pcie:gpu0": [(400 * MB, 0.005)], "switch:sw0": [(400 * MB, 0.005)]}
+    snap = Snapshot(10.0, ds, inflight, inflight_bytes=remaining)
+    dec = Scheduler(cost(), keep_options=True).place(model(), snap)
+    assert dec.device in ("gpu2", "gpu3") and dec.meets_slo
+    harmful = {o.device for o in dec.options if o.harms}
+    assert harmful == {"gpu0", "gpu1"}

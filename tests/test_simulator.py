@@ -291,3 +291,24 @@ def test_batching_under_every_policy():
     for r in by.values():
         assert r["mean_batch"] > 1.02 and r["batches"] < r["served"]
     assert by["torpor"]["served"] == by["torpor"]["requests"]
+
+
+def test_link_sharing_re_rates_copies_as_others_start_and_land():
+    from torpor.costmodel import LinkMap
+    from torpor.simulator import LinkSharing
+
+    lm = LinkMap.from_dict(["gpu0", "gpu1"], {"pcie_GBps": 10, "switches": [[0, 1]]})
+    fair = LinkSharing(lm, 0.0)
+    big, _ = fair.start(0.0, 10**9, lm.host_path("gpu0"))
+    assert big.end == pytest.approx(0.1)
+    small, moved = fair.start(0.05, 10**8, lm.host_path("gpu1"))  # shares the switch
+    assert {id(t) for t in moved} == {id(big), id(small)}
+    assert small.end == pytest.approx(0.07) and big.end == pytest.approx(0.15)
+    fair.finish(small, 0.07)
+    assert big.end == pytest.approx(0.11)  # 0.4 GB left at full rate after the small one
+    assert fair.counts == {"pcie:gpu0": 1, "switch:sw0": 1, "pcie:gpu1": 0}
+    # the fixed-share physics: a copy keeps the share it started with
+    fixed = LinkSharing(lm, 0.0, shared=False)
+    big, _ = fixed.start(0.0, 10**9, lm.host_path("gpu0"))
+    small, moved = fixed.start(0.05, 10**8, lm.host_path("gpu1"))
+    assert moved == [small] and small.end == pytest.approx(0.07) and big.end == pytest.approx(0.1)

@@ -6,10 +6,15 @@ No torch, no devices: the engine and the simulator (`torpor.simulator`) both fee
 PCIe link `pcie:<dev>` and, where GPUs sit behind one PCIe switch, the switch's uplink
 `switch:<id>` (siblings share it). A GPU->GPU copy crosses the directed NVLink `nvlink:<src>><dst>`
 when the pair has one; otherwise, where peer access is possible (`p2p`), both GPUs' PCIe links.
-A new transfer's effective bandwidth is the narrowest link on its path divided among the
-transfers already in flight on it plus itself: `min(bw[l] / (inflight[l] + 1))`. The rate is
-fixed at that share for the transfer's life (the simulator and the estimate agree on this; a
-processor-sharing model would re-rate transfers as others start and end).
+Copies on a link share it by processor sharing: each moves at its share of the narrowest link
+on its path, re-rated whenever a copy on one of its links starts or lands (the simulator's
+physics, `torpor.simulator.LinkSharing`). The estimate for a new copy of B bytes follows:
+knowing the bytes r_i each copy on link l still has to move, it lands after
+`max over l of (B + sum_i min(r_i, B)) / bw[l]` (every copy smaller than it lands first and
+frees its share; the others keep sharing with it to the end), assuming no further copies join.
+Knowing only how many copies are on each link (`inflight`), it takes the share it gets at the
+start for its whole life, `B / min(bw[l] / (inflight[l] + 1))`: an upper bound under processor
+sharing when nothing else joins.
 
 **Execution.** `ExecEstimator` keeps a moving estimate (exponentially weighted, `alpha`) of
 execution seconds per (model, batch size): seeded from a profile (a few warm runs at load, or a
@@ -256,10 +261,33 @@ class CostModel:
         self.transfer_latency_s = transfer_latency_s
         self.swap_observations: dict[str, tuple[int, float]] = {}  # link path -> (bytes, seconds)
 
-    def transfer_seconds(self, nbytes: int, path: Iterable[str], inflight: Mapping[str, int]) -> float:
+    def transfer_seconds(self, nbytes: int, path: Iterable[str], inflight: Mapping[str, int],
+                         remaining: Any = None) -> float:
+        """Seconds until a copy started now lands (module docstring). `remaining`: link ->
+        the bytes each copy in flight on it still has to move, as numbers or as
+        (bytes, slack seconds) pairs (anything with `.get(link, ())`); without it, the
+        count-based bound from `inflight`."""
         if nbytes <= 0:
             return 0.0
-        return self.transfer_latency_s + nbytes / self.links.effective_bandwidth(path, inflight)
+        if remaining is None:
+            return self.transfer_latency_s + nbytes / self.links.effective_bandwidth(path, inflight)
+        worst = 0.0
+        for lk in path:
+            ahead = sum(min(x[0] if isinstance(x, tuple) else x, nbytes) for x in remaining.get(lk, ()))
+            worst = max(worst, (nbytes + ahead) / self.links.bandwidth(lk))
+        return self.transfer_latency_s + worst
+
+    def delays(self, nbytes: int, path: Iterable[str], remaining: Any) -> Iterable[tuple[float, float]]:
+        """(delay, slack) for each copy in flight that a new copy of `nbytes` over `path` would
+        slow down: sharing link l, it lands min(its bytes left, nbytes) / bw[l] later. Copies
+        given as bare byte counts have unbounded slack."""
+        if remaining is None or nbytes <= 0:
+            return
+        for lk in path:
+            bw = self.links.bandwidth(lk)
+            for x in remaining.get(lk, ()):
+                rem, slack = x if isinstance(x, tuple) else (x, math.inf)
+                yield min(rem, nbytes) / bw, slack
 
     def nominal_seconds(self, nbytes: int, path: Iterable[str]) -> float:
         """Link time with nothing else in flight: the resource a transfer consumes."""

@@ -6,10 +6,10 @@
 Same scenario, arrivals, transfer physics and result type as `torpor.simulator`, so a run here
 and `simulate(sc, "torpor", arrivals=...)` there are directly comparable:
 
-- **Transfers**: `CostModel.transfer_seconds` over the scenario's `LinkMap` (PCIe per GPU, a
-  shared uplink for switch siblings, NVLink pairs), the rate fixed at the share a copy gets when
-  it starts; compute starts when the first group has landed and ends no earlier than the last
-  group lands. Execution is the profiled time times the same seeded lognormal noise per request.
+- **Transfers**: `torpor.simulator.LinkSharing` over the scenario's `LinkMap` (PCIe per GPU, a
+  shared uplink for switch siblings, NVLink pairs): copies on a link share it, re-rated as
+  others start and land; compute starts when the first group has landed and ends no earlier
+  than the last group lands. Execution is the profiled time times the same seeded lognormal noise per request.
 - **The paper's system** (`paper`, and the ablations `fifo`, `random`, `lru`): one global queue
   (`torpor.paper.RRCQueue` or `FIFOQueue`), at most one request in flight per function, one
   request per GPU at a time; a request is dispatched only when a GPU is idle, placed by
@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from . import simulator
 from .costmodel import CostModel, LinkMap
 from .paper import (
     ACT_IDLE,
@@ -59,7 +60,7 @@ from .paper import (
     host_activity,
     random_placement,
 )
-from .simulator import MB, Scenario, ScenarioError, SimResult, parse_scenario
+from .simulator import MB, LinkSharing, Scenario, ScenarioError, SimResult, parse_scenario
 
 POLICIES = ("paper", "fifo", "random", "lru", "native", "keepalive")
 SWAP_POLICIES = ("paper", "fifo", "random", "lru")
@@ -231,7 +232,7 @@ _DONE, _LANDED, _UNLOCK, _READY, _EXPIRE = 0, 1, 2, 3, 4
 
 
 class _Res:
-    __slots__ = ("nbytes", "ready_at", "last_used", "locks")
+    __slots__ = ("last_used", "locks", "nbytes", "ready_at")
 
     def __init__(self, nbytes: int, ready_at: float, now: float):
         self.nbytes = nbytes
@@ -241,7 +242,22 @@ class _Res:
 
 
 class _Gpu:
-    __slots__ = ("name", "free", "res", "busy", "copy_until", "act", "busy_s", "view")
+    __slots__ = (
+        "act",
+        "busy",
+        "busy_s",
+        "copy_until",
+        "cur",
+        "cur_data",
+        "done_at",
+        "exec_end",
+        "free",
+        "name",
+        "res",
+        "run_start",
+        "tok",
+        "view",
+    )
 
     def __init__(self, name: str, capacity: int):
         self.name = name
@@ -252,12 +268,18 @@ class _Gpu:
         self.act = ACT_IDLE
         self.busy_s = 0.0
         self.view: GpuView | None = None
+        self.run_start = 0.0
+        self.exec_end = 0.0  # when the running request's compute ends if its copy has landed
+        self.cur: _Res | None = None  # the copy the running request waits on, if any
+        self.tok = 0  # its completion event; bumped when a re-rated copy moves it
+        self.done_at = 0.0
+        self.cur_data: Any = None
 
 
 class _Landed:
     """`key in view.models` for a GPU: a fully landed copy at `now`."""
 
-    __slots__ = ("res", "now")
+    __slots__ = ("now", "res")
 
     def __init__(self, res: dict[int, _Res]):
         self.res = res
@@ -481,6 +503,7 @@ class PaperSim:
         fq = [deque() for _ in range(n_fn)]
         running = [False] * n_fn
         inflight: dict[str, int] = {}
+        xfer = LinkSharing(links, cost.transfer_latency_s, inflight, simulator.SHARED_LINKS)
         lat = np.full(len(t), np.inf)
         heap: list = []
         seq = 0
@@ -495,6 +518,21 @@ class PaperSim:
             nonlocal seq
             heapq.heappush(heap, (at, seq, kind, data))
             seq += 1
+
+        def rerated(trs: list) -> None:
+            # copies whose landing moved: their residents, the GPU's activity, and a run waiting on one
+            for tr in trs:
+                gi, r = tr.owner[0], tr.owner[1]
+                g = gpus[gi]
+                r.ready_at = tr.end
+                push(tr.end, _LANDED, (tr, tr.version))
+                if g.cur is r:
+                    g.copy_until = tr.end
+                    done = max(g.exec_end, tr.end)
+                    if done != g.done_at:
+                        g.done_at = done
+                        g.tok += 1
+                        push(done, _DONE, (*g.cur_data, g.tok))
 
         def plan_eviction(gi: int, f: int, now: float) -> list | None:
             g = gpus[gi]
@@ -534,9 +572,12 @@ class PaperSim:
             i = fq[f].popleft()
             running[f] = True
             ex = self.exec_s[f] * noise[i]
+            g.cur = None
+            moved_trs: list = []
             if pl.action == "run":
                 r = g.res[f]
                 done = now + ex
+                g.exec_end = done
                 g.copy_until = now
                 g.act = ACT_LOCAL
             else:
@@ -552,27 +593,34 @@ class PaperSim:
                     path = links.host_path(g.name)
                     g.act = host_activity(cls[f])
                     counters["swaps"] += 1
-                tr = cost.transfer_seconds(nbytes[f], path, inflight)
+                # the first group at the share the copy starts with (it lands in well under 1 ms)
                 first = cost.transfer_seconds(first_b[f], path, inflight)
-                for lk in path:
-                    inflight[lk] = inflight.get(lk, 0) + 1
-                push(now + tr, _LANDED, path)
+                r = _Res(nbytes[f], now, now)
+                src = None
                 if pl.action == "peer":
-                    src = gpus[by_name[pl.source]].res[f]
-                    src.locks += 1
-                    push(now + tr, _UNLOCK, (by_name[pl.source], f))
-                r = _Res(nbytes[f], now + tr, now)
+                    src = (by_name[pl.source], f)
+                    gpus[src[0]].res[f].locks += 1  # until the copy lands
+                tr, moved_trs = xfer.start(now, nbytes[f], path, (gi, r, src))
+                r.ready_at = tr.end
                 g.res[f] = r
                 g.free -= nbytes[f]
                 holders[f] += 1
                 counters["moved"] += nbytes[f]
-                g.copy_until = now + tr
-                done = max(now + first + ex, now + tr)
+                g.copy_until = tr.end
+                g.exec_end = now + first + ex
+                g.cur = r
+                done = max(g.exec_end, tr.end)
             r.last_used = now
             g.busy = True
             n_idle -= 1
-            g.busy_s += done - now
-            push(done, _DONE, (gi, i, f))
+            g.run_start = now
+            g.done_at = done
+            g.cur_data = (gi, i, f)
+            g.tok += 1
+            if g.cur is r:  # before its completion: at a tie the link frees first, as it always has
+                push(r.ready_at, _LANDED, (tr, tr.version))
+            push(done, _DONE, (gi, i, f, g.tok))
+            rerated([x for x in moved_trs if x.owner[1] is not r])
             return True
 
         def dispatch(now: float) -> None:
@@ -586,8 +634,12 @@ class PaperSim:
             nonlocal n_idle
             now, _, kind, data = ev
             if kind == _DONE:
-                gi, i, f = data
+                gi, i, f, tok = data
                 g = gpus[gi]
+                if tok != g.tok:
+                    return  # its copy's landing moved, and the completion with it
+                g.busy_s += now - g.run_start
+                g.cur = None
                 lat[i] = now - t[i]
                 queue.record(f, lat[i], self.slo[f])
                 running[f] = False
@@ -599,13 +651,16 @@ class PaperSim:
                 if fq[f]:
                     queue.ready(f, float(t[fq[f][0]]))
             elif kind == _LANDED:
-                for lk in data:
-                    inflight[lk] -= 1
-            elif kind == _UNLOCK:
-                gi, f = data
-                r = gpus[gi].res.get(f)
-                if r is not None:
-                    r.locks -= 1
+                tr, version = data
+                if version != tr.version:
+                    return
+                tr.owner[1].ready_at = now
+                if tr.owner[2] is not None:
+                    gi, f = tr.owner[2]
+                    r = gpus[gi].res.get(f)
+                    if r is not None:
+                        r.locks -= 1
+                rerated(xfer.finish(tr, now))
 
         i, n_req = 0, len(t)
         while i < n_req or heap:

@@ -83,6 +83,9 @@ class Snapshot:
     # key -> number of devices holding it; kept up to date by a caller that owns the state
     # (the simulator), computed once per snapshot otherwise
     holder_count: dict[Any, int] | None = None
+    # link id -> bytes each copy in flight on it still has to move (anything with .get(link, ()));
+    # None: only the counts in `inflight` are known, and copy estimates use the share at the start
+    inflight_bytes: Any = None
 
     def holders(self, key: Any) -> list[DeviceState]:
         return [d for d in self.devices if key in d.residents]
@@ -121,6 +124,7 @@ class Option:
     path: tuple[str, ...] = ()
     cost: float = 0.0
     meets_slo: bool = True
+    harms: bool = False  # the copy would make a copy in flight land too late for a request waiting on it
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -161,6 +165,7 @@ class Scheduler:
         peer_speedup: float = 8.0,
         keep_options: bool = False,
         order_ttl_s: float = 1.0,
+        risk_power: float = 2.0,
     ):
         if policy not in POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r}: expected one of {list(POLICIES)}")
@@ -176,9 +181,12 @@ class Scheduler:
         self.keep_options = keep_options
         self.order_ttl_s = order_ttl_s
         self._order_cache: dict[tuple[int, str], tuple[int, float, list[Candidate]]] = {}
+        self._slo: dict[Any, float | None] = {}  # key -> the objective it was last placed with (eviction risk)
+        self.risk_power = risk_power
 
     # entry point ---------------------------------------------------------------------------------
     def place(self, model: ModelInfo, snap: Snapshot) -> Decision | None:
+        self._slo[model.key] = model.slo_s
         if self.policy == "static":
             return self._place_static(model, snap)
         if self.policy == "lru-swap":
@@ -224,29 +232,34 @@ class Scheduler:
 
     def _copy_option(self, d: DeviceState, model: ModelInfo, snap: Snapshot, action: str, source: str,
                      path: tuple[str, ...], exec_s: float, victims: list[Any], evict_cost: float) -> Option:
-        transfer = self.cost.transfer_seconds(model.nbytes, path, snap.inflight)
+        transfer = self.cost.transfer_seconds(model.nbytes, path, snap.inflight, snap.inflight_bytes)
         first = self.cost.transfer_seconds(model.first_group_bytes, path, snap.inflight)
         done = self.cost.completion(d.backlog_s, transfer, exec_s, first)
         link_s = self.cost.nominal_seconds(model.nbytes, path)
+        harms = any(delay > slack for delay, slack in self.cost.delays(model.nbytes, path, snap.inflight_bytes))
         return Option(d.name, action, source, done, transfer, exec_s, victims, evict_cost, model.nbytes,
-                      path, cost=link_s + evict_cost + (done - d.backlog_s))
+                      path, cost=link_s + evict_cost + (done - d.backlog_s), harms=harms)
 
     def _place_torpor(self, model: ModelInfo, snap: Snapshot) -> Decision | None:
         limit = None if model.slo_s is None else model.slo_s * self.slo_margin
         opts = self.options(model, snap, copies=False)
         # A resident option that meets the SLO is the cheapest there is (a copy option costs the
         # same execution plus link time and evictions), so copies are only costed without one.
+        # A copy that would delay a copy in flight past the deadline of a request waiting on it
+        # (processor sharing: it takes min(its bytes, the other's bytes left) / bandwidth of that
+        # copy's time; `Snapshot.inflight_bytes` carries the slack) counts as missing the SLO.
         if not any(limit is None or o.completion_s <= limit for o in opts) or self.keep_options:
             opts += self.options(model, snap, resident=False)
         if not opts:
             return None
         for o in opts:
-            o.meets_slo = limit is None or o.completion_s <= limit
+            o.meets_slo = (limit is None or o.completion_s <= limit) and not o.harms
         good = [o for o in opts if o.meets_slo]
         if good:
             best = min(good, key=lambda o: (o.cost, o.completion_s))
         else:
-            best = min(opts, key=lambda o: (o.completion_s, o.cost))
+            # nothing meets the SLO: the fastest option that breaks no other request's promise
+            best = min(opts, key=lambda o: (o.harms, o.completion_s, o.cost))
         return Decision(best, best.meets_slo, model.slo_s, opts if self.keep_options else [])
 
     # eviction -------------------------------------------------------------------------------------
@@ -306,12 +319,29 @@ class Scheduler:
             if hit is not None and snap.now - hit[1] < self.order_ttl_s:
                 return hit[1], hit[2]
         bw = self.cost.links.bandwidth(self.cost.links.host_path(d.name)[0])
-        cands = [Candidate(r.key, r.nbytes, r.last_used, snap.rate(r.key), r.nbytes / bw, snap.replicas(r.key))
-                 for r in d.residents.values()]
+        cands = [Candidate(r.key, r.nbytes, r.last_used, snap.rate(r.key), self._reload_s(r.key, r.nbytes / bw),
+                           snap.replicas(r.key)) for r in d.residents.values()]
         order = policy.order(cands, snap.now)
         if d.version >= 0:
             self._order_cache[key] = (d.version, snap.now, order)
         return snap.now, order
+
+    def _reload_s(self, key: Any, seconds: float) -> float:
+        """What losing `key` costs, in seconds of reload. A model whose reload over its host
+        link takes more than half its SLO margin misses whenever its copy shares the link with
+        another as large (half the bandwidth, twice the time): BERT-large over PCIe 3, 112 ms
+        of a 180 ms margin. Its reload counts `(margin / (margin - copy)) ** risk_power` times
+        its copy time (x7 for that BERT), so eviction takes small, quickly reloaded models
+        first and keeps such models resident. Below half the margin a reload costs its time."""
+        if self.policy != "torpor":
+            return seconds
+        slo = self._slo.get(key)
+        if not slo:
+            return seconds
+        limit = slo * self.slo_margin
+        if seconds <= 0.5 * limit:
+            return seconds
+        return seconds * (limit / max(limit - seconds, 0.05 * limit)) ** self.risk_power
 
     # baselines ------------------------------------------------------------------------------------
     def _place_lru(self, model: ModelInfo, snap: Snapshot) -> Decision | None:

@@ -477,7 +477,98 @@ def make_arrivals(workload: dict[str, Any], functions: int, *, seed: int = 0,
 # Simulation
 # ------------------------------------------------------------------------------------------------
 
+class Transfer:
+    """One copy in flight (see `LinkSharing`). `end` is when it lands at the current rates."""
+
+    __slots__ = ("end", "left", "owner", "path", "rate", "t", "version")
+
+    def __init__(self, path: tuple[str, ...], nbytes: float, now: float, owner: Any):
+        self.path = path
+        self.left = float(nbytes)  # bytes still to move, as of `t`
+        self.rate = 0.0
+        self.t = now
+        self.end = now
+        self.version = 0
+        self.owner = owner
+
+
+class LinkSharing:
+    """Copies in flight sharing links by processor sharing, the physics both simulators use.
+
+    Every copy moves at the narrowest share on its path, `min(bw[l] / n[l])` over its links,
+    where `n[l]` counts the copies on link `l`; whenever a copy starts or lands the copies
+    sharing a link with it are re-rated, so a copy that started beside another speeds up when
+    the other lands (DMA engines and PCIe switches share bandwidth among the copies active at
+    each moment; a rate fixed at the start over-commits a link when a later copy joins it and
+    leaves bandwidth idle when an earlier one leaves). A copy lands `latency_s` after its last
+    byte moves. `counts` is the live per-link count (`Snapshot.inflight`); `get(link)` gives
+    the bytes each copy still has to move at `now` (`Snapshot.inflight_bytes`)."""
+
+    def __init__(self, links: LinkMap, latency_s: float, counts: dict[str, int] | None = None,
+                 shared: bool = True):
+        self.shared = shared
+        self.links = links
+        self.latency_s = latency_s
+        self.counts: dict[str, int] = {} if counts is None else counts
+        self.on: dict[str, list[Transfer]] = {}
+        self.now = 0.0
+        self.slack: dict[int, float] = {}
+
+    def _rerate(self, trs: list[Transfer], now: float) -> None:
+        bw, on = self.links.bandwidth, self.on
+        for tr in trs:
+            tr.rate = min(bw(lk) / len(on[lk]) for lk in tr.path)
+            tr.end = now + (self.latency_s + tr.left / tr.rate)  # the same sum as CostModel.transfer_seconds
+            tr.version += 1
+
+    def _touching(self, path: tuple[str, ...], now: float) -> list[Transfer]:
+        seen: dict[int, Transfer] = {}
+        for lk in path:
+            for tr in self.on.get(lk, ()):
+                seen[id(tr)] = tr
+        out = list(seen.values())
+        for tr in out:  # bytes moved at the old rate up to now
+            tr.left = max(0.0, tr.left - tr.rate * (now - tr.t))
+            tr.t = now
+        return out
+
+    def start(self, now: float, nbytes: float, path: tuple[str, ...], owner: Any = None
+              ) -> tuple[Transfer, list[Transfer]]:
+        """A new copy; returns it and every copy whose landing time changed (itself included)."""
+        affected = self._touching(path, now) if self.shared else []
+        tr = Transfer(path, nbytes, now, owner)
+        for lk in path:
+            self.on.setdefault(lk, []).append(tr)
+            self.counts[lk] = self.counts.get(lk, 0) + 1
+        affected.append(tr)
+        self._rerate(affected, now)
+        return tr, affected
+
+    def finish(self, tr: Transfer, now: float) -> list[Transfer]:
+        """`tr` has landed; returns the copies re-rated because it left."""
+        for lk in tr.path:
+            self.on[lk].remove(tr)
+            self.counts[lk] -= 1
+        tr.left = 0.0
+        if not self.shared:
+            return []
+        affected = self._touching(tr.path, now)
+        self._rerate(affected, now)
+        return affected
+
+    def get(self, link: str, default: Any = ()) -> list[tuple[float, float]]:
+        """(bytes still to move, slack) for each copy on `link` at `self.now` (set by the caller):
+        slack is how much later the copy may land before a request waiting on it misses its
+        deadline, `self.slack[id(owner[1])]` where the caller set it, else unbounded."""
+        trs = self.on.get(link)
+        if not trs:
+            return list(default)
+        now, slack = self.now, self.slack
+        return [(max(0.0, tr.left - tr.rate * (now - tr.t)), slack.get(id(tr.owner[1]), math.inf)) for tr in trs]
+
+
 _DONE, _LANDED, _WAKE = 0, 1, 2
+SHARED_LINKS = False
 LATENCY_PCTS = [*range(0, 90, 2), *np.round(np.arange(90, 100, 0.25), 2).tolist(), 99.5, 99.9, 100]
 _RETRIES = 4
 _ACTION_CODE = {"run": 1, "queue": 2, "swap": 3, "peer": 4}
@@ -515,6 +606,12 @@ class _Dev:
     next_key: float = 0.0  # deadline queue: where the request being placed would go
     batches: int = 0
     batched: int = 0  # requests run in those batches
+    run_start: float = 0.0
+    exec_end: float = 0.0  # when the running batch's compute would end if its copy had landed
+    cur_res: Any = None  # the running batch's resident (its copy may still be landing)
+    cur_batch: Any = None  # (batch, exec seconds) of the running batch
+    cur_deadline: float = math.inf  # the earliest deadline among the running batch's requests
+    tok: int = 0  # the running batch's completion event; bumped when a re-rated copy moves it
 
 
 @dataclass
@@ -569,8 +666,10 @@ class Simulation:
         self.rates = [RateMeter(tau=60.0) for _ in range(scenario.functions)]
         self.holder_count: dict[int, int] = {}
         self.inflight: dict[str, int] = {}
+        self.xfer = LinkSharing(self.links, self.cost.transfer_latency_s, self.inflight, SHARED_LINKS)
         self.snap = Snapshot(0.0, [d.state for d in self.devs], self.inflight,
-                             lambda k: self.rates[k].rate(self.snap.now), self.holder_count)
+                             lambda k: self.rates[k].rate(self.snap.now), self.holder_count,
+                             self.xfer if SHARED_LINKS else None)
         self.first_at: dict[tuple[str, int], float] = {}
         self.static_map: dict[int, str] = {}
         self.scheduler = Scheduler(self.cost, policy)
@@ -674,7 +773,12 @@ class Simulation:
             done = max(begin + ex, r.ready_at)
             d.running = True
             d.busy_until = done
-            d.busy_s += done - now
+            d.run_start = now
+            d.exec_end = begin + ex
+            d.cur_res = r
+            d.cur_batch = (batch, ex)
+            d.cur_deadline = min(j.deadline for j in batch)
+            d.tok += 1
             d.batches += 1
             d.batched += b
             if not edf:  # re-anchor the projection of queued work on this batch's real end
@@ -682,20 +786,57 @@ class Simulation:
                 for j in d.queue:
                     t_end = max(max(t_end, j.first_at) + j.est, j.resident.ready_at)
                 d.proj_end = t_end
-            heapq.heappush(heap, (done, seq, _DONE, (d, batch, ex)))
+            heapq.heappush(heap, (done, seq, _DONE, (d, batch, ex, d.tok)))
             seq += 1
+
+        def rerated(trs: list) -> None:
+            # copies whose landing moved: their residents, locks, events and any run waiting on them
+            nonlocal seq
+            for tr in trs:
+                d, r, src = tr.owner
+                r.ready_at = tr.end
+                if src is not None:
+                    src.locked_until = max(src.locked_until, tr.end)
+                heapq.heappush(heap, (tr.end, seq, _LANDED, (tr, tr.version)))
+                seq += 1
+                if d.running and d.cur_res is r:
+                    done = max(d.exec_end, tr.end)
+                    if done != d.busy_until:
+                        d.busy_until = done
+                        d.tok += 1
+                        batch, ex = d.cur_batch
+                        heapq.heappush(heap, (done, seq, _DONE, (d, batch, ex, d.tok)))
+                        seq += 1
 
         def try_place(rid: int, f: int, arrival: float, now: float) -> bool:
             nonlocal seq, swaps, peers, moved, evictions, unserved, misses
             snap.now = now
+            self.xfer.now = now
             if edf:
                 # Work ahead of this request: what runs now and the queued requests due before it,
                 # unless going ahead of the others would make one of them late that was not:
                 # then it queues behind them all.
                 due = arrival + fn_model[f].slo_s
                 ex_new = cost.exec_seconds(f)
+                # How much later each copy in flight may land before a request misses its
+                # deadline: the request waiting on it, or any queued behind that one on the same
+                # device (a request already past its deadline has nothing left to protect).
+                slack = self.xfer.slack
+                slack.clear()
+
+                def protect_all(d: _Dev, proj: list) -> None:
+                    least = math.inf
+                    for r, t, deadline in reversed(proj):
+                        if t <= deadline:
+                            least = min(least, deadline - t)
+                        if r.ready_at > now and least < slack.get(id(r), math.inf):
+                            slack[id(r)] = least
+
                 for d in devs:
                     t = d.busy_until if d.running else now
+                    proj = []
+                    if d.running and d.cur_res is not None:
+                        proj.append((d.cur_res, t, d.cur_deadline))
                     ahead = t2 = None
                     harm = -1  # index of the first queued request it would make late
                     for k, j in enumerate(d.queue):
@@ -704,9 +845,11 @@ class Simulation:
                             # copy, the slowest it may get)
                             r = d.state.residents.get(f)
                             ready = r.ready_at if r is not None else now + cost.transfer_seconds(
-                                models[f].nbytes, self.links.host_path(d.state.name), self.inflight)
+                                models[f].nbytes, self.links.host_path(d.state.name), self.inflight,
+                                self.snap.inflight_bytes)
                             ahead, t2 = t, max(t + ex_new, ready)
                         t = max(max(t, j.first_at) + j.est, j.resident.ready_at)
+                        proj.append((j.resident, t, j.deadline))
                         if t2 is not None:
                             t2 = max(max(t2, j.first_at) + j.est, j.resident.ready_at)
                             if t2 > j.guard and t <= j.deadline:
@@ -716,11 +859,14 @@ class Simulation:
                         if harm >= 0:
                             for q in d.queue[harm + 1:]:
                                 t = max(max(t, q.first_at) + q.est, q.resident.ready_at)
+                                proj.append((q.resident, t, q.deadline))
                         d.next_key = max(due, d.queue[-1].key) if d.queue else due
                         d.state.backlog_s = max(0.0, t - now)
                     else:
                         d.next_key = due
                         d.state.backlog_s = max(0.0, ahead - now)
+                    if proj:
+                        protect_all(d, proj)
             else:
                 for d in devs:
                     d.state.backlog_s = max(0.0, d.proj_end - now)
@@ -738,17 +884,16 @@ class Simulation:
                 for v in o.evict:
                     self._evict(d, v)
                     evictions += 1
+                # the first group moves at the share the copy starts with (it lands in well
+                # under a millisecond; re-rating it is not worth the events)
                 first = cost.transfer_seconds(models[f].first_group_bytes, o.path, self.inflight)
                 r = self._add_resident(d, f, now + first, now + o.transfer_s)
-                for lk in o.path:
-                    self.inflight[lk] = self.inflight.get(lk, 0) + 1
-                heapq.heappush(heap, (now + o.transfer_s, seq, _LANDED, o.path))
-                seq += 1
+                src = by_name[o.source].state.residents[f] if o.action == "peer" else None
+                _, moved_trs = self.xfer.start(now, models[f].nbytes, o.path, (d, r, src))
+                rerated(moved_trs)
                 moved += o.bytes_moved
                 if o.action == "peer":
                     peers += 1
-                    src = by_name[o.source].state.residents[f]
-                    src.locked_until = max(src.locked_until, now + o.transfer_s)
                 else:
                     swaps += 1
             else:
@@ -781,8 +926,10 @@ class Simulation:
         def handle(ev: tuple) -> None:
             t, _, kind, data = ev
             if kind == _LANDED:
-                for lk in data:
-                    self.inflight[lk] -= 1
+                tr, version = data
+                if version == tr.version:
+                    tr.owner[1].ready_at = t
+                    rerated(self.xfer.finish(tr, t))
                 return
             if kind == _WAKE:
                 if data.hold_until == t:
@@ -790,7 +937,11 @@ class Simulation:
                     start_next(data, t)
                 return
             nonlocal misses
-            d, batch, ex = data
+            d, batch, ex, tok = data
+            if tok != d.tok:
+                return  # its copy's landing moved, and the completion with it
+            d.busy_s += t - d.run_start
+            d.cur_res = None
             for job in batch:
                 latency[job.rid] = t - job.arrival
                 if t - job.arrival > fn_model[job.fn].slo_s:
