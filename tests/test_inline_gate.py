@@ -18,6 +18,13 @@ def test_cheap_model_is_promoted_expensive_one_is_not():
     assert cheap.inline and not dear.inline
 
 
+def test_a_model_that_sleeps_is_never_promoted():
+    g = InlineGate()
+    for _ in range(InlineGate.PROBE):
+        g.record(30_000, 5_000_000)  # little CPU, but each threaded run took 5 ms: it waits on something
+    assert not g.inline
+
+
 def test_preemption_is_not_the_models_fault():
     g = InlineGate()
     probe(g, 20_000)

@@ -115,7 +115,10 @@ class InlineGate:
     Why: handing a request to a worker thread costs tens of microseconds of GIL hand-off,
     more than a trivial model's whole execution. A model runs inline only after it has shown,
     over PROBE threaded runs, a mean thread CPU time under THRESHOLD_NS (inflated about 3x on
-    a worker thread by cache and GIL effects, so the bar is set above the inline cost).
+    a worker thread by cache and GIL effects, so the bar is set above the inline cost) and a
+    median wall time under WALL_NS: a model that sleeps or waits on I/O uses little CPU but
+    would stall the loop, and its threaded runs show it (the median, because a few runs of a
+    cheap model wait long for the GIL on a busy server).
 
     Inline runs are judged by what the loop loses, wall time, but only where the model is to
     blame: a run over BAILOUT_NS is a strike if it spent that long computing (thread CPU time)
@@ -129,17 +132,19 @@ class InlineGate:
 
     PROBE = 32
     THRESHOLD_NS = 200_000
+    WALL_NS = 1_000_000
     BAILOUT_NS = 2_000_000
     STRIKES = 3
     WINDOW = 256
     REPROBE_S = 30.0
     MAX_BANS = 4
 
-    __slots__ = ("runs", "total_ns", "inline", "banned", "strikes", "inline_runs", "bans", "retry_at")
+    __slots__ = ("runs", "total_ns", "walls", "inline", "banned", "strikes", "inline_runs", "bans", "retry_at")
 
     def __init__(self):
         self.runs = 0
         self.total_ns = 0
+        self.walls: list[int] = []
         self.inline = False
         self.banned = False
         self.strikes = 0
@@ -164,12 +169,17 @@ class InlineGate:
                 return
             self.banned = False
             self.runs = self.total_ns = self.strikes = self.inline_runs = 0
+            self.walls = []
         if self.runs >= self.PROBE:
             return
         self.runs += 1
         self.total_ns += cpu_ns
-        if self.runs == self.PROBE and self.total_ns / self.PROBE < self.THRESHOLD_NS:
-            self.inline = True
+        self.walls.append(wall_ns)
+        if self.runs == self.PROBE:
+            median_wall = sorted(self.walls)[self.PROBE // 2]
+            self.walls = []
+            if self.total_ns / self.PROBE < self.THRESHOLD_NS and median_wall < self.WALL_NS:
+                self.inline = True
 
 
 @dataclass
@@ -1091,16 +1101,19 @@ class Engine:
                     fn = ve.function
                     if ve.gate.inline and not fn.blocking:
                         result, t_exec_start, cpu_ns, blocked = _timed_execute_inline(fn, mreq)
+                        wall_ns = None  # what the loop lost: measured below
                     else:
                         fut = asyncio.get_running_loop().run_in_executor(self.workers, _timed_execute, fn, mreq)
                         # The instance stays taken until its thread returns, even when this request
                         # stops waiting (timeout, client gone): a thread cannot be stopped.
                         held = False
                         fut.add_done_callback(lambda _f, slots=ve.slots: slots.release())
-                        result, t_exec_start, cpu_ns = await _wait_until(fut, deadline)
+                        result, t_exec_start, cpu_ns, wall_ns = await _wait_until(fut, deadline)
                         blocked = False
                     t_done = time.monotonic_ns()
-                    self._gate(entry, ve, cpu_ns, t_done - t_exec_start, blocked)
+                    if wall_ns is None:
+                        wall_ns = t_done - t_exec_start
+                    self._gate(entry, ve, cpu_ns, wall_ns, blocked)
             finally:
                 if held:
                     ve.slots.release()
@@ -1368,13 +1381,14 @@ def _timed_execute_inline(fn: ModelFunction, mreq: ModelRequest) -> tuple[Any, i
     return res, t_in, cpu, resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw > ru0
 
 
-def _timed_execute(fn: ModelFunction, mreq: ModelRequest) -> tuple[Any, int, int]:
-    """(result, start ns, thread CPU ns). CPU time, not wall time, judges a threaded run: a
-    worker thread's wall time includes waiting for the GIL."""
+def _timed_execute(fn: ModelFunction, mreq: ModelRequest) -> tuple[Any, int, int, int]:
+    """On a worker thread: (result, start ns, thread CPU ns, wall ns within the thread). CPU
+    time judges the cost of a threaded run (its wall time includes waiting for the GIL); the
+    in-thread wall time, whether it waits on something (InlineGate)."""
     t_in = time.monotonic_ns()
     cpu = time.thread_time_ns()
     (res,) = fn.execute([mreq])
-    return res, t_in, time.thread_time_ns() - cpu
+    return res, t_in, time.thread_time_ns() - cpu, time.monotonic_ns() - t_in
 
 
 _DEVICE_INFLIGHT = 64  # per device, per model version
