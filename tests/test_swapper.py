@@ -199,9 +199,13 @@ async def test_compute_starts_before_the_copy_completes(make_pool, monkeypatch):
     module.get_submodule(first_root).register_forward_hook(after_first)
     async with pool.acquire("m") as p:
         task = asyncio.create_task(p.forward(x))
-        await asyncio.sleep(0.1)
-        assert not task.done()  # blocked on group 1
+        # wait for the first layer to have run (a busy machine may take a while to get there)
+        for _ in range(1000):
+            if "first_ran_while_group1_missing" in seen:
+                break
+            await asyncio.sleep(0.01)
         assert seen.get("first_ran_while_group1_missing") is True
+        assert not task.done()  # blocked on group 1
         gate.set()
         out = await task
     assert same(out, ref)
