@@ -312,3 +312,41 @@ def test_link_sharing_re_rates_copies_as_others_start_and_land():
     big, _ = fixed.start(0.0, 10**9, lm.host_path("gpu0"))
     small, moved = fixed.start(0.05, 10**8, lm.host_path("gpu1"))
     assert moved == [small] and small.end == pytest.approx(0.07) and big.end == pytest.approx(0.1)
+
+
+def test_cli_runs_the_papers_policies_beside_ours_on_the_same_arrivals(tmp_path, capsys):
+    import argparse
+
+    from torpor.paper_sim import PaperSim
+    from torpor.simulator import PAPER_POLICIES, add_arguments, paper_extras, run_cli
+
+    path = tmp_path / "tiny.json"
+    spec = small(functions=10, workload={"kind": "synthetic", "duration_s": 60})
+    path.write_text(json.dumps(spec))
+    # the paper's per-model numbers from <stem>.paper.csv beside the scenario, as paper_eval reads them
+    (tmp_path / "tiny.paper.csv").write_text("name,native_ms,native_MB,cold_start_s\na,7,1500,2\nb,30,2000,3\n")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    pols = ["torpor", "lru-swap", *PAPER_POLICIES]
+    argv = ["--scenario", str(path), "--search-gpus", "0", "--json", str(tmp_path / "out.json"),
+            "--plot", str(tmp_path / "out.png")]
+    for pol in pols:
+        argv += ["--policy", pol]
+    assert run_cli(p.parse_args(argv)) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "out.json").read_text())
+    by = {r["policy"]: r for r in report["results"]}
+    assert list(by) == pols and all(pol in out for pol in pols)
+    assert len({r["requests"] for r in by.values()}) == 1  # one set of arrivals for every policy
+    # the same numbers as torpor.paper_sim run directly on those arrivals with the sidecar's extras
+    extras = paper_extras(spec, source=str(path))
+    assert [e.native_s for e in extras] == [0.007, 0.030] and extras[0].cold_start_s == 2
+    sc = parse_scenario(spec)
+    t, fn, duration = scenario_arrivals(sc)
+    for pol in ("paper", "native", "keepalive"):
+        direct = PaperSim(sc, pol, extras).run(t, fn, duration)
+        assert (by[pol]["attainment"], by[pol]["swaps"], by[pol]["unserved"]) == (
+            direct.attainment, direct.swaps, direct.unserved)
+    assert by["native"]["swaps"] == 0 and by["paper"]["swaps"] + by["paper"]["peer_copies"] > 0
+    with pytest.raises(ScenarioError, match="unknown policy 'nope'"):
+        compare(sc, policies=["nope"], search_gpus=0)

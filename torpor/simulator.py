@@ -1027,14 +1027,43 @@ def scenario_arrivals(sc: Scenario, trace_path: str | Path | None = None) -> tup
         raise ScenarioError(f"scenario.workload.{e}") from None
 
 
+# The Torpor paper's own policies (torpor.paper_sim), run beside ours on the same arrivals:
+# its system (`paper`), its ablations and its baselines. `lru` is the paper's ablation (its
+# system with LRU eviction), not our `lru-swap`.
+PAPER_POLICIES = ("paper", "fifo", "random", "lru", "native", "keepalive")
+CLI_POLICIES = (*POLICIES, *PAPER_POLICIES)
+
+
+def paper_extras(spec: dict[str, Any], *, base: Path | None = None, source: str = "scenario") -> list[Any]:
+    """The per-model numbers only the paper's policies read (native latency and footprint, cold
+    start, Table 4 classes), from `<stem>.paper.csv` beside the scenario file where there is one
+    (as `loadtest/paper_eval.py` reads them), else their defaults."""
+    from .paper_sim import parse_with_extras, read_extras_csv
+
+    side = Path(source).with_name(Path(source).stem + ".paper.csv")
+    rows = read_extras_csv(side) if side.is_file() else {}
+    return parse_with_extras(spec, rows, base=base, source=source)[1]
+
+
 def simulate(sc: Scenario, policy: str, n_gpus: int | None = None, *, arrivals=None,
-             trace_path: str | Path | None = None, stop_below: float | None = None) -> SimResult:
+             trace_path: str | Path | None = None, stop_below: float | None = None,
+             extras: list[Any] | None = None) -> SimResult:
     t, fn, duration = arrivals if arrivals is not None else scenario_arrivals(sc, trace_path)
+    if policy in PAPER_POLICIES:
+        from .paper_sim import PaperSim
+
+        sim = PaperSim(sc, policy, extras, n_gpus)  # extras None: paper_sim's defaults
+        r = sim.run(t, fn, duration)
+        lat = sim.latency
+        if len(lat):
+            r.latency_pct_ms = [None if not math.isfinite(x) else round(x * 1e3, 3)
+                                for x in np.percentile(lat, LATENCY_PCTS, method="lower")]
+        return r
     return Simulation(sc, policy, n_gpus).run(t, fn, duration, stop_below=stop_below)
 
 
 def gpus_needed(sc: Scenario, policy: str, arrivals, *, limit: int, target: float | None = None,
-                start: int | None = None) -> int | None:
+                start: int | None = None, extras: list[Any] | None = None) -> int | None:
     """The fewest GPUs (1..limit) at which `policy` reaches the target SLO attainment, taking
     attainment to grow with GPUs; None if `limit` is not enough. The search starts at `start`
     (default: the scenario's GPU count), steps outward doubling the step until the answer is
@@ -1044,7 +1073,8 @@ def gpus_needed(sc: Scenario, policy: str, arrivals, *, limit: int, target: floa
 
     def ok(n: int) -> bool:
         if n not in memo:
-            memo[n] = simulate(sc, policy, n, arrivals=arrivals, stop_below=target).attainment >= target
+            kw = {"extras": extras} if extras is not None else {}
+            memo[n] = simulate(sc, policy, n, arrivals=arrivals, stop_below=target, **kw).attainment >= target
         return memo[n]
 
     n = max(1, min(limit, start or sc.gpus))
@@ -1077,16 +1107,20 @@ def gpus_needed(sc: Scenario, policy: str, arrivals, *, limit: int, target: floa
 
 
 def compare(sc: Scenario, *, policies: list[str] | None = None, trace_path: str | Path | None = None,
-            search_gpus: int | None = None) -> dict[str, Any]:
-    """Every policy on the same arrivals; the fewest GPUs each needs when `search_gpus` > 0."""
+            search_gpus: int | None = None, extras: list[Any] | None = None) -> dict[str, Any]:
+    """Every policy on the same arrivals; the fewest GPUs each needs when `search_gpus` > 0.
+    Policies are ours (`POLICIES`) or the paper's (`PAPER_POLICIES`, which read `extras`: see
+    `paper_extras`; None gives paper_sim's defaults)."""
     arrivals = scenario_arrivals(sc, trace_path)
     search = sc.search_gpus if search_gpus is None else search_gpus
     results = []
     for p in policies or sc.policies:
-        r = simulate(sc, p, arrivals=arrivals)
+        if p not in CLI_POLICIES:
+            raise ScenarioError(f"policy: unknown policy {p!r}; expected one of {list(CLI_POLICIES)}")
+        r = simulate(sc, p, arrivals=arrivals, extras=extras)
         if search:
             t0 = time.perf_counter()
-            r.gpus_needed = gpus_needed(sc, p, arrivals, limit=search)
+            r.gpus_needed = gpus_needed(sc, p, arrivals, limit=search, extras=extras)
             r.gpus_searched = search
             r.wall_s += time.perf_counter() - t0
         results.append(r)
@@ -1164,8 +1198,11 @@ def sweep(spec: dict[str, Any], param: str, values: list[float], *, base: Path |
     every policy sees the same arrivals). Returns {"sweep": {...}, "points": [compare reports]}."""
     points = []
     for v in values:
-        sc = parse_scenario(with_param(spec, param, v), base=base, source=source)
-        rep = compare(sc, policies=policies, trace_path=trace_path, search_gpus=search_gpus)
+        point = with_param(spec, param, v)
+        sc = parse_scenario(point, base=base, source=source)
+        extras = (paper_extras(point, base=base, source=source)
+                  if any(p in PAPER_POLICIES for p in policies or sc.policies) else None)
+        rep = compare(sc, policies=policies, trace_path=trace_path, search_gpus=search_gpus, extras=extras)
         rep["sweep_value"] = v
         points.append(rep)
         if progress is not None:
@@ -1221,7 +1258,9 @@ def write_plot(report: dict[str, Any], path: str | Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install 'torpor[sim]'): no plot written"
-    colors = {"torpor": "tab:blue", "lru-swap": "tab:orange", "static": "tab:gray"}
+    colors = {"torpor": "tab:blue", "lru-swap": "tab:orange", "static": "tab:gray", "paper": "tab:green",
+              "fifo": "tab:olive", "random": "tab:pink", "lru": "tab:brown", "native": "tab:purple",
+              "keepalive": "tab:cyan"}
     target = report["target_attainment"]
     if "sweep" in report:
         param = report["sweep"]["param"]
@@ -1283,8 +1322,9 @@ DEFAULT_SCENARIO = Path(__file__).resolve().parent.parent / "loadtest" / "scenar
 
 def add_arguments(p: Any) -> None:
     p.add_argument("--scenario", default=str(DEFAULT_SCENARIO), help="scenario JSON (default: %(default)s)")
-    p.add_argument("--policy", action="append", choices=list(POLICIES),
-                   help="policy to run (repeatable; default: the scenario's list)")
+    p.add_argument("--policy", action="append", choices=list(CLI_POLICIES),
+                   help="policy to run (repeatable; default: the scenario's list); also the paper's "
+                        f"{', '.join(PAPER_POLICIES)} (torpor.paper_sim) on the same arrivals")
     p.add_argument("--gpus", type=int, default=None, help="override the scenario's GPU count")
     p.add_argument("--functions", type=int, default=None, help="override the scenario's function count")
     p.add_argument("--duration", type=float, default=None, help="override the workload's duration (s)")
@@ -1327,7 +1367,10 @@ def run_cli(args: Any) -> int:
                            progress=lambda line: print(line, file=sys.stderr, flush=True))
             table = format_sweep(report)
         else:
-            report = compare(sc, policies=args.policy, trace_path=args.trace, search_gpus=args.search_gpus)
+            extras = (paper_extras(spec, base=p.parent, source=str(p))
+                      if any(x in PAPER_POLICIES for x in args.policy or sc.policies) else None)
+            report = compare(sc, policies=args.policy, trace_path=args.trace, search_gpus=args.search_gpus,
+                             extras=extras)
             table = format_table(report)
     except (OSError, json.JSONDecodeError) as e:
         print(f"torpor simulate: cannot read scenario {args.scenario}: {e}", file=sys.stderr)
