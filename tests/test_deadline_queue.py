@@ -76,3 +76,15 @@ def test_it_queues_behind_when_overtaking_would_make_one_late():
     ahead, key = p._work_ahead("d0", now, now + 0.3, 0.1)  # it would push the second to 0.5 s
     assert key == now + 0.5  # behind them
     assert abs(ahead - 0.4) < 1e-3
+
+
+def test_only_requests_past_their_whole_slo_are_hopeless():
+    from torpor.scheduler import Decision, Option, hopeless
+
+    def decision(done_s: float, slo_s: float, meets: bool) -> Decision:
+        return Decision(Option("d0", "swap", "host", done_s), meets, slo_s)
+
+    assert hopeless(decision(0.25, 0.2, False))
+    assert not hopeless(decision(0.19, 0.2, False))  # misses the 0.9 margin only: a hedge, kept in order
+    assert not hopeless(decision(0.05, 0.2, True))
+    assert not hopeless(Decision(None, False, 0.2))

@@ -14,7 +14,8 @@ Accounting the snapshot needs and only the engine knows:
   deadline (arrival + SLO; requests without an SLO get a soft one, `NO_SLO_DEADLINE_S`), so a
   short-deadline request goes ahead of queued work with time to spare, but only if none of
   the requests it would overtake, still on time now, would then finish past their SLO margin;
-  otherwise it queues behind them all. Baselines queue first come, first served.
+  otherwise it queues behind them all. A request the scheduler predicts will miss anyway
+  queues behind every one that can still meet its SLO. Baselines queue first come, first served.
 - **Work ahead per device** (`DeviceState.backlog_s`): the projected end of what runs now and
   what is queued ahead of this request in that order, each queued request counting its
   execution estimate and the landing of its own copy. `admit()` opens a ticket for the
@@ -38,7 +39,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .costmodel import CostModel, ExecEstimator, LinkMap
-from .scheduler import Decision, DeviceState, ModelInfo, ResidentState, Scheduler, Snapshot
+from .scheduler import (
+    HOPELESS_DELAY_S,
+    Decision,
+    DeviceState,
+    ModelInfo,
+    ResidentState,
+    Scheduler,
+    Snapshot,
+    hopeless,
+)
 
 
 @dataclass(slots=True)
@@ -71,8 +81,19 @@ NO_SLO_DEADLINE_S = 10.0  # the queue key of a request without an objective: ser
 class Ticket:
     """One admitted request on its device: its place in the queue and its share of the work."""
 
-    __slots__ = ("_placer", "device", "estimate", "decision", "key", "seq", "due", "guard", "ready_at",
-                 "started_at", "_open")
+    __slots__ = (
+        "_open",
+        "_placer",
+        "decision",
+        "device",
+        "due",
+        "estimate",
+        "guard",
+        "key",
+        "ready_at",
+        "seq",
+        "started_at",
+    )
 
     def __init__(self, placer: Placer, device: str | None, estimate: float, decision: Decision | None,
                  key: float = math.inf, due: float = math.inf, guard: float = math.inf, ready_at: float = 0.0):
@@ -233,8 +254,12 @@ class Placer:
             r = self.pool.memory(o.device).residents.get(key)
             if r is not None and not r.copy_done():
                 ready = next((c.eta for c in self._copies if c.resident is r), now)
-        return Ticket(self, o.device, self.cost.exec_seconds(key, batch), decision,
-                      key=self._keys.get(o.device, math.inf) if self.deadline_order else math.inf,
+        qkey = math.inf
+        if self.deadline_order:
+            qkey = self._keys.get(o.device, math.inf)
+            if hopeless(decision):  # behind everyone who can still make it (scheduler.HOPELESS_DELAY_S)
+                qkey += HOPELESS_DELAY_S
+        return Ticket(self, o.device, self.cost.exec_seconds(key, batch), decision, key=qkey,
                       due=due, guard=guard, ready_at=ready)
 
     def copy_started(self, resident: Any, decision: Decision | None, outcome: str) -> None:

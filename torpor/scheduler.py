@@ -49,6 +49,22 @@ from .eviction import Candidate, CostAwarePolicy, EvictionPolicy, LRUPolicy
 
 POLICIES = ("torpor", "lru-swap", "static")
 
+# Deadline-ordered device queues (the engine's and the simulator's): a request the scheduler
+# predicts will finish past its whole SLO wherever it goes (`hopeless`) is keyed this many
+# seconds later, so it queues behind every request that can still meet its own; under
+# overload, serving hopeless requests first only makes the next ones late as well (EDF's domino
+# effect). Only past the whole SLO: the plan's margin is a hedge, and deferring requests that
+# merely miss the margin made some late that would have been on time (560 functions on the V100
+# mix: 98.9% of functions compliant instead of 99.5%).
+HOPELESS_DELAY_S = 1000.0
+
+
+def hopeless(decision: Decision) -> bool:
+    """Predicted to finish past its whole SLO (not just the planning margin) wherever it goes."""
+    o = decision.option
+    return (o is not None and decision.slo_s is not None and not decision.meets_slo
+            and o.completion_s > decision.slo_s)
+
 
 @dataclass(slots=True)
 class ResidentState:

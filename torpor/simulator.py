@@ -23,7 +23,9 @@ What is simulated, and how:
   queue earliest deadline (arrival + SLO) first, the paper's SLO-aware queue in its simplest
   form: a 6 ms request with a 50 ms objective goes ahead of a 40 ms one with 400 ms to spare. A
   request goes ahead only of queued requests that still finish within their SLO margin
-  (`Scheduler.slo_margin`) with it in front; otherwise it queues behind them all.
+  (`Scheduler.slo_margin`) with it in front; otherwise it queues behind them all. A request the
+  scheduler predicts will miss anyway queues behind every one that can still meet its SLO
+  (`scheduler.HOPELESS_DELAY_S`).
 - **Work ahead** (`DeviceState.backlog_s`, what the scheduler is told): the projected end of the
   work queued ahead of the request being placed (all of it in FIFO order; under deadline order,
   what runs now and what is due before it), counting for each queued request the wait for its
@@ -57,7 +59,17 @@ import numpy as np
 
 from .costmodel import GB, CostModel, ExecEstimator, LinkMap, TopologyError
 from .eviction import RateMeter
-from .scheduler import POLICIES, DeviceState, ModelInfo, ResidentState, Scheduler, Snapshot, static_assignment
+from .scheduler import (
+    HOPELESS_DELAY_S,
+    POLICIES,
+    DeviceState,
+    ModelInfo,
+    ResidentState,
+    Scheduler,
+    Snapshot,
+    hopeless,
+    static_assignment,
+)
 
 MB = 1e6
 
@@ -913,7 +925,10 @@ class Simulation:
             first_at = self.first_at.get((d.state.name, f), 0.0)
             job = _Job(rid, f, arrival, est, r, dec.meets_slo, now, first_at, arrival + spec.slo_s)
             if edf:
-                job.key = d.next_key
+                # A request predicted to miss its SLO wherever it goes queues behind every one
+                # that can still meet its own (among themselves by deadline): under overload,
+                # serving the hopeless first only makes the next ones late too.
+                job.key = d.next_key if not hopeless(dec) else d.next_key + HOPELESS_DELAY_S
                 job.guard = arrival + spec.slo_s * sched.slo_margin
                 bisect.insort(d.queue, job, key=_order)
             else:
