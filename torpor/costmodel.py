@@ -247,8 +247,9 @@ class ExecEstimator:
         self._est.pop(model, None)
         self.samples.pop(model, None)
 
-    def as_dict(self) -> dict[str, dict[str, float]]:
-        return {str(m): {str(b): round(s * 1e3, 4) for b, s in per.items()} for m, per in self._est.items()}
+    def as_dict(self, name: Any = str) -> dict[str, dict[str, float]]:
+        """Milliseconds per model (named by `name(model)`) and batch size."""
+        return {name(m): {str(b): round(s * 1e3, 4) for b, s in per.items()} for m, per in self._est.items()}
 
 
 class CostModel:

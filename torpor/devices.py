@@ -247,9 +247,6 @@ class Device:
     def run_in_worker(self, fn: Callable[..., Any], *args: Any, key: float = math.inf) -> concurrent.futures.Future:
         return self._workers.submit(key, fn, *args)
 
-    def queued(self) -> int:
-        """Callables waiting for a worker (not counting those running)."""
-        return len(self._workers.heap)
 
     @contextlib.contextmanager
     def compute_scope(self) -> Iterator[None]:

@@ -26,12 +26,18 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .config import (ModelConfig, config_to_dict, parameter, parse_config_json, read_config, sequence_controls,
-                     tensor_specs)
+from .config import (
+    ModelConfig,
+    config_to_dict,
+    parameter,
+    parse_config_json,
+    read_config,
+    sequence_controls,
+    tensor_specs,
+)
 from .costmodel import slo_seconds
 from .datatypes import from_raw, num_elements, numpy_dtype, to_raw
-from .errors import Status, TorporError, internal, invalid_arg, not_found, unavailable, unsupported
+from .errors import Status, TorporError, internal, invalid_arg, unavailable, unsupported
 from .model import SEQUENCE_END, SEQUENCE_START, ModelFunction, ModelRequest, TensorSpec
 from .repository import ModelSource, Repository, available_versions, select_versions
 from .settings import LogSettings, TraceSettings
@@ -106,7 +112,7 @@ class VersionEntry:
     slots: asyncio.Semaphore | None = None  # one per model instance
     capacity: int = 1  # the slots' count
     pool_key: tuple | None = None  # registered with the DevicePool: runs on a device, late-bound
-    gate: "InlineGate" = field(default_factory=lambda: InlineGate())
+    gate: InlineGate = field(default_factory=lambda: InlineGate())
 
 
 class InlineGate:
@@ -139,7 +145,7 @@ class InlineGate:
     REPROBE_S = 30.0
     MAX_BANS = 4
 
-    __slots__ = ("runs", "total_ns", "walls", "inline", "banned", "strikes", "inline_runs", "bans", "retry_at")
+    __slots__ = ("banned", "bans", "inline", "inline_runs", "retry_at", "runs", "strikes", "total_ns", "walls")
 
     def __init__(self):
         self.runs = 0
@@ -340,7 +346,7 @@ class Engine:
                 if v.function is not None:
                     try:
                         await asyncio.get_running_loop().run_in_executor(self.workers, v.function.unload)
-                    except Exception:  # noqa: BLE001 - shutting down anyway
+                    except Exception:
                         log.exception("unloading %s failed", entry.name)
                     v.function = None
             self._drop_override(entry)
@@ -609,12 +615,12 @@ class Engine:
                     await self.devices.unregister(ve.pool_key)
                     if self.placer is not None:
                         self.placer.forget(ve.pool_key)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("dropping %s version %d from the devices failed", fn.name, ve.version)
                 ve.pool_key = None
             try:
                 await loop.run_in_executor(self.workers, fn.unload)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("unloading %s version %d failed", fn.name, ve.version)
 
     async def unload(self, name: str, unload_dependents: bool = False, _internal: bool = False) -> None:
@@ -737,7 +743,7 @@ class Engine:
             inputs[spec.name] = np.zeros(shape, dtype=numpy_dtype(spec.datatype))
         mreq = ModelRequest(inputs, [])
         try:
-            decision = self.placer.place(key, None)
+            decision = self.placer.place(key, None, record=False)
             device = decision.option.device if decision is not None and decision.option is not None else None
             async with self.devices.acquire(key, device, timeout=30.0) as placement:
                 if placement.outcome in ("host", "peer"):
@@ -755,8 +761,7 @@ class Engine:
                     return times[1:]  # the first run is the warm-up
 
                 times = await placement.run(work)
-            self.placer.cost.exec.seed(key, sorted(times)[len(times) // 2])
-            self.placer.slo.pop(key, None)  # the profile's decision is not a request's
+            self.placer.seed_exec(key, sorted(times)[len(times) // 2])
         except Exception as e:  # noqa: BLE001 - profiling is best effort
             log.debug("profiling %s at load skipped: %s", key, e)
 
@@ -800,7 +805,7 @@ class Engine:
             await asyncio.sleep(self.options.repository_poll_secs)
             try:
                 await self.poll_once()
-            except Exception:  # noqa: BLE001 - polling must not die
+            except Exception:
                 log.exception("repository poll failed")
 
     async def poll_once(self) -> None:
@@ -1152,12 +1157,8 @@ class Engine:
     def _slo(self, entry: ModelEntry, request: InferRequest) -> float | None:
         """Seconds: the model's `torpor.slo_ms`, else `--default-slo-ms`, tightened by the
         request's `timeout` parameter."""
-        slo_ms = entry.slo_ms if entry.slo_ms is not None else self.options.default_slo_ms
-        slo = slo_ms / 1e3 if slo_ms else None
-        t = _timeout_seconds(request)
-        if t is not None:
-            slo = t if slo is None else min(slo, t)
-        return slo
+        default = entry.slo_ms if entry.slo_ms is not None else self.options.default_slo_ms
+        return slo_seconds(None, default, _timeout_seconds(request))
 
     async def _run_on_device(self, entry: ModelEntry, ve: VersionEntry, mreq: ModelRequest,
                              request: InferRequest, batch: int):
@@ -1430,7 +1431,7 @@ class _DeviceBatch:
         if self.size < self.max_batch:
             try:
                 await asyncio.wait_for(self._full.wait(), delay)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def close(self) -> tuple[list[ModelRequest], int]:

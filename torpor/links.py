@@ -137,40 +137,41 @@ def _best_rate(copy: Callable[[], None], sync: Callable[[], None], nbytes: int, 
     return nbytes / max(best, 1e-9)
 
 
-def measure_host(device: Any, nbytes: int = MEASURE_BYTES) -> float:
-    """Bytes/s of a host -> device copy (pinned source on CUDA), best of three."""
+def _timed_copy(src_device: Any, dst_device: Any, nbytes: int, pin: bool) -> float:
+    """Best-of-three bytes/s of one copy into `dst_device` from `src_device` (None: host, pinned
+    if `pin`); the buffers are freed when it returns."""
     import torch
 
-    pin = device.kind == "cuda"
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    src = (torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin) if src_device is None
+           else torch.empty(nbytes, dtype=torch.uint8, device=src_device.torch_device))
     src.fill_(1)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device.torch_device)
-    sync = (lambda: torch.cuda.synchronize(device.torch_device)) if pin else (lambda: None)
-    try:
-        return _best_rate(lambda: dst.copy_(src, non_blocking=pin), sync, nbytes)
-    finally:
-        del src, dst
-        if pin:
-            torch.cuda.empty_cache()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=dst_device.torch_device)
+    cuda = [d.torch_device for d in (src_device, dst_device) if d is not None and d.kind == "cuda"]
+
+    def sync() -> None:
+        for d in cuda:
+            torch.cuda.synchronize(d)
+
+    return _best_rate(lambda: dst.copy_(src, non_blocking=bool(cuda)), sync, nbytes)
+
+
+def measure_host(device: Any, nbytes: int = MEASURE_BYTES) -> float:
+    """Bytes/s of a host -> device copy (pinned source on CUDA), best of three."""
+    rate = _timed_copy(None, device, nbytes, pin=device.kind == "cuda")
+    if device.kind == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()  # the arenas' owner may ask for memory next
+    return rate
 
 
 def measure_peer(src_dev: Any, dst_dev: Any, nbytes: int = MEASURE_BYTES) -> float:
     """Bytes/s of a device -> device copy (P2P or NVLink where enabled), best of three."""
     import torch
 
-    src = torch.empty(nbytes, dtype=torch.uint8, device=src_dev.torch_device)
-    src.fill_(1)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=dst_dev.torch_device)
-
-    def sync() -> None:
-        torch.cuda.synchronize(src_dev.torch_device)
-        torch.cuda.synchronize(dst_dev.torch_device)
-
-    try:
-        return _best_rate(lambda: dst.copy_(src, non_blocking=True), sync, nbytes)
-    finally:
-        del src, dst
-        torch.cuda.empty_cache()
+    rate = _timed_copy(src_dev, dst_dev, nbytes, pin=False)
+    torch.cuda.empty_cache()
+    return rate
 
 
 def _cuda_links(devices: Sequence[Any], *, measure: bool, nbytes: int) -> LinkMap:

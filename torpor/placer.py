@@ -57,7 +57,6 @@ class _Copy:
     path: tuple[str, ...]
     eta: float  # monotonic time the whole copy should have landed
     source: str
-    started: float
     concurrent: int  # copies already in flight on its links when it started
 
 
@@ -132,7 +131,6 @@ class Placer:
         self.cost = CostModel(links, ExecEstimator())
         self.scheduler = Scheduler(self.cost, policy, eviction=pool.policy, slo_margin=slo_margin)
         self.deadline_order = policy == "torpor"
-        self.slo_margin = slo_margin
         names = [m.device.name for m in pool.memories]
         self.tickets: dict[str, list[Ticket]] = {n: [] for n in names}
         self._seq = itertools.count()
@@ -153,7 +151,7 @@ class Placer:
             else:
                 queued.append(k)
         if due is None:
-            for k in sorted(queued, key=lambda k: k.seq):
+            for k in queued:  # tickets are kept in arrival order
                 t = max(t + k.estimate, k.ready_at)
             return t - now, math.inf
         queued.sort(key=lambda k: (k.key, k.seq))
@@ -218,8 +216,10 @@ class Placer:
         return Snapshot(now, devices, inflight, rate=self.pool._rate)
 
     # decisions -----------------------------------------------------------------------------------
-    def place(self, key: Any, slo_s: float | None, batch: int = 1, arrival: float | None = None) -> Decision | None:
-        """Ask the scheduler; `arrival` (monotonic seconds) anchors the request's deadline."""
+    def place(self, key: Any, slo_s: float | None, batch: int = 1, arrival: float | None = None,
+              record: bool = True) -> Decision | None:
+        """Ask the scheduler; `arrival` (monotonic seconds) anchors the request's deadline.
+        `record`: count the decision in the model's accounting (not for the profile at load)."""
         model = self.pool.store.get(key)
         first = model.groups[0].nbytes if model.groups else 0
         due = None
@@ -228,6 +228,8 @@ class Placer:
             due = t0 + (slo_s if slo_s is not None else NO_SLO_DEADLINE_S)
         snap = self.snapshot(due, self.cost.exec_seconds(key, batch))
         decision = self.scheduler.place(ModelInfo(key, model.nbytes, first, slo_s, batch), snap)
+        if not record:
+            return decision
         s = self.slo.setdefault(key, ModelSlo())
         if decision is None or decision.option is None:
             s.decisions["wait"] += 1
@@ -248,7 +250,7 @@ class Placer:
         t0 = now if arrival is None else arrival
         due = guard = math.inf
         if slo_s is not None:
-            due, guard = t0 + slo_s, t0 + slo_s * self.slo_margin
+            due, guard = t0 + slo_s, t0 + slo_s * self.scheduler.slo_margin
         ready = now + o.transfer_s if o.action in ("swap", "peer") else 0.0
         if not ready:
             r = self.pool.memory(o.device).residents.get(key)
@@ -280,10 +282,14 @@ class Placer:
         inflight = self._inflight(now)
         concurrent = max((inflight.get(lk, 0) for lk in path), default=0)
         self._copies.append(_Copy(resident, path, now + transfer, "host" if outcome == "host" else "peer",
-                                  now, concurrent))
+                                  concurrent))
 
     def observe_exec(self, key: Any, seconds: float, batch: int = 1) -> None:
         self.cost.observe_exec(key, seconds, batch)
+
+    def seed_exec(self, key: Any, seconds: float, batch: int = 1) -> None:
+        """A profiled execution time (replaces the estimate for that batch size)."""
+        self.cost.exec.seed(key, seconds, batch)
 
     def observe_latency(self, key: Any, seconds: float, slo_s: float | None) -> None:
         if slo_s is None:
@@ -313,8 +319,7 @@ class Placer:
             "queue_order": "deadline" if self.deadline_order else "fifo",
             "backlog_ms": {d: round(self._work_ahead(d, now, None, 0.0)[0] * 1e3, 3) for d in self.tickets},
             "queued": {d: len(t) for d, t in self.tickets.items()},
-            "exec_estimates_ms": {_name(m): {str(b): round(sec * 1e3, 4) for b, sec in per.items()}
-                                  for m, per in self.cost.exec._est.items()},
+            "exec_estimates_ms": self.cost.exec.as_dict(_name),
             "swap_observations": {k: {"bytes": b, "seconds": round(s, 6)}
                                   for k, (b, s) in self.cost.swap_observations.items()},
             "models": {_name(k): v.as_dict() for k, v in self.slo.items()},
