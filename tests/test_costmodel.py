@@ -102,3 +102,30 @@ def test_processor_sharing_estimate_from_bytes_left():
     # counts only: the share at the start for the whole copy
     assert cm.transfer_seconds(10**9, path, {"switch:sw0": 1}) == 0.2
     assert list(cm.delays(10**9, path, {"switch:sw0": [(2 * 10**8, 0.01)]})) == [(0.02, 0.01)]
+
+
+def test_copy_plan_waits_for_the_path_to_clear_when_that_lands_sooner():
+    lm = LinkMap.from_dict(["gpu0", "gpu1"], {"pcie_GBps": 10, "switches": [[0, 1]]})
+    cm = CostModel(lm, transfer_latency_s=0.0)
+    path = lm.host_path("gpu0")
+    busy = {"switch:sw0": 1}
+    # 1.34 GB beside one copy in flight: half the switch for the whole copy (fixed shares), 268 ms
+    assert cm.copy_plan(1340 * 10**6, 2 * 10**6, path, busy) == pytest.approx((0.0, 0.268, 0.0004))
+    # the copy in flight lands in 5 ms: wait for it, then all 10 GB/s: 5 + 134 ms
+    start, landed, first = cm.copy_plan(1340 * 10**6, 2 * 10**6, path, busy, clear_in=0.005)
+    assert (start, landed, first) == pytest.approx((0.005, 0.139, 0.0052))
+    # a small copy behind a long one: sharing now is sooner than waiting 100 ms
+    assert cm.copy_plan(100 * 10**6, 2 * 10**6, path, busy, clear_in=0.100)[:2] == pytest.approx((0.0, 0.020))
+    # a clear path, or nothing known about when it clears: start now
+    assert cm.copy_plan(10**9, 0, path, {}, clear_in=0.0)[0] == 0.0
+    assert cm.copy_plan(10**9, 0, path, busy, clear_in=None)[:2] == pytest.approx((0.0, 0.2))
+
+
+def test_pipelined_completion_of_a_copy_that_starts_later():
+    c = CostModel.completion
+    # the copy starts in 5 ms, lands at 139 ms, its first group at 5.2 ms; 43 ms of compute
+    assert c(0.0, 0.139, 0.043, 0.0052, 0.005) == pytest.approx(0.005 + 0.134 + 0.0002)
+    # compute-bound: it cannot start before the first group lands, 5.2 ms from now
+    assert c(0.0, 0.015, 0.030, 0.0052, 0.005) == pytest.approx(0.005 + 0.030 + 0.0002)
+    # the device is busy past the start: the wait counts from then
+    assert c(0.050, 0.139, 0.043, 0.0052, 0.005) == pytest.approx(0.005 + c(0.045, 0.134, 0.043, 0.0002))

@@ -88,3 +88,16 @@ def test_only_requests_past_their_whole_slo_are_hopeless():
     assert not hopeless(decision(0.19, 0.2, False))  # misses the 0.9 margin only: a hedge, kept in order
     assert not hopeless(decision(0.05, 0.2, True))
     assert not hopeless(Decision(None, False, 0.2))
+
+
+def test_the_snapshot_says_when_each_link_clears():
+    from torpor.placer import _Copy
+
+    p = _placer()
+    now = time.monotonic()
+    live = SimpleNamespace(evicted=False, copy_done=lambda: False)
+    p._copies = [_Copy(live, ("pcie:d0",), now + 0.050, "host", 0), _Copy(live, ("pcie:d0",), now + 0.020, "host", 1)]
+    snap = p.snapshot()
+    assert snap.inflight == {"pcie:d0": 2}
+    assert abs(snap.clear_in(("pcie:d0",)) - 0.050) < 5e-3  # the later of the two etas
+    assert snap.clear_in(("nvlink:d0>d1",)) == 0.0  # nothing on it

@@ -194,3 +194,33 @@ def test_a_copy_that_would_make_a_copy_in_flight_too_late_is_avoided():
     assert dec.device in ("gpu2", "gpu3") and dec.meets_slo
     harmful = {o.device for o in dec.options if o.harms}
     assert harmful == {"gpu0", "gpu1"}
+
+
+def test_a_large_copy_waits_for_its_path_to_clear_rather_than_share_it():
+    # 2.5 GB over gpu0's 25 GB/s path: 100 ms alone, 200 ms beside the copy in flight (fixed
+    # shares); that copy lands in 3 ms, so waiting for it lands at 103 ms. Every GPU's path has
+    # a copy in flight (each switch), so without knowing when they land every option misses.
+    ds = devices()
+    inflight = {"pcie:gpu0": 1, "switch:sw0": 1, "pcie:gpu2": 1, "switch:sw1": 1}
+    clear = {"pcie:gpu0": 10.003, "switch:sw0": 10.003, "pcie:gpu2": 10.050, "switch:sw1": 10.050}
+    big = model("big", 2500 * MB, slo=0.150)
+    blind = Scheduler(cost(0.040)).place(big, Snapshot(10.0, ds, inflight))
+    assert not blind.meets_slo and blind.option.start_s == 0.0
+    dec = Scheduler(cost(0.040)).place(big, Snapshot(10.0, ds, inflight, link_clear=lambda lk: clear.get(lk, 0.0)))
+    assert dec.meets_slo and dec.action == "swap" and dec.device in ("gpu0", "gpu1")
+    assert dec.option.start_s == pytest.approx(0.003)
+    assert dec.option.transfer_s == pytest.approx(0.103)
+    assert dec.option.completion_s == pytest.approx(0.103 + 2 * MB / (25 * GB))
+    # a small copy shares at once: 100 MB at half of 25 GB/s beats waiting 3 ms then 4 ms
+    small = Scheduler(cost()).place(model("s", 100 * MB), Snapshot(10.0, ds, inflight,
+                                                                   link_clear=lambda lk: clear.get(lk, 0.0)))
+    assert small.option.start_s == 0.0 or small.option.transfer_s <= 0.008 + 1e-9
+
+
+def test_baselines_start_every_copy_at_once():
+    ds = devices()
+    inflight = {lk: 1 for d in DEVS for lk in (f"pcie:{d}", "switch:sw0", "switch:sw1")}
+    snap = Snapshot(10.0, ds, inflight, link_clear=lambda lk: 10.001)
+    dec = Scheduler(cost(0.040), "lru-swap").place(model("big", 2500 * MB, slo=0.150), snap)
+    assert dec.action == "swap" and dec.option.start_s == 0.0
+    assert dec.option.transfer_s == pytest.approx(0.200)

@@ -1,6 +1,7 @@
 """Simulator: scenario validation, workload statistics, batching, deadline queues, sweeps, plots."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -312,6 +313,17 @@ def test_link_sharing_re_rates_copies_as_others_start_and_land():
     big, _ = fixed.start(0.0, 10**9, lm.host_path("gpu0"))
     small, moved = fixed.start(0.05, 10**8, lm.host_path("gpu1"))
     assert moved == [small] and small.end == pytest.approx(0.07) and big.end == pytest.approx(0.1)
+    assert fixed.clear_at("switch:sw0") == pytest.approx(0.1) and fixed.clear_at("pcie:gpu1") == pytest.approx(0.07)
+    assert fixed.clear_at("nvlink:gpu0>gpu1") == -math.inf
+    # a copy that waits for its path to clear: it holds its place on the links from now (a copy
+    # started meanwhile counts it), moves nothing until `begin`, then at the path's full rate
+    late, moved = fixed.start(0.06, 10**9, lm.host_path("gpu0"), begin=0.1)
+    assert moved == [late] and late.end == pytest.approx(0.2)
+    assert fixed.counts["switch:sw0"] == 3 and fixed.clear_at("switch:sw0") == pytest.approx(0.2)
+    fixed.finish(small, 0.07)
+    meanwhile, _ = fixed.start(0.08, 10**8, lm.host_path("gpu1"))
+    assert meanwhile.end == pytest.approx(0.08 + 0.03)  # a third of the switch (big, late and itself)
+    assert late.end == pytest.approx(0.2)  # fixed shares: the later copy does not move it
 
 
 def test_cli_runs_the_papers_policies_beside_ours_on_the_same_arrivals(tmp_path, capsys):

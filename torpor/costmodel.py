@@ -290,6 +290,26 @@ class CostModel:
                 rem, slack = x if isinstance(x, tuple) else (x, math.inf)
                 yield min(rem, nbytes) / bw, slack
 
+    def copy_plan(self, nbytes: int, first_bytes: int, path: tuple[str, ...], inflight: Mapping[str, int],
+                  remaining: Any = None, clear_in: float | None = None) -> tuple[float, float, float]:
+        """(start, landed, first): seconds from now until a copy of `nbytes` over `path` starts,
+        until it has landed, and until its first group (`first_bytes`) has landed.
+
+        It starts now at the share it gets (`transfer_seconds`), unless `clear_in` (seconds until
+        every copy in flight on the path has landed; None: unknown) says that waiting for the
+        path to clear and then moving at its full bandwidth lands sooner: a copy that starts
+        beside a nearly finished one keeps half the link for its whole life under the
+        simulator's fixed-share physics, while waiting a few milliseconds gets all of it (under
+        processor sharing, which real links approach, starting at once lands no later than
+        that: the estimate stays an upper bound)."""
+        landed = self.transfer_seconds(nbytes, path, inflight, remaining)
+        first = self.transfer_seconds(first_bytes, path, inflight)
+        if clear_in is not None and clear_in > 0:
+            waited = clear_in + self.nominal_seconds(nbytes, path)
+            if waited < landed:
+                return clear_in, waited, clear_in + self.nominal_seconds(first_bytes, path)
+        return 0.0, landed, first
+
     def nominal_seconds(self, nbytes: int, path: Iterable[str]) -> float:
         """Link time with nothing else in flight: the resource a transfer consumes."""
         return self.transfer_seconds(nbytes, path, {})
@@ -298,10 +318,15 @@ class CostModel:
         return self.exec.estimate(model, batch)
 
     @staticmethod
-    def completion(wait_s: float, transfer_s: float, exec_s: float, first_group_s: float) -> float:
-        """Seconds from now until a request finishes: the copy starts now, overlapping the wait;
-        compute starts when the device is free and the first group has landed, and cannot end
-        before the last group has."""
+    def completion(wait_s: float, transfer_s: float, exec_s: float, first_group_s: float,
+                   start_s: float = 0.0) -> float:
+        """Seconds from now until a request finishes: the copy starts now (or after `start_s`;
+        `transfer_s` and `first_group_s` count from now), overlapping the wait; compute starts
+        when the device is free and the first group has landed, and cannot end before the last
+        group has."""
+        if start_s > 0:
+            return start_s + CostModel.completion(max(0.0, wait_s - start_s), transfer_s - start_s, exec_s,
+                                                  first_group_s - start_s)
         left = transfer_s - wait_s
         if left <= 0:
             return wait_s + exec_s

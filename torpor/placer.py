@@ -21,7 +21,10 @@ Accounting the snapshot needs and only the engine knows:
   execution estimate and the landing of its own copy. `admit()` opens a ticket for the
   request on its device, `Ticket.started()` marks it running, `Ticket.done()` closes it.
 - **Copies in flight**: the links each copy the scheduler ordered crosses, until it lands, so
-  concurrent copies on one PCIe switch or NVLink see their shared bandwidth.
+  concurrent copies on one PCIe switch or NVLink see their shared bandwidth, and when each link
+  should be clear (`Snapshot.link_clear`). A decision to wait for a path to clear
+  (`Option.start_s`, the simulator's fixed-share physics) is started at once here: real links
+  share bandwidth as copies come and go, so it lands no later than the estimate.
 - **Measurements back**: execution times of requests that found the model resident (a cold
   run's time includes waiting for its groups, which would inflate the estimate) refine the
   CostModel's per-model estimate; finished host swaps refine the PCIe bandwidth.
@@ -198,6 +201,10 @@ class Placer:
         now = time.monotonic()
         inflight = self._inflight(now)
         landing = {(id(c.resident)): c.eta for c in self._copies}
+        clear: dict[str, float] = {}  # link -> when the copies on it should all have landed
+        for c in self._copies:
+            for lk in c.path:
+                clear[lk] = max(clear.get(lk, now), c.eta)
         devices = []
         for m in self.pool.memories:
             name = m.device.name
@@ -213,7 +220,8 @@ class Placer:
                                                locked_until=now + 1e-3 if not r.readers_done() else 0.0)
             backlog, self._keys[name] = self._work_ahead(name, now, due, exec_s)
             devices.append(DeviceState(name, m.capacity, m.free_bytes, residents, backlog, len(self.tickets[name])))
-        return Snapshot(now, devices, inflight, rate=self.pool._rate)
+        return Snapshot(now, devices, inflight, rate=self.pool._rate,
+                        link_clear=lambda lk: clear.get(lk, now))
 
     # decisions -----------------------------------------------------------------------------------
     def place(self, key: Any, slo_s: float | None, batch: int = 1, arrival: float | None = None,

@@ -10,7 +10,9 @@ What is simulated, and how:
   with bandwidths; `torpor.costmodel.LinkMap`) repeated for every `gpus_per_node` GPUs.
 - **Transfers**: a copy gets its share of the narrowest link on its path when it starts
   (shared with copies already in flight on those links) and keeps that rate; its first group
-  lands after the first group's bytes at that rate. A device computing a request whose model
+  lands after the first group's bytes at that rate. Torpor's scheduler may have a copy wait
+  for its path to clear and then move at the path's full rate (`Option.start_s`), holding its
+  place on the links meanwhile. A device computing a request whose model
   is still landing starts when the first group has landed and ends no earlier than the last
   group lands (pipelined swap).
 - **Execution**: the model's profiled time times lognormal noise (`exec_noise`); each measured
@@ -544,17 +546,30 @@ class LinkSharing:
             tr.t = now
         return out
 
-    def start(self, now: float, nbytes: float, path: tuple[str, ...], owner: Any = None
-              ) -> tuple[Transfer, list[Transfer]]:
-        """A new copy; returns it and every copy whose landing time changed (itself included)."""
+    def start(self, now: float, nbytes: float, path: tuple[str, ...], owner: Any = None,
+              begin: float | None = None) -> tuple[Transfer, list[Transfer]]:
+        """A new copy; returns it and every copy whose landing time changed (itself included).
+        `begin` (fixed shares only): the copy waits for its path to clear and moves from then
+        at the path's full bandwidth (`CostModel.copy_plan`); it holds its place on the links
+        from now, so copies started meanwhile count it when they take their share."""
         affected = self._touching(path, now) if self.shared else []
         tr = Transfer(path, nbytes, now, owner)
         for lk in path:
             self.on.setdefault(lk, []).append(tr)
             self.counts[lk] = self.counts.get(lk, 0) + 1
+        if begin is not None and begin > now and not self.shared:
+            tr.rate = min(self.links.bandwidth(lk) for lk in path)
+            tr.t = begin
+            tr.end = begin + (self.latency_s + tr.left / tr.rate)
+            tr.version += 1
+            return tr, [tr]
         affected.append(tr)
         self._rerate(affected, now)
         return tr, affected
+
+    def clear_at(self, link: str) -> float:
+        """When every copy now on `link` will have landed (`Snapshot.link_clear`)."""
+        return max((tr.end for tr in self.on.get(link, ())), default=-math.inf)
 
     def finish(self, tr: Transfer, now: float) -> list[Transfer]:
         """`tr` has landed; returns the copies re-rated because it left."""
@@ -681,7 +696,8 @@ class Simulation:
         self.xfer = LinkSharing(self.links, self.cost.transfer_latency_s, self.inflight, SHARED_LINKS)
         self.snap = Snapshot(0.0, [d.state for d in self.devs], self.inflight,
                              lambda k: self.rates[k].rate(self.snap.now), self.holder_count,
-                             self.xfer if SHARED_LINKS else None)
+                             self.xfer if SHARED_LINKS else None,
+                             None if SHARED_LINKS else self.xfer.clear_at)
         self.first_at: dict[tuple[str, int], float] = {}
         self.static_map: dict[int, str] = {}
         self.scheduler = Scheduler(self.cost, policy)
@@ -856,9 +872,12 @@ class Simulation:
                             # it holds the device for its run, or until its copy lands (a host
                             # copy, the slowest it may get)
                             r = d.state.residents.get(f)
-                            ready = r.ready_at if r is not None else now + cost.transfer_seconds(
-                                models[f].nbytes, self.links.host_path(d.state.name), self.inflight,
-                                self.snap.inflight_bytes)
+                            if r is not None:
+                                ready = r.ready_at
+                            else:
+                                hp = self.links.host_path(d.state.name)
+                                ready = now + cost.copy_plan(models[f].nbytes, 0, hp, self.inflight,
+                                                             self.snap.inflight_bytes, snap.clear_in(hp))[1]
                             ahead, t2 = t, max(t + ex_new, ready)
                         t = max(max(t, j.first_at) + j.est, j.resident.ready_at)
                         proj.append((j.resident, t, j.deadline))
@@ -897,11 +916,16 @@ class Simulation:
                     self._evict(d, v)
                     evictions += 1
                 # the first group moves at the share the copy starts with (it lands in well
-                # under a millisecond; re-rating it is not worth the events)
-                first = cost.transfer_seconds(models[f].first_group_bytes, o.path, self.inflight)
+                # under a millisecond; re-rating it is not worth the events); a copy waiting
+                # for its path to clear moves it at full bandwidth once it starts
+                if o.start_s > 0:
+                    first = o.start_s + cost.nominal_seconds(models[f].first_group_bytes, o.path)
+                else:
+                    first = cost.transfer_seconds(models[f].first_group_bytes, o.path, self.inflight)
                 r = self._add_resident(d, f, now + first, now + o.transfer_s)
                 src = by_name[o.source].state.residents[f] if o.action == "peer" else None
-                _, moved_trs = self.xfer.start(now, models[f].nbytes, o.path, (d, r, src))
+                _, moved_trs = self.xfer.start(now, models[f].nbytes, o.path, (d, r, src),
+                                               begin=now + o.start_s if o.start_s > 0 else None)
                 rerated(moved_trs)
                 moved += o.bytes_moved
                 if o.action == "peer":
