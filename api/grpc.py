@@ -385,18 +385,27 @@ def _stream_error(msg: pb.ModelInferRequest, text: str) -> pb.ModelStreamInferRe
 
 async def start_grpc_server(engine: Engine, address: str, port: int,
                             restricted: dict[str, Restriction] | None = None,
-                            max_message_size: int = -1) -> grpc.aio.Server:
-    """Start the gRPC listener on the running loop; returns the started server. A message over
-    `max_message_size` bytes (-1: gRPC's own ceiling, 2 GiB) is refused by gRPC itself with
-    RESOURCE_EXHAUSTED before any of it is decoded."""
+                            max_message_size: int = -1, host: str = "threads", threads: int = 128):
+    """Start the gRPC listener for the running loop's engine; returns the started server (an
+    object with `async stop(grace)`). `host`: "threads", grpc's threaded server bridged to the
+    loop (api.grpc_threads: cheaper per call), or "aio", grpc.aio on the loop itself; the same
+    servicer either way. A message over `max_message_size` bytes (-1: gRPC's own ceiling,
+    2 GiB) is refused by gRPC itself with RESOURCE_EXHAUSTED before any of it is decoded."""
     options = dict(SERVER_OPTIONS)
     options["grpc.max_receive_message_length"] = max_message_size
     options["grpc.max_send_message_length"] = max_message_size
+    servicer = InferenceServicer(engine, restricted)
+    bind = f"[{address}]:{port}" if ":" in address and not address.startswith("[") else f"{address}:{port}"
+    if host == "threads":
+        from .grpc_threads import start_threaded_server
+
+        server = start_threaded_server(servicer, list(options.items()), bind, threads)
+        if server is None:
+            raise internal(f"failed to bind the gRPC listener to {address}:{port}")
+        return server
     server = grpc.aio.server(options=list(options.items()))
-    pbg.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(engine, restricted), server)
-    host = f"[{address}]" if ":" in address and not address.startswith("[") else address
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
+    pbg.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    if server.add_insecure_port(bind) == 0:
         raise internal(f"failed to bind the gRPC listener to {address}:{port}")
     await server.start()
     return server

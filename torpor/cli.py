@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-max-message-size", type=int, default=-1, metavar="BYTES",
                    help="largest gRPC message received or sent (-1: gRPC's ceiling, 2 GiB); larger ones get "
                         "RESOURCE_EXHAUSTED")
+    s.add_argument("--grpc-server", choices=("threads", "aio"), default="threads",
+                   help="how gRPC is hosted: grpc's threaded server handing each call to the engine's loop "
+                        "(cheaper per call, measured) or grpc.aio on the loop; the same service either way")
+    s.add_argument("--grpc-threads", type=_positive_int, default=128, metavar="N",
+                   help="with --grpc-server threads: gRPC calls in flight at once (an open stream takes one); "
+                        "more wait in gRPC's queue")
     s.add_argument("--max-tensor-elements", type=int, default=1 << 28,
                    help="most elements in one input or output tensor (0: no limit)")
     s.add_argument("--max-queue-size", type=int, default=1024,
@@ -102,6 +108,16 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
     return v
 
 
@@ -203,7 +219,7 @@ async def serve(args: argparse.Namespace) -> int:
         from api.grpc import start_grpc_server
 
         grpc_server = await start_grpc_server(engine, args.grpc_address, args.grpc_port, args.grpc_restricted,
-                                              args.grpc_max_message_size)
+                                              args.grpc_max_message_size, args.grpc_server, args.grpc_threads)
 
         async def stop_grpc(grace: float) -> None:
             await grpc_server.stop(grace)
