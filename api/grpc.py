@@ -83,10 +83,12 @@ async def _check_restricted(servicer: "InferenceServicer", method: str, context)
 
 def _unary(fn):
     """Turn a TorporError (or any other failure) into a gRPC status, as Triton does."""
+    name = fn.__name__
 
     @functools.wraps(fn)
     async def wrapper(self, request, context):
-        await _check_restricted(self, fn.__name__, context)
+        if self.restricted:
+            await _check_restricted(self, name, context)
         try:
             return await fn(self, request, context)
         except TorporError as e:
@@ -94,7 +96,7 @@ def _unary(fn):
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as e:  # noqa: BLE001 - a client never takes the server down
-            log.exception("gRPC %s failed", fn.__name__)
+            log.exception("gRPC %s failed", name)
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
 
     return wrapper

@@ -8,6 +8,7 @@ because tritonclient's `as_numpy` reads nothing else.
 
 from __future__ import annotations
 
+from math import prod
 from typing import Any
 
 import numpy as np
@@ -72,6 +73,10 @@ def check_version(version: str) -> str:
     return version
 
 
+# Element counts up to this need no overflow checks (check_shape's bound is far above)
+_FAST_COUNT = 1 << 40
+
+
 def _shape(dims, name: str) -> tuple[int, ...]:
     shape = tuple(dims)  # protobuf int64s are Python ints already
     if shape and min(shape) < 0:
@@ -116,11 +121,18 @@ def decode_request(msg: pb.ModelInferRequest) -> tuple[InferRequest, bool]:
     inputs: list[Tensor] = []
     for t in msg.inputs:
         name = t.name
-        if t.datatype not in NUMPY_DTYPES:
-            raise invalid_arg(f"invalid datatype '{t.datatype}' for input '{name}' for model '{model}'")
-        shape = _shape(t.shape, name)
-        tparams = params_to_dict(t.parameters) if t.parameters else {}
-        if "shared_memory_region" in tparams:
+        datatype = t.datatype
+        dt = NUMPY_DTYPES.get(datatype)
+        if dt is None:
+            raise invalid_arg(f"invalid datatype '{datatype}' for input '{name}' for model '{model}'")
+        shape = tuple(t.shape)  # protobuf int64s are Python ints already
+        count = prod(shape)
+        if not 0 < count <= _FAST_COUNT or min(shape, default=0) < 0:  # the careful checks
+            shape = _shape(shape, name)
+            count = num_elements(shape)
+        tparams = t.parameters
+        tparams = params_to_dict(tparams) if tparams else {}
+        if tparams and "shared_memory_region" in tparams:
             if "shared_memory_byte_size" not in tparams:
                 raise invalid_arg(
                     f"input '{name}' for model '{model}' in shared memory must give 'shared_memory_byte_size'"
@@ -129,7 +141,7 @@ def decode_request(msg: pb.ModelInferRequest) -> tuple[InferRequest, bool]:
                 raise invalid_arg(
                     f"contents field must not be specified when using shared memory for '{name}' for model '{model}'"
                 )
-            inputs.append(Tensor(name, t.datatype, shape, None, tparams))
+            inputs.append(Tensor(name, datatype, shape, None, tparams))
             continue
         if t.HasField("contents"):
             if raw:
@@ -137,7 +149,7 @@ def decode_request(msg: pb.ModelInferRequest) -> tuple[InferRequest, bool]:
                     f"contents field must not be specified when using raw_input_contents for '{name}' "
                     f"for model '{model}'"
                 )
-            inputs.append(Tensor(name, t.datatype, shape, _typed_contents(t, shape, model), tparams))
+            inputs.append(Tensor(name, datatype, shape, _typed_contents(t, shape, model), tparams))
             continue
         if raw_index >= len(raw):
             raise invalid_arg(
@@ -146,8 +158,13 @@ def decode_request(msg: pb.ModelInferRequest) -> tuple[InferRequest, bool]:
             )
         buf = raw[raw_index]
         raw_index += 1
-        arr = from_raw(buf, t.datatype, shape, name)
-        inputs.append(Tensor(name, t.datatype, shape, arr, tparams))
+        if datatype == "BYTES":
+            arr = from_raw(buf, datatype, shape, name)
+        else:
+            if len(buf) != count * dt.itemsize:
+                from_raw(buf, datatype, shape, name)  # raises the size error
+            arr = np.frombuffer(buf, dtype=dt, count=count).reshape(shape)
+        inputs.append(Tensor(name, datatype, shape, arr, tparams))
     if raw_index != len(raw):
         raise invalid_arg(
             f"unexpected number of raw_input_contents for model '{model}': {len(raw)} given, "
@@ -156,7 +173,7 @@ def decode_request(msg: pb.ModelInferRequest) -> tuple[InferRequest, bool]:
 
     params: dict[str, Any] = {}
     empty_final = False
-    for k, v in msg.parameters.items():
+    for k, v in (msg.parameters.items() if msg.parameters else ()):
         if k == EMPTY_FINAL_PARAM:
             empty_final = bool(param_value(v))
             continue
@@ -184,14 +201,12 @@ def encode_response(resp: InferResponse, out: pb.ModelInferResponse | None = Non
     msg.model_version = resp.model_version
     if resp.id:
         msg.id = resp.id
-    for k, v in resp.parameters.items():
-        set_param(msg.parameters[k], v)
+    if resp.parameters:
+        for k, v in resp.parameters.items():
+            set_param(msg.parameters[k], v)
     raw_out = []
     for t in resp.outputs:
-        o = msg.outputs.add()
-        o.name = t.name
-        o.datatype = t.datatype
-        o.shape.extend(t.shape)
+        o = msg.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
         if t.data is None:  # written to a shared-memory region
             for k in _SHM_KEYS:
                 if k in t.parameters:

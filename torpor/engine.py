@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from math import prod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,10 @@ class ModelEntry:
     input_index: dict[str, TensorSpec] = field(default_factory=dict)
     output_index: dict[str, TensorSpec] = field(default_factory=dict)
     controls: dict[str, tuple[str, Any, str]] = field(default_factory=dict)
+    decoupled: bool = False
+    max_batch_size: int = 0
+    reshaped: tuple[TensorSpec, ...] = ()  # inputs whose config declares a reshape
+    required: tuple[str, ...] = ()  # inputs a request must carry
 
     def set_config(self, config: ModelConfig) -> None:
         self.config = config
@@ -214,6 +219,10 @@ class ModelEntry:
         self.input_index = {s.name: s for s in self.inputs}
         self.output_index = {s.name: s for s in self.outputs}
         self.controls = sequence_controls(config)
+        self.decoupled = bool(config.model_transaction_policy.decoupled)
+        self.max_batch_size = int(config.max_batch_size)
+        self.reshaped = tuple(s for s in self.inputs if s.reshape is not None)
+        self.required = tuple(s.name for s in self.inputs if not s.optional)
         self.max_queue_size = int(config.dynamic_batching.default_queue_policy.max_queue_size)
         # the model's own latency objective (validated at load); the server default applies without it
         raw = parameter(config, "torpor.slo_ms")
@@ -221,14 +230,6 @@ class ModelEntry:
         # dynamic batching on a device's queue: None (off), else the max queue delay in seconds
         self.batching = (config.dynamic_batching.max_queue_delay_microseconds / 1e6
                          if config.max_batch_size > 0 and config.HasField("dynamic_batching") else None)
-
-    @property
-    def decoupled(self) -> bool:
-        return bool(self.config is not None and self.config.model_transaction_policy.decoupled)
-
-    @property
-    def max_batch_size(self) -> int:
-        return int(self.config.max_batch_size) if self.config is not None else 0
 
     def ready_versions(self) -> list[int]:
         return sorted(v for v, e in self.versions.items() if e.state == "READY")
@@ -391,6 +392,10 @@ class Engine:
         if entry is None or entry.config is None:
             raise _unknown(name, f"'{name}' is not found")
         if version in ("", "-1", None):
+            if len(entry.versions) == 1:  # the common case, without sorting
+                for ve in entry.versions.values():
+                    if ve.state == "READY":
+                        return entry, ve
             ready = entry.ready_versions()
             if not ready:
                 raise _unknown(name, f"'{name}' has no available versions")
@@ -934,6 +939,7 @@ class Engine:
         controls = entry.controls
         inputs: dict[str, np.ndarray] = {}
         max_batch = entry.max_batch_size
+        limit = self.options.max_tensor_elements
         batch = None
         for t in request.inputs:
             spec = specs.get(t.name)
@@ -950,8 +956,7 @@ class Engine:
             shape = t.shape if type(t.shape) is tuple else tuple(int(d) for d in t.shape)
             if shape and min(shape) < 0:
                 raise invalid_arg(f"invalid shape {_shape_str(shape)} for input '{t.name}' of model '{name}'")
-            limit = self.options.max_tensor_elements
-            if limit > 0 and num_elements(shape) > limit:
+            if limit > 0 and prod(shape) > limit:
                 raise invalid_arg(f"input '{t.name}' of model '{name}' has {num_elements(shape)} elements, more than "
                                   f"the server's maximum of {limit} (--max-tensor-elements)")
             expected = spec.reshape if spec.reshape is not None else spec.dims
@@ -973,7 +978,7 @@ class Engine:
                     f"unexpected shape for input '{t.name}' for model '{name}'. Expected {_shape_str(full)}, got {_shape_str(shape)}. "
                 )
             inputs[t.name] = self._input_array(t, shape, name)
-        missing = [s.name for s in entry.inputs if s.name not in inputs and not s.optional]
+        missing = [n for n in entry.required if n not in inputs] if len(inputs) < len(entry.inputs) else None
         if missing:
             got = sorted(inputs)
             raise invalid_arg(
@@ -987,28 +992,34 @@ class Engine:
         else:
             batch = 1
         # Reshape to the model's own dims where the config declares a reshape.
-        for s in entry.inputs:
-            if s.reshape is not None and s.name in inputs:
+        for s in entry.reshaped:
+            if s.name in inputs:
                 lead = (batch,) if max_batch > 0 else ()
                 inputs[s.name] = inputs[s.name].reshape(lead + tuple(s.dims))
 
         params = request.parameters
-        for k in params:
-            if k.startswith("triton_"):
-                raise invalid_arg(
-                    f"parameter keys starting with 'triton_' are reserved for Triton usage and should not be specified: '{k}'"
-                )
-        corr = params.get("sequence_id", 0)
-        flags = (SEQUENCE_START if params.get("sequence_start") else 0) | (
-            SEQUENCE_END if params.get("sequence_end") else 0
-        )
+        if params:
+            for k in params:
+                if k.startswith("triton_"):
+                    raise invalid_arg(
+                        f"parameter keys starting with 'triton_' are reserved for Triton usage and should not be specified: '{k}'"
+                    )
+            corr = params.get("sequence_id", 0)
+            flags = (SEQUENCE_START if params.get("sequence_start") else 0) | (
+                SEQUENCE_END if params.get("sequence_end") else 0
+            )
+            custom = {k: v for k, v in params.items() if k not in _ENGINE_PARAMS}
+        else:
+            corr, flags, custom = 0, 0, {}
         if controls:
             self._fill_controls(entry, inputs, controls, corr, flags, batch)
-        output_names = [o.name for o in request.outputs] if request.outputs else [s.name for s in entry.outputs]
-        for o in output_names:
-            if o not in entry.output_index:
-                raise invalid_arg(f"unexpected inference output '{o}' for model '{name}'")
-        custom = {k: v for k, v in params.items() if k not in ("sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output")}
+        if request.outputs:
+            output_names = [o.name for o in request.outputs]
+            for o in output_names:
+                if o not in entry.output_index:
+                    raise invalid_arg(f"unexpected inference output '{o}' for model '{name}'")
+        else:
+            output_names = [s.name for s in entry.outputs]
         return (
             ModelRequest(
                 inputs=inputs,
@@ -1094,7 +1105,10 @@ class Engine:
         try:
             mreq, batch = self._prepare(entry, ve, request)
             deadline = _deadline(request)
-            await _acquire_slot(ve.slots, deadline)
+            if deadline is None or not ve.slots.locked():
+                await ve.slots.acquire()
+            else:
+                await _acquire_slot(ve.slots, deadline)
             held = True
             try:
                 t_start = time.monotonic_ns()
@@ -1289,15 +1303,15 @@ class Engine:
 
     def _build_response(self, entry: ModelEntry, ve: VersionEntry, request: InferRequest, result: dict, batch: int) -> InferResponse:
         specs = entry.output_index
-        wanted: list[RequestedOutput] = (
-            request.outputs if request.outputs else [RequestedOutput(s.name) for s in entry.outputs if s.name in result]
-        )
+        wanted = request.outputs if request.outputs else [_ALL_OF[s.name] for s in entry.outputs if s.name in result]
         outputs = []
         for ro in wanted:
             spec = specs[ro.name]
             if ro.name not in result:
                 raise internal(f"model '{entry.name}' did not produce output '{ro.name}'")
-            arr = np.asarray(result[ro.name])  # adapters hand back numpy (torpor.model contract)
+            arr = result[ro.name]
+            if type(arr) is not np.ndarray:
+                arr = np.asarray(arr)  # adapters hand back numpy (torpor.model contract)
             self._check_output(entry, spec, arr, batch)
             datatype = spec.datatype
             if datatype == "BYTES":
@@ -1307,11 +1321,12 @@ class Engine:
                 dt = numpy_dtype(datatype)
                 if arr.dtype != dt:
                     arr = arr.astype(dt)
-            k = ro.parameters.get("classification")
+            oparams = ro.parameters
+            k = oparams.get("classification") if oparams else None
             if k:
                 arr = self._classify(entry, spec, arr, int(k))
                 datatype = "BYTES"
-            region = ro.parameters.get("shared_memory_region")
+            region = oparams.get("shared_memory_region") if oparams else None
             if region is not None:
                 if k:
                     raise invalid_arg("classification output cannot be returned in shared memory")
@@ -1320,7 +1335,7 @@ class Engine:
                 self.shm.write(str(region), offset, size, to_raw(arr, datatype))
                 outputs.append(Tensor(ro.name, datatype, tuple(arr.shape), None, dict(ro.parameters)))
             else:
-                outputs.append(Tensor(ro.name, datatype, arr.shape, arr, dict(ro.parameters) if ro.parameters else {}))
+                outputs.append(Tensor(ro.name, datatype, arr.shape, arr, dict(oparams) if oparams else {}))
         return InferResponse(entry.name, str(ve.version), request.id, outputs)
 
     def _check_output(self, entry: ModelEntry, spec: TensorSpec, arr: np.ndarray, batch: int) -> None:
@@ -1363,6 +1378,21 @@ class Engine:
                     s += f":{labels[idx]}"
                 out[b, j] = s.encode()
         return out if batched else out.reshape(k)
+
+
+class _AllOutputs(dict):
+    """A parameterless RequestedOutput per output name, made once: a request that names no
+    outputs gets every output, and need not build these each time."""
+
+    def __missing__(self, name: str) -> RequestedOutput:
+        ro = self[name] = RequestedOutput(name, {})
+        return ro
+
+
+_ALL_OF = _AllOutputs()
+
+# request parameters the engine consumes; the rest reach the model
+_ENGINE_PARAMS = frozenset(("sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output"))
 
 
 def _timed_execute_inline(fn: ModelFunction, mreq: ModelRequest) -> tuple[Any, int, int, bool]:
