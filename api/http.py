@@ -98,6 +98,14 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
         raise invalid_arg(f"failed to decompress the request body ({encoding}): {e}") from None
 
 
+# Responses shorter than this go uncompressed even where the client accepts gzip or deflate:
+# HTTP lets a server choose identity, and compressing a few hundred bytes costs more CPU than
+# the whole rest of a small request (a fresh zlib stream each time) and saves nothing on the
+# wire. Starlette's GZipMiddleware (MLServer's) draws the line at the same 500 bytes; Triton
+# compresses every response the client accepts compressed (README "Compatibility notes").
+COMPRESS_MIN_BYTES = 500
+
+
 def _response_encoding(accept: str | None) -> str | None:
     """Triton's choice: the highest q among identity, gzip and deflate, the first one on ties."""
     if not accept:
@@ -165,7 +173,7 @@ async def handle_infer(
     if json_len is not None:
         out_headers["Inference-Header-Content-Length"] = str(json_len)
         out_headers["Content-Type"] = "application/octet-stream"
-    algo = _response_encoding(headers.get("accept-encoding"))
+    algo = _response_encoding(headers.get("accept-encoding")) if len(content) >= COMPRESS_MIN_BYTES else None
     if algo == "gzip":
         content = gzip.compress(content, compresslevel=6, mtime=0)
         out_headers["Content-Encoding"] = "gzip"

@@ -128,7 +128,7 @@ def test_infer_all_outputs_batch_and_version(server):
 @pytest.mark.parametrize("algo", ["gzip", "deflate"])
 def test_compression(server, algo):
     c = httpclient.InferenceServerClient(server.http_url)
-    a, b, ins = simple_inputs(True)
+    a, b, ins = simple_inputs(True, batch=8)  # a response over 500 bytes, so it is compressed
     r = c.infer("simple", ins, request_compression_algorithm=algo, response_compression_algorithm=algo)
     np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), a + b)
 
@@ -485,11 +485,16 @@ def test_curl_style_json_request(server):
     assert doc["outputs"][0]["name"] == "OUTPUT0"
     assert doc["outputs"][0]["data"] == [i + 1 for i in range(16)]
     assert doc["outputs"][0]["shape"] == [1, 16]
-    # response compression follows Accept-Encoding
+    # response compression follows Accept-Encoding, for responses of 500 bytes or more
     status, headers, out = raw(server, "POST", "/v2/models/simple/infer", _infer_body(GOOD_INPUTS),
                                {"Accept-Encoding": "deflate"})
+    assert "content-encoding" not in headers and len(out) < 500
+    assert json.loads(out)["outputs"][1]["data"] == [i - 1 for i in range(16)]
+    batch = [dict(t, shape=[8, 16], data=t["data"] * 8) for t in GOOD_INPUTS]
+    status, headers, out = raw(server, "POST", "/v2/models/simple/infer", _infer_body(batch),
+                               {"Accept-Encoding": "deflate"})
     assert headers.get("content-encoding") == "deflate"
-    assert json.loads(zlib.decompress(out))["outputs"][1]["data"] == [i - 1 for i in range(16)]
+    assert json.loads(zlib.decompress(out))["outputs"][1]["data"] == [i - 1 for i in range(16)] * 8
     # nested data is accepted as well as flat
     nested = [dict(GOOD_INPUTS[0], data=[list(range(16))]), dict(GOOD_INPUTS[1], data=[[1] * 16])]
     status, _, out = raw(server, "POST", "/v2/models/simple/infer", _infer_body(nested))
