@@ -58,13 +58,17 @@ def _check_stream(url: str) -> None:
         c.async_stream_infer("no_such_model", [inp], request_id="bad")
         (r, e), = got.take(1)
         assert e is not None and "no_such_model" in str(e)
-        a, b, ins = simple_inputs()
-        c.async_stream_infer("simple", ins, request_id="after")
-        (r, e), = got.take(1)
-        assert e is None and r.get_response().id == "after"
+        _assert_stream_answers(c, got, "after")
     finally:
         c.stop_stream()
         c.close()
+
+
+def _assert_stream_answers(c: grpcclient.InferenceServerClient, got: StreamCollector, request_id: str) -> None:
+    _, _, ins = simple_inputs()
+    c.async_stream_infer("simple", ins, request_id=request_id)
+    (r, e), = got.take(1)
+    assert e is None and r.get_response().id == request_id
 
 
 @pytest.mark.parametrize("host", ["threads", "aio"])
@@ -103,10 +107,7 @@ def test_threaded_host_queues_calls_beyond_its_threads(start_server, tmp_path):
             assert r.get_response().id == str(i)
             np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), a + i + b)
         # the stream that held a thread meanwhile still answers
-        _, _, ins = simple_inputs()
-        holder.async_stream_infer("simple", ins, request_id="held")
-        (r, e), = got.take(1)
-        assert e is None and r.get_response().id == "held"
+        _assert_stream_answers(holder, got, "held")
     finally:
         holder.stop_stream()
         holder.close()
