@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from torpor.paper_sim import PaperSim, compliance, latency_profile, load_paper_scenario  # noqa: E402
 from torpor.paper import CLASS_NAMES  # noqa: E402
+from torpor import simulator  # noqa: E402
 from torpor.simulator import DEFAULT_TRACE, Simulation, scenario_arrivals  # noqa: E402
 
 SCEN = ROOT / "loadtest" / "scenarios"
@@ -74,6 +75,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         over["models"] = job["models"]
     sc, extras = load_paper_scenario(job["scenario"], **over)
     t, fn, duration = scenario_arrivals(sc, job["trace"])
+    if job.get("links") is not None:  # both simulators read it when they are built
+        simulator.SHARED_LINKS = job["links"] == "shared"
     t0 = time.perf_counter()
     policy = job["policy"]
     if policy == "torpor":
@@ -190,7 +193,7 @@ def exp_resnet152(args: Any) -> dict[str, Any]:
     wl, trace = workload(args)
     policies = ["paper", "native", "keepalive", "torpor"]
     jobs = [{"scenario": str(V100), "functions": 160, "seed": args.seed, "workload": wl, "trace": trace,
-             "models": r152, "policy": p} for p in policies]
+             "models": r152, "policy": p, "links": args.links} for p in policies]
     res = run_all(jobs, args.jobs)
     rows = []
     for r in res:
@@ -245,19 +248,26 @@ def capacity(res: list[dict[str, Any]], policy: str) -> int | None:
 def sweep(args: Any, name: str, scenario: Path, counts: list[int], policies: list[str], title: str,
           paper_marks: dict[int, float] | None) -> dict[str, Any]:
     wl, trace = workload(args)
+    if getattr(args, "policies", None):
+        policies = [p for p in args.policies.split(",") if p]
+    if getattr(args, "counts", None):
+        counts = [int(n) for n in args.counts.split(",") if n]
     jobs = [{"scenario": str(scenario), "functions": n, "seed": args.seed, "workload": wl, "trace": trace,
-             "policy": p} for n in counts for p in policies]
+             "policy": p, "links": args.links} for n in counts for p in policies]
     res = run_all(jobs, args.jobs)
+    links = args.links or ("shared" if simulator.SHARED_LINKS else "fixed")
     by = {(r["functions"], r["policy"]): r for r in res}
     rows = [[str(n), *(f"{by[(n, p)]['compliant_frac']:.1%}" for p in policies)] for n in counts]
     caps = {p: capacity(res, p) for p in policies}
     rows.append([">=99% up to", *("-" if caps[p] is None else str(caps[p]) for p in policies)])
     print(f"({name}) fraction of functions compliant (p98 within deadline), {title} "
-          f"({wl['kind']}, {args.duration:.0f} s after {args.warmup:.0f} s warm-up, seed {args.seed})")
+          f"({wl['kind']}, {args.duration:.0f} s after {args.warmup:.0f} s warm-up, seed {args.seed}, "
+          f"{'processor-sharing' if links == 'shared' else 'fixed-share'} links)")
     print(table(["functions", *policies], rows))
     ours, theirs = caps.get("torpor"), caps.get("paper")
     ratio = (ours / theirs) if ours and theirs else None
-    never_below = all(by[(n, "torpor")]["compliant"] >= by[(n, "paper")]["compliant"] for n in counts)
+    never_below = (all(by[(n, "torpor")]["compliant"] >= by[(n, "paper")]["compliant"] for n in counts)
+                   if {"torpor", "paper"} <= set(policies) else None)
     print(f"torpor vs paper: largest count with >=99% compliant {ours} vs {theirs}"
           f"{f' ({ratio:.2f}x)' if ratio else ''}; at least as many compliant at every point: {never_below}")
     p = plt()
@@ -278,7 +288,7 @@ def sweep(args: Any, name: str, scenario: Path, counts: list[int], policies: lis
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     report = {"experiment": name, "scenario": str(scenario.relative_to(ROOT)), "workload": wl, "seed": args.seed,
-              "counts": counts, "policies": policies, "results": res, "capacity_99": caps,
+              "counts": counts, "policies": policies, "links": links, "results": res, "capacity_99": caps,
               "torpor_over_paper": ratio, "torpor_never_fewer": never_below}
     write(Path(args.out), name, report, fig)
     return report
@@ -307,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=60.0,
                     help="seconds of arrivals before measuring, not counted (default %(default)s)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "paper"))
+    ap.add_argument("--links", choices=["fixed", "shared"], default=None,
+                    help="link physics: fixed shares (a copy keeps the share it started with) or processor "
+                         "sharing; default: TORPOR_SIM_LINKS, else fixed")
+    ap.add_argument("--policies", default=None,
+                    help="comma-separated subset of the sweep's policies (default: all)")
+    ap.add_argument("--counts", default=None, help="comma-separated function counts (default: the sweep's)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args(argv)
     names = list(EXPERIMENTS) if args.experiment == "all" else [ALIASES.get(args.experiment, args.experiment)]

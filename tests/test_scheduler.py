@@ -224,3 +224,59 @@ def test_baselines_start_every_copy_at_once():
     dec = Scheduler(cost(0.040), "lru-swap").place(model("big", 2500 * MB, slo=0.150), snap)
     assert dec.action == "swap" and dec.option.start_s == 0.0
     assert dec.option.transfer_s == pytest.approx(0.200)
+
+
+def test_processor_sharing_a_copy_that_would_slow_one_in_flight_too_much_waits_for_its_path():
+    # Every switch has a copy in flight with 100 MB left (4 ms at 25 GB/s) whose request has
+    # 1 ms of slack: starting a 500 MB copy now beside it would delay it by 4 ms. Knowing when
+    # each path clears, the copy waits for its path instead (the earlier copy keeps the
+    # bandwidth it was promised) and then takes all of it: 4 ms + 20 ms.
+    ds = devices()
+    inflight = {"pcie:gpu0": 1, "switch:sw0": 1, "pcie:gpu2": 1, "switch:sw1": 1}
+    remaining = {lk: [(100 * MB, 0.001)] for lk in inflight}
+    clear = {"pcie:gpu0": 10.004, "switch:sw0": 10.004, "pcie:gpu2": 10.010, "switch:sw1": 10.010}
+    blind = Scheduler(cost()).place(model(), Snapshot(10.0, ds, inflight, inflight_bytes=remaining))
+    assert blind.option.harms and not blind.meets_slo  # every path harms, nothing meets
+    dec = Scheduler(cost(), keep_options=True).place(
+        model(), Snapshot(10.0, ds, inflight, inflight_bytes=remaining, link_clear=lambda lk: clear.get(lk, 0.0)))
+    assert dec.meets_slo and dec.device in ("gpu0", "gpu1") and not dec.option.harms
+    assert dec.option.start_s == pytest.approx(0.004)
+    assert dec.option.transfer_s == pytest.approx(0.024)
+    assert not any(o.harms for o in dec.options)
+    # with slack to spare it may start at once and share: processor sharing lands it at 24 ms
+    # too (the 100 MB copy lands first and frees its share)
+    roomy = {lk: [(100 * MB, 1.0)] for lk in inflight}
+    dec = Scheduler(cost()).place(model(), Snapshot(10.0, ds, inflight, inflight_bytes=roomy))
+    assert dec.option.start_s == 0.0 and not dec.option.harms and dec.option.transfer_s == pytest.approx(0.024)
+
+
+def test_processor_sharing_a_copy_counts_how_it_slows_the_copy_its_request_queues_behind():
+    # gpu0 runs a request waiting on its own 900 MB copy, 300 MB of it left (12 ms alone); the
+    # work ahead ends when that copy lands. A new 300 MB copy to gpu0 shares gpu0's link and
+    # delays it by 12 ms, so the new request's completion counts the work ahead 12 ms later.
+    lm = LinkMap.from_dict(["gpu0", "gpu1"], {"pcie_GBps": 25})
+    c = CostModel(lm, ExecEstimator(default_s=0.005), transfer_latency_s=0.0)
+    ds = [DeviceState(n, 10 * GB, 10 * GB) for n in ("gpu0", "gpu1")]
+    ds[0].backlog_s = 0.012
+    ds[1].backlog_s = 0.030
+    remaining = {"pcie:gpu0": [(300 * MB, 1.0)]}
+    snap = Snapshot(10.0, ds, {"pcie:gpu0": 1}, inflight_bytes=remaining)
+    assert c.own_delay(300 * MB, ("pcie:gpu0",), "gpu0", remaining) == pytest.approx(0.012)
+    assert c.own_delay(300 * MB, ("pcie:gpu1",), "gpu1", remaining) == 0.0
+    opts = {o.device: o for o in Scheduler(c, keep_options=True).place(model("a", 300 * MB), snap).options}
+    # gpu0: the copy lands at 24 ms (sharing), the work ahead at 12 + 12 ms, then the 5 ms run
+    assert opts["gpu0"].completion_s == pytest.approx(0.024 + 0.005 + 2 * MB / (12.5 * GB), abs=1e-3)
+    # gpu1's link is clear: 12 ms copy under 30 ms of work ahead
+    assert opts["gpu1"].completion_s == pytest.approx(0.035)
+
+
+def test_landing_estimate_where_the_owner_keeps_one():
+    r = ResidentState("m", 100, ready_at=10.3)
+    assert r.expected() == 10.3
+    r.eta = 10.1  # processor sharing: the copies beside it land first and free their share
+    assert r.expected() == 10.1
+    ds = devices()
+    ds[0].residents["m"] = r
+    ds[0].free_bytes -= 100
+    dec = Scheduler(cost()).place(model("m", 100, slo=0.5), Snapshot(10.0, ds))
+    assert dec.action == "run" and dec.option.completion_s == pytest.approx(0.1 + 0.010)

@@ -362,3 +362,75 @@ def test_cli_runs_the_papers_policies_beside_ours_on_the_same_arrivals(tmp_path,
     assert by["native"]["swaps"] == 0 and by["paper"]["swaps"] + by["paper"]["peer_copies"] > 0
     with pytest.raises(ScenarioError, match="unknown policy 'nope'"):
         compare(sc, policies=["nope"], search_gpus=0)
+
+
+def test_processor_sharing_copy_that_waits_for_its_path_takes_no_share_until_it_starts():
+    from torpor.costmodel import LinkMap
+    from torpor.simulator import LinkSharing
+
+    lm = LinkMap.from_dict(["gpu0", "gpu1"], {"pcie_GBps": 10, "switches": [[0, 1]]})
+    ps = LinkSharing(lm, 0.0)
+    big, _ = ps.start(0.0, 10**9, lm.host_path("gpu0"))
+    small, _ = ps.start(0.05, 10**8, lm.host_path("gpu1"))
+    # at the rate it has now big lands at 0.15; once small lands (0.07) it gets it all back
+    assert big.end == pytest.approx(0.15) and ps.eta(big, 0.05) == pytest.approx(0.11)
+    ps.finish(small, 0.07)
+    # a copy planned to start when the switch clears (0.11): until then it moves nothing and
+    # slows nobody, but counts as waiting there (its bytes, when the switch clears)
+    late, moved = ps.start(0.08, 10**9, lm.host_path("gpu1"), begin=0.11)
+    assert moved == [late] and late.pending and late.end == pytest.approx(0.21)
+    assert big.end == pytest.approx(0.11)
+    ps.now = 0.08
+    assert sorted(x[0] for x in ps.get("switch:sw0")) == pytest.approx([0.3e9, 1e9])
+    assert ps.clear_at("switch:sw0") == pytest.approx(0.21) and ps.clear_at("nvlink:x") == -math.inf
+    # a copy started meanwhile shares with big (not with the waiting one): the switch is busy
+    # until 0.11 + 0.01, so the waiting copy starts then, not at 0.11
+    mid, moved = ps.start(0.09, 10**8, lm.host_path("gpu0"))
+    assert {id(t) for t in moved} == {id(big), id(mid)}
+    assert ps.busy_until(late.path, 0.09) == pytest.approx(0.09 + (0.2e9 + 1e8) / 1e10)
+    assert ps.postpone(late, 0.12) == [late] and late.end == pytest.approx(0.22)
+    assert mid.end == pytest.approx(0.11)
+    ps.finish(mid, mid.end)
+    assert big.end == pytest.approx(0.12)
+    ps.finish(big, big.end)
+    assert ps.busy_until(late.path, 0.12) == pytest.approx(0.12)
+    moved = ps.activate(late, 0.12)
+    assert moved == [late] and not late.pending and late.end == pytest.approx(0.22)
+    assert ps.activate(late, 0.13) == []
+    assert ps.counts == {"pcie:gpu0": 0, "switch:sw0": 1, "pcie:gpu1": 1}
+
+
+def test_link_physics_from_the_environment(monkeypatch):
+    from torpor.simulator import _links_from_env
+
+    monkeypatch.delenv("TORPOR_SIM_LINKS", raising=False)
+    assert _links_from_env() is False
+    monkeypatch.setenv("TORPOR_SIM_LINKS", "shared")
+    assert _links_from_env() is True
+    monkeypatch.setenv("TORPOR_SIM_LINKS", "fixed")
+    assert _links_from_env() is False
+    monkeypatch.setenv("TORPOR_SIM_LINKS", "fair")
+    with pytest.raises(ValueError, match="TORPOR_SIM_LINKS"):
+        _links_from_env()
+
+
+def test_predictions_hold_under_processor_sharing_when_execution_is_exact(monkeypatch):
+    # Under processor sharing a later copy slows the copies already on its links. Torpor's
+    # scheduler counts how its copy slows the copy its request queues behind, keeps every
+    # in-flight copy within the margin of the requests waiting on it (or waits for the path),
+    # and a copy that waited starts only once its path is clear: with exact execution times a
+    # request predicted within its margin still meets its SLO.
+    from torpor import simulator
+
+    monkeypatch.setattr(simulator, "SHARED_LINKS", True)
+    for rate in (3, 5):
+        sc = parse_scenario(small(functions=24, exec_noise=0, workload={"kind": "synthetic", "duration_s": 300,
+                                                                        "rate_scale": rate}))
+        arrivals = scenario_arrivals(sc)
+        slo = np.array([sc.models[f % 2].slo_s for f in arrivals[1]])
+        sim = Simulation(sc, "torpor")
+        r = sim.run(*arrivals)
+        assert sim.xfer.shared and r.swaps > 1000
+        promised = sim.predicted <= 0.9 * slo
+        assert promised.mean() > 0.99
+        assert np.all(sim.latency[promised] <= slo[promised])

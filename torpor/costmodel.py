@@ -290,6 +290,19 @@ class CostModel:
                 rem, slack = x if isinstance(x, tuple) else (x, math.inf)
                 yield min(rem, nbytes) / bw, slack
 
+    def own_delay(self, nbytes: int, path: Iterable[str], dev: str, remaining: Any) -> float:
+        """How much later the copies landing on `dev` (those on its own links in `path`: its
+        PCIe link, an NVLink into it) land if a copy of `nbytes` joins them now: the most that
+        work queued on `dev` behind those copies is delayed (processor sharing)."""
+        worst = 0.0
+        for lk in path:
+            if lk == f"pcie:{dev}" or lk.endswith(f">{dev}"):
+                bw = self.links.bandwidth(lk)
+                for x in remaining.get(lk, ()):
+                    rem = x[0] if isinstance(x, tuple) else x
+                    worst = max(worst, min(rem, nbytes) / bw)
+        return worst
+
     def copy_plan(self, nbytes: int, first_bytes: int, path: tuple[str, ...], inflight: Mapping[str, int],
                   remaining: Any = None, clear_in: float | None = None) -> tuple[float, float, float]:
         """(start, landed, first): seconds from now until a copy of `nbytes` over `path` starts,

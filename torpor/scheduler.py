@@ -17,6 +17,11 @@ Options considered for every device `d` (policy "torpor"):
   its path to clear and then move at full bandwidth, if that lands sooner
   (`CostModel.copy_plan`, `Option.start_s`): BERT-large over PCIe 3 lands in 112 ms alone and in
   224 ms beside a ResNet copy that has 3 ms left, at the share it starts with.
+  Where the snapshot knows the bytes each copy in flight has left (`Snapshot.inflight_bytes`,
+  processor sharing), a copy that would delay one in flight past the margin of a request
+  waiting on it (`Option.harms`) waits for its path to clear instead, so the bandwidth earlier
+  copies were promised stays theirs; and a copy to a device whose work ahead waits on a copy
+  landing there counts how much later that copy lands beside it (`CostModel.own_delay`).
 - **peer**: copy from a device holding a landed copy, over NVLink (or PCIe peer-to-peer) where
   the topology has a path; same eviction and pipelining.
 
@@ -78,6 +83,14 @@ class ResidentState:
     pins: int = 0  # requests queued or running on it
     last_used: float = 0.0
     locked_until: float = 0.0  # a peer copy reads it until then
+    # when its copy should land if no further copy joins its links (processor sharing: the rate
+    # it has now rises as the copies beside it land, so `ready_at`, the landing at today's rate,
+    # is pessimistic); None: `ready_at` is the estimate
+    eta: float | None = None
+
+    def expected(self) -> float:
+        """When its copy should have landed: `eta` where the owner keeps one, else `ready_at`."""
+        return self.ready_at if self.eta is None else min(self.eta, self.ready_at)
 
     def evictable(self, now: float) -> bool:
         return self.pins == 0 and self.ready_at <= now and self.locked_until <= now
@@ -238,7 +251,7 @@ class Scheduler:
             if r is not None:
                 if not resident:
                     continue
-                landing = max(0.0, r.ready_at - now)
+                landing = max(0.0, r.expected() - now)
                 wait = d.backlog_s
                 done = max(wait, landing) + exec_s
                 action = "run" if wait <= 0 else "queue"
@@ -267,9 +280,23 @@ class Scheduler:
         clear = snap.clear_in(path) if self.policy == "torpor" else None
         start, transfer, first = self.cost.copy_plan(model.nbytes, model.first_group_bytes, path, snap.inflight,
                                                      snap.inflight_bytes, clear)
-        done = self.cost.completion(d.backlog_s, transfer, exec_s, first, start)
+        harms = start <= 0 and any(delay > slack for delay, slack
+                                   in self.cost.delays(model.nbytes, path, snap.inflight_bytes))
+        if harms and clear is not None and clear > 0 and snap.inflight_bytes is not None:
+            # processor sharing: rather than slow a copy in flight past the deadline of a request
+            # waiting on it, wait until the path has cleared and then take all of it (the
+            # bandwidth the earlier copies were promised stays theirs)
+            start = clear
+            transfer = clear + self.cost.nominal_seconds(model.nbytes, path)
+            first = clear + self.cost.nominal_seconds(model.first_group_bytes, path)
+            harms = False
+        wait = d.backlog_s
+        if start <= 0 and wait > 0 and snap.inflight_bytes is not None and self.policy == "torpor":
+            # processor sharing: the work ahead may be waiting on a copy landing on this device,
+            # which this copy slows down (a request queued behind a cold one waits for its copy)
+            wait += self.cost.own_delay(model.nbytes, path, d.name, snap.inflight_bytes)
+        done = self.cost.completion(wait, transfer, exec_s, first, start)
         link_s = self.cost.nominal_seconds(model.nbytes, path)
-        harms = any(delay > slack for delay, slack in self.cost.delays(model.nbytes, path, snap.inflight_bytes))
         return Option(d.name, action, source, done, transfer, exec_s, victims, evict_cost, model.nbytes,
                       path, cost=link_s + evict_cost + (done - d.backlog_s), harms=harms, start_s=start)
 

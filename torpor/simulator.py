@@ -12,7 +12,11 @@ What is simulated, and how:
   (shared with copies already in flight on those links) and keeps that rate; its first group
   lands after the first group's bytes at that rate. Torpor's scheduler may have a copy wait
   for its path to clear and then move at the path's full rate (`Option.start_s`), holding its
-  place on the links meanwhile. A device computing a request whose model
+  place on the links meanwhile. Under processor sharing (`SHARED_LINKS`, or
+  `TORPOR_SIM_LINKS=shared`) every copy on a link is re-rated as copies start and land; there
+  Torpor's scheduler sees when each copy should land if none joins (`ResidentState.eta`), and a
+  copy that waits for its path takes no share until then and starts only once the copies
+  moving on its path have landed. A device computing a request whose model
   is still landing starts when the first group has landed and ends no earlier than the last
   group lands (pipelined swap).
 - **Execution**: the model's profiled time times lognormal noise (`exec_noise`); each measured
@@ -50,6 +54,7 @@ import bisect
 import heapq
 import json
 import math
+import os
 import sys
 import time
 from collections import deque
@@ -494,7 +499,7 @@ def make_arrivals(workload: dict[str, Any], functions: int, *, seed: int = 0,
 class Transfer:
     """One copy in flight (see `LinkSharing`). `end` is when it lands at the current rates."""
 
-    __slots__ = ("end", "left", "owner", "path", "rate", "t", "version")
+    __slots__ = ("end", "left", "owner", "path", "pending", "rate", "t", "version")
 
     def __init__(self, path: tuple[str, ...], nbytes: float, now: float, owner: Any):
         self.path = path
@@ -504,6 +509,7 @@ class Transfer:
         self.end = now
         self.version = 0
         self.owner = owner
+        self.pending = False  # waiting for its path to clear (processor sharing: not moving yet)
 
 
 class LinkSharing:
@@ -525,6 +531,7 @@ class LinkSharing:
         self.latency_s = latency_s
         self.counts: dict[str, int] = {} if counts is None else counts
         self.on: dict[str, list[Transfer]] = {}
+        self.waiting: dict[str, list[Transfer]] = {}  # processor sharing: copies not started yet
         self.now = 0.0
         self.slack: dict[int, float] = {}
 
@@ -549,9 +556,12 @@ class LinkSharing:
     def start(self, now: float, nbytes: float, path: tuple[str, ...], owner: Any = None,
               begin: float | None = None) -> tuple[Transfer, list[Transfer]]:
         """A new copy; returns it and every copy whose landing time changed (itself included).
-        `begin` (fixed shares only): the copy waits for its path to clear and moves from then
-        at the path's full bandwidth (`CostModel.copy_plan`); it holds its place on the links
-        from now, so copies started meanwhile count it when they take their share."""
+        `begin`: the copy waits for its path to clear and moves from then at the path's full
+        bandwidth (`CostModel.copy_plan`). Fixed shares: it holds its place on the links from
+        now, so copies started meanwhile count it when they take their share. Processor
+        sharing: it takes no share and slows nobody until the caller calls `activate` (or
+        `postpone`, while copies started meanwhile still move there); `get` and `clear_at`
+        count it meanwhile."""
         affected = self._touching(path, now) if self.shared else []
         tr = Transfer(path, nbytes, now, owner)
         for lk in path:
@@ -563,18 +573,96 @@ class LinkSharing:
             tr.end = begin + (self.latency_s + tr.left / tr.rate)
             tr.version += 1
             return tr, [tr]
+        if begin is not None and begin > now:
+            # processor sharing: it moves nothing, and takes no share, until the caller calls
+            # `activate` at `begin`; until then it counts as landing at full rate from `begin`
+            for lk in path:
+                self.on[lk].remove(tr)
+                self.waiting.setdefault(lk, []).append(tr)
+            tr.pending = True
+            tr.t = begin
+            tr.end = begin + (self.latency_s + tr.left / min(self.links.bandwidth(lk) for lk in path))
+            tr.version += 1
+            return tr, [tr]
         affected.append(tr)
         self._rerate(affected, now)
         return tr, affected
 
+    def busy_until(self, path: tuple[str, ...], now: float) -> float:
+        """When the copies moving on `path` now should all have landed (processor sharing, none
+        joining): the latest over its links of the bytes they have left at the link's bandwidth;
+        `now` where nothing moves there. Copies waiting to start are not counted."""
+        t = now
+        for lk in path:
+            trs = self.on.get(lk)
+            if trs:
+                left = sum(max(0.0, o.left - o.rate * (now - o.t)) for o in trs)
+                t = max(t, now + self.latency_s + left / self.links.bandwidth(lk))
+        return t
+
+    def postpone(self, tr: Transfer, begin: float) -> list[Transfer]:
+        """A copy waiting to start (`start(begin=...)`) waits until `begin` instead; returns it
+        (its landing moved)."""
+        tr.t = begin
+        tr.end = begin + (self.latency_s + tr.left / min(self.links.bandwidth(lk) for lk in tr.path))
+        tr.version += 1
+        return [tr]
+
+    def activate(self, tr: Transfer, now: float) -> list[Transfer]:
+        """A copy that waited (`start(begin=...)`, processor sharing) starts moving now; returns
+        every copy whose landing time changed (itself included)."""
+        if not tr.pending:
+            return []
+        tr.pending = False
+        for lk in tr.path:
+            self.waiting[lk].remove(tr)
+        affected = self._touching(tr.path, now)
+        for lk in tr.path:
+            self.on.setdefault(lk, []).append(tr)
+        tr.t = now
+        affected.append(tr)
+        self._rerate(affected, now)
+        return affected
+
+    def eta(self, tr: Transfer, now: float) -> float:
+        """When `tr` lands if no further copy joins its links (`CostModel.transfer_seconds`'s
+        estimate for the bytes it has left): every copy beside it with fewer bytes left lands
+        first and frees its share. Its `end` is the landing at the rate it has now."""
+        if tr.pending:
+            return tr.end
+        left = max(0.0, tr.left - tr.rate * (now - tr.t))
+        worst = 0.0
+        bw = self.links.bandwidth
+        for lk in tr.path:
+            ahead = 0.0
+            for o in self.on.get(lk, ()):
+                if o is not tr:
+                    ahead += min(max(0.0, o.left - o.rate * (now - o.t)), left)
+            worst = max(worst, (left + ahead) / bw(lk))
+        return min(tr.end, now + self.latency_s + worst)
+
     def clear_at(self, link: str) -> float:
-        """When every copy now on `link` will have landed (`Snapshot.link_clear`)."""
-        return max((tr.end for tr in self.on.get(link, ())), default=-math.inf)
+        """When every copy now on `link` will have landed (`Snapshot.link_clear`). Processor
+        sharing: the bytes they have left at the link's bandwidth from `self.now` (set by the
+        caller), or the end of a copy waiting to start there, whichever is later."""
+        if not self.shared:
+            return max((tr.end for tr in self.on.get(link, ())), default=-math.inf)
+        trs, waiting = self.on.get(link), self.waiting.get(link)
+        if not trs and not waiting:
+            return -math.inf
+        now = self.now
+        t = -math.inf
+        if trs:
+            left = sum(max(0.0, tr.left - tr.rate * (now - tr.t)) for tr in trs)
+            t = now + self.latency_s + left / self.links.bandwidth(link)
+        for tr in waiting or ():
+            t = max(t, tr.end)
+        return t
 
     def finish(self, tr: Transfer, now: float) -> list[Transfer]:
         """`tr` has landed; returns the copies re-rated because it left."""
         for lk in tr.path:
-            self.on[lk].remove(tr)
+            (self.waiting if tr.pending else self.on)[lk].remove(tr)
             self.counts[lk] -= 1
         tr.left = 0.0
         if not self.shared:
@@ -588,14 +676,31 @@ class LinkSharing:
         slack is how much later the copy may land before a request waiting on it misses its
         deadline, `self.slack[id(owner[1])]` where the caller set it, else unbounded."""
         trs = self.on.get(link)
+        waiting = self.waiting.get(link)
+        if waiting:
+            trs = [*(trs or ()), *waiting]  # a copy waiting to start will share the link with it
         if not trs:
             return list(default)
         now, slack = self.now, self.slack
-        return [(max(0.0, tr.left - tr.rate * (now - tr.t)), slack.get(id(tr.owner[1]), math.inf)) for tr in trs]
+        return [(max(0.0, tr.left - tr.rate * (now - tr.t)) if not tr.pending else tr.left,
+                 slack.get(id(tr.owner[1]), math.inf) if tr.owner is not None else math.inf) for tr in trs]
 
 
-_DONE, _LANDED, _WAKE = 0, 1, 2
-SHARED_LINKS = False
+_DONE, _LANDED, _WAKE, _BEGIN = 0, 1, 2, 3
+
+
+def _links_from_env() -> bool:
+    """`TORPOR_SIM_LINKS=shared` (processor sharing) or `fixed` (the default: a copy keeps the
+    share it started with); read once at import, `SHARED_LINKS` may be set after that."""
+    v = os.environ.get("TORPOR_SIM_LINKS", "fixed").strip().lower()
+    if v not in ("shared", "fixed", ""):
+        raise ValueError(f"TORPOR_SIM_LINKS: expected 'shared' or 'fixed', got {v!r}")
+    return v == "shared"
+
+
+# The link physics of both simulators (this one and `torpor.paper_sim`), read when a simulation
+# is built: False, fixed shares; True, processor sharing (`LinkSharing`).
+SHARED_LINKS = _links_from_env()
 LATENCY_PCTS = [*range(0, 90, 2), *np.round(np.arange(90, 100, 0.25), 2).tolist(), 99.5, 99.9, 100]
 _RETRIES = 4
 _ACTION_CODE = {"run": 1, "queue": 2, "swap": 3, "peer": 4}
@@ -638,6 +743,7 @@ class _Dev:
     cur_res: Any = None  # the running batch's resident (its copy may still be landing)
     cur_batch: Any = None  # (batch, exec seconds) of the running batch
     cur_deadline: float = math.inf  # the earliest deadline among the running batch's requests
+    cur_guard: float = math.inf  # the earliest guard (`_Job.guard`) among them
     tok: int = 0  # the running batch's completion event; bumped when a re-rated copy moves it
 
 
@@ -696,13 +802,13 @@ class Simulation:
         self.xfer = LinkSharing(self.links, self.cost.transfer_latency_s, self.inflight, SHARED_LINKS)
         self.snap = Snapshot(0.0, [d.state for d in self.devs], self.inflight,
                              lambda k: self.rates[k].rate(self.snap.now), self.holder_count,
-                             self.xfer if SHARED_LINKS else None,
-                             None if SHARED_LINKS else self.xfer.clear_at)
+                             self.xfer if SHARED_LINKS else None, self.xfer.clear_at)
         self.first_at: dict[tuple[str, int], float] = {}
         self.static_map: dict[int, str] = {}
         self.scheduler = Scheduler(self.cost, policy)
         self.queue_order = "deadline" if policy == "torpor" else "fifo"
         self.models = [ModelInfo(f, m.nbytes, m.first_group_bytes, m.slo_s) for f, m in enumerate(self.fn_model)]
+        self.on_place = None  # optional callable(rid, fn, option, resident, device, now), for diagnosis
 
     def _prepare_static(self, arrivals_fn: np.ndarray, duration: float) -> None:
         counts = np.bincount(arrivals_fn, minlength=self.sc.functions)
@@ -757,6 +863,9 @@ class Simulation:
         devs, by_name = self.devs, self.by_name
         fn_model, models, rates = self.fn_model, self.models, self.rates
         edf = self.queue_order == "deadline"
+        # processor sharing: Torpor's scheduler sees when each copy should land if no other joins
+        # (`ResidentState.eta`), not the landing at the rate it has now
+        etas = edf and self.xfer.shared
         if edf:
             for d in devs:
                 d.queue = []
@@ -806,6 +915,7 @@ class Simulation:
             d.cur_res = r
             d.cur_batch = (batch, ex)
             d.cur_deadline = min(j.deadline for j in batch)
+            d.cur_guard = min(j.guard for j in batch)
             d.tok += 1
             d.batches += 1
             d.batched += b
@@ -817,12 +927,14 @@ class Simulation:
             heapq.heappush(heap, (done, seq, _DONE, (d, batch, ex, d.tok)))
             seq += 1
 
-        def rerated(trs: list) -> None:
+        def rerated(trs: list, now: float) -> None:
             # copies whose landing moved: their residents, locks, events and any run waiting on them
             nonlocal seq
             for tr in trs:
                 d, r, src = tr.owner
                 r.ready_at = tr.end
+                if etas:
+                    r.eta = self.xfer.eta(tr, now)
                 if src is not None:
                     src.locked_until = max(src.locked_until, tr.end)
                 heapq.heappush(heap, (tr.end, seq, _LANDED, (tr, tr.version)))
@@ -854,17 +966,21 @@ class Simulation:
 
                 def protect_all(d: _Dev, proj: list) -> None:
                     least = math.inf
-                    for r, t, deadline in reversed(proj):
-                        if t <= deadline:
+                    for r, t, deadline, guard in reversed(proj):
+                        if t <= guard:  # keep the plan's margin where it still has it
+                            least = min(least, guard - t)
+                        elif t <= deadline:
                             least = min(least, deadline - t)
                         if r.ready_at > now and least < slack.get(id(r), math.inf):
                             slack[id(r)] = least
 
                 for d in devs:
                     t = d.busy_until if d.running else now
+                    if d.running and d.cur_res is not None and d.cur_res.eta is not None:
+                        t = max(d.exec_end, d.cur_res.expected())
                     proj = []
                     if d.running and d.cur_res is not None:
-                        proj.append((d.cur_res, t, d.cur_deadline))
+                        proj.append((d.cur_res, t, d.cur_deadline, d.cur_guard))
                     ahead = t2 = None
                     harm = -1  # index of the first queued request it would make late
                     for k, j in enumerate(d.queue):
@@ -873,24 +989,24 @@ class Simulation:
                             # copy, the slowest it may get)
                             r = d.state.residents.get(f)
                             if r is not None:
-                                ready = r.ready_at
+                                ready = r.expected()
                             else:
                                 hp = self.links.host_path(d.state.name)
                                 ready = now + cost.copy_plan(models[f].nbytes, 0, hp, self.inflight,
                                                              self.snap.inflight_bytes, snap.clear_in(hp))[1]
                             ahead, t2 = t, max(t + ex_new, ready)
-                        t = max(max(t, j.first_at) + j.est, j.resident.ready_at)
-                        proj.append((j.resident, t, j.deadline))
+                        t = max(max(t, j.first_at) + j.est, j.resident.expected())
+                        proj.append((j.resident, t, j.deadline, j.guard))
                         if t2 is not None:
-                            t2 = max(max(t2, j.first_at) + j.est, j.resident.ready_at)
+                            t2 = max(max(t2, j.first_at) + j.est, j.resident.expected())
                             if t2 > j.guard and t <= j.deadline:
                                 harm = k
                                 break
                     if ahead is None or harm >= 0:
                         if harm >= 0:
                             for q in d.queue[harm + 1:]:
-                                t = max(max(t, q.first_at) + q.est, q.resident.ready_at)
-                                proj.append((q.resident, t, q.deadline))
+                                t = max(max(t, q.first_at) + q.est, q.resident.expected())
+                                proj.append((q.resident, t, q.deadline, q.guard))
                         d.next_key = max(due, d.queue[-1].key) if d.queue else due
                         d.state.backlog_s = max(0.0, t - now)
                     else:
@@ -926,7 +1042,10 @@ class Simulation:
                 src = by_name[o.source].state.residents[f] if o.action == "peer" else None
                 _, moved_trs = self.xfer.start(now, models[f].nbytes, o.path, (d, r, src),
                                                begin=now + o.start_s if o.start_s > 0 else None)
-                rerated(moved_trs)
+                rerated(moved_trs, now)
+                if o.start_s > 0 and self.xfer.shared:
+                    heapq.heappush(heap, (now + o.start_s, seq, _BEGIN, moved_trs[0]))
+                    seq += 1
                 moved += o.bytes_moved
                 if o.action == "peer":
                     peers += 1
@@ -945,6 +1064,8 @@ class Simulation:
             else:
                 est = cost.exec_seconds(f)
             predicted[rid] = now - arrival + o.completion_s
+            if self.on_place is not None:  # diagnosis hook: (request, function, option, resident, device)
+                self.on_place(rid, f, o, r, d.state.name, now)
             action_of[rid] = _ACTION_CODE[o.action]
             first_at = self.first_at.get((d.state.name, f), 0.0)
             job = _Job(rid, f, arrival, est, r, dec.meets_slo, now, first_at, arrival + spec.slo_s)
@@ -963,19 +1084,34 @@ class Simulation:
             return True
 
         def handle(ev: tuple) -> None:
+            nonlocal seq, misses
             t, _, kind, data = ev
             if kind == _LANDED:
                 tr, version = data
                 if version == tr.version:
                     tr.owner[1].ready_at = t
-                    rerated(self.xfer.finish(tr, t))
+                    tr.owner[1].eta = None
+                    rerated(self.xfer.finish(tr, t), t)
+                return
+            if kind == _BEGIN:
+                if not data.pending:
+                    return
+                # a copy that waited for its path starts once the copies moving there have
+                # landed: it takes no bandwidth promised to them (copies started since it was
+                # planned may still be moving)
+                clear = self.xfer.busy_until(data.path, t)
+                if clear > t + 1e-6:
+                    rerated(self.xfer.postpone(data, clear), t)
+                    heapq.heappush(heap, (clear, seq, _BEGIN, data))
+                    seq += 1
+                    return
+                rerated(self.xfer.activate(data, t), t)
                 return
             if kind == _WAKE:
                 if data.hold_until == t:
                     data.hold_until = -1.0
                     start_next(data, t)
                 return
-            nonlocal misses
             d, batch, ex, tok = data
             if tok != d.tok:
                 return  # its copy's landing moved, and the completion with it
@@ -1005,7 +1141,9 @@ class Simulation:
                 handle(heapq.heappop(heap))
             f = int(arrivals_fn[i])
             rates[f].hit(t)
-            if pending or not try_place(i, f, t, t):
+            # Torpor: a request that can be placed now is not held behind one waiting for room
+            # (under overload every device can be full of models pinned by queued requests)
+            if (pending and not edf) or not try_place(i, f, t, t):
                 waits += 1
                 pending.append((i, f, t))
             if misses > allowed:
