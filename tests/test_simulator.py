@@ -384,10 +384,17 @@ def test_processor_sharing_copy_that_waits_for_its_path_takes_no_share_until_it_
     assert sorted(x[0] for x in ps.get("switch:sw0")) == pytest.approx([0.3e9, 1e9])
     assert ps.clear_at("switch:sw0") == pytest.approx(0.21) and ps.clear_at("nvlink:x") == -math.inf
     # a copy started meanwhile shares with big (not with the waiting one): the switch is busy
-    # until 0.11 + 0.01, so the waiting copy starts then, not at 0.11
-    mid, moved = ps.start(0.09, 10**8, lm.host_path("gpu0"))
+    # until 0.11 + 0.01; where starting at 0.11 would make it late, the waiting copy starts then
+    mid, moved = ps.start(0.09, 10**8, lm.host_path("gpu0"), ("gpu0", object(), None))
     assert {id(t) for t in moved} == {id(big), id(mid)}
     assert ps.busy_until(late.path, 0.09) == pytest.approx(0.09 + (0.2e9 + 1e8) / 1e10)
+    # would starting it now slow one of them past the deadline of a request waiting on it?
+    ps.now = 0.09
+    assert not ps.would_harm(late, 0.09)  # no slack known: unbounded
+    ps.slack[id(mid.owner[1])] = 0.05
+    assert not ps.would_harm(late, 0.09)  # 1e8 bytes left at 10 GB/s: 10 ms later, within 50 ms
+    ps.slack[id(mid.owner[1])] = 0.005
+    assert ps.would_harm(late, 0.09)
     assert ps.postpone(late, 0.12) == [late] and late.end == pytest.approx(0.22)
     assert mid.end == pytest.approx(0.11)
     ps.finish(mid, mid.end)
@@ -417,9 +424,9 @@ def test_link_physics_from_the_environment(monkeypatch):
 def test_predictions_hold_under_processor_sharing_when_execution_is_exact(monkeypatch):
     # Under processor sharing a later copy slows the copies already on its links. Torpor's
     # scheduler counts how its copy slows the copy its request queues behind, keeps every
-    # in-flight copy within the margin of the requests waiting on it (or waits for the path),
-    # and a copy that waited starts only once its path is clear: with exact execution times a
-    # request predicted within its margin still meets its SLO.
+    # in-flight copy within the deadlines of the requests waiting on it (or waits for the
+    # path), and a copy that waited does not start where it would break such a deadline: with
+    # exact execution times a request predicted within its margin still meets its SLO.
     from torpor import simulator
 
     monkeypatch.setattr(simulator, "SHARED_LINKS", True)

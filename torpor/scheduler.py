@@ -18,7 +18,7 @@ Options considered for every device `d` (policy "torpor"):
   (`CostModel.copy_plan`, `Option.start_s`): BERT-large over PCIe 3 lands in 112 ms alone and in
   224 ms beside a ResNet copy that has 3 ms left, at the share it starts with.
   Where the snapshot knows the bytes each copy in flight has left (`Snapshot.inflight_bytes`,
-  processor sharing), a copy that would delay one in flight past the margin of a request
+  processor sharing), a copy that would delay one in flight past the deadline of a request
   waiting on it (`Option.harms`) waits for its path to clear instead, so the bandwidth earlier
   copies were promised stays theirs; and a copy to a device whose work ahead waits on a copy
   landing there counts how much later that copy lands beside it (`CostModel.own_delay`).

@@ -15,8 +15,8 @@ What is simulated, and how:
   place on the links meanwhile. Under processor sharing (`SHARED_LINKS`, or
   `TORPOR_SIM_LINKS=shared`) every copy on a link is re-rated as copies start and land; there
   Torpor's scheduler sees when each copy should land if none joins (`ResidentState.eta`), and a
-  copy that waits for its path takes no share until then and starts only once the copies
-  moving on its path have landed. A device computing a request whose model
+  copy that waits for its path takes no share until then, and later still if copies started
+  meanwhile would otherwise be slowed past the deadline of a request waiting on them. A device computing a request whose model
   is still landing starts when the first group has landed and ends no earlier than the last
   group lands (pipelined swap).
 - **Execution**: the model's profiled time times lognormal noise (`exec_noise`); each measured
@@ -560,7 +560,7 @@ class LinkSharing:
         bandwidth (`CostModel.copy_plan`). Fixed shares: it holds its place on the links from
         now, so copies started meanwhile count it when they take their share. Processor
         sharing: it takes no share and slows nobody until the caller calls `activate` (or
-        `postpone`, while copies started meanwhile still move there); `get` and `clear_at`
+        `postpone`, where it `would_harm` copies started meanwhile); `get` and `clear_at`
         count it meanwhile."""
         affected = self._touching(path, now) if self.shared else []
         tr = Transfer(path, nbytes, now, owner)
@@ -599,6 +599,19 @@ class LinkSharing:
                 left = sum(max(0.0, o.left - o.rate * (now - o.t)) for o in trs)
                 t = max(t, now + self.latency_s + left / self.links.bandwidth(lk))
         return t
+
+    def would_harm(self, tr: Transfer, now: float) -> bool:
+        """Whether starting `tr` now would delay a copy moving on its path past its slack
+        (`self.slack`, as the caller last set it): sharing link l it lands min(its bytes left,
+        tr's bytes) / bw[l] later (`CostModel.delays`)."""
+        slack = self.slack
+        for lk in tr.path:
+            bw = self.links.bandwidth(lk)
+            for o in self.on.get(lk, ()):
+                s = slack.get(id(o.owner[1]), math.inf) if o.owner is not None else math.inf
+                if s < math.inf and min(max(0.0, o.left - o.rate * (now - o.t)), tr.left) / bw > s:
+                    return True
+        return False
 
     def postpone(self, tr: Transfer, begin: float) -> list[Transfer]:
         """A copy waiting to start (`start(begin=...)`) waits until `begin` instead; returns it
@@ -743,7 +756,6 @@ class _Dev:
     cur_res: Any = None  # the running batch's resident (its copy may still be landing)
     cur_batch: Any = None  # (batch, exec seconds) of the running batch
     cur_deadline: float = math.inf  # the earliest deadline among the running batch's requests
-    cur_guard: float = math.inf  # the earliest guard (`_Job.guard`) among them
     tok: int = 0  # the running batch's completion event; bumped when a re-rated copy moves it
 
 
@@ -915,7 +927,6 @@ class Simulation:
             d.cur_res = r
             d.cur_batch = (batch, ex)
             d.cur_deadline = min(j.deadline for j in batch)
-            d.cur_guard = min(j.guard for j in batch)
             d.tok += 1
             d.batches += 1
             d.batched += b
@@ -966,10 +977,8 @@ class Simulation:
 
                 def protect_all(d: _Dev, proj: list) -> None:
                     least = math.inf
-                    for r, t, deadline, guard in reversed(proj):
-                        if t <= guard:  # keep the plan's margin where it still has it
-                            least = min(least, guard - t)
-                        elif t <= deadline:
+                    for r, t, deadline in reversed(proj):
+                        if t <= deadline:
                             least = min(least, deadline - t)
                         if r.ready_at > now and least < slack.get(id(r), math.inf):
                             slack[id(r)] = least
@@ -980,7 +989,7 @@ class Simulation:
                         t = max(d.exec_end, d.cur_res.expected())
                     proj = []
                     if d.running and d.cur_res is not None:
-                        proj.append((d.cur_res, t, d.cur_deadline, d.cur_guard))
+                        proj.append((d.cur_res, t, d.cur_deadline))
                     ahead = t2 = None
                     harm = -1  # index of the first queued request it would make late
                     for k, j in enumerate(d.queue):
@@ -996,7 +1005,7 @@ class Simulation:
                                                              self.snap.inflight_bytes, snap.clear_in(hp))[1]
                             ahead, t2 = t, max(t + ex_new, ready)
                         t = max(max(t, j.first_at) + j.est, j.resident.expected())
-                        proj.append((j.resident, t, j.deadline, j.guard))
+                        proj.append((j.resident, t, j.deadline))
                         if t2 is not None:
                             t2 = max(max(t2, j.first_at) + j.est, j.resident.expected())
                             if t2 > j.guard and t <= j.deadline:
@@ -1006,7 +1015,7 @@ class Simulation:
                         if harm >= 0:
                             for q in d.queue[harm + 1:]:
                                 t = max(max(t, q.first_at) + q.est, q.resident.expected())
-                                proj.append((q.resident, t, q.deadline, q.guard))
+                                proj.append((q.resident, t, q.deadline))
                         d.next_key = max(due, d.queue[-1].key) if d.queue else due
                         d.state.backlog_s = max(0.0, t - now)
                     else:
@@ -1096,10 +1105,10 @@ class Simulation:
             if kind == _BEGIN:
                 if not data.pending:
                     return
-                # a copy that waited for its path starts once the copies moving there have
-                # landed: it takes no bandwidth promised to them (copies started since it was
-                # planned may still be moving)
-                clear = self.xfer.busy_until(data.path, t)
+                # a copy that waited for its path starts as planned, unless copies started
+                # since then still move there and it would slow one past the deadline of a
+                # request waiting on it: then it waits until they have landed
+                clear = self.xfer.busy_until(data.path, t) if self.xfer.would_harm(data, t) else t
                 if clear > t + 1e-6:
                     rerated(self.xfer.postpone(data, clear), t)
                     heapq.heappush(heap, (clear, seq, _BEGIN, data))
