@@ -11,7 +11,10 @@ Options: --trace PATH (the paper's trace; default ../shared/data/ beside the pro
 synthetic generator with the trace's statistics when it is absent or with --synthetic), --seed,
 --duration (seconds measured, default 600), --warmup (seconds of arrivals before, not counted,
 default 60: the paper warms every function before measuring), --out (default docs/paper),
---jobs (worker processes, default 2). Policies: `torpor` is ours (torpor.simulator); `paper`,
+--jobs (worker processes, default 2), --links fixed|shared (the link physics of both simulators:
+a copy keeps the share it started with, the default, or processor sharing; default from
+TORPOR_SIM_LINKS), --policies and --counts (a subset of a sweep's policies and function counts,
+comma-separated). Policies: `torpor` is ours (torpor.simulator); `paper`,
 `fifo`, `random`, `lru`, `native`, `keepalive` are the paper's system, ablations and baselines
 (torpor.paper_sim). Every policy sees the same arrivals and is judged by the same rule: a
 function is compliant when its p98 latency is within its deadline.
