@@ -101,24 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive(text: str) -> float:
+def _positive(text: str, cast: type = float):
+    """argparse type: a number above zero (`cast`: float, or int for counts)."""
     try:
-        v = float(text)
+        v = cast(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if cast is int else 'a number'}, got {text!r}") from None
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
     return v
 
 
 def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
-    return v
+    return _positive(text, int)
 
 
 def _resolve_devices(text: str) -> str:

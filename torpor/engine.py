@@ -20,8 +20,8 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from math import prod
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -1108,7 +1108,7 @@ class Engine:
             if deadline is None or not ve.slots.locked():
                 await ve.slots.acquire()
             else:
-                await _acquire_slot(ve.slots, deadline)
+                await _acquire_slot_by(ve.slots, deadline)
             held = True
             try:
                 t_start = time.monotonic_ns()
@@ -1511,10 +1511,9 @@ def _deadline(request: InferRequest) -> float | None:
     return None if t is None else request.arrival_ns / 1e9 + t
 
 
-async def _acquire_slot(slots: asyncio.Semaphore, deadline: float | None) -> None:
-    if deadline is None or not slots.locked():
-        await slots.acquire()
-        return
+async def _acquire_slot_by(slots: asyncio.Semaphore, deadline: float) -> None:
+    """Wait for a busy instance no later than `deadline` (the caller takes a free one, or waits
+    without a deadline, itself: the common case, without this frame)."""
     waiter = asyncio.ensure_future(slots.acquire())
     try:
         done, _ = await asyncio.wait({waiter}, timeout=max(0.0, deadline - time.monotonic()))
