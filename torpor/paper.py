@@ -70,15 +70,22 @@ class Placement:
     branch: str = ""  # which rule chose it, for tests and counters
 
 
+def _idle_or_resident(key: Any, gpus: Sequence[GpuView]) -> tuple[list[GpuView], Placement | None]:
+    """The idle GPUs, and the first rule both placements share: run on an idle GPU that holds
+    the model."""
+    idle = [g for g in gpus if g.idle]
+    for g in idle:
+        if key in g.models:
+            return idle, Placement(g.name, "run", None, "resident-idle")
+    return idle, None
+
+
 def algorithm1(key: Any, gpus: Sequence[GpuView], nvlink_bw: Callable[[str, str], float | None]) -> Placement | None:
     """The paper's Algorithm 1. `nvlink_bw(src, dst)`: bandwidth of the direct NVLink path, or
     None. Returns None when no GPU is idle (the request waits)."""
-    idle = [g for g in gpus if g.idle]
-    if not idle:
-        return None
-    for g in idle:
-        if key in g.models:
-            return Placement(g.name, "run", None, "resident-idle")
+    idle, placed = _idle_or_resident(key, gpus)
+    if placed is not None or not idle:
+        return placed
     holders = [g for g in gpus if not g.idle and key in g.models]
     best: tuple[float, str, str] | None = None
     for dst in idle:
@@ -104,12 +111,9 @@ def random_placement(key: Any, gpus: Sequence[GpuView], pick: Callable[[int], in
     """The 'random' ablation (the prototype's RAND policy): an idle GPU holding the model runs
     it; otherwise a random idle GPU copies it from host (never from a peer). `pick(n)` returns an
     index in [0, n)."""
-    idle = [g for g in gpus if g.idle]
-    if not idle:
-        return None
-    for g in idle:
-        if key in g.models:
-            return Placement(g.name, "run", None, "resident-idle")
+    idle, placed = _idle_or_resident(key, gpus)
+    if placed is not None or not idle:
+        return placed
     return Placement(idle[pick(len(idle))].name, "host", None, "random")
 
 

@@ -511,6 +511,10 @@ class Transfer:
         self.owner = owner
         self.pending = False  # waiting for its path to clear (processor sharing: not moving yet)
 
+    def left_at(self, now: float) -> float:
+        """Bytes still to move at `now`, at the rate it has (all of them while it waits)."""
+        return self.left if self.pending else max(0.0, self.left - self.rate * (now - self.t))
+
 
 class LinkSharing:
     """Copies in flight sharing links by processor sharing, the physics both simulators use.
@@ -542,6 +546,9 @@ class LinkSharing:
             tr.end = now + (self.latency_s + tr.left / tr.rate)  # the same sum as CostModel.transfer_seconds
             tr.version += 1
 
+    def _full_rate(self, path: tuple[str, ...]) -> float:
+        return min(self.links.bandwidth(lk) for lk in path)
+
     def _touching(self, path: tuple[str, ...], now: float) -> list[Transfer]:
         seen: dict[int, Transfer] = {}
         for lk in path:
@@ -549,7 +556,7 @@ class LinkSharing:
                 seen[id(tr)] = tr
         out = list(seen.values())
         for tr in out:  # bytes moved at the old rate up to now
-            tr.left = max(0.0, tr.left - tr.rate * (now - tr.t))
+            tr.left = tr.left_at(now)
             tr.t = now
         return out
 
@@ -568,7 +575,7 @@ class LinkSharing:
             self.on.setdefault(lk, []).append(tr)
             self.counts[lk] = self.counts.get(lk, 0) + 1
         if begin is not None and begin > now and not self.shared:
-            tr.rate = min(self.links.bandwidth(lk) for lk in path)
+            tr.rate = self._full_rate(path)
             tr.t = begin
             tr.end = begin + (self.latency_s + tr.left / tr.rate)
             tr.version += 1
@@ -581,7 +588,7 @@ class LinkSharing:
                 self.waiting.setdefault(lk, []).append(tr)
             tr.pending = True
             tr.t = begin
-            tr.end = begin + (self.latency_s + tr.left / min(self.links.bandwidth(lk) for lk in path))
+            tr.end = begin + (self.latency_s + tr.left / self._full_rate(path))
             tr.version += 1
             return tr, [tr]
         affected.append(tr)
@@ -596,7 +603,7 @@ class LinkSharing:
         for lk in path:
             trs = self.on.get(lk)
             if trs:
-                left = sum(max(0.0, o.left - o.rate * (now - o.t)) for o in trs)
+                left = sum(o.left_at(now) for o in trs)
                 t = max(t, now + self.latency_s + left / self.links.bandwidth(lk))
         return t
 
@@ -609,7 +616,7 @@ class LinkSharing:
             bw = self.links.bandwidth(lk)
             for o in self.on.get(lk, ()):
                 s = slack.get(id(o.owner[1]), math.inf) if o.owner is not None else math.inf
-                if s < math.inf and min(max(0.0, o.left - o.rate * (now - o.t)), tr.left) / bw > s:
+                if s < math.inf and min(o.left_at(now), tr.left) / bw > s:
                     return True
         return False
 
@@ -617,7 +624,7 @@ class LinkSharing:
         """A copy waiting to start (`start(begin=...)`) waits until `begin` instead; returns it
         (its landing moved)."""
         tr.t = begin
-        tr.end = begin + (self.latency_s + tr.left / min(self.links.bandwidth(lk) for lk in tr.path))
+        tr.end = begin + (self.latency_s + tr.left / self._full_rate(tr.path))
         tr.version += 1
         return [tr]
 
@@ -643,14 +650,14 @@ class LinkSharing:
         first and frees its share. Its `end` is the landing at the rate it has now."""
         if tr.pending:
             return tr.end
-        left = max(0.0, tr.left - tr.rate * (now - tr.t))
+        left = tr.left_at(now)
         worst = 0.0
         bw = self.links.bandwidth
         for lk in tr.path:
             ahead = 0.0
             for o in self.on.get(lk, ()):
                 if o is not tr:
-                    ahead += min(max(0.0, o.left - o.rate * (now - o.t)), left)
+                    ahead += min(o.left_at(now), left)
             worst = max(worst, (left + ahead) / bw(lk))
         return min(tr.end, now + self.latency_s + worst)
 
@@ -666,7 +673,7 @@ class LinkSharing:
         now = self.now
         t = -math.inf
         if trs:
-            left = sum(max(0.0, tr.left - tr.rate * (now - tr.t)) for tr in trs)
+            left = sum(tr.left_at(now) for tr in trs)
             t = now + self.latency_s + left / self.links.bandwidth(link)
         for tr in waiting or ():
             t = max(t, tr.end)
@@ -695,7 +702,7 @@ class LinkSharing:
         if not trs:
             return list(default)
         now, slack = self.now, self.slack
-        return [(max(0.0, tr.left - tr.rate * (now - tr.t)) if not tr.pending else tr.left,
+        return [(tr.left_at(now),
                  slack.get(id(tr.owner[1]), math.inf) if tr.owner is not None else math.inf) for tr in trs]
 
 
@@ -820,7 +827,6 @@ class Simulation:
         self.scheduler = Scheduler(self.cost, policy)
         self.queue_order = "deadline" if policy == "torpor" else "fifo"
         self.models = [ModelInfo(f, m.nbytes, m.first_group_bytes, m.slo_s) for f, m in enumerate(self.fn_model)]
-        self.on_place = None  # optional callable(rid, fn, option, resident, device, now), for diagnosis
 
     def _prepare_static(self, arrivals_fn: np.ndarray, duration: float) -> None:
         counts = np.bincount(arrivals_fn, minlength=self.sc.functions)
@@ -1073,8 +1079,6 @@ class Simulation:
             else:
                 est = cost.exec_seconds(f)
             predicted[rid] = now - arrival + o.completion_s
-            if self.on_place is not None:  # diagnosis hook: (request, function, option, resident, device)
-                self.on_place(rid, f, o, r, d.state.name, now)
             action_of[rid] = _ACTION_CODE[o.action]
             first_at = self.first_at.get((d.state.name, f), 0.0)
             job = _Job(rid, f, arrival, est, r, dec.meets_slo, now, first_at, arrival + spec.slo_s)
