@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.fault_models import write_fault_models  # noqa: E402
+from tests.models import mlp_config  # noqa: E402
 
 HIDDEN = 256
 MLPS = [f"mlp{i}" for i in range(4)]
@@ -61,15 +62,7 @@ def build_repo(dest: Path) -> Path:
     write_fault_models_queued(dest)
     for i, name in enumerate(MLPS):
         (dest / name / "1").mkdir(parents=True, exist_ok=True)
-        (dest / name / "config.pbtxt").write_text(f'''name: "{name}"
-backend: "pytorch"
-max_batch_size: 4
-input [ {{ name: "input" data_type: TYPE_FP32 dims: [ {HIDDEN} ] }} ]
-output [ {{ name: "output" data_type: TYPE_FP32 dims: [ {HIDDEN} ] }} ]
-parameters {{ key: "torpor.module_class" value: {{ string_value: "adapters.networks:WideMLP" }} }}
-parameters {{ key: "torpor.module_kwargs" value: {{ string_value: "{{\\"hidden\\": {HIDDEN}, \\"layers\\": 4}}" }} }}
-parameters {{ key: "torpor.generate_weights" value: {{ string_value: "{7 + i}" }} }}
-''')
+        (dest / name / "config.pbtxt").write_text(mlp_config(name, 7 + i, HIDDEN))
     return dest
 
 

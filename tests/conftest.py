@@ -152,3 +152,12 @@ def start_server(tmp_path):
     yield _start
     for s in started:
         s.stop()
+
+
+def pending_requests(server: Server, model: str) -> float:
+    """`nv_inference_pending_request_count` of `model` from the server's metrics."""
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(f'nv_inference_pending_request_count{{model="{model}"'):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0

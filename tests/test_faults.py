@@ -12,7 +12,6 @@ import time
 import urllib.error
 import urllib.request
 
-import grpc
 import numpy as np
 import psutil
 import pytest
@@ -20,7 +19,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from .conftest import Server, make_repo
+from .conftest import Server, make_repo, pending_requests
 from .fault_models import CODE, write_fault_models
 
 
@@ -43,14 +42,6 @@ def _inputs(mod, value: int, shape=(1,)):
 def _fails(server: Server, model: str) -> int:
     c = httpclient.InferenceServerClient(server.http_url)
     return c.get_inference_statistics(model)["model_stats"][0]["inference_stats"]["fail"]["count"]
-
-
-def _pending(server: Server, model: str) -> float:
-    with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(f'nv_inference_pending_request_count{{model="{model}"'):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def _good_still_answers(server: Server) -> None:
@@ -104,7 +95,7 @@ def test_request_timeout_bounds_a_hanging_model(faulty):
         # meanwhile other models are served
         _good_still_answers(faulty)
     assert _fails(faulty, "hangs") >= before + 3
-    assert _pending(faulty, "hangs") == 0
+    assert pending_requests(faulty, "hangs") == 0
 
 
 def test_queue_limit_is_unavailable(faulty):
@@ -136,14 +127,14 @@ def test_http_client_disconnect_cancels_the_request(faulty):
     with socket.create_connection((host, int(port))) as s:
         s.sendall(b"POST /v2/models/hangs/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         deadline = time.monotonic() + 10
-        while _pending(faulty, "hangs") < 1 and time.monotonic() < deadline:
+        while pending_requests(faulty, "hangs") < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _pending(faulty, "hangs") == 1
+        assert pending_requests(faulty, "hangs") == 1
     # the client is gone: the request is cancelled and counted, though the model sleeps on for 10 s
     deadline = time.monotonic() + 8
-    while _pending(faulty, "hangs") > 0 and time.monotonic() < deadline:
+    while pending_requests(faulty, "hangs") > 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _pending(faulty, "hangs") == 0
+    assert pending_requests(faulty, "hangs") == 0
     assert _fails(faulty, "hangs") == before + 1
     _good_still_answers(faulty)
 
@@ -153,9 +144,9 @@ def test_grpc_deadline_cancels_the_request(faulty):
     with pytest.raises(InferenceServerException, match="Deadline"):
         g.infer("hangs", _inputs(grpcclient, 3000), client_timeout=0.3)
     deadline = time.monotonic() + 8
-    while _pending(faulty, "hangs") > 0 and time.monotonic() < deadline:
+    while pending_requests(faulty, "hangs") > 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _pending(faulty, "hangs") == 0
+    assert pending_requests(faulty, "hangs") == 0
     _good_still_answers(faulty)
 
 

@@ -12,20 +12,14 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from . import models
+
 HIDDEN = 512  # 4 layers: ~4.2 MB of FP32 weights per model
 MODELS = [f"mlp{i}" for i in range(6)]
 
 
 def mlp_config(name: str, seed: int) -> str:
-    return f'''name: "{name}"
-backend: "pytorch"
-max_batch_size: 4
-input [ {{ name: "input" data_type: TYPE_FP32 dims: [ {HIDDEN} ] }} ]
-output [ {{ name: "output" data_type: TYPE_FP32 dims: [ {HIDDEN} ] }} ]
-parameters {{ key: "torpor.module_class" value: {{ string_value: "adapters.networks:WideMLP" }} }}
-parameters {{ key: "torpor.module_kwargs" value: {{ string_value: "{{\\"hidden\\": {HIDDEN}, \\"layers\\": 4}}" }} }}
-parameters {{ key: "torpor.generate_weights" value: {{ string_value: "{seed}" }} }}
-'''
+    return models.mlp_config(name, seed, HIDDEN)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import queue
 import signal
 import threading
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import tritonclient.grpc.aio as aiogrpcclient
 import tritonclient.http as httpclient
 import tritonclient.http.aio as aiohttpclient
 
-from .conftest import Server, make_repo
+from .conftest import Server, make_repo, pending_requests
 from .models import write_model
 
 SLOW_MODEL = '''
@@ -48,14 +47,6 @@ def repo(tmp_path):
     r = make_repo(tmp_path / "repo", ["simple", "repeat_int32"])
     write_model(r, "slow", SLOW_CONFIG, SLOW_MODEL)
     return r
-
-
-def pending(server: Server, model: str) -> float:
-    with urllib.request.urlopen(server.metrics_url, timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(f'nv_inference_pending_request_count{{model="{model}"'):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_sigterm_finishes_accepted_requests_and_exits_zero(repo, tmp_path):
@@ -96,7 +87,7 @@ def test_sigterm_finishes_accepted_requests_and_exits_zero(repo, tmp_path):
         t.start()
     sc.async_stream_infer("repeat_int32", ins, request_id="stream")
     deadline = time.monotonic() + 20
-    while pending(s, "slow") < 2 * IN_FLIGHT or pending(s, "repeat_int32") < 1:
+    while pending_requests(s, "slow") < 2 * IN_FLIGHT or pending_requests(s, "repeat_int32") < 1:
         assert time.monotonic() < deadline, "requests never reached the engine"
         time.sleep(0.02)
 
