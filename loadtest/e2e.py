@@ -1,9 +1,11 @@
 """End to end: many eager models through the real server, Torpor (device memory bounded to a
 fraction of the models' bytes) against all-resident ("native", the bound above the total),
-same open-loop workload, over HTTP and/or gRPC (issue 10).
+same open-loop workload, over HTTP and/or gRPC (issues 10 and 16).
 
     python loadtest/e2e.py --device cuda --models 40 --fraction 0.25 --duration 100 --json e2e.json
     python loadtest/e2e.py --tiny --models 8 --device cpu --duration 15       # CPU smoke run
+    python loadtest/e2e.py --device cuda --load 0.25,0.5 --workload both ...  # several loads, one server each
+    python loadtest/e2e.py --table e2e.json   # one row per load x workload from a --json file, nothing run
 
 Phases (each printed with a timestamp, the whole run kept inside --budget-s):
 
@@ -18,8 +20,8 @@ Phases (each printed with a timestamp, the whole run kept inside --budget-s):
 2. for each configuration (native first when --speedup auto, since it calibrates the load, then
    torpor): start `python -m torpor.cli serve` on free 127.0.0.1 ports with --devices and
    --device-memory-bytes, wait for ready, warm up (one request per model, in order, then a few
-   sequential requests per class: the resident service time), run each workload, stop with
-   SIGTERM and require exit status 0.
+   sequential requests per class: the resident service time), run each load (--load takes a
+   comma list) and for each load each workload, stop with SIGTERM and require exit status 0.
 3. workloads (open loop, one asyncio client, one task per arrival, at most --max-outstanding in
    flight: arrivals beyond that are dropped and counted; latency runs from the scheduled arrival
    time, so a late client shows up in the latency and as "lag", never hides load):
@@ -27,17 +29,26 @@ Phases (each printed with a timestamp, the whole run kept inside --budget-s):
      minute spread the minute's total count with exponential gaps (mean 60 s / total; rescaled
      into the minute when they overrun it) and give each arrival to a function with probability
      proportional to its count in that minute; minutes wrap after the trace's 31. Time is
-     compressed by --speedup (auto: offered rate = --load x the single-stream capacity measured
-     at warm-up on the first configuration, capped by --max-rps).
+     compressed by --speedup (auto: offered rate = load x the single-stream capacity measured
+     at warm-up on the first configuration, capped by --max-rps, worked out for each --load).
    - zipf: the same mean rate, Zipf(--zipf-s) popularity over a seeded permutation of the
      models, arrivals from a two-state Markov-modulated Poisson process (bursts of mean 1 s at
      --burst-factor x the base rate, gaps of mean 4 s).
-4. report per configuration, workload and class: sent, answered, failed (errors printed),
-   dropped, p50/p99 latency, SLO attainment (--slo-ms), swap-ins, evictions and bytes moved
-   (torpor_swap_* on the metrics port, differenced around each workload), the device's
-   residency, server-side compute time; then Torpor p50/p99 over native p50/p99. --json writes it all.
+4. report per configuration, load, workload and class: sent, answered, failed (errors printed),
+   shed, lost, dropped, p50/p99 latency, SLO attainment (--slo-ms, of all arrivals), goodput
+   (answers within SLO per second of the workload's duration), swap-ins, evictions and bytes
+   moved (torpor_swap_* on the metrics port, differenced around each workload), the device's
+   residency, server-side compute time; one line with how many were shed and how fast (p50/p99
+   of the refusal's latency); then Torpor p50/p99/goodput over native's. --json writes it all;
+   with several loads the runs are keyed "workload@load" (e.g. trace@0.25), else by workload.
 
-Exit status: 0 when every configuration ran, every server exited 0 and no request failed.
+Outcomes of an arrival: answered; shed (HTTP 503 / gRPC UNAVAILABLE whose message begins with
+"Exceeds maximum queue size" or "Request timeout expired": the server's quick refusal under
+overload, allowed); failed (any other error); dropped (the client already had --max-outstanding
+in flight); lost (no response by --drain-s after the last arrival: cancelled, must not happen).
+
+Exit status: 0 when every configuration ran, every server exited 0 and no request failed or was
+lost (shed requests are allowed).
 """
 
 from __future__ import annotations
@@ -308,7 +319,7 @@ class Server:
                     "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1", "--metrics-address", "127.0.0.1",
                     "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics),
                     "--devices", device, "--device-memory-bytes", str(bound), *extra]
-        self.log = open(log_path, "wb")
+        self.log = open(log_path, "wb")  # noqa: SIM115 - the server writes it until stop() closes it
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env)
 
     @property
@@ -350,7 +361,7 @@ class Server:
         """torpor_swap_* per model from the metrics port: {model: {metric: value}}."""
         text = http_get(f"http://127.0.0.1:{self.metrics}/metrics").decode()
         out: dict[str, dict[str, float]] = {}
-        for m in re.finditer(r'^(torpor_swap_\w+)\{model="([^"]*)",version="[^"]*"\} (\S+)$', text, re.M):
+        for m in re.finditer(r'^(torpor_swap_\w+)\{model="([^"]*)",version="[^"]*"\} (\S+)$', text, re.MULTILINE):
             out.setdefault(m.group(2), {})[m.group(1)] = float(m.group(3))
         return out
 
@@ -380,13 +391,13 @@ class Client:
         for proto in protocols:
             if proto == "http":
                 import tritonclient.http as mod
-                import tritonclient.http.aio as aio
+                from tritonclient.http import aio
 
                 self.clients[proto] = aio.InferenceServerClient(f"127.0.0.1:{server.http}", conn_limit=outstanding,
                                                                 conn_timeout=120.0)
             else:
                 import tritonclient.grpc as mod
-                import tritonclient.grpc.aio as aio
+                from tritonclient.grpc import aio
 
                 self.clients[proto] = aio.InferenceServerClient(f"127.0.0.1:{server.grpc}")
             for k, kind in kinds.items():
@@ -414,15 +425,33 @@ class Client:
             await c.close()
 
 
+# outcomes of an arrival (RunLog.status)
+OK, FAILED, DROPPED, LOST, SHED = 0, 1, 2, 3, 4
+# A quick refusal under overload, in Triton's words: the server's queue is full, or the request's
+# own `timeout` ran out while it waited. Anything else that is not an answer is a failure.
+SHED_STATUSES = ("503", "StatusCode.UNAVAILABLE")  # HTTP; gRPC as tritonclient spells it
+SHED_PREFIXES = ("Exceeds maximum queue size", "Request timeout expired")
+
+
+def is_shed(exc: BaseException) -> bool:
+    """HTTP 503 / gRPC UNAVAILABLE with one of Triton's shedding messages (tritonclient's
+    InferenceServerException carries both, the HTTP status as "503", gRPC's as "StatusCode.UNAVAILABLE")."""
+    status, message = getattr(exc, "status", None), getattr(exc, "message", None)
+    if not callable(status) or not callable(message):
+        return False
+    return str(status()) in SHED_STATUSES and str(message() or "").lstrip().startswith(SHED_PREFIXES)
+
+
 @dataclass
 class RunLog:
     sched: np.ndarray  # scheduled arrival (s from start)
     func: np.ndarray
     proto: np.ndarray  # index into protocols
-    latency: np.ndarray  # ms from scheduled arrival, nan if not answered
+    latency: np.ndarray  # ms from scheduled arrival to the answer, refusal or error; nan if none came
     lag: np.ndarray  # ms the send started after its scheduled time
-    status: np.ndarray  # 0 ok, 1 failed, 2 dropped (too many outstanding), 3 not sent
+    status: np.ndarray  # OK, FAILED, DROPPED (too many outstanding), LOST (no response: cancelled), SHED
     errors: list = field(default_factory=list)
+    shed_examples: list = field(default_factory=list)
 
 
 async def drive(client: Client, names: list[str], kinds_of: list[str], times: np.ndarray, funcs: np.ndarray,
@@ -430,7 +459,7 @@ async def drive(client: Client, names: list[str], kinds_of: list[str], times: np
     n = times.size
     protos = client.protocols
     log = RunLog(times, funcs, np.arange(n) % len(protos), np.full(n, np.nan), np.full(n, np.nan),
-                 np.full(n, 3, dtype=np.int8))
+                 np.full(n, LOST, dtype=np.int8))
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task] = set()
     outstanding = 0
@@ -440,13 +469,20 @@ async def drive(client: Client, names: list[str], kinds_of: list[str], times: np
         try:
             await client.infer(protos[log.proto[i]], names[funcs[i]], kinds_of[funcs[i]])
             log.latency[i] = (loop.time() - t_sched) * 1e3
-            log.status[i] = 0
-        except Exception as e:  # noqa: BLE001 - every failure is counted and shown
-            log.status[i] = 1
-            if len(log.errors) < 20:
-                log.errors.append(f"{names[funcs[i]]} via {protos[log.proto[i]]}: {type(e).__name__}: {e}"[:400])
+            log.status[i] = OK
+        except Exception as e:  # noqa: BLE001 - every refusal and failure is counted, failures shown
+            log.latency[i] = (loop.time() - t_sched) * 1e3
+            what = f"{names[funcs[i]]} via {protos[log.proto[i]]}: {type(e).__name__}: {e}"[:400]
+            if is_shed(e):
+                log.status[i] = SHED
+                if len(log.shed_examples) < 3:
+                    log.shed_examples.append(what)
+            else:
+                log.status[i] = FAILED
+                if len(log.errors) < 20:
+                    log.errors.append(what)
         finally:
-            outstanding -= 1
+            outstanding -= 1  # a cancelled request (CancelledError) keeps its status LOST
 
     start = loop.time() + 0.05
     for i in range(n):
@@ -456,21 +492,20 @@ async def drive(client: Client, names: list[str], kinds_of: list[str], times: np
             await asyncio.sleep(delay)
         log.lag[i] = max(0.0, (loop.time() - t_sched) * 1e3)
         if outstanding >= max_outstanding:
-            log.status[i] = 2
+            log.status[i] = DROPPED
             continue
         outstanding += 1
         task = asyncio.create_task(one(i, t_sched))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     if tasks:
-        done, pending = await asyncio.wait(list(tasks), timeout=drain_s)
+        _, pending = await asyncio.wait(list(tasks), timeout=drain_s)
         for t in pending:
             t.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
-            log.errors.append(f"{len(pending)} requests still outstanding {drain_s:.0f}s after the last arrival: cancelled")
-    for i in np.nonzero(log.status == 3)[0]:
-        log.status[i] = 1  # cancelled at the drain deadline
+            log.errors.append(f"{len(pending)} requests still outstanding {drain_s:.0f}s after the last arrival: "
+                              "cancelled, counted as lost")
     return log
 
 
@@ -506,7 +541,7 @@ def pct(xs: np.ndarray, q: float) -> float | None:
 
 
 def summarize(log: RunLog, kinds_of: list[str], names: list[str], slo: dict[str, float], protos: list[str],
-              swap_before: dict, swap_after: dict, stats_before: dict, stats_after: dict) -> dict:
+              swap_before: dict, swap_after: dict, stats_before: dict, stats_after: dict, duration: float) -> dict:
     kind_arr = np.array(kinds_of)[log.func] if log.func.size else np.zeros(0, dtype=str)
     out = {}
     groups = [(k, kind_arr == k) for k in dict.fromkeys(kinds_of)] + [("all", np.ones(log.func.size, bool))]
@@ -514,19 +549,26 @@ def summarize(log: RunLog, kinds_of: list[str], names: list[str], slo: dict[str,
         groups += [(f"all/{p}", log.proto == j) for j, p in enumerate(protos)]
     for label, sel in groups:
         st = log.status[sel]
-        lat = log.latency[sel][st == 0]
+        lat = log.latency[sel][st == OK]
+        shed_lat = log.latency[sel][st == SHED]
         # SLO per request by its own class
         ok_slo = 0
         for k in dict.fromkeys(kinds_of):
-            m = sel & (kind_arr == k) & (log.status == 0)
+            m = sel & (kind_arr == k) & (log.status == OK)
             ok_slo += int((log.latency[m] <= slo[k]).sum())
-        sent = int(((st == 0) | (st == 1)).sum())
+        arrivals = int(sel.sum())
+        answered, failed, dropped, shed = (int((st == x).sum()) for x in (OK, FAILED, DROPPED, SHED))
         row = {
-            "arrivals": int(sel.sum()), "sent": sent, "answered": int((st == 0).sum()),
-            "failed": int((st == 1).sum()), "dropped": int((st == 2).sum()),
+            "arrivals": arrivals, "sent": arrivals - dropped, "answered": answered,
+            "failed": failed, "shed": shed, "dropped": dropped,
+            # neither an answer, a refusal nor an error (cancelled at the drain deadline)
+            "lost": arrivals - answered - failed - dropped - shed,
             "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "mean_ms": float(lat.mean()) if lat.size else None,
-            "slo_ms": slo[label] if label in slo else None,
-            "slo_attainment": ok_slo / int(sel.sum()) if sel.sum() else None,  # dropped/failed count as misses
+            "slo_ms": slo.get(label),
+            "slo_attainment": ok_slo / arrivals if arrivals else None,  # dropped/failed/shed/lost count as misses
+            "within_slo": ok_slo,
+            "goodput_rps": ok_slo / duration if duration > 0 else None,  # answers within SLO per second
+            "shed_p50_ms": pct(shed_lat, 50), "shed_p99_ms": pct(shed_lat, 99),  # how quickly they were refused
             "client_lag_p99_ms": pct(log.lag[sel][~np.isnan(log.lag[sel])], 99),
         }
         if not label.startswith("all/"):
@@ -555,15 +597,70 @@ def fmt(x, spec=".1f") -> str:
 
 def print_table(title: str, rows: dict) -> None:
     print(f"\n{title}")
-    print(f"{'class':<12} {'sent':>6} {'ok':>6} {'fail':>5} {'drop':>5} {'p50 ms':>8} {'p99 ms':>8} {'SLO':>6} "
-          f"{'SLO %':>6} {'swap-ins':>8} {'evict':>6} {'GB moved':>8} {'srv ms':>7} {'lag99':>6}")
+    print(f"{'class':<12} {'sent':>6} {'ok':>6} {'fail':>5} {'shed':>5} {'lost':>4} {'drop':>5} {'p50 ms':>8} "
+          f"{'p99 ms':>8} {'SLO':>6} {'SLO %':>6} {'good/s':>7} {'swap-ins':>8} {'evict':>6} {'GB moved':>8} "
+          f"{'srv ms':>7} {'lag99':>6}")
     for label, r in rows.items():
-        print(f"{label:<12} {r['sent']:>6} {r['answered']:>6} {r['failed']:>5} {r['dropped']:>5} "
-              f"{fmt(r['p50_ms']):>8} {fmt(r['p99_ms']):>8} {fmt(r['slo_ms'], '.0f'):>6} "
+        print(f"{label:<12} {r['sent']:>6} {r['answered']:>6} {r['failed']:>5} {r['shed']:>5} {r['lost']:>4} "
+              f"{r['dropped']:>5} {fmt(r['p50_ms']):>8} {fmt(r['p99_ms']):>8} {fmt(r['slo_ms'], '.0f'):>6} "
               f"{fmt(None if r['slo_attainment'] is None else 100 * r['slo_attainment']):>6} "
+              f"{fmt(r['goodput_rps'], '.2f'):>7} "
               f"{fmt(r.get('swap_ins'), '.0f'):>8} {fmt(r.get('evictions'), '.0f'):>6} "
               f"{fmt(None if r.get('bytes_moved') is None else r['bytes_moved'] / 1e9, '.2f'):>8} "
               f"{fmt(r.get('server_compute_mean_ms'), '.2f'):>7} {fmt(r['client_lag_p99_ms']):>6}")
+    a = rows["all"]
+    if a["shed"]:
+        print(f"shed: {a['shed']} of {a['arrivals']} arrivals ({100 * a['shed'] / a['arrivals']:.1f}%), refused in "
+              f"p50 {fmt(a['shed_p50_ms'], '.2f')} ms / p99 {fmt(a['shed_p99_ms'], '.2f')} ms after their arrival")
+    else:
+        print(f"shed: 0 of {a['arrivals']} arrivals")
+
+
+def _pair(nat: dict | None, tor: dict | None, key: str) -> str:
+    """'native/torpor' counts for the summary table."""
+    return "/".join("-" if r is None else str(r.get(key, "-")) for r in (nat, tor))
+
+
+def _ratio(num, den) -> float | None:
+    return num / den if num is not None and den else None
+
+
+def print_summary(results: dict) -> None:
+    """One row per load x workload (class "all"): native and Torpor side by side (--table)."""
+    runs = results.get("runs", {})
+    nat, tor = runs.get("native", {}).get("workloads", {}), runs.get("torpor", {}).get("workloads", {})
+    keys = list(dict.fromkeys([*nat, *tor]))
+    frac = results.get("fraction")
+    print(f"\nnative = all resident; torpor = device memory bound to {fmt(frac, '.2f')} of the models' bytes; "
+          f"{results.get('device')}, {'+'.join(results.get('protocols', []))}, {results.get('models', {}).get('count')} "
+          f"models; SLO ms {results.get('slo_ms')}")
+    print(f"{'':<15} {'':>6} | {'native':<29} | {'torpor':<29} | {'torpor / native':<15} | native/torpor counts")
+    print(f"{'load':>5} {'workload':<9} {'req/s':>6} | {'p50':>6} {'p99':>7} {'SLO%':>6} {'good/s':>7} | "
+          f"{'p50':>6} {'p99':>7} {'SLO%':>6} {'good/s':>7} | {'p99':>6} {'goodput':>8} | "
+          f"{'failed':>8} {'shed':>8} {'lost':>6}")
+    for key in keys:
+        recs = [side.get(key, {}) for side in (nat, tor)]
+        rows = [r.get("classes", {}).get("all") for r in recs]
+        meta = next((r for r in recs if "classes" in r), recs[0])
+        wl, load = meta.get("workload", key.partition("@")[0]), meta.get("load")
+        offered = meta["arrivals"] / meta["duration_s"] if meta.get("duration_s") else None
+        cells = []
+        for r in rows:
+            if r is None:
+                cells.append(f"{'-':>6} {'-':>7} {'-':>6} {'-':>7}")
+            else:
+                att = None if r["slo_attainment"] is None else 100 * r["slo_attainment"]
+                cells.append(f"{fmt(r['p50_ms']):>6} {fmt(r['p99_ms']):>7} {fmt(att):>6} "
+                             f"{fmt(r.get('goodput_rps'), '.2f'):>7}")
+        a, b = rows
+        p99x = _ratio(b and b["p99_ms"], a and a["p99_ms"])
+        goodx = _ratio(b and b.get("goodput_rps"), a and a.get("goodput_rps"))
+        print(f"{fmt(load, 'g'):>5} {wl:<9} {fmt(offered):>6} | {cells[0]} | {cells[1]} | {fmt(p99x, '.2f'):>6} "
+              f"{fmt(goodx, '.2f'):>8} | {_pair(a, b, 'failed'):>8} {_pair(a, b, 'shed'):>8} {_pair(a, b, 'lost'):>6}")
+    print("load: as asked (req/s, the rate offered, shows where --max-rps capped it); SLO%: arrivals answered within "
+          "their SLO; good/s: answers within SLO per second of the run; '-': not run")
+    print(f"exit ok: {results.get('ok')}; failed {results.get('failed_requests')}, lost {results.get('lost_requests')}, "
+          f"shed {results.get('shed_requests')} requests in all")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -577,6 +674,17 @@ def parse_slo(text: str, kinds: list[str]) -> dict[str, float]:
         k, _, v = part.partition("=")
         slo[k.strip()] = float(v)
     return slo
+
+
+def parse_loads(text: str) -> list[float]:
+    """--load: one fraction of the single-stream capacity, or a comma list of them."""
+    try:
+        loads = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or a comma list of numbers: {text!r}") from None
+    if not loads or any(not (x > 0 and math.isfinite(x)) for x in loads):
+        raise argparse.ArgumentTypeError(f"loads must be positive numbers: {text!r}")
+    return list(dict.fromkeys(loads))
 
 
 def find_trace(arg: str | None) -> Path | None:
@@ -595,7 +703,8 @@ def versions() -> dict:
             "'cuda': torch.version.cuda, 'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}; "
             "print(json.dumps(d))")
     try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                             check=False).stdout
         d = json.loads(out.strip().splitlines()[-1])
     except Exception:  # noqa: BLE001
         d = {}
@@ -626,8 +735,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=100.0, help="seconds of load per configuration and workload")
     ap.add_argument("--trace", default=None, help="trace .npy (default ../shared/data/ or .gpu/data/ beside the repo)")
     ap.add_argument("--speedup", default="auto", help="trace seconds per wall second, or auto (see --load)")
-    ap.add_argument("--load", type=float, default=0.5,
-                    help="auto speedup: offered req/s = LOAD / mean single-stream service time (resident, measured)")
+    ap.add_argument("--load", type=parse_loads, default=[0.5],
+                    help="auto speedup: offered req/s = LOAD / mean single-stream service time (resident, measured); "
+                         "a comma list (0.25,0.5) runs every workload at each load on one server start per config")
     ap.add_argument("--max-rps", type=float, default=None, help="cap on the auto rate (default 400; --tiny 25)")
     ap.add_argument("--zipf-s", type=float, default=1.0)
     ap.add_argument("--burst-factor", type=float, default=4.0)
@@ -641,7 +751,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-arg", action="append", default=[], help="extra argument for torpor serve (repeatable)")
     ap.add_argument("--logs", type=Path, default=None, help="folder for server logs (default: beside --json, else temp)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--table", type=Path, default=None, metavar="FILE.json",
+                    help="print one row per load x workload, native beside Torpor, from a --json file; run nothing")
     args = ap.parse_args(argv)
+    if args.table:
+        print_summary(json.loads(args.table.read_text()))
+        return 0
+    loads = args.load
+    if args.speedup != "auto" and len(loads) > 1:
+        raise SystemExit("--speedup N fixes the rate, so --load takes one value (or use --speedup auto)")
 
     deadline = T0 + args.budget_s
     mix = (args.mix or ("mlp_small,mlp_large" if args.tiny else "resnet50,bert")).split(",")
@@ -694,33 +812,121 @@ def main(argv: list[str] | None = None) -> int:
           f"native needs {total / torpor_bound:.1f}x), native bound {native_bound / 2**30:.2f} GiB")
 
     configs = ["native", "torpor"] if args.configs == "auto" else args.configs.split(",")
+    multi = len(loads) > 1
+
+    def run_key(wl: str, load: float) -> str:
+        """The run's name in the JSON and the tables: the workload, with its load when there are several."""
+        return f"{wl}@{load:g}" if multi else wl
+
+    runs_per_cfg = len(loads) * len(workloads)
     # Up-front estimate (measured on CPU: server start ~3 s + ~2.5 s per GiB of weights loaded and
     # copied into the host store; warm-up one request per model; ~3 s per run to set up and drain)
     est_start = 3.0 + 2.5 * sum(nbytes.values()) / 2**30 + (5.0 if args.device.startswith("cuda") else 0.0)
-    est_runs = len(configs) * len(workloads) * (args.duration + 3)
+    est_runs = len(configs) * runs_per_cfg * (args.duration + 3)
     est = (time.monotonic() - T0) + len(configs) * (est_start + 5 + 2) + est_runs
-    stamp(f"estimate: server start ~{est_start:.0f}s each, {len(configs)} x {len(workloads)} runs of "
+    stamp(f"estimate: server start ~{est_start:.0f}s each, {len(configs)} x "
+          + (f"{len(loads)} loads x " if multi else "") + f"{len(workloads)} runs of "
           f"{args.duration:.0f}s (+~3s each) -> ~{est:.0f}s in all (budget {args.budget_s:.0f}s"
           + ("; durations will be shortened to fit)" if est > args.budget_s else ")"))
     bounds = {"native": native_bound, "torpor": torpor_bound}
     logs_dir = args.logs or (args.json.parent if args.json else Path(tempfile.mkdtemp(prefix="torpor-e2e-logs-")))
     logs_dir.mkdir(parents=True, exist_ok=True)
 
-    speedup = None if args.speedup == "auto" else float(args.speedup)
+    fixed_speedup = None if args.speedup == "auto" else float(args.speedup)
     base_rate = base_trace_rate(trace, len(names), args.seed) if trace is not None else 9.8 * len(names) / 60.0
     results: dict = {"runs": {}, "phases": phases}
     ok = True
     server_start_s = est_start  # a first guess, replaced by the measured start
-    n_runs_total = len(configs) * len(workloads)
+    n_runs_total = len(configs) * runs_per_cfg
     runs_done = 0
-    rate = None
+    mean_s: float | None = None  # mean resident single-stream service time, measured on the first config
+    calib: dict[float, dict] = {}  # per load: speedup and offered rate, the same for every config
     skipped: list[str] = []
+
+    def calibrate(load: float) -> dict:
+        """Speedup and offered rate of one load, from the first configuration's single-stream capacity."""
+        if load not in calib:
+            if fixed_speedup is None:
+                rate = min(max_rps, load / mean_s)
+                speedup = rate / base_rate
+            else:
+                speedup = fixed_speedup
+                rate = base_rate * speedup
+            capped = fixed_speedup is None and rate < load / mean_s
+            stamp(f"load{f' {load:g}' if multi else ''}: trace base rate {base_rate:.2f} req/s for {len(names)} "
+                  f"functions; speedup {speedup:.2f} ({60 / speedup:.1f}s of wall per trace minute) -> offered "
+                  f"{rate:.1f} req/s (single-stream capacity {1 / mean_s:.0f} req/s, {rate * mean_s:.2f} of it"
+                  + (f"; capped by --max-rps {max_rps:g})" if capped else ")"))
+            calib[load] = {"speedup": speedup, "offered_rps": rate, "base_rps": base_rate,
+                           "single_stream_capacity_rps": 1 / mean_s, "load": rate * mean_s}
+        return calib[load]
+
+    async def run_config(server: Server, cfg: str, ci: int, cfg_result: dict) -> None:
+        nonlocal mean_s, runs_done
+        client = Client(server, protocols, {k: KINDS[k] for k in mix}, args.max_outstanding, args.seed)
+        try:
+            tw = time.monotonic()
+            single = await warmup(client, names, kinds_of, 10 if args.tiny else 20)
+            phases[f"{cfg}/warmup"] = time.monotonic() - tw
+            cfg_result["single_stream_ms"] = single
+            res = server.residency()
+            cfg_result["residency_after_warmup"] = _residency_summary(res)
+            stamp(f"{cfg}: warm-up {phases[f'{cfg}/warmup']:.1f}s; single-stream resident latency "
+                  + ", ".join(f"{k} {v:.2f} ms" for k, v in single.items())
+                  + f"; resident {cfg_result['residency_after_warmup']['resident_models']} models")
+            if mean_s is None:
+                share = {k: kinds_of.count(k) / len(kinds_of) for k in mix}
+                mean_s = sum(share[k] * single[k] for k in mix) / 1e3
+            for load in loads:
+                cal = calibrate(load)
+                for wl in workloads:
+                    key = run_key(wl, load)
+                    left = deadline - time.monotonic()
+                    runs_left = n_runs_total - runs_done
+                    later_cfgs = len(configs) - ci - 1
+                    # later servers' start, warm-up and stop; this one's stop; ~3 s per run to set up and drain
+                    avail = left - later_cfgs * (server_start_s + 5) - 5 - runs_left * 3
+                    dur = min(args.duration, avail / runs_left)
+                    if dur < min(5.0, args.duration):
+                        stamp(f"{cfg}/{key}: SKIPPED, budget left {left:.0f}s")
+                        cfg_result["workloads"][key] = {"skipped": "budget", "workload": wl, "load": load}
+                        skipped.append(f"{cfg}/{key}")
+                        runs_done += 1
+                        continue
+                    if dur < args.duration:
+                        stamp(f"{cfg}/{key}: duration shortened to {dur:.0f}s to fit the budget")
+                    if wl == "trace":
+                        times, funcs, _ = trace_arrivals(trace, len(names), cal["speedup"], dur, args.seed)
+                    else:
+                        times, funcs = zipf_arrivals(len(names), cal["offered_rps"], dur, args.seed, args.zipf_s,
+                                                     args.burst_factor)
+                    sb, stb = server.swap_metrics(), server.model_stats()
+                    stamp(f"{cfg}/{key}: {times.size} arrivals over {dur:.0f}s ({times.size / dur:.1f} req/s offered)")
+                    tl = time.monotonic()
+                    log = await drive(client, names, kinds_of, times, funcs, args.max_outstanding,
+                                      min(args.drain_s, max(5.0, deadline - time.monotonic() - 20)))
+                    phases[f"{cfg}/{key}"] = time.monotonic() - tl
+                    sa, sta = server.swap_metrics(), server.model_stats()
+                    rows = summarize(log, kinds_of, names, slo, protocols, sb, sa, stb, sta, dur)
+                    res = server.residency()
+                    cfg_result["workloads"][key] = {
+                        "workload": wl, "load": load, "duration_s": dur, "arrivals": int(times.size),
+                        "classes": rows, "errors": log.errors, "shed_examples": log.shed_examples,
+                        "residency_after": _residency_summary(res)}
+                    print_table(f"{cfg} / {wl}" + (f" @ load {load:g}" if multi else "")
+                                + f" ({args.device}, bound {bounds[cfg] / 2**30:.2f} GiB, "
+                                f"{'+'.join(protocols)}, {dur:.0f}s)", rows)
+                    for e in log.errors:
+                        print(f"  error: {e}")
+                    runs_done += 1
+        finally:
+            await client.close()
 
     for ci, cfg in enumerate(configs):
         remaining_cfgs = len(configs) - ci
         # budget: this and later servers' start/stop, then the load runs share what is left
         left = deadline - time.monotonic()
-        if left < remaining_cfgs * (server_start_s + 5 + 8 * len(workloads)):
+        if left < remaining_cfgs * (server_start_s + 5 + 8 * runs_per_cfg):
             stamp(f"{cfg}: SKIPPED, {left:.0f}s left of the budget is not enough for a server start and a run")
             results["runs"][cfg] = {"skipped": "budget"}
             skipped.append(cfg)
@@ -735,72 +941,7 @@ def main(argv: list[str] | None = None) -> int:
             server_start_s = time.monotonic() - t
             phases[f"{cfg}/server_start"] = server_start_s
             stamp(f"{cfg}: ready in {server_start_s:.1f}s (http {server.http}, grpc {server.grpc}, metrics {server.metrics})")
-
-            async def run_config() -> None:
-                nonlocal speedup, rate, runs_done
-                client = Client(server, protocols, {k: KINDS[k] for k in mix}, args.max_outstanding, args.seed)
-                try:
-                    tw = time.monotonic()
-                    single = await warmup(client, names, kinds_of, 10 if args.tiny else 20)
-                    phases[f"{cfg}/warmup"] = time.monotonic() - tw
-                    cfg_result["single_stream_ms"] = single
-                    res = server.residency()
-                    cfg_result["residency_after_warmup"] = _residency_summary(res)
-                    stamp(f"{cfg}: warm-up {phases[f'{cfg}/warmup']:.1f}s; single-stream resident latency "
-                          + ", ".join(f"{k} {v:.2f} ms" for k, v in single.items())
-                          + f"; resident {cfg_result['residency_after_warmup']['resident_models']} models")
-                    if rate is None:
-                        share = {k: kinds_of.count(k) / len(kinds_of) for k in mix}
-                        mean_s = sum(share[k] * single[k] for k in mix) / 1e3
-                        if speedup is None:
-                            rate = min(max_rps, args.load / mean_s)
-                            speedup = rate / base_rate
-                        else:
-                            rate = base_rate * speedup
-                        stamp(f"load: trace base rate {base_rate:.2f} req/s for {len(names)} functions; speedup "
-                              f"{speedup:.2f} ({60 / speedup:.1f}s of wall per trace minute) -> offered {rate:.1f} req/s "
-                              f"(single-stream capacity {1 / mean_s:.0f} req/s, {rate * mean_s:.2f} of it)")
-                        results["load"] = {"speedup": speedup, "offered_rps": rate, "base_rps": base_rate,
-                                           "single_stream_capacity_rps": 1 / mean_s, "load": rate * mean_s}
-                    for wl in workloads:
-                        left = deadline - time.monotonic()
-                        runs_left = n_runs_total - runs_done
-                        later_cfgs = len(configs) - ci - 1
-                        # later servers' start, warm-up and stop; this one's stop; ~3 s per run to set up and drain
-                        avail = left - later_cfgs * (server_start_s + 5) - 5 - runs_left * 3
-                        dur = min(args.duration, avail / runs_left)
-                        if dur < min(5.0, args.duration):
-                            stamp(f"{cfg}/{wl}: SKIPPED, budget left {left:.0f}s")
-                            cfg_result["workloads"][wl] = {"skipped": "budget"}
-                            skipped.append(f"{cfg}/{wl}")
-                            runs_done += 1
-                            continue
-                        if dur < args.duration:
-                            stamp(f"{cfg}/{wl}: duration shortened to {dur:.0f}s to fit the budget")
-                        if wl == "trace":
-                            times, funcs, _ = trace_arrivals(trace, len(names), speedup, dur, args.seed)
-                        else:
-                            times, funcs = zipf_arrivals(len(names), rate, dur, args.seed, args.zipf_s, args.burst_factor)
-                        sb, stb = server.swap_metrics(), server.model_stats()
-                        stamp(f"{cfg}/{wl}: {times.size} arrivals over {dur:.0f}s ({times.size / dur:.1f} req/s offered)")
-                        tl = time.monotonic()
-                        log = await drive(client, names, kinds_of, times, funcs, args.max_outstanding,
-                                          min(args.drain_s, max(5.0, deadline - time.monotonic() - 20)))
-                        phases[f"{cfg}/{wl}"] = time.monotonic() - tl
-                        sa, sta = server.swap_metrics(), server.model_stats()
-                        rows = summarize(log, kinds_of, names, slo, protocols, sb, sa, stb, sta)
-                        res = server.residency()
-                        cfg_result["workloads"][wl] = {"duration_s": dur, "arrivals": int(times.size), "classes": rows,
-                                                       "errors": log.errors, "residency_after": _residency_summary(res)}
-                        print_table(f"{cfg} / {wl} ({args.device}, bound {bounds[cfg] / 2**30:.2f} GiB, "
-                                    f"{'+'.join(protocols)}, {dur:.0f}s)", rows)
-                        for e in log.errors:
-                            print(f"  error: {e}")
-                        runs_done += 1
-                finally:
-                    await client.close()
-
-            asyncio.run(run_config())
+            asyncio.run(run_config(server, cfg, ci, cfg_result))
         except Exception as e:  # noqa: BLE001 - report, stop the server, go on with the next config
             ok = False
             cfg_result["error"] = f"{type(e).__name__}: {e}"
@@ -818,46 +959,57 @@ def main(argv: list[str] | None = None) -> int:
     # ratios --------------------------------------------------------------------------------------
     ratios = {}
     nat, tor = results["runs"].get("native", {}), results["runs"].get("torpor", {})
-    for wl in workloads:
-        a = nat.get("workloads", {}).get(wl, {}).get("classes")
-        b = tor.get("workloads", {}).get(wl, {}).get("classes")
-        if not a or not b:
-            continue
-        ratios[wl] = {}
-        for label in b:
-            if label in a and a[label]["p50_ms"] and b[label]["p50_ms"]:
-                ratios[wl][label] = {"p50": b[label]["p50_ms"] / a[label]["p50_ms"],
-                                     "p99": b[label]["p99_ms"] / a[label]["p99_ms"]}
+    for load in loads:
+        for wl in workloads:
+            key = run_key(wl, load)
+            a = nat.get("workloads", {}).get(key, {}).get("classes")
+            b = tor.get("workloads", {}).get(key, {}).get("classes")
+            if not a or not b:
+                continue
+            ratios[key] = {}
+            for label in b:
+                if label in a and a[label]["p50_ms"] and b[label]["p50_ms"]:
+                    ratios[key][label] = {"p50": b[label]["p50_ms"] / a[label]["p50_ms"],
+                                          "p99": b[label]["p99_ms"] / a[label]["p99_ms"],
+                                          "goodput": _ratio(b[label]["goodput_rps"], a[label]["goodput_rps"])}
     results["ratios"] = ratios
     if ratios:
         print(f"\nTorpor / native (bound {torpor_bound / total:.2f} of the models' bytes; native needs "
-              f"{total / torpor_bound:.1f}x Torpor's device memory)")
-        print(f"{'workload':<8} {'class':<12} {'p50 ratio':>9} {'p99 ratio':>9}")
-        for wl, rows in ratios.items():
+              f"{total / torpor_bound:.1f}x Torpor's device memory; goodput = answers within SLO per second)")
+        width = max(8, *(len(k) for k in ratios))
+        print(f"{'workload':<{width}} {'class':<12} {'p50 ratio':>9} {'p99 ratio':>9} {'goodput ratio':>13}")
+        for key, rows in ratios.items():
             for label, r in rows.items():
-                print(f"{wl:<8} {label:<12} {r['p50']:9.2f} {r['p99']:9.2f}")
+                print(f"{key:<{width}} {label:<12} {r['p50']:9.2f} {r['p99']:9.2f} {fmt(r['goodput'], '.2f'):>13}")
 
-    failed = sum(r.get("classes", {}).get("all", {}).get("failed", 0)
-                 for c in results["runs"].values() for r in c.get("workloads", {}).values())
-    if failed or skipped:
+    def total_of(what: str) -> int:
+        return sum(r.get("classes", {}).get("all", {}).get(what, 0)
+                   for c in results["runs"].values() for r in c.get("workloads", {}).values())
+
+    failed, lost, shed = total_of("failed"), total_of("lost"), total_of("shed")
+    if failed or lost or skipped:
         ok = False
     phases["total"] = time.monotonic() - T0
     print("\nphases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
+    if not multi and loads[0] in calib:
+        results["load"] = calib[loads[0]]
     results.update({
-        "ok": ok, "failed_requests": failed, "skipped": skipped, "versions": info, "device": args.device,
+        "ok": ok, "failed_requests": failed, "lost_requests": lost, "shed_requests": shed,
+        "dropped_requests": total_of("dropped"), "skipped": skipped, "versions": info, "device": args.device,
         "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else "e2e.main(" + " ".join(argv) + ")",
         "models": {"count": len(names), "mix": mix, "bytes_by_kind": by_kind, "total_block_bytes": total,
                    "tiny": args.tiny, "batching": args.batching},
         "repository": {"path": str(repo), **gen}, "bounds": bounds, "fraction": args.fraction,
         "workloads": workloads, "protocols": protocols, "slo_ms": slo, "seed": args.seed,
         "trace": str(trace_path) if trace_path else None,
+        "loads": [{"requested": x, **calib[x]} for x in loads if x in calib],
     })
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
         stamp(f"wrote {args.json}")
     if tmp_owned:
         shutil.rmtree(repo.parent, ignore_errors=True)
-    stamp(f"done: {'OK' if ok else 'FAILED'}, {failed} failed requests")
+    stamp(f"done: {'OK' if ok else 'FAILED'}, {failed} failed, {lost} lost, {shed} shed requests")
     return 0 if ok else 1
 
 
