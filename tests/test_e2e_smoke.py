@@ -3,6 +3,7 @@ native and torpor, WideMLP models, HTTP and gRPC) that must answer every request
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import subprocess
@@ -47,7 +48,42 @@ def test_zipf_arrivals_mean_rate_and_skew():
     assert top > 3 * times.size / 20  # the most popular model gets far more than its even share
 
 
-def test_e2e_tiny_cpu(tmp_path):
+def test_outcomes_shed_lost_goodput():
+    """A 503 / UNAVAILABLE with Triton's shedding text is shed, not failed; an arrival cancelled at
+    the drain deadline is lost; goodput is answers within SLO per second of the run."""
+    e2e = _load()
+    from tritonclient.utils import InferenceServerException as Err
+
+    assert e2e.is_shed(Err("Exceeds maximum queue size: model 'a' ...", status="503"))
+    assert e2e.is_shed(Err("Request timeout expired", status="StatusCode.UNAVAILABLE"))
+    assert not e2e.is_shed(Err("Request timeout expired", status="500"))
+    assert not e2e.is_shed(Err("model busy", status="StatusCode.UNAVAILABLE"))
+    assert not e2e.is_shed(RuntimeError("Exceeds maximum queue size"))
+
+    OK, FAILED, DROPPED, LOST, SHED = e2e.OK, e2e.FAILED, e2e.DROPPED, e2e.LOST, e2e.SHED
+    status = np.array([OK, OK, OK, SHED, SHED, FAILED, DROPPED, LOST, OK, SHED], dtype=np.int8)
+    latency = np.array([10, 50, 300, 1, 2, 5, np.nan, np.nan, 90, 3.0])
+    n = status.size
+    log = e2e.RunLog(np.arange(n) * 0.1, np.array([0, 1] * 5), np.zeros(n, int), latency, np.zeros(n), status)
+    rows = e2e.summarize(log, ["mlp_small", "mlp_large"], ["a", "b"], {"mlp_small": 100, "mlp_large": 200},
+                         ["http"], {}, {}, {}, {}, duration=2.0)
+    a = rows["all"]
+    assert (a["answered"], a["shed"], a["failed"], a["dropped"], a["lost"]) == (4, 3, 1, 1, 1)
+    assert a["sent"] == 9 and a["within_slo"] == 3 and a["goodput_rps"] == 1.5
+    assert a["shed_p99_ms"] <= 3.0 and a["slo_attainment"] == 0.3
+    assert rows["mlp_small"]["goodput_rps"] + rows["mlp_large"]["goodput_rps"] == a["goodput_rps"]
+
+
+def test_load_list():
+    e2e = _load()
+    assert e2e.parse_loads("0.5") == [0.5]
+    assert e2e.parse_loads("0.25,0.5") == [0.25, 0.5]
+    for bad in ("", "0", "-1,0.5", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            e2e.parse_loads(bad)
+
+
+def test_e2e_tiny_cpu(tmp_path, capsys):
     pytest.importorskip("tritonclient.http.aio")
     pytest.importorskip("tritonclient.grpc.aio")
     out = tmp_path / "e2e.json"
@@ -55,7 +91,7 @@ def test_e2e_tiny_cpu(tmp_path):
     cmd = [sys.executable, str(SCRIPT), "--tiny", "--models", "4", "--device", "cpu", "--duration", "3",
            "--protocol", "both", "--workload", "trace" if trace else "zipf",
            "--repo", str(tmp_path / "models"), "--json", str(out), "--budget-s", "60", "--gen-workers", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["ok"] and res["failed_requests"] == 0
@@ -64,10 +100,14 @@ def test_e2e_tiny_cpu(tmp_path):
         assert run["server_exit"] == 0
         (wl,) = run["workloads"].values()
         overall = wl["classes"]["all"]
-        assert overall["answered"] > 0 and overall["failed"] == 0
+        assert overall["answered"] > 0 and overall["failed"] == 0 and overall["lost"] == 0
+        assert overall["goodput_rps"] > 0 and wl["load"] == 0.5
         assert wl["classes"]["all/http"]["answered"] > 0 and wl["classes"]["all/grpc"]["answered"] > 0
     native = next(iter(res["runs"]["native"]["workloads"].values()))["classes"]["all"]
     torpor = next(iter(res["runs"]["torpor"]["workloads"].values()))["classes"]["all"]
     assert native["swap_ins"] == 0  # everything became resident at warm-up
     assert torpor["swap_ins"] > 0 and torpor["bytes_moved"] > 0  # a quarter of the bytes: it must swap
-    assert res["ratios"]
+    assert res["ratios"] and all("goodput" in r for rows in res["ratios"].values() for r in rows.values())
+    assert res["lost_requests"] == 0 and "shed_requests" in res
+    assert _load().main(["--table", str(out)]) == 0  # one row per load x workload, nothing run
+    assert " 0.5 " in capsys.readouterr().out
