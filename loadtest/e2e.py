@@ -16,7 +16,7 @@ Phases (each printed with a timestamp, the whole run kept inside --budget-s):
    load (same seed, same class, same file), because the server loads models one by one: about
    0.7 s (ResNet-50) and 3.0 s (BERT) per model on one core, so 40 models would take ~75 s
    inside each server start versus ~10-20 s spread over 16 processes. A folder that already
-   holds the same spec (e2e_spec.json) is reused. Each config carries its class's objective
+   holds the same spec (e2e_spec.json) is reused. Each model's config carries its class's objective
    (--slo-ms) as the `torpor.slo_ms` parameter, so the server can plan for it and shed what
    it cannot answer in time (--no-server-slo leaves it out); configs are rewritten every run.
 2. for each configuration (native first when --speedup auto, since it calibrates the load, then
