@@ -59,11 +59,11 @@ def test_a_short_deadline_goes_ahead_of_work_with_time_to_spare():
     running.started_at = now
     Ticket(p, "d0", 0.2, None, key=now + 5, due=now + 5, guard=now + 4.5)
     Ticket(p, "d0", 0.2, None, key=now + 5, due=now + 5, guard=now + 4.5)
-    ahead, key = p._work_ahead("d0", now, now + 0.3, 0.02)
+    ahead, key, _ = p._work_ahead("d0", now, now + 0.3, 0.02)
     assert key == now + 0.3
     assert abs(ahead - 0.2) < 1e-3  # only the running request is ahead of it
     # first come, first served: behind everything
-    ahead, key = p._work_ahead("d0", now, None, 0.02)
+    ahead, key, _ = p._work_ahead("d0", now, None, 0.02)
     assert abs(ahead - 0.6) < 1e-3 and key == math.inf
 
 
@@ -73,7 +73,7 @@ def test_it_queues_behind_when_overtaking_would_make_one_late():
     # a queued request that just makes its margin: 0.2 s of work ahead of it, guard at 0.45 s
     Ticket(p, "d0", 0.2, None, key=now + 0.5, due=now + 0.5, guard=now + 0.45)
     Ticket(p, "d0", 0.2, None, key=now + 0.5, due=now + 0.5, guard=now + 0.45)
-    ahead, key = p._work_ahead("d0", now, now + 0.3, 0.1)  # it would push the second to 0.5 s
+    ahead, key, _ = p._work_ahead("d0", now, now + 0.3, 0.1)  # it would push the second to 0.5 s
     assert key == now + 0.5  # behind them
     assert abs(ahead - 0.4) < 1e-3
 

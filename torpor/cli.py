@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "the scheduler's first execution estimate (0: measure on real requests only)")
     s.add_argument("--default-slo-ms", type=_positive, default=None,
                    help="latency objective (ms) of models whose config has no torpor.slo_ms parameter")
+    s.add_argument("--shed-late", type=_bool, default=True,
+                   help="under overload, answer UNAVAILABLE ('Exceeds maximum queue size') at once to a request the "
+                        "scheduler predicts will finish past its latency objective, and to one already past it "
+                        "when its turn on the device comes (default true); false: serve them late. Only requests "
+                        "with an objective (torpor.slo_ms, --default-slo-ms or a timeout) are ever shed")
+    s.add_argument("--stage-lookahead", type=int, default=1, metavar="N",
+                   help="requests per device that may hold device memory (and start their copy) while the ones "
+                        "ahead of them run, beyond one per execution slot; the rest wait holding nothing")
     sim = sub.add_parser("simulate", help="compare scheduling policies in the discrete-event simulator")
     from .simulator import add_arguments
 
@@ -153,6 +161,8 @@ async def serve(args: argparse.Namespace) -> int:
         device_bandwidths=args.device_bandwidths,
         default_slo_ms=args.default_slo_ms,
         profile_runs=args.profile_runs,
+        shed_late=args.shed_late,
+        stage_lookahead=args.stage_lookahead,
     )
     engine = Engine(options, create_model_function)
     install_bls(engine, asyncio.get_running_loop())  # pb_utils.InferenceRequest.exec() in python models

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import os
 import resource
 import shutil
@@ -41,6 +42,7 @@ from .datatypes import from_raw, num_elements, numpy_dtype, to_raw
 from .errors import Status, TorporError, internal, invalid_arg, unavailable, unsupported
 from .model import SEQUENCE_END, SEQUENCE_START, ModelFunction, ModelRequest, TensorSpec
 from .repository import ModelSource, Repository, available_versions, select_versions
+from .scheduler import hopeless
 from .settings import LogSettings, TraceSettings
 from .shm import SharedMemoryManager
 from .stats import ModelStats, empty_stats
@@ -101,6 +103,12 @@ class EngineOptions:
     device_bandwidths: str | None = None
     default_slo_ms: float | None = None
     profile_runs: int = 2  # timed runs per device-bound model at load (after one warm-up); 0: none
+    # Overload (requests with a latency objective only): answer at once, UNAVAILABLE with
+    # Triton's full-queue text, a request the scheduler predicts will finish past its objective
+    # wherever it goes, and one already past it when its turn on the device comes. False:
+    # serve them late, behind every request that can still be on time.
+    shed_late: bool = True
+    stage_lookahead: int = 1  # requests per device holding memory beyond those running (torpor.staging)
 
 
 @dataclass
@@ -291,7 +299,8 @@ class Engine:
             eviction = LRUPolicy() if self.options.scheduler == "lru-swap" else CostAwarePolicy()
             # Arenas are reserved and first-touched here, once, off the loop; links measured too.
             try:
-                self.devices = await asyncio.to_thread(lambda: DevicePool(open_devices(spec), policy=eviction))
+                self.devices = await asyncio.to_thread(lambda: DevicePool(open_devices(spec), policy=eviction,
+                                                                          lookahead=self.options.stage_lookahead))
                 links = await asyncio.to_thread(build_links, self.devices.devices, links_spec)
                 for m in self.devices.memories:
                     self.devices.set_host_bandwidth(m.device, links.bandwidth(f"pcie:{m.device.name}"))
@@ -1141,7 +1150,8 @@ class Engine:
             response = self._build_response(entry, ve, request, result, batch)
             t_end = time.monotonic_ns()
         except TorporError as e:
-            stats.record_failure(time.monotonic_ns() - t0, "REJECTED" if e.status == Status.INVALID_ARG else "BACKEND")
+            refused = e.status in (Status.INVALID_ARG, Status.UNAVAILABLE)
+            stats.record_failure(time.monotonic_ns() - t0, "REJECTED" if refused else "BACKEND")
             raise
         except asyncio.CancelledError:  # the client went away (HTTP disconnect, gRPC cancel or deadline)
             stats.record_failure(time.monotonic_ns() - t0, "CANCELED")
@@ -1184,6 +1194,12 @@ class Engine:
         slo = self._slo(entry, request)
         arrival = request.arrival_ns / 1e9  # the monotonic clock, as the placer's
         decision = placer.place(key, slo, batch, arrival)
+        if self.options.shed_late and decision is not None and hopeless(decision):
+            placer.shed(key, "arrival")
+            raise unavailable(
+                f"Exceeds maximum queue size: model '{entry.name}' would answer "
+                f"{(decision.waited_s + decision.option.completion_s) * 1e3:.0f} ms after arrival at the earliest, "
+                f"past its {slo * 1e3:.0f} ms objective (request shed; the server is overloaded)")
         device, source = None, "auto"
         if decision is not None and decision.option is not None:
             o = decision.option
@@ -1226,9 +1242,34 @@ class Engine:
                 # dynamic_batching.max_queue_delay_microseconds: hold the batch open that long
                 # for others to join, unless it fills first
                 await group.wait_full(delay)
-            async with self.devices.acquire(key, device, timeout=_timeout_seconds(request), source=source) as placement:
-                if placement.outcome in ("host", "peer"):
-                    placer.copy_started(placement.resident, decision, placement.outcome)
+            deadline = _deadline(request)
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                raise unavailable("Request timeout expired: the request's timeout passed before it reached a device")
+
+            copy_s = placer.copy_seconds(key, device) if device is not None else 0.0
+            shed = self.options.shed_late and ticket.due < math.inf
+
+            def on_stage(stage: Any, resident: bool) -> None:
+                # its turn on the device: a last look before it takes memory or starts a copy
+                if not shed:
+                    return
+                late = time.monotonic() + ticket.estimate + (0.0 if resident else copy_s) > ticket.due
+                if late or stage.forced:
+                    placer.shed(key, "queued")
+                    why = ("would finish past" if late else
+                           "could only run by evicting a model other requests are waiting for, within")
+                    raise unavailable(
+                        f"Exceeds maximum queue size: model '{entry.name}' request {why} its "
+                        f"{(ticket.due - request.arrival_ns / 1e9) * 1e3:.0f} ms objective when its turn came on "
+                        f"{ticket.device} (request shed; the server is overloaded)")
+
+            # with an objective, it may wait (holding nothing) while its copy would evict a model
+            # that others wait for, as long as it could still start its copy and be on time
+            defer_until = ticket.due - ticket.estimate - copy_s if shed else 0.0
+            async with self.devices.acquire(key, device, timeout=timeout, source=source, order=ticket.key,
+                                            on_stage=on_stage, defer_until=defer_until) as placement:
+                placer.staged(ticket, placement)
                 t_exec_start = time.monotonic_ns()
 
                 def work():

@@ -282,17 +282,39 @@ class DeviceMemory:
         r.weights = None
 
     def candidates(
-        self, exclude: Any, rate: Callable[[Any], float], bandwidth: float, replicas: Callable[[Any], int]
+        self, exclude: Any, rate: Callable[[Any], float], bandwidth: float, replicas: Callable[[Any], int],
+        pinned: bool = False,
     ) -> list[tuple[Candidate, Resident]]:
         out = []
         for r in self.residents.values():
-            if r.key == exclude or not r.evictable():
+            if r.key == exclude or not (pinned or r.evictable()):
                 continue
             c = Candidate(
                 r.key, r.nbytes, r.last_used, rate(r.key), r.model.nbytes / bandwidth, replicas(r.key)
             )
             out.append((c, r))
         return out
+
+    def victims(
+        self,
+        policy: EvictionPolicy,
+        *,
+        rate: Callable[[Any], float],
+        bandwidth: float,
+        replicas: Callable[[Any], int],
+        keep: Any = frozenset(),
+        exclude: Any = None,
+        pinned: bool = False,
+    ) -> list[tuple[Candidate, Resident]]:
+        """Residents in eviction order: the policy's, those in `keep` (models with requests
+        waiting for this device) last. `pinned`: include residents in use (what would go once
+        they are idle)."""
+        pairs = self.candidates(exclude, rate, bandwidth, replicas, pinned=pinned)
+        by_key = {c.key: (c, res) for c, res in pairs}
+        ordered = policy.order([c for c, _ in pairs], time.monotonic())
+        if keep:
+            ordered.sort(key=lambda c: c.key in keep)  # stable: the policy's order within each part
+        return [by_key[c.key] for c in ordered]
 
     def make_room(
         self,
@@ -303,16 +325,15 @@ class DeviceMemory:
         bandwidth: float,
         replicas: Callable[[Any], int],
         on_evict: Callable[[Resident], None],
+        keep: Any = frozenset(),
     ) -> Resident | None:
-        """Place `model`, evicting idle residents in policy order as needed; None if even
+        """Place `model`, evicting idle residents in `victims` order as needed; None if even
         evicting every idle resident leaves no room (the caller waits and retries)."""
         r = self.try_place(model)
         if r is not None:
             return r
-        pairs = self.candidates(model.key, rate, bandwidth, replicas)
-        by_key = {c.key: res for c, res in pairs}
-        for c in policy.order([c for c, _ in pairs], time.monotonic()):
-            victim = by_key[c.key]
+        for _, victim in self.victims(policy, rate=rate, bandwidth=bandwidth, replicas=replicas, keep=keep,
+                                      exclude=model.key):
             if self.blocks.free_blocks * self.block_bytes >= model.nbytes:
                 self.fragmented_evictions += 1
             self.release(victim)

@@ -71,10 +71,11 @@ class ModelSlo:
     predicted_misses: int = 0  # no option was expected to meet the SLO
     met: int = 0
     missed: int = 0  # measured request latency over its SLO
+    shed: Counter = field(default_factory=Counter)  # "arrival" | "queued" -> requests answered UNAVAILABLE
 
     def as_dict(self) -> dict[str, Any]:
         return {"decisions": dict(self.decisions), "predicted_misses": self.predicted_misses,
-                "slo_met": self.met, "slo_missed": self.missed}
+                "slo_met": self.met, "slo_missed": self.missed, "shed": dict(self.shed)}
 
 
 NO_SLO_DEADLINE_S = 10.0  # the queue key of a request without an objective: served, never starved
@@ -94,11 +95,14 @@ class Ticket:
         "key",
         "ready_at",
         "seq",
+        "staged",
         "started_at",
+        "transfer",
     )
 
     def __init__(self, placer: Placer, device: str | None, estimate: float, decision: Decision | None,
-                 key: float = math.inf, due: float = math.inf, guard: float = math.inf, ready_at: float = 0.0):
+                 key: float = math.inf, due: float = math.inf, guard: float = math.inf, ready_at: float = 0.0,
+                 transfer: float = 0.0):
         self._placer = placer
         self.device = device
         self.estimate = estimate
@@ -108,6 +112,10 @@ class Ticket:
         self.due = due  # arrival + SLO
         self.guard = guard  # arrival + SLO x margin: nobody may push it past that
         self.ready_at = ready_at  # when its model has landed on the device (0: already)
+        # seconds its copy takes once it starts: a request's copy starts only when it is staged
+        # (torpor.staging), so until then its landing counts from its projected stage time
+        self.transfer = transfer
+        self.staged = False
         self.started_at: float | None = None
         self._open = device is not None
         if self._open:
@@ -134,6 +142,7 @@ class Placer:
         self.cost = CostModel(links, ExecEstimator())
         self.scheduler = Scheduler(self.cost, policy, eviction=pool.policy, slo_margin=slo_margin)
         self.deadline_order = policy == "torpor"
+        self.lookahead = getattr(pool, "lookahead", 1)  # requests staged beyond the running ones
         names = [m.device.name for m in pool.memories]
         self.tickets: dict[str, list[Ticket]] = {n: [] for n in names}
         self._seq = itertools.count()
@@ -142,9 +151,15 @@ class Placer:
         self.slo: dict[Any, ModelSlo] = {}
 
     # queues --------------------------------------------------------------------------------------
-    def _work_ahead(self, dev: str, now: float, due: float | None, exec_s: float) -> tuple[float, float]:
-        """(seconds until the device reaches a new request, its queue key); see the module
-        docstring. `due` None: first come, first served."""
+    def _work_ahead(self, dev: str, now: float, due: float | None, exec_s: float) -> tuple[float, float, float]:
+        """(seconds until the device reaches a new request, its queue key, seconds until it
+        would be staged and could start its copy); see the module docstring. `due` None:
+        first come, first served.
+
+        Queued requests are projected in queue order: each runs when the device is free and
+        ends no sooner than its model lands. A request not yet staged starts its copy when it
+        gets a stage, which is when the request `lookahead` places ahead of it starts to run
+        (torpor.staging): its landing counts from then."""
         tickets = self.tickets[dev]
         t = now
         queued = []
@@ -153,24 +168,38 @@ class Placer:
                 t = max(t, k.started_at + k.estimate, k.ready_at)
             else:
                 queued.append(k)
+        if due is not None:
+            queued.sort(key=lambda k: (k.key, k.seq))
+        lookahead = self.lookahead
+        starts: list[float] = []  # projected run start of each queued request
+
+        def stage_at(i: int, t: float) -> float:
+            if lookahead <= 0:
+                return t  # staged when the device reaches it
+            return starts[i - lookahead] if i >= lookahead else now
+
+        def end(k: Ticket, i: int, t: float) -> float:
+            ready = k.ready_at if k.staged or not k.transfer else stage_at(i, t) + k.transfer
+            starts.append(t)
+            return max(t + k.estimate, ready)
+
         if due is None:
-            for k in queued:  # tickets are kept in arrival order
-                t = max(t + k.estimate, k.ready_at)
-            return t - now, math.inf
-        queued.sort(key=lambda k: (k.key, k.seq))
-        ahead = t2 = None
+            for i, k in enumerate(queued):  # tickets are kept in arrival order
+                t = end(k, i, t)
+            return t - now, math.inf, stage_at(len(queued), t) - now
+        ahead = at = t2 = None
         harm = False
-        for k in queued:
+        for i, k in enumerate(queued):
             if ahead is None and k.key > due:
-                ahead, t2 = t, t + exec_s
-            t = max(t + k.estimate, k.ready_at)
+                ahead, at, t2 = t, i, t + exec_s
+            t = end(k, i, t)
             if t2 is not None:
                 t2 = max(t2 + k.estimate, k.ready_at)
                 if t2 > k.guard and t <= k.due:
                     harm = True
         if ahead is None or harm:
-            return t - now, max(due, queued[-1].key) if queued else due
-        return ahead - now, due
+            return t - now, max(due, queued[-1].key) if queued else due, stage_at(len(queued), t) - now
+        return ahead - now, due, stage_at(at, ahead) - now
 
     # snapshot ------------------------------------------------------------------------------------
     def _inflight(self, now: float) -> dict[str, int]:
@@ -218,8 +247,9 @@ class Placer:
                     ready = landing.get(id(r), now + r.model.nbytes / self.links.bandwidth(f"pcie:{name}"))
                 residents[key] = ResidentState(key, r.nbytes, ready_at=ready, pins=r.pins, last_used=r.last_used,
                                                locked_until=now + 1e-3 if not r.readers_done() else 0.0)
-            backlog, self._keys[name] = self._work_ahead(name, now, due, exec_s)
-            devices.append(DeviceState(name, m.capacity, m.free_bytes, residents, backlog, len(self.tickets[name])))
+            backlog, self._keys[name], stage_in = self._work_ahead(name, now, due, exec_s)
+            devices.append(DeviceState(name, m.capacity, m.free_bytes, residents, backlog, len(self.tickets[name]),
+                                       stage_in_s=max(0.0, stage_in)))
         return Snapshot(now, devices, inflight, rate=self.pool._rate,
                         link_clear=lambda lk: clear.get(lk, now))
 
@@ -235,7 +265,8 @@ class Placer:
             t0 = time.monotonic() if arrival is None else arrival
             due = t0 + (slo_s if slo_s is not None else NO_SLO_DEADLINE_S)
         snap = self.snapshot(due, self.cost.exec_seconds(key, batch))
-        decision = self.scheduler.place(ModelInfo(key, model.nbytes, first, slo_s, batch), snap)
+        waited = 0.0 if arrival is None else max(0.0, snap.now - arrival)
+        decision = self.scheduler.place(ModelInfo(key, model.nbytes, first, slo_s, batch, waited), snap)
         if not record:
             return decision
         s = self.slo.setdefault(key, ModelSlo())
@@ -259,7 +290,8 @@ class Placer:
         due = guard = math.inf
         if slo_s is not None:
             due, guard = t0 + slo_s, t0 + slo_s * self.scheduler.slo_margin
-        ready = now + o.transfer_s if o.action in ("swap", "peer") else 0.0
+        transfer = o.transfer_s - o.start_s if o.action in ("swap", "peer") else 0.0
+        ready = now + o.transfer_s if transfer else 0.0
         if not ready:
             r = self.pool.memory(o.device).residents.get(key)
             if r is not None and not r.copy_done():
@@ -270,27 +302,43 @@ class Placer:
             if hopeless(decision):  # behind everyone who can still make it (scheduler.HOPELESS_DELAY_S)
                 qkey += HOPELESS_DELAY_S
         return Ticket(self, o.device, self.cost.exec_seconds(key, batch), decision, key=qkey,
-                      due=due, guard=guard, ready_at=ready)
+                      due=due, guard=guard, ready_at=ready, transfer=transfer)
 
-    def copy_started(self, resident: Any, decision: Decision | None, outcome: str) -> None:
-        """A swap the acquire just issued: remember its links until it lands."""
+    def copy_seconds(self, key: Any, device: str) -> float:
+        """How long a host copy of the model to `device` takes with its link to itself."""
+        return self.cost.nominal_seconds(self.pool.store.get(key).nbytes, self.links.host_path(device))
+
+    def staged(self, ticket: Ticket, placement: Any) -> None:
+        """The request holds its stage and its model (`placement`, torpor.residency): record
+        when the model lands, and remember the links of a copy it started until it lands."""
+        ticket.staged = True
+        r = placement.resident
+        if placement.outcome == "hit":
+            ticket.ready_at = 0.0
+        elif placement.outcome == "join":
+            ticket.ready_at = next((c.eta for c in self._copies if c.resident is r), ticket.ready_at)
+        else:
+            ticket.ready_at = self.copy_started(r, ticket.decision, placement.outcome)
+
+    def copy_started(self, resident: Any, decision: Decision | None, outcome: str) -> float:
+        """A swap the acquire just issued: remember its links until it lands; when it should."""
         now = time.monotonic()
         dev = resident.device.name
         if decision is not None and decision.option is not None and decision.option.path \
                 and decision.option.device == dev:
             path = decision.option.path
-            transfer = decision.option.transfer_s
         elif outcome == "peer":
             src = str(resident.source).removeprefix("peer:")
             path = self.links.peer_path(src, dev) or self.links.host_path(dev)
-            transfer = self.cost.transfer_seconds(resident.model.nbytes, path, {})
         else:
             path = self.links.host_path(dev)
-            transfer = self.cost.transfer_seconds(resident.model.nbytes, path, {})
         inflight = self._inflight(now)
+        # the share it gets now: the plan's own estimate counted from the decision, not from here
+        transfer = self.cost.transfer_seconds(resident.model.nbytes, path, inflight)
         concurrent = max((inflight.get(lk, 0) for lk in path), default=0)
         self._copies.append(_Copy(resident, path, now + transfer, "host" if outcome == "host" else "peer",
                                   concurrent))
+        return now + transfer
 
     def observe_exec(self, key: Any, seconds: float, batch: int = 1) -> None:
         self.cost.observe_exec(key, seconds, batch)
@@ -298,6 +346,11 @@ class Placer:
     def seed_exec(self, key: Any, seconds: float, batch: int = 1) -> None:
         """A profiled execution time (replaces the estimate for that batch size)."""
         self.cost.exec.seed(key, seconds, batch)
+
+    def shed(self, key: Any, when: str) -> None:
+        """A request refused under overload: at `arrival` (predicted past its objective) or
+        when its turn came (`queued`, already past it)."""
+        self.slo.setdefault(key, ModelSlo()).shed[when] += 1
 
     def observe_latency(self, key: Any, seconds: float, slo_s: float | None) -> None:
         if slo_s is None:

@@ -10,20 +10,24 @@
 
 API (all on the event loop thread; nothing here blocks the loop on a device):
 
-- `DevicePool(devices, *, store=None, policy=None, block_bytes=2 MiB, default_timeout=30.0)`
+- `DevicePool(devices, *, store=None, policy=None, block_bytes=2 MiB, default_timeout=30.0, lookahead=1)`
 - `register(key, groups, module=None, *, pipelined=True, rule=None) -> HostModel`: copy the
   weights into the host store (no device is touched) and install the per-group hooks.
 - `await unregister(key, timeout=None)`: wait for its requests, drop every device copy and the host copy.
-- `acquire(key, device=None, *, timeout=None, source="auto")` -> async context manager yielding
-  a `Placement`. `device` None: where the model is resident (the least pinned copy), else the
-  device with most free plus evictable memory. On a miss it reserves blocks (evicting idle
-  residents by policy), issues every group copy at once and returns immediately: the copy
-  runs while the request executes. Concurrent acquires of a model still arriving share that
-  copy. `source`: "auto" (a peer device holding the model if one can copy to this one, else
-  host), "host", "peer", or a device's name (copy from that device where it still holds the
-  model: the scheduler's choice, `torpor.placer`). When nothing can be evicted it waits (until `timeout`, default
-  `default_timeout`) and then raises `MemoryFullError` (UNAVAILABLE); a model larger than
-  every allowed device's arena raises it at once.
+- `acquire(key, device=None, *, timeout=None, source="auto", order=inf)` -> async context manager
+  yielding a `Placement`. `device` None: a device holding the model (the least busy), else the
+  one with most free plus evictable memory. The request first waits for one of the device's
+  stages (`torpor.staging`), lowest `order` first, holding no memory meanwhile; staged, it pins
+  the model if resident, else reserves blocks (evicting idle residents by policy, those with
+  requests waiting for the device last), issues every group copy at once and returns: the copy
+  runs while the request ahead executes, then under this one's own execution. Concurrent
+  acquires of a model still arriving share that copy. `source`: "auto" (a peer device holding
+  the model if one can copy to this one, else host), "host", "peer", or a device's name (copy
+  from that device where it still holds the model: the scheduler's choice, `torpor.placer`).
+  `timeout` bounds the whole wait (then `MemoryFullError`, UNAVAILABLE, "Request timeout
+  expired"); without one a request waits for its stage as long as its turn takes, and then at
+  most `default_timeout` for memory, which only the device's other staged requests can hold. A
+  model larger than every allowed device's arena raises at once.
 - `Placement.run(fn, *args, **kwargs)`: awaitable; runs `fn` in one of the device's worker
   threads with its compute stream current, per-group waits armed, and the stream synchronised
   before returning. `Placement.forward(*args, **kwargs)`: the device-bound module on device
@@ -36,8 +40,8 @@ API (all on the event loop thread; nothing here blocks the loop on a device):
 - `evict(key, device=None) -> int`: drop idle device copies now.
 - `residency()`, `counters(key=None)`, `set_host_bandwidth(device, bytes_per_s)`.
 
-Leaving the `async with` unpins the model; if a `run` is still executing (its awaiting task
-was cancelled), the unpin happens when that run finishes, never before.
+Leaving the `async with` unpins the model and gives the stage back; if a `run` is still
+executing (its awaiting task was cancelled), both happen when that run finishes, never before.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +61,7 @@ from .executor import execute, forward, install_group_hooks
 from .hoststore import HostModel, HostStore
 from .memory import DEFAULT_BLOCK_BYTES, DeviceMemory, MemoryFullError, Resident, _key_str
 from .partition import PartitionRule
+from .staging import Stage, StageTimeout, StagingQueue
 from .swapper import swap_in_from_host, swap_in_from_peer
 
 _POLL_S = 0.002  # re-check interval while waiting for memory (copies complete without notifying)
@@ -99,10 +104,11 @@ class ModelCounters:
 class Placement:
     """A pinned resident, for the duration of an `acquire` block."""
 
-    def __init__(self, pool: DevicePool, resident: Resident, outcome: str):
+    def __init__(self, pool: DevicePool, resident: Resident, outcome: str, stage: Stage | None = None):
         self.pool = pool
         self.resident = resident
         self.outcome = outcome  # "hit" | "join" | "host" | "peer"
+        self._stage = stage  # the device stage it holds until its runs finish (torpor.staging)
         self._inflight = 0
         self._closed = False
         self._released = False
@@ -166,11 +172,14 @@ class Placement:
         if not self._released:
             self._released = True
             self.pool._unpin(self.resident)
+            if self._stage is not None:
+                self._stage.leave()
 
 
 class _Acquire:
-    def __init__(self, pool: DevicePool, key: Any, device: Any, timeout: float | None, source: str):
-        self._args = (key, device, timeout, source)
+    def __init__(self, pool: DevicePool, key: Any, device: Any, timeout: float | None, source: str, order: float,
+                 on_stage: Any, defer_until: float):
+        self._args = (key, device, timeout, source, order, on_stage, defer_until)
         self._pool = pool
         self._placement: Placement | None = None
 
@@ -192,6 +201,7 @@ class DevicePool:
         policy: EvictionPolicy | None = None,
         block_bytes: int = DEFAULT_BLOCK_BYTES,
         default_timeout: float = 30.0,
+        lookahead: int = 1,
     ):
         self.devices = list(devices)
         if not self.devices:
@@ -201,6 +211,11 @@ class DevicePool:
         self.store = store or HostStore(pin=any(d.kind == "cuda" for d in self.devices))
         self.policy = policy or CostAwarePolicy()
         self.default_timeout = default_timeout
+        # per device: execution slots plus `lookahead` requests may hold memory at once, so the
+        # next request's copy lands while the one ahead runs (torpor.staging)
+        self.lookahead = max(0, lookahead)
+        self.stages = {m.device.name: StagingQueue(m.device.exec_slots + self.lookahead,
+                                                   blocked=self._blocker(m)) for m in self.memories}
         self._counters: dict[Any, ModelCounters] = {}
         self._waiters: list[asyncio.Future] = []
         self._removing: set[Any] = set()
@@ -251,16 +266,25 @@ class DevicePool:
 
     # acquisition -----------------------------------------------------------------------------------
     def acquire(
-        self, key: Any, device: Any = None, *, timeout: float | None = None, source: str = "auto"
+        self, key: Any, device: Any = None, *, timeout: float | None = None, source: str = "auto",
+        order: float = math.inf, on_stage: Callable[[Stage, bool], None] | None = None,
+        defer_until: float = 0.0,
     ) -> _Acquire:
+        """See the module docstring. `on_stage(stage, resident)`: called once the request
+        holds its stage, before it takes memory (`resident`: the model is on that device,
+        landed or landing); what it raises ends the acquire (the caller's last look at whether
+        the request is still worth running). `defer_until` (time.monotonic()): until then the
+        request may be passed over while staging it would evict a model that others wait for
+        (`torpor.staging`)."""
         if source not in ("auto", "host", "peer") and source not in self._names:
             raise ValueError(f"source must be 'auto', 'host', 'peer' or a device name, not {source!r}")
-        return _Acquire(self, key, device, timeout, source)
+        return _Acquire(self, key, device, timeout, source, order, on_stage, defer_until)
 
     async def prefetch(
         self, key: Any, device: Any = None, *, timeout: float | None = None, source: str = "auto"
     ) -> str:
-        """Make the model resident (the copy may still be in flight on return); the device name."""
+        """Make the model resident (the copy may still be in flight on return); the device name.
+        It takes a stage like any request, behind those already waiting."""
         async with self.acquire(key, device, timeout=timeout, source=source) as p:
             return p.device.name
 
@@ -271,7 +295,8 @@ class DevicePool:
                 return m
         raise KeyError(f"no device {device!r} in this pool ({[m.device.name for m in self.memories]})")
 
-    async def _acquire(self, key: Any, device: Any, timeout: float | None, source: str) -> Placement:
+    async def _acquire(self, key: Any, device: Any, timeout: float | None, source: str, order: float,
+                       on_stage: Callable[[Stage, bool], None] | None, defer_until: float) -> Placement:
         if key in self._removing:
             raise MemoryFullError(f"model {_key_str(key)!r} is being unloaded")
         model = self.store.get(key)
@@ -279,55 +304,113 @@ class DevicePool:
         now = time.monotonic()
         counters.requests += 1
         counters.rate.hit(now)
-        deadline = now + (self.default_timeout if timeout is None else timeout)
         allowed = [self.memory(device)] if device is not None else self.memories
         if not any(m.can_ever_hold(model) for m in allowed):
             raise MemoryFullError(
                 f"model {_key_str(key)!r} needs {model.nbytes} bytes; the largest allowed device arena "
                 f"holds {max(m.capacity for m in allowed)}"
             )
+        # Wait for a stage on one device, holding nothing (torpor.staging); then only memory
+        # held by that device's other staged requests can be in the way, and they finish.
+        m = allowed[0] if len(allowed) == 1 else self._stage_memory(key, model, allowed)
+        queue = self.stages[m.device.name]
+        try:
+            stage = await queue.enter(order, None if timeout is None else now + timeout, key, defer_until)
+        except StageTimeout:
+            counters.timeouts += 1
+            raise MemoryFullError(
+                f"Request timeout expired: model {_key_str(key)!r} waited {timeout:.3g} s for its turn on "
+                f"{m.device.name}"
+            ) from None
+        try:
+            if on_stage is not None:
+                on_stage(stage, key in m.residents)
+            placement = await self._acquire_staged(key, model, m, counters, now, timeout, source, queue, stage)
+        except BaseException:
+            stage.leave()
+            raise
+        return placement
+
+    async def _acquire_staged(self, key: Any, model: HostModel, m: DeviceMemory, counters: ModelCounters,
+                              now: float, timeout: float | None, source: str, queue: StagingQueue,
+                              stage: Stage) -> Placement:
+        deadline = now + (self.default_timeout if timeout is None else timeout)
         waited = False
         while True:
-            resident = self._find_resident(key, allowed)
+            resident = m.residents.get(key)
             if resident is not None:
                 outcome = "hit" if resident.copy_done() else "join"
                 if outcome == "hit":
                     counters.hits += 1
                 else:
                     counters.joins += 1
-                return self._pin(resident, outcome)
-            for m in self._placement_order(model, allowed):
-                r = m.make_room(
-                    model,
-                    self.policy,
-                    rate=self._rate,
-                    bandwidth=self.host_bandwidth[m.device.name],
-                    replicas=self._replicas,
-                    on_evict=self._on_evict,
-                )
-                if r is not None:
-                    outcome = self._swap_in(r, source)
-                    counters.misses += 1
-                    counters.swap_ins += 1
-                    counters.peer_swap_ins += outcome == "peer"
-                    counters.bytes_moved += sum(g.nbytes for g in model.groups)
-                    return self._pin(r, outcome)
+                return self._pin(resident, outcome, stage)
+            r = m.make_room(
+                model,
+                self.policy,
+                rate=self._rate,
+                bandwidth=self.host_bandwidth[m.device.name],
+                replicas=self._replicas,
+                on_evict=self._on_evict,
+                keep=queue.waiting_keys(),
+            )
+            if r is not None:
+                outcome = self._swap_in(r, source)
+                counters.misses += 1
+                counters.swap_ins += 1
+                counters.peer_swap_ins += outcome == "peer"
+                counters.bytes_moved += sum(g.nbytes for g in model.groups)
+                return self._pin(r, outcome, stage)
             if not waited:
                 waited = True
                 counters.memory_waits += 1
             if time.monotonic() >= deadline:
                 counters.timeouts += 1
                 raise MemoryFullError(
-                    f"no device memory for model {_key_str(key)!r} ({model.nbytes} bytes) within "
-                    f"{deadline - now:.3g} s: every resident that would have to go is in use"
+                    f"no device memory for model {_key_str(key)!r} ({model.nbytes} bytes) on {m.device.name} "
+                    f"within {deadline - now:.3g} s: every resident that would have to go is in use"
                 )
             await self._wait_change(deadline)
 
-    def _find_resident(self, key: Any, allowed: list[DeviceMemory]) -> Resident | None:
-        found = [m.residents[key] for m in allowed if key in m.residents]
-        if not found:
-            return None
-        return min(found, key=lambda r: (r.pins, not r.copy_done(), r.device.index))
+    def _stage_memory(self, key: Any, model: HostModel, allowed: list[DeviceMemory]) -> DeviceMemory:
+        """The device a request without one named queues on: a holder of the model (the least
+        busy), else the one with the most room once idle residents go, else the largest."""
+        def busy(m: DeviceMemory) -> int:
+            st = self.stages[m.device.name]
+            return st.held + st.waiting()
+
+        holders = [m for m in allowed if key in m.residents]
+        if holders:
+            return min(holders, key=lambda m: (busy(m), m.device.index))
+        order = self._placement_order(model, allowed)
+        if order:
+            return order[0]
+        return max((m for m in allowed if m.can_ever_hold(model)), key=lambda m: (m.capacity, -m.device.index))
+
+    def _blocker(self, m: DeviceMemory) -> Callable[[Any, Any], bool]:
+        def blocked(key: Any, wanted: Any) -> bool:
+            """Staging a request for `key` on `m` now would evict a model that waiting requests
+            want, or, while requests that need no copy wait for the device, a model requested
+            more often than `key`: the copy would cost those requests device time (it cannot
+            land while the model it replaces still runs), and the evicted model a copy back."""
+            if key in m.residents:
+                return False
+            need = self.store.get(key).nbytes - m.free_bytes
+            if need <= 0:
+                return False
+            busy = any(k in m.residents for k in wanted)
+            rate = self._rate(key)
+            freed = 0
+            for c, _ in m.victims(self.policy, rate=self._rate, bandwidth=self.host_bandwidth[m.device.name],
+                                  replicas=self._replicas, keep=wanted, pinned=True):
+                if c.key in wanted or (busy and c.rate > rate):
+                    return True
+                freed += c.nbytes
+                if freed >= need:
+                    return False
+            return False
+
+        return blocked
 
     def _placement_order(self, model: HostModel, allowed: list[DeviceMemory]) -> list[DeviceMemory]:
         scored = []
@@ -355,10 +438,10 @@ class DevicePool:
         swap_in_from_host(r)
         return "host"
 
-    def _pin(self, r: Resident, outcome: str) -> Placement:
+    def _pin(self, r: Resident, outcome: str, stage: Stage | None = None) -> Placement:
         r.pins += 1
         r.last_used = time.monotonic()
-        return Placement(self, r, outcome)
+        return Placement(self, r, outcome, stage)
 
     def _unpin(self, r: Resident) -> None:
         r.pins -= 1
@@ -408,6 +491,8 @@ class DevicePool:
 
     # waiting -----------------------------------------------------------------------------------------
     def _notify(self) -> None:
+        for q in self.stages.values():
+            q.poke()
         waiters, self._waiters = self._waiters, []
         for f in waiters:
             if not f.done():

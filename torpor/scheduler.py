@@ -72,7 +72,7 @@ def hopeless(decision: Decision) -> bool:
     """Predicted to finish past its whole SLO (not just the planning margin) wherever it goes."""
     o = decision.option
     return (o is not None and decision.slo_s is not None and not decision.meets_slo
-            and o.completion_s > decision.slo_s)
+            and decision.waited_s + o.completion_s > decision.slo_s)
 
 
 @dataclass(slots=True)
@@ -105,6 +105,10 @@ class DeviceState:
     backlog_s: float = 0.0  # estimated seconds of work ahead of a new request (queued + running)
     queue_len: int = 0
     version: int = -1  # bumped by the owner whenever `residents` gains or loses a key; -1: unknown
+    # seconds until a new request would be staged here and could start its copy (the server
+    # takes memory for a request only a few requests before it runs, torpor.staging); None:
+    # a copy starts at once (the simulator)
+    stage_in_s: float | None = None
 
 
 @dataclass
@@ -151,6 +155,7 @@ class ModelInfo:
     first_group_bytes: int
     slo_s: float | None = None
     batch: int = 1
+    waited_s: float = 0.0  # of its objective already spent before this decision (in admission queues)
 
 
 @dataclass(slots=True)
@@ -186,6 +191,7 @@ class Decision:
     slo_s: float | None
     options: list[Option] = field(default_factory=list)
     reason: str = ""
+    waited_s: float = 0.0  # `ModelInfo.waited_s`: completion times count from the decision
 
     @property
     def device(self) -> str | None:
@@ -290,6 +296,10 @@ class Scheduler:
             transfer = clear + self.cost.nominal_seconds(model.nbytes, path)
             first = clear + self.cost.nominal_seconds(model.first_group_bytes, path)
             harms = False
+        if d.stage_in_s is not None and d.stage_in_s > start:
+            # the copy cannot start before the request is staged: the whole plan moves later
+            shift = d.stage_in_s - start
+            start, transfer, first = d.stage_in_s, transfer + shift, first + shift
         wait = d.backlog_s
         if start <= 0 and wait > 0 and snap.inflight_bytes is not None and self.policy == "torpor":
             # processor sharing: the work ahead may be waiting on a copy landing on this device,
@@ -301,7 +311,7 @@ class Scheduler:
                       path, cost=link_s + evict_cost + (done - d.backlog_s), harms=harms, start_s=start)
 
     def _place_torpor(self, model: ModelInfo, snap: Snapshot) -> Decision | None:
-        limit = None if model.slo_s is None else model.slo_s * self.slo_margin
+        limit = None if model.slo_s is None else model.slo_s * self.slo_margin - model.waited_s
         opts = self.options(model, snap, copies=False)
         # A resident option that meets the SLO is the cheapest there is (a copy option costs the
         # same execution plus link time and evictions), so copies are only costed without one.
@@ -320,7 +330,8 @@ class Scheduler:
         else:
             # nothing meets the SLO: the fastest option that breaks no other request's promise
             best = min(opts, key=lambda o: (o.harms, o.completion_s, o.cost))
-        return Decision(best, best.meets_slo, model.slo_s, opts if self.keep_options else [])
+        return Decision(best, best.meets_slo, model.slo_s, opts if self.keep_options else [],
+                        waited_s=model.waited_s)
 
     # eviction -------------------------------------------------------------------------------------
     def _eviction_plan(self, d: DeviceState, model: ModelInfo, snap: Snapshot,
@@ -334,10 +345,14 @@ class Scheduler:
         plan = self._walk(d, model, snap, *self._policy_order(d, snap, policy), need)
         if plan is None and d.version >= 0:  # a cached order misses residents added since: redo it fresh
             plan = self._walk(d, model, snap, *self._policy_order(d, snap, policy, fresh=True), need)
+        if plan is None and d.stage_in_s is not None:
+            # the server takes memory only when the request is staged (torpor.staging): what the
+            # requests ahead of it pin now is theirs only until they have run
+            plan = self._walk(d, model, snap, *self._policy_order(d, snap, policy), need, later=True)
         return plan
 
     def _walk(self, d: DeviceState, model: ModelInfo, snap: Snapshot, ordered_at: float,
-              order: list[Candidate], need: int) -> tuple[list[Any], float] | None:
+              order: list[Candidate], need: int, later: bool = False) -> tuple[list[Any], float] | None:
         now = snap.now
         victims, freed, cost = [], 0, 0.0
         late: list[tuple[float, Candidate]] = []
@@ -353,7 +368,7 @@ class Scheduler:
 
         for c in order:
             r = residents.get(c.key)
-            if r is None or not r.evictable(now):
+            if r is None or not (later or r.evictable(now)):
                 continue
             if r.last_used > ordered_at:
                 late.append((r.last_used, c))  # used since the order was made: most recent now

@@ -1,0 +1,195 @@
+"""Staging: a device's requests take turns to hold its memory.
+
+A request pins its model's weights in the device arena from the moment it acquires them
+until its run finishes; a pinned model cannot be evicted. If every waiting request pinned its
+model on arrival, a burst would pin every resident in a queue of work, and a request for a
+model that is not resident would find nothing it may evict: it waits while the residents'
+own requests keep arriving and re-pinning them (the collapse seen under overload, issue 16:
+requests failing after 30 s with "every resident that would have to go is in use").
+
+So a device hands out a few *stages* (`permits`: its execution slots plus a small lookahead)
+in the scheduler's order (lowest key first: the request's deadline under Torpor's policy,
+arrival order otherwise). Only a staged request acquires memory: a hit pins the resident, a
+miss evicts idle residents and starts its copy, which then lands while the request ahead of it
+runs (the lookahead is what keeps copies pipelined against execution). A request waiting for
+a stage holds nothing. The rule that makes it livelock-free: a staged request never waits for
+anything but the device and the memory held by the other staged requests, each of which
+finishes and gives its stage back, so the request at the head of the queue always gets memory
+within the runs of at most `permits - 1` requests.
+
+Everything here runs on the event loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+
+class StageTimeout(Exception):
+    """The request's deadline passed while it waited for a stage."""
+
+
+class Stage:
+    """A stage held on a device; `leave()` gives it back (once). `forced`: it was deferred
+    (see `StagingQueue`) and its time ran out while staging it still meant evicting a model
+    other requests wait for."""
+
+    __slots__ = ("_queue", "forced", "order")
+
+    def __init__(self, queue: StagingQueue, order: float, forced: bool = False):
+        self._queue: StagingQueue | None = queue
+        self.order = order
+        self.forced = forced
+
+    def leave(self) -> None:
+        q, self._queue = self._queue, None
+        if q is not None:
+            q._leave(self)
+
+
+class StagingQueue:
+    """One device's stages: `await enter(order, deadline)` waits for one and returns it.
+
+    Two exceptions to plain lowest-order-first:
+
+    - A request more urgent than every one waiting and than a request already staged gets a
+      stage at once, up to `permits` beyond the limit. Otherwise a request staged a moment
+      earlier (the lookahead) would run before it whatever its deadline; the device's workers
+      run staged requests lowest order first (`Device.run_in_worker(key=...)`).
+    - A request that may be deferred (`defer_until`, set for requests with a latency objective)
+      is passed over while staging it would evict a model that other waiting requests with an
+      objective want (`blocked(key, wanted)`, the owner's view of the arena): a burst for a
+      resident model is served from memory rather than thrashing it out for one request and
+      back for the next. Once its time runs out it is staged like any other (and its owner
+      then sheds it if it can no longer be on time, or if it is still `forced` to evict), so
+      nothing waits for ever. Requests without an objective are never deferred and protect
+      nothing: they are served in order.
+    """
+
+    def __init__(self, permits: int, blocked: Callable[[Any, set[Any]], bool] | None = None):
+        self.permits = max(1, int(permits))
+        self.holders: list[Stage] = []
+        # (order, seq, future, model key, defer_until): waiting requests; a cancelled future is skipped
+        self._heap: list[tuple[float, int, asyncio.Future, Any, float]] = []
+        self._seq = itertools.count()
+        self._wanted: Counter = Counter()  # model key -> requests waiting for it
+        self._protected: Counter = Counter()  # the same, counting only requests with an objective
+        self._blocked = blocked
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def held(self) -> int:
+        return len(self.holders)
+
+    def waiting(self) -> int:
+        return sum(self._wanted.values())
+
+    def waiting_keys(self) -> set[Any]:
+        """Models with requests waiting for a stage: eviction keeps them if it can."""
+        return set(self._wanted)
+
+    async def enter(self, order: float = math.inf, deadline: float | None = None, key: Any = None,
+                    defer_until: float = 0.0) -> Stage:
+        """Wait for a stage, lowest `order` first (ties in arrival order). `deadline`
+        (time.monotonic()): raise StageTimeout if none was granted by then. `defer_until`:
+        until then it may be passed over (class docstring)."""
+        self._prune()
+        head = self._heap[0][0] if self._heap else math.inf
+        if ((self.held < self.permits and not self._heap)
+                or (order < head and self.held < 2 * self.permits and any(order < h.order for h in self.holders))) \
+                and not self._deferred(key, defer_until):
+            return self._hold(order, self._forced(key, defer_until))
+        fut = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._heap, (order, next(self._seq), fut, key, defer_until))
+        self._want(key, defer_until)
+        self._grant()
+        try:
+            if deadline is None:
+                return await asyncio.shield(fut)
+            done, _ = await asyncio.wait({fut}, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                raise StageTimeout
+            return fut.result()
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                fut.result().leave()  # granted as it gave up: pass the stage on
+            else:
+                fut.cancel()
+                self._unwant(key, defer_until)
+            raise
+
+    def _deferred(self, key: Any, defer_until: float) -> bool:
+        return (defer_until > 0 and self._blocked is not None and time.monotonic() < defer_until
+                and self._blocked(key, self._protected.keys()))
+
+    def _forced(self, key: Any, defer_until: float) -> bool:
+        # staged although blocked: only once its time ran out (else it would have been passed over)
+        return defer_until > 0 and self._blocked is not None and self._blocked(key, self._protected.keys())
+
+    def _want(self, key: Any, defer_until: float) -> None:
+        self._wanted[key] += 1
+        if defer_until > 0:
+            self._protected[key] += 1
+
+    def _unwant(self, key: Any, defer_until: float) -> None:
+        for counts in (self._wanted, self._protected) if defer_until > 0 else (self._wanted,):
+            n = counts[key] - 1
+            if n > 0:
+                counts[key] = n
+            else:
+                del counts[key]
+
+    def _hold(self, order: float, forced: bool = False) -> Stage:
+        stage = Stage(self, order, forced)
+        self.holders.append(stage)
+        return stage
+
+    def _leave(self, stage: Stage) -> None:
+        self.holders.remove(stage)
+        self._grant()
+
+    def _grant(self) -> None:
+        passed = []
+        wake = math.inf
+        while self.held < self.permits and self._heap:
+            entry = heapq.heappop(self._heap)
+            order, _, fut, key, defer_until = entry
+            if fut.done():  # abandoned while waiting
+                continue
+            if self._deferred(key, defer_until):
+                passed.append(entry)
+                wake = min(wake, defer_until)
+                continue
+            self._unwant(key, defer_until)
+            fut.set_result(self._hold(order, self._forced(key, defer_until)))
+        for entry in passed:
+            heapq.heappush(self._heap, entry)
+        if wake < math.inf and (self._timer is None or self._timer.when() > wake):
+            # its time runs out then: staged (or shed) even if nothing else changes
+            if self._timer is not None:
+                self._timer.cancel()
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(loop.time() + max(0.0, wake - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._grant()
+
+    def poke(self) -> None:
+        """Something the owner's `blocked` reads has changed (a model left or landed)."""
+        if self._heap:
+            self._grant()
+
+    def _prune(self) -> None:
+        while self._heap and self._heap[0][2].done():
+            heapq.heappop(self._heap)
+        if len(self._heap) > 64 and self.waiting() < len(self._heap) // 2:
+            self._heap = [e for e in self._heap if not e[2].done()]
+            heapq.heapify(self._heap)
