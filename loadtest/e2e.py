@@ -381,6 +381,10 @@ class Server:
     def residency(self) -> dict:
         return json.loads(http_get(self.base + "/v2/torpor/residency"))
 
+    def predictions(self) -> dict:
+        """The scheduler's predicted vs measured latency per action (its last 4096 requests each)."""
+        return json.loads(http_get(self.base + "/v2/torpor/topology")).get("predictions", {})
+
     def model_stats(self) -> dict[str, dict]:
         data = json.loads(http_get(self.base + "/v2/models/stats"))
         return {s["name"]: s.get("inference_stats", {}) for s in data.get("model_stats", [])}
@@ -606,6 +610,19 @@ def summarize(log: RunLog, kinds_of: list[str], names: list[str], slo: dict[str,
 
 def fmt(x, spec=".1f") -> str:
     return "-" if x is None else format(x, spec)
+
+
+def print_predictions(pred: dict) -> None:
+    """The scheduler's predicted latency from arrival against the measured one, per action."""
+    if not pred:
+        return
+    print("scheduler: predicted vs measured latency per action (server side, ms; error = measured - predicted)")
+    print(f"  {'action':8} {'requests':>8} {'pred p50':>9} {'meas p50':>9} {'pred p99':>9} {'meas p99':>9} "
+          f"{'err p1':>8} {'err p50':>8} {'err p99':>8} {'late %':>7}")
+    for action, p in pred.items():
+        print(f"  {action:8} {p['requests']:>8} {p['predicted_ms_p50']:>9.1f} {p['measured_ms_p50']:>9.1f} "
+              f"{p['predicted_ms_p99']:>9.1f} {p['measured_ms_p99']:>9.1f} {p['error_ms_p1']:>8.1f} "
+              f"{p['error_ms_p50']:>8.1f} {p['error_ms_p99']:>8.1f} {p['late_vs_prediction_pct']:>7.1f}")
 
 
 def print_table(title: str, rows: dict) -> None:
@@ -925,13 +942,15 @@ def main(argv: list[str] | None = None) -> int:
                     sa, sta = server.swap_metrics(), server.model_stats()
                     rows = summarize(log, kinds_of, names, slo, protocols, sb, sa, stb, sta, dur)
                     res = server.residency()
+                    predictions = server.predictions()
                     cfg_result["workloads"][key] = {
                         "workload": wl, "load": load, "duration_s": dur, "arrivals": int(times.size),
                         "classes": rows, "errors": log.errors, "shed_examples": log.shed_examples,
-                        "residency_after": _residency_summary(res)}
+                        "residency_after": _residency_summary(res), "predictions": predictions}
                     print_table(f"{cfg} / {wl}" + (f" @ load {load:g}" if multi else "")
                                 + f" ({args.device}, bound {bounds[cfg] / 2**30:.2f} GiB, "
                                 f"{'+'.join(protocols)}, {dur:.0f}s)", rows)
+                    print_predictions(predictions)
                     for e in log.errors:
                         print(f"  error: {e}")
                     runs_done += 1

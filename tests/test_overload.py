@@ -12,6 +12,7 @@ holds two of three models (issue 16).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import urllib.request
@@ -160,6 +161,11 @@ def test_overload_sheds_quickly_and_loses_nothing(tmp_path):
         assert rejected == len(shed)
         served = sum(m[f'nv_inference_request_success{{model="{x}",version="1"}}'] for x in "abc")
         assert served == len(ok)  # profile runs at load are not requests
+        # the scheduler's predictions are reported against what the answered requests took
+        with urllib.request.urlopen(f"http://{srv.http_url}/v2/torpor/topology", timeout=30) as r:
+            pred = json.loads(r.read())["predictions"]
+        assert sum(p["requests"] for p in pred.values()) == len(ok), pred
+        assert all(p["measured_ms_p50"] > 0 and p["predicted_ms_p50"] > 0 for p in pred.values()), pred
     finally:
         assert srv.stop() == 0
 

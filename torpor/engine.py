@@ -1223,7 +1223,8 @@ class Engine:
                                                           request, ticket, batching=False)
         finally:
             ticket.done()
-        placer.observe_latency(key, (time.monotonic_ns() - request.arrival_ns) / 1e9, slo)
+        placer.observe_latency(key, (time.monotonic_ns() - request.arrival_ns) / 1e9, slo,
+                               ticket if executions else None)
         return res, t_exec_start, executions
 
     async def _run_batch(self, entry: ModelEntry, ve: VersionEntry, key: Any, device: str | None, source: str,

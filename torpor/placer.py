@@ -37,7 +37,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +79,43 @@ class ModelSlo:
 
 
 NO_SLO_DEADLINE_S = 10.0  # the queue key of a request without an objective: served, never starved
+
+
+class PredictionLog:
+    """The scheduler's predicted latency (from arrival) against the measured one, per action it
+    chose (run, queue, swap, peer): how far its estimates are from what requests see. Keeps the
+    last `keep` pairs per action; `as_dict` gives medians and the spread of the error."""
+
+    def __init__(self, keep: int = 4096):
+        self.keep = keep
+        self.pairs: dict[str, deque] = {}
+        self.counts: Counter = Counter()
+
+    def add(self, action: str, predicted_s: float, measured_s: float) -> None:
+        q = self.pairs.get(action)
+        if q is None:
+            q = self.pairs[action] = deque(maxlen=self.keep)
+        q.append((predicted_s, measured_s))
+        self.counts[action] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {}
+        for action, q in sorted(self.pairs.items()):
+            pred = sorted(p for p, _ in q)
+            meas = sorted(m for _, m in q)
+            err = sorted(m - p for p, m in q)
+
+            def pct(xs: list[float], f: float) -> float:
+                return round(xs[min(len(xs) - 1, int(f * len(xs)))] * 1e3, 3)
+
+            out[action] = {
+                "requests": self.counts[action], "window": len(q),
+                "predicted_ms_p50": pct(pred, 0.5), "measured_ms_p50": pct(meas, 0.5),
+                "predicted_ms_p99": pct(pred, 0.99), "measured_ms_p99": pct(meas, 0.99),
+                "error_ms_p1": pct(err, 0.01), "error_ms_p50": pct(err, 0.5), "error_ms_p99": pct(err, 0.99),
+                "late_vs_prediction_pct": round(100.0 * sum(1 for e in err if e > 0) / len(err), 2),
+            }
+        return out
 
 
 class Ticket:
@@ -149,6 +186,7 @@ class Placer:
         self._keys: dict[str, float] = dict.fromkeys(names, math.inf)  # the last place() call's keys
         self._copies: list[_Copy] = []
         self.slo: dict[Any, ModelSlo] = {}
+        self.predictions = PredictionLog()
 
     # queues --------------------------------------------------------------------------------------
     def _work_ahead(self, dev: str, now: float, due: float | None, exec_s: float) -> tuple[float, float, float]:
@@ -352,7 +390,12 @@ class Placer:
         when its turn came (`queued`, already past it)."""
         self.slo.setdefault(key, ModelSlo()).shed[when] += 1
 
-    def observe_latency(self, key: Any, seconds: float, slo_s: float | None) -> None:
+    def observe_latency(self, key: Any, seconds: float, slo_s: float | None, ticket: Ticket | None = None) -> None:
+        """A request answered `seconds` after arrival: its SLO accounting, and the scheduler's
+        prediction for it (`ticket`) against what it took."""
+        if ticket is not None and ticket.decision is not None and ticket.decision.option is not None:
+            d = ticket.decision
+            self.predictions.add(d.option.action, d.waited_s + d.option.completion_s, seconds)
         if slo_s is None:
             return
         s = self.slo.setdefault(key, ModelSlo())
@@ -368,7 +411,8 @@ class Placer:
     # description -------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """`GET /v2/torpor/topology`: links (measured or configured), per-device backlog, the
-        scheduler's policy, per-model execution estimates and SLO accounting."""
+        scheduler's policy, per-model execution estimates and SLO accounting, and its predicted
+        against measured latency per action."""
         now = time.monotonic()
         inflight = self._inflight(now)
         return {
@@ -384,6 +428,7 @@ class Placer:
             "swap_observations": {k: {"bytes": b, "seconds": round(s, 6)}
                                   for k, (b, s) in self.cost.swap_observations.items()},
             "models": {_name(k): v.as_dict() for k, v in self.slo.items()},
+            "predictions": self.predictions.as_dict(),
         }
 
 
