@@ -41,6 +41,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from .admission import work_ahead
 from .costmodel import CostModel, ExecEstimator, LinkMap
 from .scheduler import (
     HOPELESS_DELAY_S,
@@ -198,46 +199,7 @@ class Placer:
         ends no sooner than its model lands. A request not yet staged starts its copy when it
         gets a stage, which is when the request `lookahead` places ahead of it starts to run
         (torpor.staging): its landing counts from then."""
-        tickets = self.tickets[dev]
-        t = now
-        queued = []
-        for k in tickets:
-            if k.started_at is not None:
-                t = max(t, k.started_at + k.estimate, k.ready_at)
-            else:
-                queued.append(k)
-        if due is not None:
-            queued.sort(key=lambda k: (k.key, k.seq))
-        lookahead = self.lookahead
-        starts: list[float] = []  # projected run start of each queued request
-
-        def stage_at(i: int, t: float) -> float:
-            if lookahead <= 0:
-                return t  # staged when the device reaches it
-            return starts[i - lookahead] if i >= lookahead else now
-
-        def end(k: Ticket, i: int, t: float) -> float:
-            ready = k.ready_at if k.staged or not k.transfer else stage_at(i, t) + k.transfer
-            starts.append(t)
-            return max(t + k.estimate, ready)
-
-        if due is None:
-            for i, k in enumerate(queued):  # tickets are kept in arrival order
-                t = end(k, i, t)
-            return t - now, math.inf, stage_at(len(queued), t) - now
-        ahead = at = t2 = None
-        harm = False
-        for i, k in enumerate(queued):
-            if ahead is None and k.key > due:
-                ahead, at, t2 = t, i, t + exec_s
-            t = end(k, i, t)
-            if t2 is not None:
-                t2 = max(t2 + k.estimate, k.ready_at)
-                if t2 > k.guard and t <= k.due:
-                    harm = True
-        if ahead is None or harm:
-            return t - now, max(due, queued[-1].key) if queued else due, stage_at(len(queued), t) - now
-        return ahead - now, due, stage_at(at, ahead) - now
+        return work_ahead(self.tickets[dev], now, due, exec_s, self.lookahead)
 
     # snapshot ------------------------------------------------------------------------------------
     def _inflight(self, now: float) -> dict[str, int]:
