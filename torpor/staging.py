@@ -83,6 +83,7 @@ class StagingQueue:
         self._protected: Counter = Counter()  # the same, counting only requests with an objective
         self._blocked = blocked
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf  # time.monotonic() it fires (uvloop's handles do not say)
 
     @property
     def held(self) -> int:
@@ -171,15 +172,15 @@ class StagingQueue:
             fut.set_result(self._hold(order, self._forced(key, defer_until)))
         for entry in passed:
             heapq.heappush(self._heap, entry)
-        if wake < math.inf and (self._timer is None or self._timer.when() > wake):
+        if wake < self._timer_at:
             # its time runs out then: staged (or shed) even if nothing else changes
             if self._timer is not None:
                 self._timer.cancel()
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(loop.time() + max(0.0, wake - time.monotonic()), self._on_timer)
+            self._timer_at = wake
+            self._timer = asyncio.get_running_loop().call_later(max(0.0, wake - time.monotonic()), self._on_timer)
 
     def _on_timer(self) -> None:
-        self._timer = None
+        self._timer, self._timer_at = None, math.inf
         self._grant()
 
     def poke(self) -> None:

@@ -1,0 +1,143 @@
+"""torpor.staging on its own: stages in order, the urgent exception, deferral and its timer, and
+a wait that times out passing its stage on. Run on uvloop (the server's loop) and asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import uvloop
+
+from torpor.staging import StageTimeout, StagingQueue
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request):
+    def go(coro):
+        if request.param == "uvloop":
+            return uvloop.run(coro)
+        return asyncio.run(coro)
+
+    return go
+
+
+def test_stages_go_lowest_order_first_within_the_permits(run):
+    async def main():
+        q = StagingQueue(2)
+        a = await q.enter(5.0)
+        b = await q.enter(6.0)
+        got = []
+
+        async def wait(order):
+            s = await q.enter(order)
+            got.append(order)
+            return s
+
+        tasks = [asyncio.create_task(wait(o)) for o in (9.0, 7.0, 8.0)]
+        await asyncio.sleep(0.01)
+        assert got == [] and q.held == 2 and q.waiting() == 3
+        a.leave()
+        await asyncio.sleep(0.01)
+        assert got == [7.0]
+        b.leave()
+        b.leave()  # a second leave is a no-op
+        await asyncio.sleep(0.01)
+        assert got == [7.0, 8.0]
+        for t in tasks[1:]:
+            t.result().leave()
+        await asyncio.sleep(0.01)
+        assert got == [7.0, 8.0, 9.0] and q.held == 1
+
+    run(main())
+
+
+def test_an_urgent_request_gets_a_stage_beyond_the_limit(run):
+    async def main():
+        q = StagingQueue(1)
+        held = await q.enter(5.0)
+        urgent = await asyncio.wait_for(q.enter(1.0), 1.0)  # more urgent than the holder, none waiting
+        assert q.held == 2
+        late = asyncio.create_task(q.enter(9.0))
+        await asyncio.sleep(0.01)
+        assert not late.done()  # not more urgent than anyone: it waits
+        held.leave()
+        urgent.leave()
+        await asyncio.sleep(0.01)
+        assert late.done()
+
+    run(main())
+
+
+def test_a_deferred_request_is_passed_over_then_staged_forced_when_its_time_runs_out(run):
+    async def main():
+        blocked = {"c"}
+        q = StagingQueue(1, blocked=lambda key, wanted: key in blocked and "a" in wanted)
+        holder = await q.enter(1.0, key="a")
+        t0 = time.monotonic()
+        cold = asyncio.create_task(q.enter(2.0, key="c", defer_until=t0 + 0.15))
+        warm = asyncio.create_task(q.enter(3.0, key="a", defer_until=t0 + 10))
+        warm2 = asyncio.create_task(q.enter(4.0, key="a", defer_until=t0 + 10))
+        await asyncio.sleep(0.01)
+        holder.leave()
+        await asyncio.sleep(0.01)
+        assert warm.done() and not cold.done()  # passed over while 'a' is wanted
+        warm.result().leave()
+        await asyncio.sleep(0.01)
+        assert warm2.done() and not cold.done()  # nothing waits for 'a' now, but the device is held
+        warm2.result().leave()
+        stage = await asyncio.wait_for(cold, 1.0)
+        assert not stage.forced  # staged once 'a' was no longer wanted: not forced
+        stage.leave()
+        # again, and this time 'a' stays wanted: the timer stages it, forced
+        holder = await q.enter(1.0, key="a")
+        t0 = time.monotonic()
+        cold = asyncio.create_task(q.enter(2.0, key="c", defer_until=t0 + 0.1))
+        await asyncio.sleep(0.01)
+        waiters = [asyncio.create_task(q.enter(3.0 + i, key="a", defer_until=t0 + 10)) for i in range(3)]
+        await asyncio.sleep(0.01)
+        holder.leave()
+        await asyncio.sleep(0.01)
+        first = waiters[0].result()  # 'a' goes ahead of the deferred 'c'
+        await asyncio.sleep(0.15)  # its time runs out while the device is held
+        assert not cold.done()
+        first.leave()
+        stage = await asyncio.wait_for(cold, 1.0)  # next in order now, although 'a' is still wanted
+        assert stage.forced
+        stage.leave()
+        for w in waiters[1:]:
+            (await w).leave()
+
+    run(main())
+
+
+def test_a_wait_that_times_out_raises_and_gives_nothing_away(run):
+    async def main():
+        q = StagingQueue(1)
+        held = await q.enter(1.0)
+        with pytest.raises(StageTimeout):
+            await q.enter(2.0, deadline=time.monotonic() + 0.05)
+        nxt = asyncio.create_task(q.enter(3.0))
+        held.leave()
+        (await asyncio.wait_for(nxt, 1.0)).leave()
+        assert q.held == 0 and q.waiting() == 0
+
+    run(main())
+
+
+def test_a_cancelled_waiter_is_skipped(run):
+    async def main():
+        q = StagingQueue(1)
+        held = await q.enter(1.0, key="x")
+        gone = asyncio.create_task(q.enter(2.0, key="y"))
+        nxt = asyncio.create_task(q.enter(3.0, key="z"))
+        await asyncio.sleep(0.01)
+        assert q.waiting_keys() == {"y", "z"}
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        assert q.waiting_keys() == {"z"}
+        held.leave()
+        (await asyncio.wait_for(nxt, 1.0)).leave()
+        assert q.held == 0
+
+    run(main())
