@@ -55,6 +55,12 @@ class Queued(Protocol):
     transfer: float  # seconds its copy takes once it starts (0: none)
     staged: bool  # it holds a stage: its copy, if any, has started
     started_at: float | None  # its run began (None: still queued)
+    # Optional: `first_at`, when its model's first group lands on the device (a pipelined run
+    # cannot start before it); a ticket without one counts 0.
+
+
+def _first_at(k: Queued) -> float:
+    return getattr(k, "first_at", 0.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -63,7 +69,7 @@ class Queued(Protocol):
 
 
 def work_ahead(tickets: Iterable[Queued], now: float, due: float | None, exec_s: float, lookahead: int = 1, *,
-               free_at: float | None = None, own_ready: float | None = None,
+               free_at: float | None = None, own_ready: Callable[[], float] | None = None,
                ends: list[tuple[Queued, float]] | None = None) -> tuple[float, float, float]:
     """For a request due at `due` (None: first come, first served) taking `exec_s` to run on a
     device holding `tickets`: (seconds until the device reaches it, its queue key, seconds
@@ -71,8 +77,9 @@ def work_ahead(tickets: Iterable[Queued], now: float, due: float | None, exec_s:
 
     `tickets`: those running (`started_at` set) and those queued, in admission order.
     `free_at`: when the running work ends, where the caller knows it (the simulator's clock);
-    else projected from the running tickets. `own_ready`: when the request's own model would
-    land there (it holds the device until then once it runs); None: counts only its run.
+    else projected from the running tickets. `own_ready()`: when the request's own model would
+    land there (it holds the device until then once it runs), asked only where it would go
+    ahead of a queued request; None: it counts only its run.
     `ends`: filled with (ticket, projected end) for the queued tickets in queue order."""
     t = now
     queued = []
@@ -96,7 +103,7 @@ def work_ahead(tickets: Iterable[Queued], now: float, due: float | None, exec_s:
     def end(k: Queued, i: int, t: float) -> float:
         ready = k.ready_at if k.staged or not k.transfer else stage_at(i, t) + k.transfer
         starts.append(t)
-        t = max(t + k.estimate, ready)
+        t = max(max(t, _first_at(k)) + k.estimate, ready)
         if ends is not None:
             ends.append((k, t))
         return t
@@ -110,10 +117,10 @@ def work_ahead(tickets: Iterable[Queued], now: float, due: float | None, exec_s:
     for i, k in enumerate(queued):
         if ahead is None and k.key > due:
             ahead, at = t, i
-            t2 = t + exec_s if own_ready is None else max(t + exec_s, own_ready)
+            t2 = t + exec_s if own_ready is None else max(t + exec_s, own_ready())
         t = end(k, i, t)
         if t2 is not None and not harm:
-            t2 = max(t2 + k.estimate, k.ready_at)
+            t2 = max(max(t2, _first_at(k)) + k.estimate, k.ready_at)
             if t2 > k.guard and t <= k.due:  # on time without it, past its guard with it in front
                 harm = True
     if ahead is None or harm:

@@ -31,12 +31,14 @@ What is simulated, and how:
   request goes ahead only of queued requests that still finish within their SLO margin
   (`Scheduler.slo_margin`) with it in front; otherwise it queues behind them all. A request the
   scheduler predicts will miss anyway queues behind every one that can still meet its SLO
-  (`scheduler.HOPELESS_DELAY_S`).
+  (`scheduler.HOPELESS_DELAY_S`). The rule is the server's own (`torpor.admission.work_ahead`,
+  which `torpor.placer` calls too); the simulator tells it when the running batch ends and when
+  the new request's model would land on each device.
 - **Work ahead** (`DeviceState.backlog_s`, what the scheduler is told): the projected end of the
   work queued ahead of the request being placed (all of it in FIFO order; under deadline order,
-  what runs now and what is due before it), counting for each queued request the wait for its
-  own copy to land, not only execution estimates (a queue of cold requests holds a device
-  longer than the sum of their run times).
+  what runs now and what is due before it, `torpor.admission.work_ahead`), counting for each
+  queued request the wait for its own copy to land, not only execution estimates (a queue of
+  cold requests holds a device longer than the sum of their run times).
 - **Decisions**: `torpor.scheduler.Scheduler.place` on a `Snapshot` the simulator keeps up to
   date (device states are the simulator's own state objects, not copies); eviction order from
   `torpor.eviction` (CostAwarePolicy for "torpor", LRUPolicy for "lru-swap"). When no device
@@ -64,6 +66,7 @@ from typing import Any
 
 import numpy as np
 
+from .admission import work_ahead
 from .costmodel import GB, CostModel, ExecEstimator, LinkMap, TopologyError
 from .eviction import RateMeter
 from .scheduler import (
@@ -726,23 +729,44 @@ _RETRIES = 4
 _ACTION_CODE = {"run": 1, "queue": 2, "swap": 3, "peer": 4}
 
 
-@dataclass
 class _Job:
-    rid: int
-    fn: int
-    arrival: float
-    est: float
-    resident: ResidentState
-    meets_pred: bool
-    enqueued: float = 0.0
-    first_at: float = 0.0  # when its model's first group lands on the device
-    deadline: float = math.inf  # arrival + SLO
-    key: float = math.inf  # its place in a deadline-ordered queue (its deadline, or behind all)
-    guard: float = math.inf  # arrival + SLO x the scheduler's margin: no one may push it past that
+    """A request admitted to a device; what `torpor.admission` reads of it (`Queued`) are the
+    same fields as the server's `torpor.placer.Ticket`."""
+
+    __slots__ = ("arrival", "due", "enqueued", "estimate", "first_at", "fn", "guard", "key", "meets_pred",
+                 "ready", "resident", "rid", "staged", "started_at", "transfer")
+
+    def __init__(self, rid: int, fn: int, arrival: float, estimate: float, resident: ResidentState | None,
+                 meets_pred: bool, enqueued: float = 0.0, first_at: float = 0.0, due: float = math.inf):
+        self.rid = rid
+        self.fn = fn
+        self.arrival = arrival
+        self.estimate = estimate  # seconds of device time it adds (a batch member: less than a run)
+        self.resident = resident  # its model on the device (None: not staged yet, no copy started)
+        self.meets_pred = meets_pred
+        self.enqueued = enqueued
+        self.first_at = first_at  # when its model's first group lands on the device
+        self.due = due  # arrival + SLO
+        self.key = math.inf  # its place in a deadline-ordered queue (its deadline, or behind all)
+        self.guard = math.inf  # arrival + SLO x the scheduler's margin: no one may push it past that
+        self.ready = 0.0  # before it holds its model: when the plan lands it (0: resident)
+        self.transfer = 0.0  # seconds its copy takes once it starts (0: none planned)
+        self.staged = resident is not None
+        self.started_at: float | None = None
+
+    @property
+    def seq(self) -> int:
+        return self.rid
+
+    @property
+    def ready_at(self) -> float:
+        """When its model has landed: the copy's (expected) landing once it holds the model."""
+        r = self.resident
+        return self.ready if r is None else r.expected()
 
 
 def _order(j: _Job) -> tuple[float, int]:
-    return j.key, j.rid
+    return j.key, j.rid  # admission's queue order (key, seq)
 
 
 @dataclass
@@ -932,14 +956,14 @@ class Simulation:
             d.exec_end = begin + ex
             d.cur_res = r
             d.cur_batch = (batch, ex)
-            d.cur_deadline = min(j.deadline for j in batch)
+            d.cur_deadline = min(j.due for j in batch)
             d.tok += 1
             d.batches += 1
             d.batched += b
             if not edf:  # re-anchor the projection of queued work on this batch's real end
                 t_end = done
                 for j in d.queue:
-                    t_end = max(max(t_end, j.first_at) + j.est, j.resident.ready_at)
+                    t_end = max(max(t_end, j.first_at) + j.estimate, j.resident.ready_at)
                 d.proj_end = t_end
             heapq.heappush(heap, (done, seq, _DONE, (d, batch, ex, d.tok)))
             seq += 1
@@ -970,9 +994,10 @@ class Simulation:
             snap.now = now
             self.xfer.now = now
             if edf:
-                # Work ahead of this request: what runs now and the queued requests due before it,
-                # unless going ahead of the others would make one of them late that was not:
-                # then it queues behind them all.
+                # Work ahead of this request, and its place in each queue: `admission.work_ahead`,
+                # the server's own rule (torpor.placer). The simulator knows when the running
+                # batch ends, and when the request's own model would land on each device (it
+                # holds the device until then once it runs).
                 due = arrival + fn_model[f].slo_s
                 ex_new = cost.exec_seconds(f)
                 # How much later each copy in flight may land before a request misses its
@@ -980,55 +1005,37 @@ class Simulation:
                 # device (a request already past its deadline has nothing left to protect).
                 slack = self.xfer.slack
                 slack.clear()
+                ends: list | None = [] if self.xfer.shared else None
 
-                def protect_all(d: _Dev, proj: list) -> None:
-                    least = math.inf
-                    for r, t, deadline in reversed(proj):
+                for d in devs:
+                    free = d.busy_until if d.running else now
+                    if d.running and d.cur_res is not None and d.cur_res.eta is not None:
+                        free = max(d.exec_end, d.cur_res.expected())
+
+                    def own_ready(d: _Dev = d) -> float:
+                        # a host copy, the slowest it may get
+                        r = d.state.residents.get(f)
+                        if r is not None:
+                            return r.expected()
+                        hp = self.links.host_path(d.state.name)
+                        return now + cost.copy_plan(models[f].nbytes, 0, hp, self.inflight,
+                                                    snap.inflight_bytes, snap.clear_in(hp))[1]
+
+                    if ends is not None:
+                        ends.clear()
+                    backlog, d.next_key, _ = work_ahead(d.queue, now, due, ex_new, 0, free_at=free,
+                                                       own_ready=own_ready, ends=ends)
+                    d.state.backlog_s = max(0.0, backlog)
+                    if ends is None:
+                        continue
+                    least = math.inf  # protect every copy a request waits on, latest first
+                    for r, t, deadline in reversed([*([(d.cur_res, free, d.cur_deadline)] if d.running and d.cur_res
+                                                       is not None else []),
+                                                    *((j.resident, t, j.due) for j, t in ends)]):
                         if t <= deadline:
                             least = min(least, deadline - t)
                         if r.ready_at > now and least < slack.get(id(r), math.inf):
                             slack[id(r)] = least
-
-                for d in devs:
-                    t = d.busy_until if d.running else now
-                    if d.running and d.cur_res is not None and d.cur_res.eta is not None:
-                        t = max(d.exec_end, d.cur_res.expected())
-                    proj = []
-                    if d.running and d.cur_res is not None:
-                        proj.append((d.cur_res, t, d.cur_deadline))
-                    ahead = t2 = None
-                    harm = -1  # index of the first queued request it would make late
-                    for k, j in enumerate(d.queue):
-                        if ahead is None and j.key > due:
-                            # it holds the device for its run, or until its copy lands (a host
-                            # copy, the slowest it may get)
-                            r = d.state.residents.get(f)
-                            if r is not None:
-                                ready = r.expected()
-                            else:
-                                hp = self.links.host_path(d.state.name)
-                                ready = now + cost.copy_plan(models[f].nbytes, 0, hp, self.inflight,
-                                                             self.snap.inflight_bytes, snap.clear_in(hp))[1]
-                            ahead, t2 = t, max(t + ex_new, ready)
-                        t = max(max(t, j.first_at) + j.est, j.resident.expected())
-                        proj.append((j.resident, t, j.deadline))
-                        if t2 is not None:
-                            t2 = max(max(t2, j.first_at) + j.est, j.resident.expected())
-                            if t2 > j.guard and t <= j.deadline:
-                                harm = k
-                                break
-                    if ahead is None or harm >= 0:
-                        if harm >= 0:
-                            for q in d.queue[harm + 1:]:
-                                t = max(max(t, q.first_at) + q.est, q.resident.expected())
-                                proj.append((q.resident, t, q.deadline))
-                        d.next_key = max(due, d.queue[-1].key) if d.queue else due
-                        d.state.backlog_s = max(0.0, t - now)
-                    else:
-                        d.next_key = due
-                        d.state.backlog_s = max(0.0, ahead - now)
-                    if proj:
-                        protect_all(d, proj)
             else:
                 for d in devs:
                     d.state.backlog_s = max(0.0, d.proj_end - now)
