@@ -39,6 +39,20 @@ What is simulated, and how:
   what runs now and what is due before it, `torpor.admission.work_ahead`), counting for each
   queued request the wait for its own copy to land, not only execution estimates (a queue of
   cold requests holds a device longer than the sum of their run times).
+- **The server's admission** (`Staging`, a scenario's `"staging"` field, or
+  `Simulation(..., staging=Staging())`): as `torpor.staging` and the engine do it, with
+  `torpor.admission`'s rules. Each device hands out `1 + lookahead` stages in queue order
+  (urgent requests at once); only a staged request pins its model, evicts (idle residents, those
+  other requests wait for last) and starts its copy, so a copy starts roughly when the request
+  `lookahead` places ahead of it starts to run, not at placement; copies to one device go one at
+  a time at the path's full rate (the CPU device's copy thread, a CUDA device's copy stream).
+  The scheduler sees when a new request would be staged (`DeviceState.stage_in_s`). With
+  `shed`, a request predicted past its whole SLO is answered UNAVAILABLE at arrival, one that
+  can no longer be on time (or was forced) when it is staged is answered then, and a request
+  whose copy would evict a model others wait for is deferred while it has slack. The run
+  reports `shed_arrival`, `shed_queued` and, with `max_outstanding`, arrivals the client
+  `dropped`. Without it (the default), copies start at placement and nothing is shed: the
+  model the README's simulator numbers were measured with.
 - **Decisions**: `torpor.scheduler.Scheduler.place` on a `Snapshot` the simulator keeps up to
   date (device states are the simulator's own state objects, not copies); eviction order from
   `torpor.eviction` (CostAwarePolicy for "torpor", LRUPolicy for "lru-swap"). When no device
@@ -66,9 +80,20 @@ from typing import Any
 
 import numpy as np
 
-from .admission import work_ahead
+from .admission import (
+    defer_deadline,
+    deferred,
+    evicts_wanted,
+    forced,
+    shed_at_arrival,
+    shed_when_staged,
+    stage_at_once,
+    stage_next,
+    victim_order,
+    work_ahead,
+)
 from .costmodel import GB, CostModel, ExecEstimator, LinkMap, TopologyError
-from .eviction import RateMeter
+from .eviction import Candidate, RateMeter
 from .scheduler import (
     HOPELESS_DELAY_S,
     POLICIES,
@@ -111,6 +136,21 @@ class ModelSpec:
         return self.exec_s * (1.0 + self.batch_scale * (batch - 1))
 
 
+@dataclass(frozen=True)
+class Staging:
+    """The server's admission on the simulator's devices (`torpor.staging`, `torpor.placer`):
+    a device hands out `slots + lookahead` stages in queue order, and only a staged request
+    takes memory, evicts and starts its copy; copies to one device go one at a time, at the
+    path's full rate (the CPU device's copy thread, a CUDA device's copy stream). With `shed`,
+    a request predicted past its whole SLO is answered at arrival, one that can no longer be on
+    time when its turn comes is answered then, and one whose copy would evict a model other
+    requests wait for is deferred (`torpor.admission`). None on a scenario: copies start when
+    the request is placed and nothing is shed (the simulator's original model)."""
+
+    lookahead: int = 1
+    shed: bool = True
+
+
 @dataclass
 class Scenario:
     name: str
@@ -130,6 +170,7 @@ class Scenario:
     source: str = ""
     sweep: tuple[str, list[float]] | None = None  # (parameter, values): run every policy at each
     weight_fraction: float = 1.0  # of each GPU's memory, what model weights may use
+    staging: Staging | None = None  # the server's staging and shedding (None: copies start at placement)
 
     @property
     def weight_budget(self) -> int:
@@ -164,7 +205,7 @@ def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: st
     where = "scenario"
     known = {"name", "gpus", "gpu_memory_GB", "gpus_per_node", "node", "models", "profile", "functions",
              "workload", "policies", "exec_noise", "seed", "search_gpus", "target_attainment", "notes", "sweep",
-             "weight_fraction"}
+             "weight_fraction", "staging"}
     unknown = set(spec) - known
     if unknown:
         raise ScenarioError(f"{where}: unknown field(s) {sorted(unknown)}")
@@ -236,6 +277,7 @@ def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: st
     target = _num(spec, "target_attainment", where, default=0.99)
     if target > 1:
         raise ScenarioError(f"{where}.target_attainment: must be at most 1, got {target}")
+    staging = parse_staging(spec.get("staging"), f"{where}.staging")
     return Scenario(
         name=str(spec.get("name", source)),
         gpus=gpus,
@@ -254,7 +296,24 @@ def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: st
         source=source,
         sweep=None if spec.get("sweep") is None else parse_sweep(spec["sweep"], f"{where}.sweep"),
         weight_fraction=frac,
+        staging=staging,
     )
+
+
+def parse_staging(value: Any, where: str = "staging") -> Staging | None:
+    """`{"lookahead": 1, "shed": true}` (both optional), or null/absent for none."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ScenarioError(f"{where}: expected an object, got {value!r}")
+    unknown = set(value) - {"lookahead", "shed"}
+    if unknown:
+        raise ScenarioError(f"{where}: unknown field(s) {sorted(unknown)}")
+    lookahead = _num(value, "lookahead", where, positive=False, integer=True, default=1)
+    shed = value.get("shed", True)
+    if not isinstance(shed, bool):
+        raise ScenarioError(f"{where}.shed: expected true or false, got {shed!r}")
+    return Staging(lookahead, shed)
 
 
 SWEEP_PARAMS = ("functions", "rate_scale", "gpus")
@@ -709,7 +768,7 @@ class LinkSharing:
                  slack.get(id(tr.owner[1]), math.inf) if tr.owner is not None else math.inf) for tr in trs]
 
 
-_DONE, _LANDED, _WAKE, _BEGIN = 0, 1, 2, 3
+_DONE, _LANDED, _WAKE, _BEGIN, _COPIED, _STAGE = 0, 1, 2, 3, 4, 5
 
 
 def _links_from_env() -> bool:
@@ -726,6 +785,8 @@ def _links_from_env() -> bool:
 SHARED_LINKS = _links_from_env()
 LATENCY_PCTS = [*range(0, 90, 2), *np.round(np.arange(90, 100, 0.25), 2).tolist(), 99.5, 99.9, 100]
 _RETRIES = 4
+# what became of each request (`Simulation.status`)
+ANSWERED, SHED_ARRIVAL, SHED_QUEUED, DROPPED, UNSERVED = 0, 1, 2, 3, 4
 _ACTION_CODE = {"run": 1, "queue": 2, "swap": 3, "peer": 4}
 
 
@@ -733,8 +794,8 @@ class _Job:
     """A request admitted to a device; what `torpor.admission` reads of it (`Queued`) are the
     same fields as the server's `torpor.placer.Ticket`."""
 
-    __slots__ = ("arrival", "due", "enqueued", "estimate", "first_at", "fn", "guard", "key", "meets_pred",
-                 "ready", "resident", "rid", "staged", "started_at", "transfer")
+    __slots__ = ("arrival", "copy_s", "defer_until", "due", "enqueued", "estimate", "first_at", "fn", "guard",
+                 "key", "meets_pred", "ready", "resident", "rid", "source", "staged", "started_at", "transfer")
 
     def __init__(self, rid: int, fn: int, arrival: float, estimate: float, resident: ResidentState | None,
                  meets_pred: bool, enqueued: float = 0.0, first_at: float = 0.0, due: float = math.inf):
@@ -753,6 +814,11 @@ class _Job:
         self.transfer = 0.0  # seconds its copy takes once it starts (0: none planned)
         self.staged = resident is not None
         self.started_at: float | None = None
+        # staging (`Simulation.staging`): where its copy comes from (a peer device, else the
+        # host), a host copy's seconds alone on the link, until when it may be passed over
+        self.source: str | None = None
+        self.copy_s = 0.0
+        self.defer_until = 0.0
 
     @property
     def seq(self) -> int:
@@ -767,6 +833,10 @@ class _Job:
 
 def _order(j: _Job) -> tuple[float, int]:
     return j.key, j.rid  # admission's queue order (key, seq)
+
+
+def _defer_until(j: _Job) -> float:
+    return j.defer_until
 
 
 @dataclass
@@ -788,6 +858,16 @@ class _Dev:
     cur_batch: Any = None  # (batch, exec seconds) of the running batch
     cur_deadline: float = math.inf  # the earliest deadline among the running batch's requests
     tok: int = 0  # the running batch's completion event; bumped when a re-rated copy moves it
+    cur_hit: bool = True  # the running batch's model had landed when it started
+    # the server's staging (`Simulation.staging`)
+    tickets: list = field(default_factory=list)  # admitted, not finished: running, staged, waiting
+    waiting: list = field(default_factory=list)  # waiting for a stage, in stage order (key, seq)
+    holders: list = field(default_factory=list)  # holding a stage
+    memwait: list = field(default_factory=list)  # holding a stage, waiting for memory
+    wanted: dict = field(default_factory=dict)  # model -> requests waiting for a stage
+    protected: dict = field(default_factory=dict)  # the same, counting those that may be deferred
+    copy_free_at: float = 0.0  # when its copy engine has moved every copy issued so far
+    wake_at: float = math.inf  # a deferral runs out then: stage again
 
 
 @dataclass
@@ -816,13 +896,18 @@ class SimResult:
     gpus_searched: int = 0
     stopped: bool = False
     actions: dict[str, int] = field(default_factory=dict)
+    shed_arrival: int = 0  # answered UNAVAILABLE at once (staging with shedding)
+    shed_queued: int = 0  # answered UNAVAILABLE when their turn came
+    dropped: int = 0  # arrivals the client did not send (`max_outstanding` in flight)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
 class Simulation:
-    def __init__(self, scenario: Scenario, policy: str, n_gpus: int | None = None):
+    def __init__(self, scenario: Scenario, policy: str, n_gpus: int | None = None, *,
+                 staging: Staging | None = None):
+        """`staging`: the server's admission (`Staging`); default the scenario's."""
         if policy not in POLICIES:
             raise ScenarioError(f"policy: unknown policy {policy!r}; expected one of {list(POLICIES)}")
         self.sc = scenario
@@ -851,6 +936,25 @@ class Simulation:
         self.scheduler = Scheduler(self.cost, policy)
         self.queue_order = "deadline" if policy == "torpor" else "fifo"
         self.models = [ModelInfo(f, m.nbytes, m.first_group_bytes, m.slo_s) for f, m in enumerate(self.fn_model)]
+        self.staging = staging if staging is not None else scenario.staging
+        if self.staging is not None:
+            # as the server's placer sees copies: counts per link and when each link clears,
+            # not the bytes each copy has left; copies are the devices' own (`_start_copy`)
+            clear = self._clear = {}
+            self.snap.inflight_bytes = None
+            self.snap.link_clear = lambda lk: clear.get(lk, -math.inf)
+
+    def preload(self, functions: list[int]) -> None:
+        """Models resident before traffic, as a warm-up leaves them: one request per function in
+        this order, each on the first device, the least recently used going where it does not fit."""
+        d = self.devs[0]
+        for i, f in enumerate(functions):
+            if f in d.state.residents:
+                continue
+            while d.state.free_bytes < self.models[f].nbytes and d.state.residents:
+                self._evict(d, min(d.state.residents.values(), key=lambda r: r.last_used).key)
+            r = self._add_resident(d, f, 0.0, 0.0)
+            r.last_used = i - len(functions)
 
     def _prepare_static(self, arrivals_fn: np.ndarray, duration: float) -> None:
         counts = np.bincount(arrivals_fn, minlength=self.sc.functions)
@@ -877,10 +981,13 @@ class Simulation:
         self.first_at.pop((d.state.name, f), None)
 
     def run(self, arrivals_t: np.ndarray, arrivals_fn: np.ndarray, duration: float, *,
-            stop_below: float | None = None) -> SimResult:
+            stop_below: float | None = None, max_outstanding: int | None = None) -> SimResult:
         """Replay the arrivals. `stop_below`: give up (attainment reported as an upper bound,
         `stopped` set) once more requests have missed their SLO than that attainment allows;
-        the GPU-count search uses it to skip hopeless configurations."""
+        the GPU-count search uses it to skip hopeless configurations. `max_outstanding` (with
+        `staging`): an arrival finding that many requests unanswered is not sent (a load
+        client's cap, as loadtest/e2e.py's --max-outstanding). Per request afterwards:
+        `latency` (inf: not answered) and `status` (ANSWERED, SHED_ARRIVAL, ...)."""
         t_wall = time.perf_counter()
         rng = np.random.default_rng(self.sc.seed + 1)
         noise = (rng.lognormal(0.0, self.sc.exec_noise, size=len(arrivals_t)) if self.sc.exec_noise
@@ -893,10 +1000,12 @@ class Simulation:
         self.predicted = predicted = np.full(n_req, np.nan)
         self.action_of = action_of = np.zeros(n_req, dtype=np.int8)
         self.latency = latency
+        self.status = status = np.zeros(n_req, dtype=np.int8)
         heap: list = []
         seq = 0
         pending: deque = deque()
         swaps = peers = moved = evictions = waits = unserved = 0
+        shed_arrival = shed_queued = dropped = in_system = 0
         actions: dict[str, int] = {}
         misses = 0
         allowed = math.inf if stop_below is None else (1.0 - stop_below) * len(arrivals_t)
@@ -907,10 +1016,17 @@ class Simulation:
         edf = self.queue_order == "deadline"
         # processor sharing: Torpor's scheduler sees when each copy should land if no other joins
         # (`ResidentState.eta`), not the landing at the rate it has now
-        etas = edf and self.xfer.shared
-        if edf:
+        staging = self.staging
+        staged = staging is not None
+        etas = edf and self.xfer.shared and not staged
+        listq = edf or staged  # queues kept sorted by (key, seq) in a list
+        if listq:
             for d in devs:
                 d.queue = []
+        if staged:
+            permits = 1 + staging.lookahead  # one execution at a time per device
+            shedding = staging.shed
+            evict_policy = sched.eviction
 
         def start_next(d: _Dev, now: float) -> None:
             nonlocal seq
@@ -929,7 +1045,7 @@ class Simulation:
                         heapq.heappush(heap, (hold, seq, _WAKE, d))
                         seq += 1
                     return
-            if edf:
+            if listq:
                 d.queue.pop(0)
             else:
                 d.queue.popleft()
@@ -943,7 +1059,7 @@ class Simulation:
                         batch.append(j)
                     else:
                         keep.append(j)
-                d.queue = keep if edf else deque(keep)
+                d.queue = keep if listq else deque(keep)
             b = len(batch)
             d.queued_fn[f] = same - b
             r = head.resident
@@ -957,6 +1073,9 @@ class Simulation:
             d.cur_res = r
             d.cur_batch = (batch, ex)
             d.cur_deadline = min(j.due for j in batch)
+            d.cur_hit = r.ready_at <= now
+            for j in batch:
+                j.started_at = now
             d.tok += 1
             d.batches += 1
             d.batched += b
@@ -988,6 +1107,198 @@ class Simulation:
                         batch, ex = d.cur_batch
                         heapq.heappush(heap, (done, seq, _DONE, (d, batch, ex, d.tok)))
                         seq += 1
+
+        # ---- the server's staging (`Staging`): the rules are torpor.admission's ----------------
+        def candidates(d: _Dev, now: float, idle_only: bool) -> list[Candidate]:
+            # the residents of `d` as the server's eviction sees them (torpor.memory.candidates)
+            bw = self.links.bandwidth(self.links.host_path(d.state.name)[0])
+            return [Candidate(r.key, r.nbytes, r.last_used, rates[r.key].rate(now), r.nbytes / bw,
+                              self.holder_count.get(r.key, 1) - 1)
+                    for r in d.state.residents.values() if not idle_only or r.evictable(now)]
+
+        def blocked(d: _Dev, f: int, now: float) -> bool:
+            # staging f on d now would evict what requests with an objective wait for
+            # (torpor.residency's `_blocker`)
+            res = d.state.residents
+            if f in res:
+                return False
+            need = models[f].nbytes - d.state.free_bytes
+            if need <= 0:
+                return False
+            wanted = d.protected
+            victims = ((c.key, c.nbytes, c.rate) for c in victim_order(evict_policy, candidates(d, now, False), now,
+                                                                        wanted))
+            return evicts_wanted(f, need, res, victims, wanted, rates[f].rate(now))
+
+        def want(d: _Dev, job: _Job, n: int) -> None:
+            for counts in (d.wanted, d.protected) if job.defer_until > 0 else (d.wanted,):
+                c = counts.get(job.fn, 0) + n
+                if c > 0:
+                    counts[job.fn] = c
+                else:
+                    del counts[job.fn]
+
+        def enter_stage(d: _Dev, job: _Job, now: float) -> None:
+            # torpor.staging.StagingQueue.enter
+            head = d.waiting[0].key if d.waiting else None
+            if stage_at_once(job.key, len(d.holders), permits, head, (h.key for h in d.holders)) \
+                    and not deferred(now, job.defer_until, lambda: blocked(d, job.fn, now)):
+                stage(d, job, now, forced(job.defer_until, lambda: blocked(d, job.fn, now)))
+            else:
+                bisect.insort(d.waiting, job, key=_order)
+                want(d, job, 1)
+            grant(d, now)
+
+        def grant(d: _Dev, now: float) -> None:
+            # torpor.staging.StagingQueue._grant: the lowest waiting request not deferred, while
+            # stages are free; a timer for when the first one passed over runs out of deferral
+            nonlocal seq
+            i: int | None = 0
+            while len(d.holders) < permits and d.waiting:
+                i, wake = stage_next(d.waiting, now, _defer_until, lambda j: blocked(d, j.fn, now), i)
+                if wake < d.wake_at:
+                    d.wake_at = wake
+                    heapq.heappush(heap, (wake, seq, _STAGE, d))
+                    seq += 1
+                if i is None:
+                    break
+                job = d.waiting.pop(i)
+                want(d, job, -1)
+                stage(d, job, now, forced(job.defer_until, lambda j=job: blocked(d, j.fn, now)))
+
+        def finish(d: _Dev, job: _Job) -> None:
+            nonlocal in_system
+            d.tickets.remove(job)
+            in_system -= 1
+
+        def stage(d: _Dev, job: _Job, now: float, was_forced: bool) -> None:
+            # it holds a stage: a last look (the engine's on_stage), then memory, then the
+            # device's queue
+            nonlocal shed_queued, misses
+            why = None
+            if shedding and job.due < math.inf:
+                why = shed_when_staged(now, job.estimate, job.copy_s, job.fn in d.state.residents, job.due, was_forced)
+            if why is not None:
+                status[job.rid] = SHED_QUEUED
+                shed_queued += 1
+                misses += 1
+                finish(d, job)
+                return
+            d.holders.append(job)
+            if not acquire(d, job, now):
+                d.memwait.append(job)
+
+        def acquire(d: _Dev, job: _Job, now: float) -> bool:
+            # torpor.residency._acquire_staged: pin it where resident, else evict idle residents
+            # (models others wait for last) and start its copy; False: no room yet
+            nonlocal evictions
+            f = job.fn
+            r = d.state.residents.get(f)
+            if r is None:
+                nbytes = models[f].nbytes
+                if d.state.free_bytes < nbytes:
+                    for c in victim_order(evict_policy, candidates(d, now, True), now, d.wanted):
+                        self._evict(d, c.key)
+                        evictions += 1
+                        if d.state.free_bytes >= nbytes:
+                            break
+                    else:
+                        return False
+                r = start_copy(d, job, now)
+            r.pins += 1
+            r.last_used = now
+            job.resident = r
+            job.staged = True
+            job.first_at = self.first_at.get((d.state.name, f), 0.0)
+            bisect.insort(d.queue, job, key=_order)
+            d.queued_fn[f] = d.queued_fn.get(f, 0) + 1
+            start_next(d, now)
+            return True
+
+        def start_copy(d: _Dev, job: _Job, now: float) -> ResidentState:
+            # one copy at a time per device, each at its path's full rate
+            nonlocal seq, swaps, peers, moved
+            f, name = job.fn, d.state.name
+            path = self.links.host_path(name)
+            src = None
+            if job.source is not None:
+                s = by_name[job.source].state.residents.get(f)
+                ppath = self.links.peer_path(job.source, name)
+                if s is not None and s.ready_at <= now and ppath is not None:
+                    src, path = s, ppath
+            begin = max(now, d.copy_free_at)
+            full = begin + cost.nominal_seconds(models[f].nbytes, path)
+            d.copy_free_at = full
+            r = self._add_resident(d, f, begin + cost.nominal_seconds(models[f].first_group_bytes, path), full)
+            if src is not None:
+                src.locked_until = max(src.locked_until, full)
+                peers += 1
+            else:
+                swaps += 1
+            moved += models[f].nbytes
+            clear = self._clear
+            for lk in path:
+                self.inflight[lk] = self.inflight.get(lk, 0) + 1
+                clear[lk] = max(clear.get(lk, -math.inf), full)
+            heapq.heappush(heap, (full, seq, _COPIED, (d, path)))
+            seq += 1
+            return r
+
+        def retry_memory(d: _Dev, now: float) -> None:
+            while d.memwait and acquire(d, d.memwait[0], now):
+                d.memwait.pop(0)
+
+        def admit(rid: int, f: int, arrival: float, now: float) -> bool:
+            # the engine's way in (torpor.engine._run_on_device, torpor.placer): place, shed at
+            # arrival, open a ticket, wait for a stage
+            nonlocal unserved, misses, shed_arrival, in_system
+            snap.now = now
+            spec = fn_model[f]
+            due = arrival + spec.slo_s
+            ex_new = cost.exec_seconds(f)
+            for d in devs:
+                backlog, d.next_key, stage_in = work_ahead(d.tickets, now, due if edf else None, ex_new,
+                                                           staging.lookahead)
+                d.state.backlog_s = max(0.0, backlog)
+                d.state.stage_in_s = max(0.0, stage_in)
+                d.state.queue_len = len(d.tickets)
+            model = models[f]
+            if now > arrival:
+                model = ModelInfo(f, model.nbytes, model.first_group_bytes, model.slo_s, 1, now - arrival)
+            dec = sched.place(model, snap)
+            if dec is None:
+                return False
+            o = dec.option
+            if o is None:
+                status[rid] = UNSERVED
+                unserved += 1
+                misses += 1
+                return True
+            actions[o.action] = actions.get(o.action, 0) + 1
+            predicted[rid] = now - arrival + o.completion_s
+            action_of[rid] = _ACTION_CODE[o.action]
+            if shedding and shed_at_arrival(dec):
+                status[rid] = SHED_ARRIVAL
+                shed_arrival += 1
+                misses += 1
+                return True
+            d = by_name[o.device]
+            job = _Job(rid, f, arrival, ex_new, None, dec.meets_slo, now, 0.0, due)
+            job.key = (d.next_key + HOPELESS_DELAY_S if hopeless(dec) else d.next_key) if edf else math.inf
+            job.guard = arrival + spec.slo_s * sched.slo_margin
+            if o.action in ("swap", "peer"):  # as Placer.admit
+                job.transfer = o.transfer_s - o.start_s
+                job.ready = now + o.transfer_s
+                job.source = o.source if o.action == "peer" else None
+            else:
+                r = d.state.residents.get(f)
+                job.ready = r.ready_at if r is not None and r.ready_at > now else 0.0
+            job.copy_s = cost.nominal_seconds(spec.nbytes, self.links.host_path(d.state.name))
+            job.defer_until = defer_deadline(due, ex_new, job.copy_s) if shedding else 0.0
+            d.tickets.append(job)
+            in_system += 1
+            enter_stage(d, job, now)
+            return True
 
         def try_place(rid: int, f: int, arrival: float, now: float) -> bool:
             nonlocal seq, swaps, peers, moved, evictions, unserved, misses
@@ -1103,6 +1414,8 @@ class Simulation:
             start_next(d, now)
             return True
 
+        place = admit if staged else try_place
+
         def handle(ev: tuple) -> None:
             nonlocal seq, misses
             t, _, kind, data = ev
@@ -1132,6 +1445,17 @@ class Simulation:
                     data.hold_until = -1.0
                     start_next(data, t)
                 return
+            if kind == _COPIED:  # staging: a device's copy landed
+                d, path = data
+                for lk in path:
+                    self.inflight[lk] -= 1
+                retry_memory(d, t)
+                return
+            if kind == _STAGE:  # staging: a deferral ran out
+                if data.wake_at == t:
+                    data.wake_at = math.inf
+                    grant(data, t)
+                return
             d, batch, ex, tok = data
             if tok != d.tok:
                 return  # its copy's landing moved, and the completion with it
@@ -1144,14 +1468,21 @@ class Simulation:
             r = batch[0].resident
             r.pins -= len(batch)
             r.last_used = t
-            cost.observe_exec(batch[0].fn, ex, len(batch))
+            if d.cur_hit or not staged:  # the server learns only from runs that found their model landed
+                cost.observe_exec(batch[0].fn, ex, len(batch))
             d.running = False
+            if staged:  # they give their stages back (torpor.residency.Placement._release)
+                for job in batch:
+                    finish(d, job)
+                    d.holders.remove(job)
+                retry_memory(d, t)
+                grant(d, t)
             start_next(d, t)
             # Waiting requests retry in arrival order, a few per completion (a completion frees
             # at most one pin; rescanning a long backlog each time would be quadratic).
             for _ in range(min(len(pending), _RETRIES)):
                 rid, f, arr = pending[0]
-                if not try_place(rid, f, arr, t):
+                if not place(rid, f, arr, t):
                     break
                 pending.popleft()
 
@@ -1161,9 +1492,14 @@ class Simulation:
                 handle(heapq.heappop(heap))
             f = int(arrivals_fn[i])
             rates[f].hit(t)
+            if max_outstanding is not None and in_system + len(pending) >= max_outstanding:
+                status[i] = DROPPED
+                dropped += 1
+                misses += 1
+                continue
             # Torpor: a request that can be placed now is not held behind one waiting for room
             # (under overload every device can be full of models pinned by queued requests)
-            if (pending and not edf) or not try_place(i, f, t, t):
+            if (pending and not edf) or not place(i, f, t, t):
                 waits += 1
                 pending.append((i, f, t))
             if misses > allowed:
@@ -1214,6 +1550,9 @@ class Simulation:
             mean_batch=sum(d.batched for d in devs) / max(1, sum(d.batches for d in devs)),
             actions=actions,
             stopped=stopped,
+            shed_arrival=shed_arrival,
+            shed_queued=shed_queued,
+            dropped=dropped,
         )
 
 
