@@ -1,0 +1,213 @@
+"""torpor.admission: the queue-admission rules the server and the simulator share, on small
+hand-built states (no clock, no event loop)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+from torpor.admission import (
+    defer_deadline,
+    deferred,
+    evicts_wanted,
+    forced,
+    shed_at_arrival,
+    shed_when_staged,
+    stage_at_once,
+    stage_next,
+    urgent,
+    victim_order,
+    work_ahead,
+)
+from torpor.eviction import Candidate, CostAwarePolicy, LRUPolicy
+from torpor.scheduler import Decision, Option
+
+_seq = iter(range(10**6))
+
+
+def ticket(estimate: float, *, key: float = math.inf, due: float = math.inf, guard: float = math.inf,
+           ready_at: float = 0.0, transfer: float = 0.0, staged: bool = True, started_at: float | None = None,
+           **extra) -> SimpleNamespace:
+    return SimpleNamespace(key=key, seq=next(_seq), estimate=estimate, due=due, guard=guard, ready_at=ready_at,
+                           transfer=transfer, staged=staged, started_at=started_at, **extra)
+
+
+def close(a: float, b: float) -> bool:
+    return abs(a - b) < 1e-9
+
+
+# where a request queues -------------------------------------------------------------------------
+
+
+def test_first_come_first_served_counts_everything_and_queues_last():
+    ts = [ticket(0.2, started_at=0.0), ticket(0.1), ticket(0.3)]
+    ahead, key, stage_in = work_ahead(ts, 0.05, None, 0.01)
+    assert close(ahead, 0.55) and key == math.inf  # 0.2 - 0.05 of the running one, then 0.1 and 0.3
+    assert close(stage_in, 0.25)  # staged when the last queued one starts (lookahead 1)
+
+
+def test_a_short_deadline_goes_ahead_of_work_with_time_to_spare():
+    ts = [ticket(0.2, started_at=0.0, key=5.0, due=5.0, guard=4.5),
+          ticket(0.2, key=5.0, due=5.0, guard=4.5), ticket(0.2, key=5.0, due=5.0, guard=4.5)]
+    ahead, key, stage_in = work_ahead(ts, 0.0, 0.3, 0.02)
+    assert key == 0.3 and close(ahead, 0.2)  # only the running request is ahead of it
+    assert close(stage_in, 0.0)  # a stage is free for the first place in the queue
+
+
+def test_it_queues_behind_all_when_going_ahead_would_push_one_past_its_guard():
+    ts = [ticket(0.2, key=0.5, due=0.5, guard=0.45), ticket(0.2, key=0.6, due=0.6, guard=0.45)]
+    ahead, key, _ = work_ahead(ts, 0.0, 0.3, 0.1)  # in front, the second would end at 0.5 > 0.45
+    assert key == 0.6 and close(ahead, 0.4)  # behind both: key is the last one's
+
+
+def test_a_request_already_late_is_not_protected():
+    # the queued request ends at 0.6 without the newcomer, past its own due (0.5): nothing to protect
+    ts = [ticket(0.6, key=0.5, due=0.5, guard=0.45)]
+    ahead, key, _ = work_ahead(ts, 0.0, 0.3, 0.1)
+    assert key == 0.3 and close(ahead, 0.0)
+
+
+def test_its_own_copy_counts_where_the_caller_knows_it():
+    ts = [ticket(0.1, key=1.0, due=1.0, guard=0.25)]
+    assert work_ahead(ts, 0.0, 0.5, 0.05)[1] == 0.5  # its run alone: the other ends at 0.15
+    # but it holds the device until its own model lands at 0.2: the other would end at 0.3 > 0.25
+    assert work_ahead(ts, 0.0, 0.5, 0.05, own_ready=lambda: 0.2)[1] == 1.0
+
+
+def test_own_copy_is_asked_only_where_it_would_go_ahead():
+    asked = []
+    work_ahead([ticket(0.1, key=0.2, due=0.2)], 0.0, 0.5, 0.05, own_ready=lambda: asked.append(1) or 0.0)
+    assert not asked
+
+
+def test_a_copy_not_started_lands_from_the_requests_stage_time():
+    # running until 0.1; A (staged, resident) runs 0.1-0.2; B's copy (0.3 s) starts only when B is
+    # staged, when A starts (lookahead 1): it lands at 0.4, and B ends then
+    ts = [ticket(0.1, started_at=0.0), ticket(0.1, key=1.0), ticket(0.1, key=2.0, transfer=0.3, staged=False,
+                                                                       ready_at=0.3)]
+    ahead, key, stage_in = work_ahead(ts, 0.0, 10.0, 0.01)
+    assert close(ahead, 0.4) and key == 10.0
+    assert close(stage_in, 0.2)  # a new request is staged when B starts running
+    # with two stages beyond the running ones, B is staged now: its copy lands at 0.3
+    ahead, _, stage_in = work_ahead(ts, 0.0, 10.0, 0.01, lookahead=2)
+    assert close(ahead, 0.3) and close(stage_in, 0.1)
+    # staged when the device reaches it (no lookahead): lands at 0.5
+    assert close(work_ahead(ts, 0.0, 10.0, 0.01, lookahead=0)[0], 0.5)
+    # a staged ticket's own landing counts as it is
+    ts[2].staged = True
+    assert close(work_ahead(ts, 0.0, 10.0, 0.01)[0], 0.3)
+
+
+def test_the_caller_may_say_when_the_running_work_ends():
+    ts = [ticket(0.1, started_at=0.0), ticket(0.2, key=1.0)]
+    assert close(work_ahead(ts, 0.0, 5.0, 0.01)[0], 0.3)
+    assert close(work_ahead(ts, 0.0, 5.0, 0.01, free_at=0.5)[0], 0.7)
+
+
+def test_a_run_starts_no_sooner_than_its_first_group_lands():
+    ts = [ticket(0.1, key=1.0, ready_at=0.35, first_at=0.3)]
+    assert close(work_ahead(ts, 0.0, 5.0, 0.01)[0], 0.4)  # 0.3 + 0.1, later than its landing
+    del ts[0].first_at
+    assert close(work_ahead(ts, 0.0, 5.0, 0.01)[0], 0.35)  # a ticket without one: its landing
+
+
+def test_projected_ends_in_queue_order():
+    a, b = ticket(0.1, key=2.0), ticket(0.2, key=1.0)
+    ends: list = []
+    work_ahead([a, b], 0.0, 5.0, 0.01, ends=ends)
+    assert [(k, round(t, 6)) for k, t in ends] == [(b, 0.2), (a, 0.3)]
+
+
+def test_ties_in_key_go_first_come_first_served():
+    a, b = ticket(0.1, key=1.0), ticket(0.2, key=1.0)
+    ends: list = []
+    work_ahead([b, a], 0.0, 5.0, 0.01, ends=ends)
+    assert [k for k, _ in ends] == [a, b]
+
+
+# when a request takes memory --------------------------------------------------------------------
+
+
+def test_stage_at_once_when_free_and_nobody_waits():
+    assert stage_at_once(5.0, 1, 2, None, [1.0])
+    assert not stage_at_once(5.0, 2, 2, None, [1.0, 2.0])  # full, not more urgent than a holder
+    assert not stage_at_once(5.0, 1, 2, 3.0, [1.0])  # someone waits ahead of it
+
+
+def test_urgent_requests_get_a_stage_up_to_twice_the_permits():
+    assert urgent(0.5, 2, 2, 3.0, [1.0, 2.0])
+    assert stage_at_once(0.5, 3, 2, 3.0, [1.0, 2.0, 0.6])
+    assert not stage_at_once(0.5, 4, 2, 3.0, [1.0, 2.0, 0.6, 0.7])  # the bound
+    assert not urgent(0.5, 2, 2, 0.4, [1.0, 2.0])  # someone waiting is more urgent still
+    assert not urgent(0.5, 2, 2, math.inf, [0.1, 0.2])  # no holder is less urgent
+
+
+def test_deferral_lasts_until_it_could_no_longer_copy_and_run_in_time():
+    assert close(defer_deadline(1.0, 0.1, 0.3), 0.6)
+    assert defer_deadline(math.inf, 0.1, 0.3) == 0.0  # no objective: never deferred
+    calls = []
+
+    def blocked() -> bool:
+        calls.append(1)
+        return True
+
+    assert deferred(0.5, 0.6, blocked)
+    assert not deferred(0.6, 0.6, blocked)  # its time ran out
+    assert not deferred(0.5, 0.0, blocked)  # may not be deferred
+    assert len(calls) == 1  # the predicate only where it matters
+    assert forced(0.6, blocked) and not forced(0.6, lambda: False) and not forced(0.0, blocked)
+
+
+def test_stage_next_passes_over_the_deferred_and_says_when_to_look_again():
+    waiting = [SimpleNamespace(name="a", until=0.5), SimpleNamespace(name="b", until=0.3),
+               SimpleNamespace(name="c", until=0.0), SimpleNamespace(name="d", until=0.0)]
+    blocked = {"a", "b", "c"}  # c may not be deferred: staged although blocked
+
+    def pick(start: int = 0):
+        return stage_next(waiting, 0.1, lambda w: w.until, lambda w: w.name in blocked, start)
+
+    assert pick() == (2, 0.3)
+    assert pick(3) == (3, math.inf)
+    blocked.clear()
+    assert pick() == (0, math.inf)
+    assert stage_next(waiting[:2], 0.1, lambda w: w.until, lambda w: True) == (None, 0.3)
+
+
+def test_evicts_wanted():
+    victims = [("x", 10, 0.1), ("y", 10, 5.0), ("w", 10, 0.0)]  # w is wanted, sorted last
+    # resident, or it fits: nothing evicted
+    assert not evicts_wanted("k", 10, {"k", "x"}, victims, {"w"}, 1.0)
+    assert not evicts_wanted("k", 0, {"x"}, victims, {"w"}, 1.0)
+    # x alone is enough
+    assert not evicts_wanted("k", 10, {"x", "y", "w_other"}, victims, {"w"}, 1.0)
+    # it needs x, y and w: w is wanted
+    assert evicts_wanted("k", 30, {"x", "y"}, victims, {"w"}, 10.0)
+    # a wanted model is resident (requests that need no copy wait): y, requested more often, counts
+    assert evicts_wanted("k", 20, {"x", "y", "w"}, victims, {"w"}, 1.0)
+    assert not evicts_wanted("k", 20, {"x", "y", "w"}, victims, {"w"}, 10.0)  # k is the hotter one
+
+
+def test_victim_order_keeps_wanted_models_last():
+    cands = [Candidate("a", 10, 1.0, 0.0, 0.1), Candidate("b", 10, 2.0, 0.0, 0.1), Candidate("c", 10, 3.0, 0.0, 0.1)]
+    assert [c.key for c in victim_order(LRUPolicy(), cands, 5.0)] == ["a", "b", "c"]
+    assert [c.key for c in victim_order(LRUPolicy(), cands, 5.0, {"a"})] == ["b", "c", "a"]
+    hot = [Candidate("a", 10, 1.0, 9.0, 0.1), Candidate("b", 10, 2.0, 0.0, 0.1)]
+    assert [c.key for c in victim_order(CostAwarePolicy(), hot, 5.0)] == ["b", "a"]
+
+
+def test_shed_when_staged():
+    assert shed_when_staged(0.8, 0.1, 0.2, False, 1.0, False) == "late"  # 0.8 + 0.1 + 0.2 > 1.0
+    assert shed_when_staged(0.8, 0.1, 0.2, True, 1.0, False) is None  # resident: no copy to wait for
+    assert shed_when_staged(0.8, 0.1, 0.2, True, 1.0, True) == "forced"
+    assert shed_when_staged(0.0, 0.1, 0.2, False, math.inf, False) is None
+
+
+def test_shed_at_arrival_only_past_the_whole_slo():
+    def decision(done_s: float, waited: float = 0.0) -> Decision:
+        return Decision(Option("d0", "swap", "host", done_s), waited + done_s <= 0.18, 0.2, waited_s=waited)
+
+    assert shed_at_arrival(decision(0.25))
+    assert not shed_at_arrival(decision(0.19))  # misses the 0.9 margin only
+    assert shed_at_arrival(decision(0.15, waited=0.1))  # time already spent counts
+    assert not shed_at_arrival(None)
+    assert not shed_at_arrival(Decision(None, False, 0.2))
