@@ -441,3 +441,99 @@ def test_predictions_hold_under_processor_sharing_when_execution_is_exact(monkey
         promised = sim.predicted <= 0.9 * slo
         assert promised.mean() > 0.99
         assert np.all(sim.latency[promised] <= slo[promised])
+
+
+# The server's admission (Staging): the rules of torpor.admission on virtual time ----------------
+
+
+def staged_gpu(models, budget_MB: float, pcie_GBps: float = 10.0, functions: int | None = None, **over):
+    return parse_scenario(small(gpus=1, gpus_per_node=1, gpu_memory_GB=budget_MB / 1e3, node={"pcie_GBps": pcie_GBps},
+                                models=models, functions=functions or len(models), exec_noise=0,
+                                policies=["torpor"], **over))
+
+
+def test_staging_is_a_scenario_field():
+    from torpor.simulator import Staging
+
+    m = [{"name": "a", "size_MB": 100, "exec_ms": 10, "slo_ms": 100}]
+    assert staged_gpu(m, 500).staging is None
+    assert staged_gpu(m, 500, staging={}).staging == Staging(1, True)
+    assert staged_gpu(m, 500, staging={"lookahead": 2, "shed": False}).staging == Staging(2, False)
+    with pytest.raises(ScenarioError, match=r"scenario\.staging\.shed"):
+        staged_gpu(m, 500, staging={"shed": "yes"})
+    with pytest.raises(ScenarioError, match=r"scenario\.staging: unknown"):
+        staged_gpu(m, 500, staging={"permits": 3})
+
+
+def test_staged_copies_start_when_the_request_is_staged():
+    # three functions of a 100 MB model (10 ms over 10 GB/s), 100 ms runs, all arriving at once on an
+    # idle device with room for all: the first two are staged at once (one running, one ahead), so
+    # their copies start at arrival; the third is staged only when the first has run
+    from torpor.simulator import Staging
+
+    sc = staged_gpu([{"name": "m", "size_MB": 100, "exec_ms": 100, "slo_ms": 10_000}], 1000, functions=3)
+    t, fn = np.array([0.0, 0.001, 0.002]), np.array([0, 1, 2])
+    sim = Simulation(sc, "torpor", staging=Staging(lookahead=1))
+    sim.run(t, fn, 1.0)
+    issued = {rid: at for at, rid, _, _ in sim.copies}
+    first_run_ends = sim.latency[0]  # its first group lands in 0.2 ms, its run takes 100 ms
+    assert first_run_ends == pytest.approx(0.1002, abs=1e-4)
+    assert issued[0] == 0.0 and issued[1] == 0.001
+    assert issued[2] == pytest.approx(first_run_ends)
+    assert sim.devs[0].state.residents[2].ready_at > first_run_ends
+    # the original model: every copy starts when the request is placed
+    legacy = Simulation(sc, "torpor")
+    legacy.run(t, fn, 1.0)
+    assert legacy.devs[0].state.residents[2].ready_at < 0.05
+
+
+def test_staging_defers_a_copy_that_would_evict_a_model_others_wait_for():
+    # room for one 100 MB model; five requests for the resident A (20 ms each), then one for B
+    # whose deadline comes first: staged at once it would evict A under the four still waiting
+    # (and A would come back); deferred, it waits until they have all been staged
+    from torpor.simulator import Staging
+
+    sc = staged_gpu([{"name": "A", "size_MB": 100, "exec_ms": 20, "slo_ms": 5000},
+                     {"name": "B", "size_MB": 100, "exec_ms": 20, "slo_ms": 500}], 150)
+    t, fn = np.array([0.0, 0.0001, 0.0002, 0.0003, 0.0004, 0.001]), np.array([0, 0, 0, 0, 0, 1])
+    swaps = {}
+    for shed in (True, False):
+        sim = Simulation(sc, "torpor", staging=Staging(1, shed))
+        sim.preload([0])
+        r = sim.run(t, fn, 1.0)
+        assert r.served == 6 and r.shed_arrival == r.shed_queued == 0
+        swaps[shed] = r.swaps
+    assert swaps == {True: 1, False: 2}
+
+
+def test_staging_sheds_under_overload_and_answers_the_rest_in_time():
+    # a quarter of the models' bytes, bursts at about three times what one device can run:
+    # requests are shed at arrival or when their turn comes, and every other one is answered
+    from torpor.simulator import ANSWERED, DROPPED, SHED_ARRIVAL, SHED_QUEUED, Staging
+
+    models = [{"name": "small", "size_MB": 18.9, "exec_ms": 2, "slo_ms": 100},
+              {"name": "large", "size_MB": 69.2, "exec_ms": 5, "slo_ms": 200}]
+    sc = staged_gpu(models, 88.1, pcie_GBps=4, functions=8)
+    rng = np.random.default_rng(1)
+    t = np.sort(rng.uniform(0, 4, 3200))  # 800 req/s against ~300 req/s of capacity
+    fn = rng.choice(8, size=t.size, p=np.array([8, 1, 4, 1, 2, 1, 1, 1]) / 19)
+    slo = np.array([sc.models[f % 2].slo_s for f in fn])
+    sim = Simulation(sc, "torpor", staging=Staging())
+    sim.preload(list(range(8)))
+    r = sim.run(t, fn, 4.0, max_outstanding=200)
+    st = sim.status
+    answered = st == ANSWERED
+    assert r.shed_arrival > 1000 and r.shed_queued > 0
+    assert (st == SHED_ARRIVAL).sum() == r.shed_arrival and (st == SHED_QUEUED).sum() == r.shed_queued
+    assert (st == DROPPED).sum() == r.dropped
+    assert answered.sum() + r.shed_arrival + r.shed_queued + r.dropped == t.size
+    assert np.isfinite(sim.latency[answered]).all() and np.isinf(sim.latency[~answered]).all()
+    assert np.mean(sim.latency[answered] <= slo[answered]) > 0.9  # what is kept is served in time
+    assert np.all(sim.latency[answered] <= 1.5 * slo[answered])  # and nothing waits much past it
+    assert r.attainment > 0.2 and r.swaps > 50
+    # the original model (copies at placement, nothing shed) answers everything, the tail many
+    # seconds late: the queue only grows
+    legacy = Simulation(sc, "torpor")
+    legacy.preload(list(range(8)))
+    lr = legacy.run(t, fn, 4.0)
+    assert lr.served == t.size and lr.p99_ms > 2000

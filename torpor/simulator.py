@@ -149,6 +149,10 @@ class Staging:
 
     lookahead: int = 1
     shed: bool = True
+    # seconds between a run's end on the device and the server's event loop acting on it
+    # (answering, unpinning, giving the stage back, staging the next); the device's worker
+    # goes on with the next staged request meanwhile. 0: at once
+    release_s: float = 0.0
 
 
 @dataclass
@@ -301,19 +305,20 @@ def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: st
 
 
 def parse_staging(value: Any, where: str = "staging") -> Staging | None:
-    """`{"lookahead": 1, "shed": true}` (both optional), or null/absent for none."""
+    """`{"lookahead": 1, "shed": true, "release_ms": 0}` (all optional), or null/absent for none."""
     if value is None:
         return None
     if not isinstance(value, dict):
         raise ScenarioError(f"{where}: expected an object, got {value!r}")
-    unknown = set(value) - {"lookahead", "shed"}
+    unknown = set(value) - {"lookahead", "shed", "release_ms"}
     if unknown:
         raise ScenarioError(f"{where}: unknown field(s) {sorted(unknown)}")
     lookahead = _num(value, "lookahead", where, positive=False, integer=True, default=1)
     shed = value.get("shed", True)
     if not isinstance(shed, bool):
         raise ScenarioError(f"{where}.shed: expected true or false, got {shed!r}")
-    return Staging(lookahead, shed)
+    release_ms = _num(value, "release_ms", where, positive=False, default=0.0)
+    return Staging(lookahead, shed, release_ms / 1e3)
 
 
 SWEEP_PARAMS = ("functions", "rate_scale", "gpus")
@@ -768,7 +773,7 @@ class LinkSharing:
                  slack.get(id(tr.owner[1]), math.inf) if tr.owner is not None else math.inf) for tr in trs]
 
 
-_DONE, _LANDED, _WAKE, _BEGIN, _COPIED, _STAGE = 0, 1, 2, 3, 4, 5
+_DONE, _LANDED, _WAKE, _BEGIN, _COPIED, _STAGE, _RELEASE = 0, 1, 2, 3, 4, 5, 6
 
 
 def _links_from_env() -> bool:
@@ -1001,6 +1006,10 @@ class Simulation:
         self.action_of = action_of = np.zeros(n_req, dtype=np.int8)
         self.latency = latency
         self.status = status = np.zeros(n_req, dtype=np.int8)
+        self.copies: list[tuple[float, int, float, float]] = []  # staging: (issued, request, starts, lands)
+        # staging: when each request held its stage and its model (the engine's compute_infer
+        # counts from then: the wait for the device and for its copy, and its run)
+        self.acquired = acquired = np.full(n_req, np.nan)
         heap: list = []
         seq = 0
         pending: deque = deque()
@@ -1207,6 +1216,7 @@ class Simulation:
                 r = start_copy(d, job, now)
             r.pins += 1
             r.last_used = now
+            acquired[job.rid] = now
             job.resident = r
             job.staged = True
             job.first_at = self.first_at.get((d.state.name, f), 0.0)
@@ -1229,6 +1239,7 @@ class Simulation:
             begin = max(now, d.copy_free_at)
             full = begin + cost.nominal_seconds(models[f].nbytes, path)
             d.copy_free_at = full
+            self.copies.append((now, job.rid, begin, full))
             r = self._add_resident(d, f, begin + cost.nominal_seconds(models[f].first_group_bytes, path), full)
             if src is not None:
                 src.locked_until = max(src.locked_until, full)
@@ -1456,11 +1467,28 @@ class Simulation:
                     data.wake_at = math.inf
                     grant(data, t)
                 return
+            if kind == _RELEASE:
+                release(*data, t)
+                return
             d, batch, ex, tok = data
             if tok != d.tok:
                 return  # its copy's landing moved, and the completion with it
             d.busy_s += t - d.run_start
             d.cur_res = None
+            if d.cur_hit or not staged:  # the server learns only from runs that found their model landed
+                cost.observe_exec(batch[0].fn, ex, len(batch))
+            d.running = False
+            if staged and staging.release_s > 0:
+                heapq.heappush(heap, (t + staging.release_s, seq, _RELEASE, (d, batch)))
+                seq += 1
+                start_next(d, t)  # the worker goes on with what is staged
+                return
+            release(d, batch, t)
+
+        def release(d: _Dev, batch: list, t: float) -> None:
+            # answered; the model unpinned; with staging, their stages given back
+            # (torpor.residency.Placement._release), the next staged
+            nonlocal misses
             for job in batch:
                 latency[job.rid] = t - job.arrival
                 if t - job.arrival > fn_model[job.fn].slo_s:
@@ -1468,10 +1496,7 @@ class Simulation:
             r = batch[0].resident
             r.pins -= len(batch)
             r.last_used = t
-            if d.cur_hit or not staged:  # the server learns only from runs that found their model landed
-                cost.observe_exec(batch[0].fn, ex, len(batch))
-            d.running = False
-            if staged:  # they give their stages back (torpor.residency.Placement._release)
+            if staged:
                 for job in batch:
                     finish(d, job)
                     d.holders.remove(job)

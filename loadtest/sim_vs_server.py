@@ -1,0 +1,343 @@
+"""The simulator against the server: loadtest/e2e.py's workloads replayed through the simulator
+with the server's admission (`torpor.simulator.Staging`), predicted beside measured (issue 16).
+
+    python loadtest/sim_vs_server.py E2E.json [E2E2.json ...] --json loadtest/measured/sim-vs-server.json
+
+Each E2E.json is what `loadtest/e2e.py --json` wrote. From it the same experiment is rebuilt:
+
+- arrivals: e2e's own generators (`zipf_arrivals`, `trace_arrivals`, imported from e2e.py), with
+  the run's seed, offered rate or speedup and duration (and the zipf/burst options from its
+  command line); the count is checked against the arrivals e2e recorded;
+- models: N functions round-robin over the mix, each occupying its weights rounded up to the
+  arena's 2 MiB blocks (`models.bytes_by_kind`), first group 1 MiB (torpor.partition), each
+  class's SLO (`slo_ms`);
+- devices: e2e's --device (cpu:N or one GPU), device memory = the configuration's bound
+  (`bounds`), host link = the run's --device-bandwidths pcie=X (or --pcie-gbps);
+  one execution at a time, `--stage-lookahead` (default 1) and shedding as the server's flags;
+  the residents a warm-up leaves (one request per model in order);
+- execution time per class (`--exec`): `single`, the warm-up's single-stream latency of that
+  configuration (`runs.<config>.single_stream_ms`: a resident request end to end, HTTP
+  included); or `load`, the server's own compute time under that very workload
+  (`server_compute_mean_ms`, /v2/models/stats compute_infer, of the all-resident run, whose
+  runs never wait for a copy) plus `--overhead-ms` of HTTP round trip that does not hold the
+  device; `--exec-noise` lognormal spread;
+- the client: at most --max-outstanding requests in flight (e2e's; arrivals beyond it dropped).
+
+Printed per run (workload@load) and configuration (native = all resident, torpor = the
+fraction): answered, shed, dropped, SLO attainment (of all arrivals), goodput (answers within
+SLO per second), p50/p99 per class, predicted (median over --seeds execution-noise seeds,
+[min-max] where they differ) beside measured. --json writes it all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from torpor.simulator import (
+    ANSWERED,
+    DROPPED,
+    SHED_ARRIVAL,
+    SHED_QUEUED,
+    Simulation,
+    Staging,
+    parse_scenario,
+)
+
+BLOCK = 2 * 1024 * 1024  # the arena's block size (e2e.py's BLOCK)
+FIRST_GROUP = 1 << 20  # torpor.partition caps the first group at 1 MiB
+MB = 1e6
+
+
+def load_e2e():
+    """loadtest/e2e.py as a module (its arrival generators and trace lookup)."""
+    spec = importlib.util.spec_from_file_location("torpor_e2e", ROOT / "loadtest" / "e2e.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def e2e_options(command: str) -> argparse.Namespace:
+    """The options of the e2e run that shape the experiment, from its recorded command line."""
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--zipf-s", type=float, default=1.0)
+    ap.add_argument("--burst-factor", type=float, default=4.0)
+    ap.add_argument("--max-outstanding", type=int, default=256)
+    ap.add_argument("--trace", default=None)
+    ap.add_argument("--server-arg", action="append", default=[])
+    words = shlex.split(command.removeprefix("e2e.main(").removesuffix(")"))
+    opts, _ = ap.parse_known_args(words)
+    server = " ".join(opts.server_arg)
+    m = re.search(r"--device-bandwidths[= ]\S*?pcie=([0-9.]+)", server)
+    opts.pcie_gbps = float(m.group(1)) if m else None
+    m = re.search(r"--stage-lookahead[= ](\d+)", server)
+    opts.lookahead = int(m.group(1)) if m else 1
+    opts.shed = not re.search(r"--shed-late[= ](false|0|no)", server)
+    return opts
+
+
+def devices_of(device: str) -> int:
+    m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", device)
+    if device.startswith("cuda:") or m is None or m.group(1) == "cuda":
+        return 1  # e2e serves on one GPU (cuda or cuda:N)
+    return int(m.group(2) or 1)
+
+
+def scenario(e2e: dict, cfg: str, exec_ms: dict[str, float], pcie_gbps: float, n_dev: int, noise: float,
+             seed: int) -> dict:
+    mix = e2e["models"]["mix"]
+    n = e2e["models"]["count"]
+    models = []
+    for k in mix:
+        count = sum(1 for i in range(n) if mix[i % len(mix)] == k)
+        nbytes = e2e["models"]["bytes_by_kind"][k] / count
+        # lognormal noise around the median: the calibrated time is the mean, kept
+        median_ms = exec_ms[k] * math.exp(-noise * noise / 2)
+        models.append({"name": k, "size_MB": math.ceil(nbytes / BLOCK) * BLOCK / MB, "exec_ms": median_ms,
+                       "slo_ms": e2e["slo_ms"][k], "first_group_MB": FIRST_GROUP / MB})
+    return {"name": f"e2e-{cfg}", "gpus": n_dev, "gpu_memory_GB": e2e["bounds"][cfg] / 1e9,
+            "node": {"pcie_GBps": pcie_gbps}, "models": models, "functions": n,
+            "workload": {"kind": "synthetic", "duration_s": 1}, "exec_noise": noise, "seed": seed}
+
+
+def arrivals(e2e_mod, e2e: dict, opts: argparse.Namespace, key: str, run: dict) -> tuple[np.ndarray, np.ndarray]:
+    n = e2e["models"]["count"]
+    load = run.get("load")
+    workload = run.get("workload", key.partition("@")[0])
+    cal = next((x for x in e2e.get("loads", []) if x.get("requested") == load), None) or e2e.get("load")
+    if cal is None:
+        raise SystemExit(f"no calibration (offered rate, speedup) for load {load} in the e2e JSON")
+    if workload == "zipf":
+        t, f = e2e_mod.zipf_arrivals(n, cal["offered_rps"], run["duration_s"], e2e["seed"], opts.zipf_s,
+                                     opts.burst_factor)
+    else:
+        path = e2e_mod.find_trace(opts.trace if opts.trace and Path(opts.trace).is_file() else None)
+        if path is None:
+            raise SystemExit("the trace workload needs the trace (../shared/data/torpor-trace-samples.npy)")
+        t, f, _ = e2e_mod.trace_arrivals(np.load(path), n, cal["speedup"], run["duration_s"], e2e["seed"])
+    if t.size != run["arrivals"]:
+        raise SystemExit(f"{key}: {t.size} arrivals regenerated, e2e recorded {run['arrivals']}")
+    return t, f
+
+
+def exec_times(e2e: dict, cfg: str, key: str, how: str, overhead_ms: float) -> dict[str, float]:
+    """Execution ms per class as `--exec` says (`fit` starts from the single-stream times)."""
+    mix = e2e["models"]["mix"]
+    single = {k: e2e["runs"][cfg]["single_stream_ms"][k] for k in mix}
+    if how == "single":
+        return single
+    if how == "fit":
+        return {k: max(0.05, v - overhead_ms) for k, v in single.items()}
+    # under load: the all-resident run's compute time on the same workload (no copy waits in it)
+    classes = e2e["runs"]["native"]["workloads"][key]["classes"]
+    return {k: classes[k].get("server_compute_mean_ms") or max(0.05, single[k] - overhead_ms) for k in mix}
+
+
+def compute_infer_ms(sim: Simulation, t: np.ndarray, f: np.ndarray, mix: list[str]) -> dict[str, float | None]:
+    """The engine's compute_infer per class, simulated: from holding its stage and model (the
+    engine's t_exec_start) to done, so the wait behind the running request and for its own copy
+    count, as in /v2/models/stats; mean over answered requests."""
+    kinds = np.array([mix[i % len(mix)] for i in f]) if f.size else np.zeros(0, dtype=str)
+    done = t + sim.latency
+    out = {}
+    for k in mix:
+        sel = (kinds == k) & (sim.status == ANSWERED) & np.isfinite(sim.latency) & np.isfinite(sim.acquired)
+        out[k] = float(np.mean(done[sel] - sim.acquired[sel]) * 1e3) if sel.any() else None
+    return out
+
+
+def fit_exec(e2e: dict, cfg: str, run: dict, t: np.ndarray, f: np.ndarray, exec_ms: dict[str, float],
+             build, iters: int) -> tuple[dict[str, float], list[dict]]:
+    """Execution ms per class under load such that the simulated compute_infer (`compute_infer_ms`)
+    matches what the server measured on this very run (`server_compute_mean_ms`): the measured
+    mean counts the wait behind the running request (and, with copies, for them), so it is not
+    the execution time itself. A few fixed-point steps, exec x measured / simulated."""
+    mix = e2e["models"]["mix"]
+    target = {k: run["classes"][k].get("server_compute_mean_ms") for k in mix}
+    steps = []
+    for _ in range(iters):
+        sim = build(exec_ms, 1)
+        got = compute_infer_ms(sim, t, f, mix)
+        steps.append({"exec_ms": dict(exec_ms), "compute_infer_ms": got})
+        exec_ms = {k: v * (target[k] / got[k] if target[k] and got[k] else 1.0) for k, v in exec_ms.items()}
+    return exec_ms, steps
+
+
+def summarize(sim: Simulation, t: np.ndarray, f: np.ndarray, mix: list[str], slo_ms: dict[str, float],
+              duration: float, overhead_s: float) -> dict:
+    kinds = np.array([mix[i % len(mix)] for i in f]) if f.size else np.zeros(0, dtype=str)
+    lat = sim.latency + overhead_s  # inf stays inf: not answered
+    st = sim.status
+    out = {}
+    for label, sel in [*((k, kinds == k) for k in mix), ("all", np.ones(f.size, bool))]:
+        ok = st[sel] == ANSWERED
+        ans = lat[sel][ok & np.isfinite(lat[sel])]
+        slo = np.array([slo_ms[k] for k in kinds[sel]]) / 1e3
+        within = int(np.sum(lat[sel] <= slo))
+        out[label] = {
+            "arrivals": int(sel.sum()), "answered": int(ans.size),
+            "shed": int(np.sum((st[sel] == SHED_ARRIVAL) | (st[sel] == SHED_QUEUED))),
+            "shed_arrival": int(np.sum(st[sel] == SHED_ARRIVAL)), "shed_queued": int(np.sum(st[sel] == SHED_QUEUED)),
+            "dropped": int(np.sum(st[sel] == DROPPED)),
+            "p50_ms": float(np.percentile(ans, 50) * 1e3) if ans.size else None,
+            "p99_ms": float(np.percentile(ans, 99) * 1e3) if ans.size else None,
+            "slo_attainment": within / sel.sum() if sel.sum() else None,
+            "goodput_rps": within / duration,
+        }
+    return out
+
+
+FIELDS = ("answered", "shed", "dropped", "slo_attainment", "goodput_rps", "p50_ms", "p99_ms")
+
+
+def median_of(runs: list[dict]) -> dict:
+    """Per class and field: the median over seeds, and [min, max]."""
+    out = {}
+    for label in runs[0]:
+        row = {}
+        for k in runs[0][label]:
+            xs = [r[label][k] for r in runs if r[label][k] is not None]
+            row[k] = float(np.median(xs)) if xs else None
+            row[k + "_range"] = [float(min(xs)), float(max(xs))] if xs else None
+        out[label] = row
+    return out
+
+
+def fmt_ms(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def cell(x, spec: str, rng=None) -> str:
+    if x is None:
+        return "-"
+    s = format(x, spec)
+    if rng is not None and format(rng[0], spec) != format(rng[1], spec):
+        s += f" [{format(rng[0], spec)}-{format(rng[1], spec)}]"
+    return s
+
+
+def print_rows(title: str, pred: dict, meas: dict, mix: list[str]) -> None:
+    print(f"\n{title}")
+    print(f"{'class':<10} {'':<5} {'answered':>16} {'shed':>16} {'drop':>9} {'SLO %':>18} {'good/s':>18} "
+          f"{'p50 ms':>18} {'p99 ms':>22}")
+    for label in [*mix, "all"]:
+        p, m = pred[label], meas[label]
+        print(f"{label:<10} {'pred':<5} {cell(p['answered'], '.0f', p['answered_range']):>16} "
+              f"{cell(p['shed'], '.0f', p['shed_range']):>16} {cell(p['dropped'], '.0f'):>9} "
+              f"{cell(100 * p['slo_attainment'], '.1f', [100 * x for x in p['slo_attainment_range']]):>18} "
+              f"{cell(p['goodput_rps'], '.1f', p['goodput_rps_range']):>18} "
+              f"{cell(p['p50_ms'], '.1f', p['p50_ms_range']):>18} {cell(p['p99_ms'], '.0f', p['p99_ms_range']):>22}")
+        print(f"{'':<10} {'meas':<5} {m['answered']:>16} {m['shed']:>16} {m['dropped']:>9} "
+              f"{cell(100 * m['slo_attainment'], '.1f'):>18} {cell(m['goodput_rps'], '.1f'):>18} "
+              f"{cell(m['p50_ms'], '.1f'):>18} {cell(m['p99_ms'], '.0f'):>22}")
+
+
+def measured(row: dict, duration: float) -> dict:
+    """e2e's numbers for one class (older e2e JSONs: no shed or goodput fields)."""
+    out = {k: row.get(k) for k in (*FIELDS, "failed", "lost", "arrivals", "server_compute_mean_ms")}
+    out["shed"] = out["shed"] or 0
+    if out["goodput_rps"] is None and row.get("slo_attainment") is not None:
+        out["goodput_rps"] = row["slo_attainment"] * row["arrivals"] / duration
+    return out
+
+
+def compare_one(path: Path, args: argparse.Namespace, e2e_mod) -> dict:
+    e2e = json.loads(path.read_text())
+    opts = e2e_options(e2e.get("command", ""))
+    pcie = args.pcie_gbps or opts.pcie_gbps
+    if pcie is None:
+        raise SystemExit(f"{path}: no --device-bandwidths pcie=X in its command; give --pcie-gbps")
+    n_dev = devices_of(e2e.get("device", opts.device))
+    mix = e2e["models"]["mix"]
+    staging = Staging(args.lookahead if args.lookahead is not None else opts.lookahead, opts.shed)
+    overhead_s = args.overhead_ms / 1e3 if args.exec != "single" else 0.0
+    out = {"e2e_json": str(path), "e2e_command": e2e.get("command"), "device": e2e.get("device"),
+           "pcie_GBps": pcie, "staging": {"lookahead": staging.lookahead, "shed": staging.shed},
+           "max_outstanding": opts.max_outstanding, "runs": {}}
+    keys = list(dict.fromkeys(k for c in ("native", "torpor") for k in e2e["runs"].get(c, {}).get("workloads", {})))
+    for key in keys:
+        for cfg in ("native", "torpor"):
+            run = e2e["runs"].get(cfg, {}).get("workloads", {}).get(key)
+            if not run or "classes" not in run:
+                continue
+            t, f = arrivals(e2e_mod, e2e, opts, key, run)
+            wall = time.perf_counter()
+
+            def build(exec_ms: dict[str, float], seed: int, cfg: str = cfg, run: dict = run, t=t, f=f) -> Simulation:
+                sc = parse_scenario(scenario(e2e, cfg, exec_ms, pcie, n_dev, args.exec_noise, seed))
+                sim = Simulation(sc, "torpor", staging=staging)
+                sim.preload(list(range(e2e["models"]["count"])))
+                sim.run(t, f, run["duration_s"], max_outstanding=opts.max_outstanding)
+                return sim
+
+            exec_ms = exec_times(e2e, cfg, key, args.exec, args.overhead_ms)
+            fit_steps = []
+            if args.exec == "fit":
+                exec_ms, fit_steps = fit_exec(e2e, cfg, run, t, f, exec_ms, build, args.fit_iters)
+            per_seed, ci = [], []
+            for seed in range(1, args.seeds + 1):
+                sim = build(exec_ms, seed)
+                per_seed.append(summarize(sim, t, f, mix, e2e["slo_ms"], run["duration_s"], overhead_s))
+                ci.append(compute_infer_ms(sim, t, f, mix))
+            pred = median_of(per_seed)
+            meas = {label: measured(run["classes"][label], run["duration_s"]) for label in [*mix, "all"]}
+            print_rows(f"{cfg} / {key}: {t.size} arrivals over {run['duration_s']:.0f}s; exec ms "
+                       + ", ".join(f"{k} {v:.2f}" for k, v in exec_ms.items())
+                       + f" ({args.exec}); {args.seeds} seeds in {time.perf_counter() - wall:.1f}s", pred, meas, mix)
+            sim_ci = {k: float(np.median([c[k] for c in ci if c[k] is not None])) for k in mix
+                      if any(c[k] is not None for c in ci)}
+            print("compute_infer ms (stage to done), predicted / measured: " + ", ".join(
+                f"{k} {sim_ci.get(k, float('nan')):.2f} / {fmt_ms(meas[k]['server_compute_mean_ms'])}" for k in mix))
+            out["runs"][f"{cfg}/{key}"] = {
+                "exec_ms": exec_ms, "fit_steps": fit_steps, "predicted": pred, "per_seed": per_seed,
+                "predicted_compute_infer_ms": sim_ci, "measured": meas}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("e2e_json", type=Path, nargs="+", help="what loadtest/e2e.py --json wrote")
+    ap.add_argument("--exec", choices=["fit", "single", "load"], default="fit",
+                    help="execution time per class: fitted so that the simulated compute_infer matches the "
+                         "server's on that run (default), the single-stream latency, or the all-resident "
+                         "run's compute_infer as it is")
+    ap.add_argument("--fit-iters", type=int, default=4, help="--exec fit: fixed-point steps")
+    ap.add_argument("--overhead-ms", type=float, default=0.5,
+                    help="--exec fit/load: HTTP round trip added to every answer, not holding the device")
+    ap.add_argument("--exec-noise", type=float, default=0.1,
+                    help="lognormal sigma of execution times around their median (the mean is the calibrated time)")
+    ap.add_argument("--seeds", type=int, default=5, help="execution-noise seeds (median and range reported)")
+    ap.add_argument("--pcie-gbps", type=float, default=None, help="host link GB/s (default: the run's pcie=X)")
+    ap.add_argument("--lookahead", type=int, default=None, help="stages beyond the running one (default: the run's)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    e2e_mod = load_e2e()
+    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else str(argv),
+               "exec": args.exec, "overhead_ms": args.overhead_ms if args.exec == "load" else 0.0,
+               "exec_noise": args.exec_noise, "seeds": args.seeds,
+               "compared": [compare_one(p, args, e2e_mod) for p in args.e2e_json]}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
