@@ -264,10 +264,12 @@ def compare_one(path: Path, args: argparse.Namespace, e2e_mod) -> dict:
         raise SystemExit(f"{path}: no --device-bandwidths pcie=X in its command; give --pcie-gbps")
     n_dev = devices_of(e2e.get("device", opts.device))
     mix = e2e["models"]["mix"]
-    staging = Staging(args.lookahead if args.lookahead is not None else opts.lookahead, opts.shed)
+    staging = Staging(args.lookahead if args.lookahead is not None else opts.lookahead, opts.shed,
+                      args.release_ms / 1e3)
     overhead_s = args.overhead_ms / 1e3 if args.exec != "single" else 0.0
     out = {"e2e_json": str(path), "e2e_command": e2e.get("command"), "device": e2e.get("device"),
-           "pcie_GBps": pcie, "staging": {"lookahead": staging.lookahead, "shed": staging.shed},
+           "pcie_GBps": pcie, "staging": {"lookahead": staging.lookahead, "shed": staging.shed,
+                                          "release_ms": args.release_ms},
            "max_outstanding": opts.max_outstanding, "runs": {}}
     keys = list(dict.fromkeys(k for c in ("native", "torpor") for k in e2e["runs"].get(c, {}).get("workloads", {})))
     for key in keys:
@@ -325,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=5, help="execution-noise seeds (median and range reported)")
     ap.add_argument("--pcie-gbps", type=float, default=None, help="host link GB/s (default: the run's pcie=X)")
     ap.add_argument("--lookahead", type=int, default=None, help="stages beyond the running one (default: the run's)")
+    ap.add_argument("--release-ms", type=float, default=0.0,
+                    help="the event loop's delay in acting on a finished run (Staging.release_s)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     e2e_mod = load_e2e()

@@ -830,6 +830,11 @@ class _Job:
         return self.rid
 
     @property
+    def model(self) -> int:
+        """The model it runs (queued requests of one model share one copy, `torpor.admission`)."""
+        return self.fn
+
+    @property
     def ready_at(self) -> float:
         """When its model has landed: the copy's (expected) landing once it holds the model."""
         r = self.resident
