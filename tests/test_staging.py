@@ -9,7 +9,7 @@ import time
 import pytest
 import uvloop
 
-from torpor.staging import StageTimeout, StagingQueue
+from torpor.staging import COSTS, FREE, HARMS, StageTimeout, StagingQueue
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
@@ -72,7 +72,7 @@ def test_an_urgent_request_gets_a_stage_beyond_the_limit(run):
 def test_a_deferred_request_is_passed_over_then_staged_forced_when_its_time_runs_out(run):
     async def main():
         blocked = {"c"}
-        q = StagingQueue(1, blocked=lambda key, wanted: key in blocked and "a" in wanted)
+        q = StagingQueue(1, blocked=lambda key, wanted: HARMS if key in blocked and "a" in wanted else FREE)
         holder = await q.enter(1.0, key="a")
         t0 = time.monotonic()
         cold = asyncio.create_task(q.enter(2.0, key="c", defer_until=t0 + 0.15))
@@ -107,6 +107,29 @@ def test_a_deferred_request_is_passed_over_then_staged_forced_when_its_time_runs
         stage.leave()
         for w in waiters[1:]:
             (await w).leave()
+
+    run(main())
+
+
+def test_a_request_that_only_costs_others_is_deferred_but_not_forced(run):
+    """COSTS (it would evict a hotter model while others wait): passed over until its time runs
+    out, then staged as any other, not forced (its owner serves it)."""
+    async def main():
+        q = StagingQueue(1, blocked=lambda key, wanted: COSTS if key == "c" else FREE)
+        holder = await q.enter(1.0, key="a")
+        t0 = time.monotonic()
+        cold = asyncio.create_task(q.enter(2.0, key="c", defer_until=t0 + 0.05))
+        warm = asyncio.create_task(q.enter(3.0, key="a", defer_until=t0 + 10))
+        await asyncio.sleep(0.01)
+        holder.leave()
+        await asyncio.sleep(0.01)
+        assert warm.done() and not cold.done()
+        assert not q.would_defer("c")  # only HARMS is refused at arrival
+        await asyncio.sleep(0.06)
+        warm.result().leave()
+        stage = await asyncio.wait_for(cold, 1.0)
+        assert not stage.forced
+        stage.leave()
 
     run(main())
 

@@ -56,7 +56,9 @@ class Queued(Protocol):
     staged: bool  # it holds a stage: its copy, if any, has started
     started_at: float | None  # its run began (None: still queued)
     # Optional: `first_at`, when its model's first group lands on the device (a pipelined run
-    # cannot start before it); a ticket without one counts 0.
+    # cannot start before it); a ticket without one counts 0. `model`: the model it runs; where
+    # given, only the first queued request of a model whose copy has not started counts the
+    # copy (the others find the model landing when they are staged).
 
 
 def _first_at(k: Queued) -> float:
@@ -83,10 +85,12 @@ def work_ahead(tickets: Iterable[Queued], now: float, due: float | None, exec_s:
     `ends`: filled with (ticket, projected end) for the queued tickets in queue order."""
     t = now
     queued = []
+    landing: dict[Any, float] = {}  # model -> when it lands in this projection
     for k in tickets:
         if k.started_at is not None:
             if free_at is None:
                 t = max(t, k.started_at + k.estimate, k.ready_at)
+            _lands(landing, k, k.ready_at)
         else:
             queued.append(k)
     if free_at is not None:
@@ -101,7 +105,11 @@ def work_ahead(tickets: Iterable[Queued], now: float, due: float | None, exec_s:
         return starts[i - lookahead] if i >= lookahead else now
 
     def end(k: Queued, i: int, t: float) -> float:
-        ready = k.ready_at if k.staged or not k.transfer else stage_at(i, t) + k.transfer
+        if k.staged or not k.transfer:
+            ready = k.ready_at
+        else:  # its copy starts when it is staged, unless an earlier request's copy brings its model
+            ready = landing.get(getattr(k, "model", None), stage_at(i, t) + k.transfer)
+        _lands(landing, k, ready)
         starts.append(t)
         t = max(max(t, _first_at(k)) + k.estimate, ready)
         if ends is not None:
@@ -126,6 +134,12 @@ def work_ahead(tickets: Iterable[Queued], now: float, due: float | None, exec_s:
     if ahead is None or harm:
         return t - now, max(due, queued[-1].key) if queued else due, stage_at(len(queued), t) - now
     return ahead - now, due, stage_at(at, ahead) - now
+
+
+def _lands(landing: dict[Any, float], k: Queued, ready: float) -> None:
+    m = getattr(k, "model", None)
+    if m is not None and m not in landing:
+        landing[m] = ready
 
 
 def _queue_order(k: Queued) -> tuple[float, int]:

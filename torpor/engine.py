@@ -1205,6 +1205,23 @@ class Engine:
             o = decision.option
             device = o.device
             source = "host" if o.action == "swap" else (o.source if o.action == "peer" else "auto")
+            if self.options.shed_late and slo is not None and o.action in ("swap", "peer") \
+                    and self.devices.stages[device].would_defer(key):
+                # its copy would evict a model that waiting requests want, so it would wait for
+                # them (torpor.staging); if they outlast its slack it would be shed then: now
+                slack = arrival + slo - time.monotonic() - o.exec_s - placer.copy_seconds(key, device)
+                if placer.backlog(device) > slack:
+                    placer.shed(key, "arrival")
+                    raise unavailable(
+                        f"Exceeds maximum queue size: model '{entry.name}' would have to evict a model that "
+                        f"waiting requests need, and they outlast its {slo * 1e3:.0f} ms objective "
+                        f"(request shed; the server is overloaded)")
+            if o.action in ("swap", "peer"):
+                # Start the copy now where that evicts nothing a waiting request wants: the
+                # request may wait several turns for its stage, and its model lands meanwhile.
+                early = self.devices.start_copy(key, device, source)
+                if early is not None:
+                    placer.copy_started(early.resident, decision, early.outcome)
         ticket = placer.admit(key, decision, batch, slo, arrival)
         executions = 1
         try:
@@ -1267,7 +1284,7 @@ class Engine:
 
             # with an objective, it may wait (holding nothing) while its copy would evict a model
             # that others wait for, as long as it could still start its copy and be on time
-            defer_until = ticket.due - ticket.estimate - copy_s if shed else 0.0
+            defer_until = ticket.due - ticket.estimate - copy_s - _DEFER_MARGIN_S if shed else 0.0
             async with self.devices.acquire(key, device, timeout=timeout, source=source, order=ticket.key,
                                             on_stage=on_stage, defer_until=defer_until) as placement:
                 placer.staged(ticket, placement)
@@ -1465,6 +1482,9 @@ def _timed_execute(fn: ModelFunction, mreq: ModelRequest) -> tuple[Any, int, int
 
 
 _DEVICE_INFLIGHT = 64  # per device, per model version
+# A deferred request (torpor.staging) is staged this long before the last moment it could
+# start its copy and still be on time: its turn on the device comes a run or two later.
+_DEFER_MARGIN_S = 0.005
 
 
 class _DeviceBatch:

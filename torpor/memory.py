@@ -326,14 +326,21 @@ class DeviceMemory:
         replicas: Callable[[Any], int],
         on_evict: Callable[[Resident], None],
         keep: Any = frozenset(),
+        spare: bool = False,
     ) -> Resident | None:
         """Place `model`, evicting idle residents in `victims` order as needed; None if even
-        evicting every idle resident leaves no room (the caller waits and retries)."""
+        evicting every idle resident leaves no room (the caller waits and retries). `spare`:
+        never evict those in `keep`, and evict nothing unless that makes room."""
         r = self.try_place(model)
         if r is not None:
             return r
-        for _, victim in self.victims(policy, rate=rate, bandwidth=bandwidth, replicas=replicas, keep=keep,
-                                      exclude=model.key):
+        order = self.victims(policy, rate=rate, bandwidth=bandwidth, replicas=replicas, keep=keep,
+                             exclude=model.key)
+        if spare:
+            order = [(c, v) for c, v in order if c.key not in keep]
+            if self.free_bytes + sum(c.nbytes for c, _ in order) < model.nbytes:
+                return None
+        for _, victim in order:
             if self.blocks.free_blocks * self.block_bytes >= model.nbytes:
                 self.fragmented_evictions += 1
             self.release(victim)

@@ -131,6 +131,7 @@ class Ticket:
         "estimate",
         "guard",
         "key",
+        "model",
         "ready_at",
         "seq",
         "staged",
@@ -140,7 +141,7 @@ class Ticket:
 
     def __init__(self, placer: Placer, device: str | None, estimate: float, decision: Decision | None,
                  key: float = math.inf, due: float = math.inf, guard: float = math.inf, ready_at: float = 0.0,
-                 transfer: float = 0.0):
+                 transfer: float = 0.0, model: Any = None):
         self._placer = placer
         self.device = device
         self.estimate = estimate
@@ -153,6 +154,7 @@ class Ticket:
         # seconds its copy takes once it starts: a request's copy starts only when it is staged
         # (torpor.staging), so until then its landing counts from its projected stage time
         self.transfer = transfer
+        self.model = model  # the model it runs: queued requests of one model share one copy
         self.staged = False
         self.started_at: float | None = None
         self._open = device is not None
@@ -302,7 +304,11 @@ class Placer:
             if hopeless(decision):  # behind everyone who can still make it (scheduler.HOPELESS_DELAY_S)
                 qkey += HOPELESS_DELAY_S
         return Ticket(self, o.device, self.cost.exec_seconds(key, batch), decision, key=qkey,
-                      due=due, guard=guard, ready_at=ready, transfer=transfer)
+                      due=due, guard=guard, ready_at=ready, transfer=transfer, model=key)
+
+    def backlog(self, device: str) -> float:
+        """Seconds of work queued and running on `device` (in queue order, copies included)."""
+        return self._work_ahead(device, time.monotonic(), None, 0.0)[0]
 
     def copy_seconds(self, key: Any, device: str) -> float:
         """How long a host copy of the model to `device` takes with its link to itself."""

@@ -61,7 +61,7 @@ from .executor import execute, forward, install_group_hooks
 from .hoststore import HostModel, HostStore
 from .memory import DEFAULT_BLOCK_BYTES, DeviceMemory, MemoryFullError, Resident, _key_str
 from .partition import PartitionRule
-from .staging import Stage, StageTimeout, StagingQueue
+from .staging import COSTS, FREE, HARMS, Stage, StageTimeout, StagingQueue
 from .swapper import swap_in_from_host, swap_in_from_peer
 
 _POLL_S = 0.002  # re-check interval while waiting for memory (copies complete without notifying)
@@ -288,6 +288,28 @@ class DevicePool:
         async with self.acquire(key, device, timeout=timeout, source=source) as p:
             return p.device.name
 
+    def start_copy(self, key: Any, device: Any, source: str = "auto") -> Placement | None:
+        """Start bringing `key` to `device` now, pinning nothing, where that evicts only idle
+        models no waiting request wants: a request that will need it is still waiting for its
+        stage, and finds it landed or landing then. An unpinned `Placement` naming the
+        resident and the copy's source (outcome "host" | "peer"), or None where the model is
+        already there or there is no such room."""
+        m = self.memory(device)
+        if key in m.residents or key in self._removing:
+            return None
+        model = self.store.get(key)
+        r = m.make_room(model, self.policy, rate=self._rate, bandwidth=self.host_bandwidth[m.device.name],
+                        replicas=self._replicas, on_evict=self._on_evict,
+                        keep=self.stages[m.device.name].waiting_keys(), spare=True)
+        if r is None:
+            return None
+        outcome = self._swap_in(r, source)
+        counters = self._counters.setdefault(key, ModelCounters())
+        counters.swap_ins += 1
+        counters.peer_swap_ins += outcome == "peer"
+        counters.bytes_moved += sum(g.nbytes for g in model.groups)
+        return Placement(self, r, outcome)
+
     def memory(self, device: Any) -> DeviceMemory:
         """By index, name, or Device."""
         for i, m in enumerate(self.memories):
@@ -387,28 +409,31 @@ class DevicePool:
             return order[0]
         return max((m for m in allowed if m.can_ever_hold(model)), key=lambda m: (m.capacity, -m.device.index))
 
-    def _blocker(self, m: DeviceMemory) -> Callable[[Any, Any], bool]:
-        def blocked(key: Any, wanted: Any) -> bool:
-            """Staging a request for `key` on `m` now would evict a model that waiting requests
-            want, or, while requests that need no copy wait for the device, a model requested
-            more often than `key`: the copy would cost those requests device time (it cannot
-            land while the model it replaces still runs), and the evicted model a copy back."""
+    def _blocker(self, m: DeviceMemory) -> Callable[[Any, Any], int]:
+        def blocked(key: Any, wanted: Any) -> int:
+            """What staging a request for `key` on `m` now would do to others
+            (torpor.staging): HARMS where it would evict a model that waiting requests want;
+            COSTS where it would evict a model requested more often than `key` while requests
+            that need no copy wait (the copy would cost them device time, it cannot land while
+            the model it replaces still runs, and the evicted model a copy back); else FREE."""
             if key in m.residents:
-                return False
+                return FREE
             need = self.store.get(key).nbytes - m.free_bytes
             if need <= 0:
-                return False
+                return FREE
             busy = any(k in m.residents for k in wanted)
             rate = self._rate(key)
-            freed = 0
+            freed, level = 0, FREE
             for c, _ in m.victims(self.policy, rate=self._rate, bandwidth=self.host_bandwidth[m.device.name],
                                   replicas=self._replicas, keep=wanted, pinned=True):
-                if c.key in wanted or (busy and c.rate > rate):
-                    return True
+                if c.key in wanted:
+                    return HARMS
+                if busy and c.rate > rate:
+                    level = COSTS
                 freed += c.nbytes
                 if freed >= need:
-                    return False
-            return False
+                    break
+            return level
 
         return blocked
 

@@ -31,6 +31,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+FREE, COSTS, HARMS = 0, 1, 2  # what staging a request now would do to others (`blocked`)
+
 
 class StageTimeout(Exception):
     """The request's deadline passed while it waited for a stage."""
@@ -64,16 +66,17 @@ class StagingQueue:
       earlier (the lookahead) would run before it whatever its deadline; the device's workers
       run staged requests lowest order first (`Device.run_in_worker(key=...)`).
     - A request that may be deferred (`defer_until`, set for requests with a latency objective)
-      is passed over while staging it would evict a model that other waiting requests with an
-      objective want (`blocked(key, wanted)`, the owner's view of the arena): a burst for a
-      resident model is served from memory rather than thrashing it out for one request and
-      back for the next. Once its time runs out it is staged like any other (and its owner
-      then sheds it if it can no longer be on time, or if it is still `forced` to evict), so
-      nothing waits for ever. Requests without an objective are never deferred and protect
-      nothing: they are served in order.
+      is passed over while staging it would cost others (`blocked(key, wanted)`, the owner's
+      view of the arena: `HARMS` where it would evict a model that waiting requests with an
+      objective want, `COSTS` where it would evict a model requested more often while requests
+      that need no copy wait): a burst for a resident model is served from memory rather than
+      thrashing it out for one request and back for the next. Once its time runs out it is
+      staged like any other, `forced` if it still harms waiting requests (its owner then sheds
+      it), so nothing waits for ever. Requests without an objective are never deferred and
+      protect nothing: they are served in order.
     """
 
-    def __init__(self, permits: int, blocked: Callable[[Any, set[Any]], bool] | None = None):
+    def __init__(self, permits: int, blocked: Callable[[Any, Any], int] | None = None):
         self.permits = max(1, int(permits))
         self.holders: list[Stage] = []
         # (order, seq, future, model key, defer_until): waiting requests; a cancelled future is skipped
@@ -128,11 +131,11 @@ class StagingQueue:
 
     def _deferred(self, key: Any, defer_until: float) -> bool:
         return (defer_until > 0 and self._blocked is not None and time.monotonic() < defer_until
-                and self._blocked(key, self._protected.keys()))
+                and self._blocked(key, self._protected.keys()) > FREE)
 
     def _forced(self, key: Any, defer_until: float) -> bool:
-        # staged although blocked: only once its time ran out (else it would have been passed over)
-        return defer_until > 0 and self._blocked is not None and self._blocked(key, self._protected.keys())
+        # staged although it harms waiting requests: only once its time ran out
+        return defer_until > 0 and self._blocked is not None and self._blocked(key, self._protected.keys()) == HARMS
 
     def _want(self, key: Any, defer_until: float) -> None:
         self._wanted[key] += 1
@@ -182,6 +185,11 @@ class StagingQueue:
     def _on_timer(self) -> None:
         self._timer, self._timer_at = None, math.inf
         self._grant()
+
+    def would_defer(self, key: Any) -> bool:
+        """A request for `key` with an objective arriving now would be passed over for as long
+        as the requests it would harm wait (and shed if they outlast it)."""
+        return self._blocked is not None and self._blocked(key, self._protected.keys()) == HARMS
 
     def poke(self) -> None:
         """Something the owner's `blocked` reads has changed (a model left or landed)."""
