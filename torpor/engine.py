@@ -43,6 +43,7 @@ from .errors import Status, TorporError, internal, invalid_arg, unavailable, uns
 from .model import SEQUENCE_END, SEQUENCE_START, ModelFunction, ModelRequest, TensorSpec
 from .repository import ModelSource, Repository, available_versions, select_versions
 from .scheduler import hopeless
+from .staging import COSTS
 from .settings import LogSettings, TraceSettings
 from .shm import SharedMemoryManager
 from .stats import ModelStats, empty_stats
@@ -1273,10 +1274,14 @@ class Engine:
                 if not shed:
                     return
                 late = time.monotonic() + ticket.estimate + (0.0 if resident else copy_s) > ticket.due
-                if late or stage.forced:
+                # passed over while its copy would cost requests needing none: now that its time
+                # ran out, it runs unless stalling the device for its copy makes queued ones late
+                stalls = stage.level == COSTS and not resident and placer.would_delay(ticket, copy_s)
+                if late or stage.forced or stalls:
                     placer.shed(key, "queued")
                     why = ("would finish past" if late else
-                           "could only run by evicting a model other requests are waiting for, within")
+                           "could only run by evicting a model other requests are waiting for, within" if stage.forced
+                           else "could only run by stalling requests queued before their objectives, within")
                     raise unavailable(
                         f"Exceeds maximum queue size: model '{entry.name}' request {why} its "
                         f"{(ticket.due - request.arrival_ns / 1e9) * 1e3:.0f} ms objective when its turn came on "

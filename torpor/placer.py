@@ -306,6 +306,13 @@ class Placer:
         return Ticket(self, o.device, self.cost.exec_seconds(key, batch), decision, key=qkey,
                       due=due, guard=guard, ready_at=ready, transfer=transfer, model=key)
 
+    def would_delay(self, ticket: Ticket, stall_s: float) -> bool:
+        """Holding `ticket`'s device `stall_s` longer than its run (a copy that cannot land
+        under the run ahead) would make a request queued there late that is on time now."""
+        now = time.monotonic()
+        return work_ahead([k for k in self.tickets[ticket.device] if k is not ticket], now, now,
+                          ticket.estimate + stall_s, self.lookahead)[1] != now
+
     def backlog(self, device: str) -> float:
         """Seconds of work queued and running on `device` (in queue order, copies included)."""
         return self._work_ahead(device, time.monotonic(), None, 0.0)[0]

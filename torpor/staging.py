@@ -39,16 +39,20 @@ class StageTimeout(Exception):
 
 
 class Stage:
-    """A stage held on a device; `leave()` gives it back (once). `forced`: it was deferred
-    (see `StagingQueue`) and its time ran out while staging it still meant evicting a model
-    other requests wait for."""
+    """A stage held on a device; `leave()` gives it back (once). `level`: for a request that
+    could be deferred (see `StagingQueue`), what staging it still does to others when it got
+    its stage (FREE, or, once its time ran out, COSTS or HARMS); `forced`: HARMS."""
 
-    __slots__ = ("_queue", "forced", "order")
+    __slots__ = ("_queue", "level", "order")
 
-    def __init__(self, queue: StagingQueue, order: float, forced: bool = False):
+    def __init__(self, queue: StagingQueue, order: float, level: int = 0):
         self._queue: StagingQueue | None = queue
         self.order = order
-        self.forced = forced
+        self.level = level
+
+    @property
+    def forced(self) -> bool:
+        return self.level == HARMS
 
     def leave(self) -> None:
         q, self._queue = self._queue, None
@@ -71,8 +75,9 @@ class StagingQueue:
       objective want, `COSTS` where it would evict a model requested more often while requests
       that need no copy wait): a burst for a resident model is served from memory rather than
       thrashing it out for one request and back for the next. Once its time runs out it is
-      staged like any other, `forced` if it still harms waiting requests (its owner then sheds
-      it), so nothing waits for ever. Requests without an objective are never deferred and
+      staged like any other, with the `level` it still has (its owner sheds it where that
+      HARMS waiting requests, and where it COSTS, if stalling the device for its copy would make
+      queued requests late), so nothing waits for ever. Requests without an objective are never deferred and
       protect nothing: they are served in order.
     """
 
@@ -109,7 +114,7 @@ class StagingQueue:
         if ((self.held < self.permits and not self._heap)
                 or (order < head and self.held < 2 * self.permits and any(order < h.order for h in self.holders))) \
                 and not self._deferred(key, defer_until):
-            return self._hold(order, self._forced(key, defer_until))
+            return self._hold(order, self._level(key, defer_until))
         fut = asyncio.get_running_loop().create_future()
         heapq.heappush(self._heap, (order, next(self._seq), fut, key, defer_until))
         self._want(key, defer_until)
@@ -133,9 +138,11 @@ class StagingQueue:
         return (defer_until > 0 and self._blocked is not None and time.monotonic() < defer_until
                 and self._blocked(key, self._protected.keys()) > FREE)
 
-    def _forced(self, key: Any, defer_until: float) -> bool:
-        # staged although it harms waiting requests: only once its time ran out
-        return defer_until > 0 and self._blocked is not None and self._blocked(key, self._protected.keys()) == HARMS
+    def _level(self, key: Any, defer_until: float) -> int:
+        # above FREE only once its time ran out (else it would have been passed over)
+        if defer_until <= 0 or self._blocked is None:
+            return FREE
+        return self._blocked(key, self._protected.keys())
 
     def _want(self, key: Any, defer_until: float) -> None:
         self._wanted[key] += 1
@@ -150,8 +157,8 @@ class StagingQueue:
             else:
                 del counts[key]
 
-    def _hold(self, order: float, forced: bool = False) -> Stage:
-        stage = Stage(self, order, forced)
+    def _hold(self, order: float, level: int = FREE) -> Stage:
+        stage = Stage(self, order, level)
         self.holders.append(stage)
         return stage
 
@@ -172,7 +179,7 @@ class StagingQueue:
                 wake = min(wake, defer_until)
                 continue
             self._unwant(key, defer_until)
-            fut.set_result(self._hold(order, self._forced(key, defer_until)))
+            fut.set_result(self._hold(order, self._level(key, defer_until)))
         for entry in passed:
             heapq.heappush(self._heap, entry)
         if wake < self._timer_at:
