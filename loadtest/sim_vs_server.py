@@ -202,6 +202,39 @@ def summarize(sim: Simulation, t: np.ndarray, f: np.ndarray, mix: list[str], slo
     return out
 
 
+ACTIONS = {1: "run", 2: "queue", 3: "swap", 4: "peer"}  # torpor.simulator's action codes
+
+
+def by_action(sim: Simulation, t: np.ndarray, keep: int = 4096) -> dict:
+    """The scheduler's predicted latency (from arrival) against the simulated one per action, for
+    answered requests, as the server's /v2/torpor/topology 'predictions' (its last `keep`
+    answers per action)."""
+    out = {}
+    done = t + sim.latency
+    for code, action in ACTIONS.items():
+        sel = np.flatnonzero((sim.action_of == code) & (sim.status == ANSWERED) & np.isfinite(sim.latency))
+        if not sel.size:
+            continue
+        sel = sel[np.argsort(done[sel], kind="stable")][-keep:]
+        p, m = sim.predicted[sel] * 1e3, sim.latency[sel] * 1e3
+        out[action] = {"requests": int(np.sum((sim.action_of == code) & (sim.status == ANSWERED))),
+                       "predicted_ms_p50": float(np.percentile(p, 50)), "measured_ms_p50": float(np.percentile(m, 50)),
+                       "predicted_ms_p99": float(np.percentile(p, 99)), "measured_ms_p99": float(np.percentile(m, 99))}
+    return out
+
+
+def print_actions(sim_actions: dict, server: dict | None) -> None:
+    print("scheduler per action, server side (no HTTP): predicted p50 / p99 and latency p50 / p99 ms, "
+          "simulated | server")
+    for action in dict.fromkeys([*sim_actions, *(server or {})]):
+        row = []
+        for src in (sim_actions, server or {}):
+            a = src.get(action)
+            row.append("-" if a is None else f"{a['requests']:>5} req  pred {a['predicted_ms_p50']:6.1f} / "
+                       f"{a['predicted_ms_p99']:6.1f}  lat {a['measured_ms_p50']:6.1f} / {a['measured_ms_p99']:6.1f}")
+        print(f"  {action:<6} {row[0]:<60} | {row[1]}")
+
+
 FIELDS = ("answered", "shed", "dropped", "slo_attainment", "goodput_rps", "p50_ms", "p99_ms")
 
 
@@ -265,11 +298,11 @@ def compare_one(path: Path, args: argparse.Namespace, e2e_mod) -> dict:
     n_dev = devices_of(e2e.get("device", opts.device))
     mix = e2e["models"]["mix"]
     staging = Staging(args.lookahead if args.lookahead is not None else opts.lookahead, opts.shed,
-                      args.release_ms / 1e3)
+                      args.release_ms / 1e3, args.copy_delay_ms / 1e3)
     overhead_s = args.overhead_ms / 1e3 if args.exec != "single" else 0.0
     out = {"e2e_json": str(path), "e2e_command": e2e.get("command"), "device": e2e.get("device"),
            "pcie_GBps": pcie, "staging": {"lookahead": staging.lookahead, "shed": staging.shed,
-                                          "release_ms": args.release_ms},
+                                          "release_ms": args.release_ms, "copy_delay_ms": args.copy_delay_ms},
            "max_outstanding": opts.max_outstanding, "runs": {}}
     keys = list(dict.fromkeys(k for c in ("native", "torpor") for k in e2e["runs"].get(c, {}).get("workloads", {})))
     for key in keys:
@@ -296,6 +329,8 @@ def compare_one(path: Path, args: argparse.Namespace, e2e_mod) -> dict:
                 sim = build(exec_ms, seed)
                 per_seed.append(summarize(sim, t, f, mix, e2e["slo_ms"], run["duration_s"], overhead_s))
                 ci.append(compute_infer_ms(sim, t, f, mix))
+                if seed == 1:
+                    actions = by_action(sim, t)
             pred = median_of(per_seed)
             meas = {label: measured(run["classes"][label], run["duration_s"]) for label in [*mix, "all"]}
             print_rows(f"{cfg} / {key}: {t.size} arrivals over {run['duration_s']:.0f}s; exec ms "
@@ -305,10 +340,32 @@ def compare_one(path: Path, args: argparse.Namespace, e2e_mod) -> dict:
                       if any(c[k] is not None for c in ci)}
             print("compute_infer ms (stage to done), predicted / measured: " + ", ".join(
                 f"{k} {sim_ci.get(k, float('nan')):.2f} / {fmt_ms(meas[k]['server_compute_mean_ms'])}" for k in mix))
-            out["runs"][f"{cfg}/{key}"] = {
+            print_actions(actions, run.get("predictions"))
+            label = key if "@" in key else f"{key}@{run.get('load', e2e.get('load', {}).get('load', '?')):g}"
+            out["runs"][f"{cfg}/{label}"] = {
                 "exec_ms": exec_ms, "fit_steps": fit_steps, "predicted": pred, "per_seed": per_seed,
-                "predicted_compute_infer_ms": sim_ci, "measured": meas}
+                "predicted_compute_infer_ms": sim_ci, "measured": meas,
+                "scheduler_by_action": {"simulated_seed1": actions, "server": run.get("predictions")}}
     return out
+
+
+def markdown(results: dict) -> str:
+    """One row per run, configuration and class: predicted / measured."""
+    def pm(p, m, spec, scale=1.0):
+        return f"{cell(None if p is None else p * scale, spec)} / {cell(None if m is None else m * scale, spec)}"
+
+    lines = ["| run | config | class | answered | shed | SLO % | goodput/s | p50 ms | p99 ms |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for c in results["compared"]:
+        for name, r in c["runs"].items():
+            cfg, _, key = name.partition("/")
+            for label, p in r["predicted"].items():
+                m = r["measured"][label]
+                lines.append(f"| {key} | {cfg} | {label} | {pm(p['answered'], m['answered'], '.0f')} | "
+                             f"{pm(p['shed'], m['shed'], '.0f')} | {pm(p['slo_attainment'], m['slo_attainment'], '.1f', 100)}"
+                             f" | {pm(p['goodput_rps'], m['goodput_rps'], '.1f')} | {pm(p['p50_ms'], m['p50_ms'], '.1f')} | "
+                             f"{pm(p['p99_ms'], m['p99_ms'], '.0f')} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lookahead", type=int, default=None, help="stages beyond the running one (default: the run's)")
     ap.add_argument("--release-ms", type=float, default=0.0,
                     help="the event loop's delay in acting on a finished run (Staging.release_s)")
+    ap.add_argument("--copy-delay-ms", type=float, default=0.0,
+                    help="from a request taking memory to its copy moving (Staging.copy_delay_s)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     e2e_mod = load_e2e()
@@ -336,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                "exec": args.exec, "overhead_ms": args.overhead_ms if args.exec == "load" else 0.0,
                "exec_noise": args.exec_noise, "seeds": args.seeds,
                "compared": [compare_one(p, args, e2e_mod) for p in args.e2e_json]}
+    print("\npredicted / measured (predicted: median over seeds)")
+    print(markdown(results))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))

@@ -153,6 +153,9 @@ class Staging:
     # (answering, unpinning, giving the stage back, staging the next); the device's worker
     # goes on with the next staged request meanwhile. 0: at once
     release_s: float = 0.0
+    # seconds from a staged request taking memory to its copy's first byte moving (the server's
+    # swap-in on its event loop, the copy thread waking); 0: at once
+    copy_delay_s: float = 0.0
 
 
 @dataclass
@@ -305,12 +308,13 @@ def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: st
 
 
 def parse_staging(value: Any, where: str = "staging") -> Staging | None:
-    """`{"lookahead": 1, "shed": true, "release_ms": 0}` (all optional), or null/absent for none."""
+    """`{"lookahead": 1, "shed": true, "release_ms": 0, "copy_delay_ms": 0}` (all optional), or
+    null/absent for none."""
     if value is None:
         return None
     if not isinstance(value, dict):
         raise ScenarioError(f"{where}: expected an object, got {value!r}")
-    unknown = set(value) - {"lookahead", "shed", "release_ms"}
+    unknown = set(value) - {"lookahead", "shed", "release_ms", "copy_delay_ms"}
     if unknown:
         raise ScenarioError(f"{where}: unknown field(s) {sorted(unknown)}")
     lookahead = _num(value, "lookahead", where, positive=False, integer=True, default=1)
@@ -318,7 +322,8 @@ def parse_staging(value: Any, where: str = "staging") -> Staging | None:
     if not isinstance(shed, bool):
         raise ScenarioError(f"{where}.shed: expected true or false, got {shed!r}")
     release_ms = _num(value, "release_ms", where, positive=False, default=0.0)
-    return Staging(lookahead, shed, release_ms / 1e3)
+    copy_delay_ms = _num(value, "copy_delay_ms", where, positive=False, default=0.0)
+    return Staging(lookahead, shed, release_ms / 1e3, copy_delay_ms / 1e3)
 
 
 SWEEP_PARAMS = ("functions", "rate_scale", "gpus")
@@ -1241,7 +1246,7 @@ class Simulation:
                 ppath = self.links.peer_path(job.source, name)
                 if s is not None and s.ready_at <= now and ppath is not None:
                     src, path = s, ppath
-            begin = max(now, d.copy_free_at)
+            begin = max(now + staging.copy_delay_s, d.copy_free_at)
             full = begin + cost.nominal_seconds(models[f].nbytes, path)
             d.copy_free_at = full
             self.copies.append((now, job.rid, begin, full))
