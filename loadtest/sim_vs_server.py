@@ -343,7 +343,7 @@ def compare_one(path: Path, args: argparse.Namespace, e2e_mod) -> dict:
             print_actions(actions, run.get("predictions"))
             label = key if "@" in key else f"{key}@{run.get('load', e2e.get('load', {}).get('load', '?')):g}"
             out["runs"][f"{cfg}/{label}"] = {
-                "exec_ms": exec_ms, "fit_steps": fit_steps, "predicted": pred, "per_seed": per_seed,
+                "exec_ms": exec_ms, "fit_steps": fit_steps, "predicted": pred,
                 "predicted_compute_infer_ms": sim_ci, "measured": meas,
                 "scheduler_by_action": {"simulated_seed1": actions, "server": run.get("predictions")}}
     return out
