@@ -7,17 +7,24 @@ import math
 from types import SimpleNamespace
 
 from torpor.admission import (
+    COSTS,
+    DEFER_MARGIN_S,
+    FREE,
+    HARMS,
     defer_deadline,
     deferred,
-    evicts_wanted,
-    forced,
+    harm_level,
+    outlasted,
     shed_at_arrival,
     shed_when_staged,
+    spare_victims,
     stage_at_once,
+    stage_level,
     stage_next,
     urgent,
     victim_order,
     work_ahead,
+    would_delay,
 )
 from torpor.eviction import Candidate, CostAwarePolicy, LRUPolicy
 from torpor.scheduler import Decision, Option
@@ -142,49 +149,72 @@ def test_urgent_requests_get_a_stage_up_to_twice_the_permits():
     assert not urgent(0.5, 2, 2, math.inf, [0.1, 0.2])  # no holder is less urgent
 
 
-def test_deferral_lasts_until_it_could_no_longer_copy_and_run_in_time():
-    assert close(defer_deadline(1.0, 0.1, 0.3), 0.6)
+def test_deferral_lasts_until_shortly_before_it_could_no_longer_copy_and_run_in_time():
+    assert close(defer_deadline(1.0, 0.1, 0.3), 0.6 - DEFER_MARGIN_S)
+    assert close(defer_deadline(1.0, 0.1, 0.3, margin=0.0), 0.6)
     assert defer_deadline(math.inf, 0.1, 0.3) == 0.0  # no objective: never deferred
     calls = []
 
-    def blocked() -> bool:
+    def harms() -> int:
         calls.append(1)
-        return True
+        return HARMS
 
-    assert deferred(0.5, 0.6, blocked)
-    assert not deferred(0.6, 0.6, blocked)  # its time ran out
-    assert not deferred(0.5, 0.0, blocked)  # may not be deferred
-    assert len(calls) == 1  # the predicate only where it matters
-    assert forced(0.6, blocked) and not forced(0.6, lambda: False) and not forced(0.0, blocked)
+    assert deferred(0.5, 0.6, harms)
+    assert deferred(0.5, 0.6, lambda: COSTS)
+    assert not deferred(0.5, 0.6, lambda: FREE)
+    assert not deferred(0.6, 0.6, harms)  # its time ran out
+    assert not deferred(0.5, 0.0, harms)  # may not be deferred
+    assert len(calls) == 1  # the level only where it matters
+    assert stage_level(0.6, harms) == HARMS and stage_level(0.6, lambda: COSTS) == COSTS
+    assert stage_level(0.0, harms) == FREE  # a request that may not be deferred harms nobody
 
 
 def test_stage_next_passes_over_the_deferred_and_says_when_to_look_again():
     waiting = [SimpleNamespace(name="a", until=0.5), SimpleNamespace(name="b", until=0.3),
                SimpleNamespace(name="c", until=0.0), SimpleNamespace(name="d", until=0.0)]
-    blocked = {"a", "b", "c"}  # c may not be deferred: staged although blocked
+    level = {"a": HARMS, "b": COSTS, "c": HARMS}  # c may not be deferred: staged although it harms
 
     def pick(start: int = 0):
-        return stage_next(waiting, 0.1, lambda w: w.until, lambda w: w.name in blocked, start)
+        return stage_next(waiting, 0.1, lambda w: w.until, lambda w: level.get(w.name, FREE), start)
 
     assert pick() == (2, 0.3)
     assert pick(3) == (3, math.inf)
-    blocked.clear()
+    level.clear()
     assert pick() == (0, math.inf)
-    assert stage_next(waiting[:2], 0.1, lambda w: w.until, lambda w: True) == (None, 0.3)
+    assert stage_next(waiting[:2], 0.1, lambda w: w.until, lambda w: COSTS) == (None, 0.3)
 
 
-def test_evicts_wanted():
+def test_harm_level():
     victims = [("x", 10, 0.1), ("y", 10, 5.0), ("w", 10, 0.0)]  # w is wanted, sorted last
     # resident, or it fits: nothing evicted
-    assert not evicts_wanted("k", 10, {"k", "x"}, victims, {"w"}, 1.0)
-    assert not evicts_wanted("k", 0, {"x"}, victims, {"w"}, 1.0)
+    assert harm_level("k", 10, {"k", "x"}, victims, {"w"}, 1.0) == FREE
+    assert harm_level("k", 0, {"x"}, victims, {"w"}, 1.0) == FREE
     # x alone is enough
-    assert not evicts_wanted("k", 10, {"x", "y", "w_other"}, victims, {"w"}, 1.0)
+    assert harm_level("k", 10, {"x", "y"}, victims, {"w"}, 1.0) == FREE
     # it needs x, y and w: w is wanted
-    assert evicts_wanted("k", 30, {"x", "y"}, victims, {"w"}, 10.0)
-    # a wanted model is resident (requests that need no copy wait): y, requested more often, counts
-    assert evicts_wanted("k", 20, {"x", "y", "w"}, victims, {"w"}, 1.0)
-    assert not evicts_wanted("k", 20, {"x", "y", "w"}, victims, {"w"}, 10.0)  # k is the hotter one
+    assert harm_level("k", 30, {"x", "y"}, victims, {"w"}, 10.0) == HARMS
+    # a wanted model is resident (requests that need no copy wait): y, requested more often, costs
+    assert harm_level("k", 20, {"x", "y", "w"}, victims, {"w"}, 1.0) == COSTS
+    assert harm_level("k", 20, {"x", "y", "w"}, victims, {"w"}, 10.0) == FREE  # k is the hotter one
+    assert harm_level("k", 30, {"x", "y", "w"}, victims, {"w"}, 1.0) == HARMS  # and then w itself
+
+
+def test_a_request_whose_copy_harms_is_shed_at_arrival_when_the_queue_outlasts_its_slack():
+    assert outlasted(0.3, 0.2) and not outlasted(0.1, 0.2)
+
+
+def test_copies_started_before_staging_evict_only_spare_models():
+    idle = [Candidate("a", 10, 1.0, 0.0, 0.1), Candidate("w", 10, 2.0, 0.0, 0.1), Candidate("b", 10, 3.0, 0.0, 0.1)]
+    assert spare_victims(idle, 30, 20, {"w"}) == []  # room already
+    assert [c.key for c in spare_victims(idle, 5, 20, {"w"})] == ["a", "b"]  # w is wanted: skipped
+    assert spare_victims(idle, 0, 25, {"w"}) is None  # not enough without w: evict nothing
+
+
+def test_would_delay_a_queued_request():
+    ts = [ticket(0.1, key=1.0, due=1.0, guard=0.3)]
+    assert not would_delay(ts, 0.0, 0.1)  # it ends at 0.2 behind a 0.1 s stall: within its guard
+    assert would_delay(ts, 0.0, 0.25)  # at 0.35: past it
+    assert not would_delay([], 0.0, 10.0)
 
 
 def test_victim_order_keeps_wanted_models_last():
@@ -196,10 +226,13 @@ def test_victim_order_keeps_wanted_models_last():
 
 
 def test_shed_when_staged():
-    assert shed_when_staged(0.8, 0.1, 0.2, False, 1.0, False) == "late"  # 0.8 + 0.1 + 0.2 > 1.0
-    assert shed_when_staged(0.8, 0.1, 0.2, True, 1.0, False) is None  # resident: no copy to wait for
-    assert shed_when_staged(0.8, 0.1, 0.2, True, 1.0, True) == "forced"
-    assert shed_when_staged(0.0, 0.1, 0.2, False, math.inf, False) is None
+    assert shed_when_staged(0.8, 0.1, 0.2, False, 1.0, FREE) == "late"  # 0.8 + 0.1 + 0.2 > 1.0
+    assert shed_when_staged(0.8, 0.1, 0.2, True, 1.0, FREE) is None  # resident: no copy to wait for
+    assert shed_when_staged(0.8, 0.1, 0.2, True, 1.0, HARMS) == "harms"
+    assert shed_when_staged(0.5, 0.1, 0.2, False, 1.0, COSTS, lambda: True) == "stalls"
+    assert shed_when_staged(0.5, 0.1, 0.2, False, 1.0, COSTS, lambda: False) is None
+    assert shed_when_staged(0.5, 0.1, 0.2, True, 1.0, COSTS, lambda: True) is None  # no copy: no stall
+    assert shed_when_staged(0.0, 0.1, 0.2, False, math.inf, FREE) is None
 
 
 def test_shed_at_arrival_only_past_the_whole_slo():

@@ -465,26 +465,25 @@ def test_staging_is_a_scenario_field():
         staged_gpu(m, 500, staging={"permits": 3})
 
 
-def test_staged_copies_start_when_the_request_is_staged():
+def test_staged_copies_start_early_only_into_spare_room():
     # three functions of a 100 MB model (10 ms over 10 GB/s), 100 ms runs, all arriving at once on an
-    # idle device with room for all: the first two are staged at once (one running, one ahead), so
-    # their copies start at arrival; the third is staged only when the first has run
+    # idle device. With room for two, the first two copies start at arrival; the third would have to
+    # evict a model a staged request holds, so it starts when the first has run and given its stage
+    # back. With room for all three, every copy starts at arrival (DevicePool.start_copy)
     from torpor.simulator import Staging
 
-    sc = staged_gpu([{"name": "m", "size_MB": 100, "exec_ms": 100, "slo_ms": 10_000}], 1000, functions=3)
     t, fn = np.array([0.0, 0.001, 0.002]), np.array([0, 1, 2])
-    sim = Simulation(sc, "torpor", staging=Staging(lookahead=1))
+    m = [{"name": "m", "size_MB": 100, "exec_ms": 100, "slo_ms": 10_000}]
+    sim = Simulation(staged_gpu(m, 250, functions=3), "torpor", staging=Staging(lookahead=1))
     sim.run(t, fn, 1.0)
     issued = {rid: at for at, rid, _, _ in sim.copies}
     first_run_ends = sim.latency[0]  # its first group lands in 0.2 ms, its run takes 100 ms
     assert first_run_ends == pytest.approx(0.1002, abs=1e-4)
     assert issued[0] == 0.0 and issued[1] == 0.001
     assert issued[2] == pytest.approx(first_run_ends)
-    assert sim.devs[0].state.residents[2].ready_at > first_run_ends
-    # the original model: every copy starts when the request is placed
-    legacy = Simulation(sc, "torpor")
-    legacy.run(t, fn, 1.0)
-    assert legacy.devs[0].state.residents[2].ready_at < 0.05
+    roomy = Simulation(staged_gpu(m, 1000, functions=3), "torpor", staging=Staging(lookahead=1))
+    roomy.run(t, fn, 1.0)
+    assert {rid: at for at, rid, _, _ in roomy.copies} == {0: 0.0, 1: 0.001, 2: 0.002}
 
 
 def test_staging_defers_a_copy_that_would_evict_a_model_others_wait_for():

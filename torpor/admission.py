@@ -25,12 +25,17 @@ hands out `permits` stages (execution slots + lookahead), lowest order first:
   earlier does not run first whatever its deadline.
 - `stage_next`: the next waiting request to stage, passing over those deferred (`deferred`):
   with an objective, a request waits while staging it would evict a model other requests with
-  an objective wait for, or (while requests needing no copy wait) one requested more often
-  (`evicts_wanted`), until `defer_deadline`. Staged while still blocked, it is `forced`.
-- `shed_when_staged`: once staged, a request that can no longer finish by its deadline, or that
-  was forced, is answered at once (UNAVAILABLE) instead of taking memory.
+  an objective wait for (HARMS), or, while requests needing no copy wait, one requested more
+  often (COSTS) (`harm_level`), until `defer_deadline`; `stage_level` is what it still does
+  when it gets its stage.
+- `shed_when_staged`: once staged, a request that can no longer finish by its deadline, that
+  still HARMS waiting requests, or that COSTS them and would stall the device past a queued
+  request's guard (`would_delay`), is answered at once (UNAVAILABLE) instead of taking memory.
 - `shed_at_arrival`: a request the scheduler predicts will finish past its whole SLO wherever
-  it goes is answered at once.
+  it goes is answered at once; so is one whose copy would HARM waiting requests when the work
+  queued on the device already outlasts its slack (`outlasted`).
+- `spare_victims`: a copy may start at arrival, before its request is staged, where it evicts
+  only idle models no waiting request wants.
 """
 
 from __future__ import annotations
@@ -150,10 +155,23 @@ def _queue_order(k: Queued) -> tuple[float, int]:
 # when a request takes memory
 # ------------------------------------------------------------------------------------------------
 
+# What staging a request now would do to the requests waiting for the device (`harm_level`).
+FREE, COSTS, HARMS = 0, 1, 2
+# A deferred request is staged this long before the last moment it could start its copy and
+# still be on time: its turn on the device comes a run or two later.
+DEFER_MARGIN_S = 0.005
+
 
 def shed_at_arrival(decision: Decision | None) -> bool:
     """Answer at once: predicted to finish past its whole SLO wherever it goes."""
     return decision is not None and hopeless(decision)
+
+
+def outlasted(backlog_s: float, slack_s: float) -> bool:
+    """A request whose copy would HARM waiting requests waits for them (deferral) and is shed
+    if they outlast its slack (`slack_s`: until it must start its copy and run to be on time);
+    answer it at arrival when the work queued on the device (`backlog_s`) already does."""
+    return backlog_s > slack_s
 
 
 def urgent(order: float, held: int, permits: int, head: float, holders: Iterable[float]) -> bool:
@@ -170,26 +188,27 @@ def stage_at_once(order: float, held: int, permits: int, head: float | None, hol
     return urgent(order, held, permits, math.inf if head is None else head, holders)
 
 
-def defer_deadline(due: float, estimate: float, copy_s: float) -> float:
-    """Until when a request with an objective may be passed over: past that it could no longer
-    start its copy and run by its deadline. 0 (never deferred) without an objective."""
-    return due - estimate - copy_s if math.isfinite(due) else 0.0
+def defer_deadline(due: float, estimate: float, copy_s: float, margin: float = DEFER_MARGIN_S) -> float:
+    """Until when a request with an objective may be passed over: `margin` before it could no
+    longer start its copy and run by its deadline. 0 (never deferred) without an objective."""
+    return due - estimate - copy_s - margin if math.isfinite(due) else 0.0
 
 
-def deferred(now: float, defer_until: float, blocked: Callable[[], bool]) -> bool:
-    """Passed over for now: it may be deferred and staging it would evict what others want
-    (`blocked`, asked only when it matters: it walks the device's residents)."""
-    return defer_until > 0 and now < defer_until and blocked()
+def deferred(now: float, defer_until: float, level: Callable[[], int]) -> bool:
+    """Passed over for now: it may be deferred, and staging it would cost or harm others
+    (`level`, asked only when it matters: it walks the device's residents)."""
+    return defer_until > 0 and now < defer_until and level() > FREE
 
 
-def forced(defer_until: float, blocked: Callable[[], bool]) -> bool:
-    """Staged although staging it evicts what others want: only once its time ran out (else
-    it would have been passed over)."""
-    return defer_until > 0 and blocked()
+def stage_level(defer_until: float, level: Callable[[], int]) -> int:
+    """What staging it does to others when it gets its stage: FREE for a request that may not
+    be deferred; else `level()`, above FREE only once its time ran out (else it would have been
+    passed over)."""
+    return FREE if defer_until <= 0 else level()
 
 
 def stage_next(waiting: Sequence[Any], now: float, defer_until: Callable[[Any], float],
-               blocked: Callable[[Any], bool], start: int = 0) -> tuple[int | None, float]:
+               level: Callable[[Any], int], start: int = 0) -> tuple[int | None, float]:
     """Which waiting request (`waiting` in stage order: lowest order first, ties first come) to
     stage next when a stage is free, scanning from `start`: the first not `deferred`. Returns
     (its index or None, the earliest time a request passed over stops being deferred, inf if
@@ -199,32 +218,36 @@ def stage_next(waiting: Sequence[Any], now: float, defer_until: Callable[[Any], 
     for i in range(start, len(waiting)):
         w = waiting[i]
         until = defer_until(w)
-        if deferred(now, until, lambda w=w: blocked(w)):
+        if deferred(now, until, lambda w=w: level(w)):
             wake = min(wake, until)
             continue
         return i, wake
     return None, wake
 
 
-def evicts_wanted(key: Any, need: int, residents: Collection[Any], victims: Iterable[tuple[Any, int, float]],
-                  wanted: Collection[Any], rate: float) -> bool:
-    """Whether making `need` bytes of room for `key` on a device holding `residents` (keys)
-    would evict a model in `wanted` (models that waiting requests with an objective want), or,
-    while a wanted model is resident (requests that need no copy wait), one requested more
-    often than `key` (`rate`, requests/s): the copy would cost those requests device time, and
-    the evicted model a copy back. `victims`: (key, bytes, rate) in the order the device would
-    evict them, residents in use included (`victim_order`), wanted ones last."""
+def harm_level(key: Any, need: int, residents: Collection[Any], victims: Iterable[tuple[Any, int, float]],
+               wanted: Collection[Any], rate: float) -> int:
+    """What making `need` bytes of room for `key` on a device holding `residents` (keys) does
+    to the requests waiting there: HARMS where it would evict a model in `wanted` (models that
+    waiting requests with an objective want); COSTS where, while a wanted model is resident
+    (requests that need no copy wait), it would evict one requested more often than `key`
+    (`rate`, requests/s): the copy would cost them device time (it cannot land while the model
+    it replaces still runs), and the evicted model a copy back; else FREE. `victims`: (key,
+    bytes, rate) in the order the device would evict them, residents in use included
+    (`victim_order`), wanted ones last."""
     if key in residents or need <= 0:
-        return False
+        return FREE
     busy = any(k in residents for k in wanted)
-    freed = 0
+    freed, level = 0, FREE
     for k, nbytes, r in victims:
-        if k in wanted or (busy and r > rate):
-            return True
+        if k in wanted:
+            return HARMS
+        if busy and r > rate:
+            level = COSTS
         freed += nbytes
         if freed >= need:
-            return False
-    return False
+            break
+    return level
 
 
 def victim_order(policy: EvictionPolicy, candidates: list[Candidate], now: float,
@@ -237,14 +260,40 @@ def victim_order(policy: EvictionPolicy, candidates: list[Candidate], now: float
     return ordered
 
 
-def shed_when_staged(now: float, estimate: float, copy_s: float, resident: bool, due: float,
-                     was_forced: bool) -> str | None:
+def spare_victims(victims: Iterable[Candidate], free: int, need: int, keep: Collection[Any]) -> list[Candidate] | None:
+    """A copy started before its request is staged (nothing pinned) may evict only idle models
+    no waiting request wants (`victims`: the idle residents in eviction order), and nothing
+    unless that makes room: the ones to evict, in order, or None."""
+    out, room = [], free
+    for c in victims:
+        if room >= need:
+            break
+        if c.key in keep:
+            continue
+        out.append(c)
+        room += c.nbytes
+    return out if room >= need else None
+
+
+def would_delay(others: Iterable[Queued], now: float, busy_s: float, lookahead: int = 1) -> bool:
+    """Holding the device `busy_s` from now (a run, plus a copy that cannot land under the run
+    ahead) would push a request queued there (`others`) that is on time now past its guard:
+    the harm check of `work_ahead`, for a request due now."""
+    return work_ahead(others, now, now, busy_s, lookahead)[1] != now
+
+
+def shed_when_staged(now: float, estimate: float, copy_s: float, resident: bool, due: float, level: int,
+                     stalls: Callable[[], bool] = lambda: False) -> str | None:
     """A staged request's last look before it takes memory: "late" if it can no longer finish
-    by `due` (its run, plus a copy where its model is not on the device), "forced" if it was
-    staged only because its deferral ran out while staging it still evicts what others want;
-    None: it goes ahead."""
+    by `due` (its run, plus a copy where its model is not on the device); "harms" if it was
+    staged while its copy still evicts a model waiting requests want (`level` HARMS: only once
+    its deferral ran out); "stalls" if it was passed over because its copy COSTS requests
+    needing none, its model is not there, and stalling the device for the copy would make a
+    queued request late (`stalls()`, e.g. `would_delay`); None: it goes ahead."""
     if now + estimate + (0.0 if resident else copy_s) > due:
         return "late"
-    if was_forced:
-        return "forced"
+    if level == HARMS:
+        return "harms"
+    if level == COSTS and not resident and stalls():
+        return "stalls"
     return None

@@ -40,19 +40,23 @@ What is simulated, and how:
   queued request the wait for its own copy to land, not only execution estimates (a queue of
   cold requests holds a device longer than the sum of their run times).
 - **The server's admission** (`Staging`, a scenario's `"staging"` field, or
-  `Simulation(..., staging=Staging())`): as `torpor.staging` and the engine do it, with
-  `torpor.admission`'s rules. Each device hands out `1 + lookahead` stages in queue order
-  (urgent requests at once); only a staged request pins its model, evicts (idle residents, those
-  other requests wait for last) and starts its copy, so a copy starts roughly when the request
-  `lookahead` places ahead of it starts to run, not at placement; copies to one device go one at
-  a time at the path's full rate (the CPU device's copy thread, a CUDA device's copy stream).
-  The scheduler sees when a new request would be staged (`DeviceState.stage_in_s`). With
-  `shed`, a request predicted past its whole SLO is answered UNAVAILABLE at arrival, one that
-  can no longer be on time (or was forced) when it is staged is answered then, and a request
-  whose copy would evict a model others wait for is deferred while it has slack. The run
-  reports `shed_arrival`, `shed_queued` and, with `max_outstanding`, arrivals the client
-  `dropped`. Without it (the default), copies start at placement and nothing is shed: the
-  model the README's simulator numbers were measured with.
+  `Simulation(..., staging=Staging())`): as `torpor.staging`, `torpor.residency` and the engine
+  do it, with `torpor.admission`'s rules. Each device hands out `1 + lookahead` stages in queue
+  order (urgent requests at once); only a staged request pins its model and evicts (idle
+  residents, those other requests wait for last). A request whose decision is a copy starts it
+  at arrival where that evicts only idle models no waiting request wants (`spare_victims`),
+  else when it is staged, roughly when the request `lookahead` places ahead of it starts to
+  run. Copies to one device go one at a time at the path's full rate (the CPU device's copy
+  thread, a CUDA device's copy stream). The scheduler sees when a new request would be staged
+  (`DeviceState.stage_in_s`). With `shed`: a request predicted past its whole SLO is answered
+  UNAVAILABLE at arrival, and so is one whose copy would evict a model waiting requests want
+  when the work queued there outlasts its slack; a request whose copy would harm or cost
+  waiting requests is deferred while it has slack (`harm_level`); when staged, one that can no
+  longer be on time, still harms them, or costs them and would stall the device past a queued
+  request's guard (`would_delay`) is answered then. The run reports `shed_arrival`,
+  `shed_queued` and, with `max_outstanding`, arrivals the client `dropped`. Without it (the
+  default) copies start at placement and nothing is shed: the model the README's simulator
+  numbers were measured with.
 - **Decisions**: `torpor.scheduler.Scheduler.place` on a `Snapshot` the simulator keeps up to
   date (device states are the simulator's own state objects, not copies); eviction order from
   `torpor.eviction` (CostAwarePolicy for "torpor", LRUPolicy for "lru-swap"). When no device
@@ -81,16 +85,21 @@ from typing import Any
 import numpy as np
 
 from .admission import (
+    FREE,
+    HARMS,
     defer_deadline,
     deferred,
-    evicts_wanted,
-    forced,
+    harm_level,
+    outlasted,
     shed_at_arrival,
     shed_when_staged,
+    spare_victims,
     stage_at_once,
+    stage_level,
     stage_next,
     victim_order,
     work_ahead,
+    would_delay,
 )
 from .costmodel import GB, CostModel, ExecEstimator, LinkMap, TopologyError
 from .eviction import Candidate, RateMeter
@@ -1135,19 +1144,17 @@ class Simulation:
                               self.holder_count.get(r.key, 1) - 1)
                     for r in d.state.residents.values() if not idle_only or r.evictable(now)]
 
-        def blocked(d: _Dev, f: int, now: float) -> bool:
-            # staging f on d now would evict what requests with an objective wait for
+        def level(d: _Dev, f: int, now: float) -> int:
+            # what staging f on d now does to requests with an objective waiting there
             # (torpor.residency's `_blocker`)
             res = d.state.residents
-            if f in res:
-                return False
             need = models[f].nbytes - d.state.free_bytes
-            if need <= 0:
-                return False
+            if f in res or need <= 0:
+                return FREE
             wanted = d.protected
             victims = ((c.key, c.nbytes, c.rate) for c in victim_order(evict_policy, candidates(d, now, False), now,
                                                                         wanted))
-            return evicts_wanted(f, need, res, victims, wanted, rates[f].rate(now))
+            return harm_level(f, need, res, victims, wanted, rates[f].rate(now))
 
         def want(d: _Dev, job: _Job, n: int) -> None:
             for counts in (d.wanted, d.protected) if job.defer_until > 0 else (d.wanted,):
@@ -1161,8 +1168,8 @@ class Simulation:
             # torpor.staging.StagingQueue.enter
             head = d.waiting[0].key if d.waiting else None
             if stage_at_once(job.key, len(d.holders), permits, head, (h.key for h in d.holders)) \
-                    and not deferred(now, job.defer_until, lambda: blocked(d, job.fn, now)):
-                stage(d, job, now, forced(job.defer_until, lambda: blocked(d, job.fn, now)))
+                    and not deferred(now, job.defer_until, lambda: level(d, job.fn, now)):
+                stage(d, job, now, stage_level(job.defer_until, lambda: level(d, job.fn, now)))
             else:
                 bisect.insort(d.waiting, job, key=_order)
                 want(d, job, 1)
@@ -1174,7 +1181,7 @@ class Simulation:
             nonlocal seq
             i: int | None = 0
             while len(d.holders) < permits and d.waiting:
-                i, wake = stage_next(d.waiting, now, _defer_until, lambda j: blocked(d, j.fn, now), i)
+                i, wake = stage_next(d.waiting, now, _defer_until, lambda j: level(d, j.fn, now), i)
                 if wake < d.wake_at:
                     d.wake_at = wake
                     heapq.heappush(heap, (wake, seq, _STAGE, d))
@@ -1183,20 +1190,22 @@ class Simulation:
                     break
                 job = d.waiting.pop(i)
                 want(d, job, -1)
-                stage(d, job, now, forced(job.defer_until, lambda j=job: blocked(d, j.fn, now)))
+                stage(d, job, now, stage_level(job.defer_until, lambda j=job: level(d, j.fn, now)))
 
         def finish(d: _Dev, job: _Job) -> None:
             nonlocal in_system
             d.tickets.remove(job)
             in_system -= 1
 
-        def stage(d: _Dev, job: _Job, now: float, was_forced: bool) -> None:
+        def stage(d: _Dev, job: _Job, now: float, lvl: int) -> None:
             # it holds a stage: a last look (the engine's on_stage), then memory, then the
             # device's queue
             nonlocal shed_queued, misses
             why = None
             if shedding and job.due < math.inf:
-                why = shed_when_staged(now, job.estimate, job.copy_s, job.fn in d.state.residents, job.due, was_forced)
+                why = shed_when_staged(now, job.estimate, job.copy_s, job.fn in d.state.residents, job.due, lvl,
+                                       lambda: would_delay([k for k in d.tickets if k is not job], now,
+                                                           job.estimate + job.copy_s, staging.lookahead))
             if why is not None:
                 status[job.rid] = SHED_QUEUED
                 shed_queued += 1
@@ -1223,7 +1232,7 @@ class Simulation:
                             break
                     else:
                         return False
-                r = start_copy(d, job, now)
+                r = start_copy(d, f, job.rid, job.source, now)
             r.pins += 1
             r.last_used = now
             acquired[job.rid] = now
@@ -1235,21 +1244,22 @@ class Simulation:
             start_next(d, now)
             return True
 
-        def start_copy(d: _Dev, job: _Job, now: float) -> ResidentState:
-            # one copy at a time per device, each at its path's full rate
+        def start_copy(d: _Dev, f: int, rid: int, source: str | None, now: float) -> ResidentState:
+            # one copy at a time per device, each at its path's full rate; from the peer
+            # device `source` where it holds a landed copy and there is a path, else the host
             nonlocal seq, swaps, peers, moved
-            f, name = job.fn, d.state.name
+            name = d.state.name
             path = self.links.host_path(name)
             src = None
-            if job.source is not None:
-                s = by_name[job.source].state.residents.get(f)
-                ppath = self.links.peer_path(job.source, name)
+            if source is not None:
+                s = by_name[source].state.residents.get(f)
+                ppath = self.links.peer_path(source, name)
                 if s is not None and s.ready_at <= now and ppath is not None:
                     src, path = s, ppath
             begin = max(now + staging.copy_delay_s, d.copy_free_at)
             full = begin + cost.nominal_seconds(models[f].nbytes, path)
             d.copy_free_at = full
-            self.copies.append((now, job.rid, begin, full))
+            self.copies.append((now, rid, begin, full))
             r = self._add_resident(d, f, begin + cost.nominal_seconds(models[f].first_group_bytes, path), full)
             if src is not None:
                 src.locked_until = max(src.locked_until, full)
@@ -1272,7 +1282,7 @@ class Simulation:
         def admit(rid: int, f: int, arrival: float, now: float) -> bool:
             # the engine's way in (torpor.engine._run_on_device, torpor.placer): place, shed at
             # arrival, open a ticket, wait for a stage
-            nonlocal unserved, misses, shed_arrival, in_system
+            nonlocal unserved, misses, shed_arrival, in_system, evictions
             snap.now = now
             spec = fn_model[f]
             due = arrival + spec.slo_s
@@ -1304,18 +1314,39 @@ class Simulation:
                 misses += 1
                 return True
             d = by_name[o.device]
+            copy_s = cost.nominal_seconds(spec.nbytes, self.links.host_path(d.state.name))
+            copy = o.action in ("swap", "peer")
+            if shedding and copy and level(d, f, now) == HARMS:
+                # its copy would evict a model waiting requests want: it would wait for them, and
+                # be shed if they outlast its slack; when the work queued there already does, now
+                slack = arrival + spec.slo_s - now - o.exec_s - copy_s
+                if outlasted(work_ahead(d.tickets, now, None, 0.0, staging.lookahead)[0], slack):
+                    status[rid] = SHED_ARRIVAL
+                    shed_arrival += 1
+                    misses += 1
+                    return True
+            if copy and f not in d.state.residents:
+                # the copy starts now where it evicts only idle models no waiting request wants
+                # (torpor.residency.DevicePool.start_copy); the request finds it when staged
+                victims = victim_order(evict_policy, candidates(d, now, True), now, d.wanted)
+                spare = spare_victims(victims, d.state.free_bytes, spec.nbytes, d.wanted)
+                if spare is not None:
+                    for c in spare:
+                        self._evict(d, c.key)
+                        evictions += 1
+                    start_copy(d, f, rid, o.source if o.action == "peer" else None, now)
             job = _Job(rid, f, arrival, ex_new, None, dec.meets_slo, now, 0.0, due)
             job.key = (d.next_key + HOPELESS_DELAY_S if hopeless(dec) else d.next_key) if edf else math.inf
             job.guard = arrival + spec.slo_s * sched.slo_margin
-            if o.action in ("swap", "peer"):  # as Placer.admit
+            if copy:  # as Placer.admit
                 job.transfer = o.transfer_s - o.start_s
                 job.ready = now + o.transfer_s
                 job.source = o.source if o.action == "peer" else None
             else:
                 r = d.state.residents.get(f)
                 job.ready = r.ready_at if r is not None and r.ready_at > now else 0.0
-            job.copy_s = cost.nominal_seconds(spec.nbytes, self.links.host_path(d.state.name))
-            job.defer_until = defer_deadline(due, ex_new, job.copy_s) if shedding else 0.0
+            job.copy_s = copy_s
+            job.defer_until = defer_deadline(due, ex_new, copy_s) if shedding else 0.0
             d.tickets.append(job)
             in_system += 1
             enter_stage(d, job, now)
