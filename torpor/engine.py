@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from .admission import defer_deadline, outlasted, shed_at_arrival, shed_when_staged
 from .config import (
     ModelConfig,
     config_to_dict,
@@ -42,8 +43,6 @@ from .datatypes import from_raw, num_elements, numpy_dtype, to_raw
 from .errors import Status, TorporError, internal, invalid_arg, unavailable, unsupported
 from .model import SEQUENCE_END, SEQUENCE_START, ModelFunction, ModelRequest, TensorSpec
 from .repository import ModelSource, Repository, available_versions, select_versions
-from .scheduler import hopeless
-from .staging import COSTS
 from .settings import LogSettings, TraceSettings
 from .shm import SharedMemoryManager
 from .stats import ModelStats, empty_stats
@@ -1195,7 +1194,7 @@ class Engine:
         slo = self._slo(entry, request)
         arrival = request.arrival_ns / 1e9  # the monotonic clock, as the placer's
         decision = placer.place(key, slo, batch, arrival)
-        if self.options.shed_late and decision is not None and hopeless(decision):
+        if self.options.shed_late and shed_at_arrival(decision):
             placer.shed(key, "arrival")
             raise unavailable(
                 f"Exceeds maximum queue size: model '{entry.name}' would answer "
@@ -1211,7 +1210,7 @@ class Engine:
                 # its copy would evict a model that waiting requests want, so it would wait for
                 # them (torpor.staging); if they outlast its slack it would be shed then: now
                 slack = arrival + slo - time.monotonic() - o.exec_s - placer.copy_seconds(key, device)
-                if placer.backlog(device) > slack:
+                if outlasted(placer.backlog(device), slack):
                     placer.shed(key, "arrival")
                     raise unavailable(
                         f"Exceeds maximum queue size: model '{entry.name}' would have to evict a model that "
@@ -1273,23 +1272,21 @@ class Engine:
                 # its turn on the device: a last look before it takes memory or starts a copy
                 if not shed:
                     return
-                late = time.monotonic() + ticket.estimate + (0.0 if resident else copy_s) > ticket.due
-                # passed over while its copy would cost requests needing none: now that its time
-                # ran out, it runs unless stalling the device for its copy makes queued ones late
-                stalls = stage.level == COSTS and not resident and placer.would_delay(ticket, copy_s)
-                if late or stage.forced or stalls:
+                why = shed_when_staged(time.monotonic(), ticket.estimate, copy_s, resident, ticket.due, stage.level,
+                                       lambda: placer.would_delay(ticket, copy_s))
+                if why is not None:
                     placer.shed(key, "queued")
-                    why = ("would finish past" if late else
-                           "could only run by evicting a model other requests are waiting for, within" if stage.forced
-                           else "could only run by stalling requests queued before their objectives, within")
+                    what = {"late": "would finish past",
+                            "harms": "could only run by evicting a model other requests are waiting for, within",
+                            "stalls": "could only run by stalling requests queued before their objectives, within"}
                     raise unavailable(
-                        f"Exceeds maximum queue size: model '{entry.name}' request {why} its "
+                        f"Exceeds maximum queue size: model '{entry.name}' request {what[why]} its "
                         f"{(ticket.due - request.arrival_ns / 1e9) * 1e3:.0f} ms objective when its turn came on "
                         f"{ticket.device} (request shed; the server is overloaded)")
 
             # with an objective, it may wait (holding nothing) while its copy would evict a model
             # that others wait for, as long as it could still start its copy and be on time
-            defer_until = ticket.due - ticket.estimate - copy_s - _DEFER_MARGIN_S if shed else 0.0
+            defer_until = defer_deadline(ticket.due, ticket.estimate, copy_s) if shed else 0.0
             async with self.devices.acquire(key, device, timeout=timeout, source=source, order=ticket.key,
                                             on_stage=on_stage, defer_until=defer_until) as placement:
                 placer.staged(ticket, placement)
@@ -1487,9 +1484,6 @@ def _timed_execute(fn: ModelFunction, mreq: ModelRequest) -> tuple[Any, int, int
 
 
 _DEVICE_INFLIGHT = 64  # per device, per model version
-# A deferred request (torpor.staging) is staged this long before the last moment it could
-# start its copy and still be on time: its turn on the device comes a run or two later.
-_DEFER_MARGIN_S = 0.005
 
 
 class _DeviceBatch:

@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from .admission import spare_victims, victim_order
 from .devices import CopyBatch, Device
 from .errors import Status, TorporError
 from .eviction import Candidate, EvictionPolicy
@@ -311,10 +312,7 @@ class DeviceMemory:
         they are idle)."""
         pairs = self.candidates(exclude, rate, bandwidth, replicas, pinned=pinned)
         by_key = {c.key: (c, res) for c, res in pairs}
-        ordered = policy.order([c for c, _ in pairs], time.monotonic())
-        if keep:
-            ordered.sort(key=lambda c: c.key in keep)  # stable: the policy's order within each part
-        return [by_key[c.key] for c in ordered]
+        return [by_key[c.key] for c in victim_order(policy, [c for c, _ in pairs], time.monotonic(), keep)]
 
     def make_room(
         self,
@@ -337,9 +335,11 @@ class DeviceMemory:
         order = self.victims(policy, rate=rate, bandwidth=bandwidth, replicas=replicas, keep=keep,
                              exclude=model.key)
         if spare:
-            order = [(c, v) for c, v in order if c.key not in keep]
-            if self.free_bytes + sum(c.nbytes for c, _ in order) < model.nbytes:
+            by_key = {c.key: (c, v) for c, v in order}
+            chosen = spare_victims([c for c, _ in order], self.free_bytes, model.nbytes, keep)
+            if chosen is None:
                 return None
+            order = [by_key[c.key] for c in chosen]
         for _, victim in order:
             if self.blocks.free_blocks * self.block_bytes >= model.nbytes:
                 self.fragmented_evictions += 1

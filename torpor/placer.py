@@ -41,7 +41,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .admission import work_ahead
+from .admission import work_ahead, would_delay
 from .costmodel import CostModel, ExecEstimator, LinkMap
 from .scheduler import (
     HOPELESS_DELAY_S,
@@ -309,9 +309,8 @@ class Placer:
     def would_delay(self, ticket: Ticket, stall_s: float) -> bool:
         """Holding `ticket`'s device `stall_s` longer than its run (a copy that cannot land
         under the run ahead) would make a request queued there late that is on time now."""
-        now = time.monotonic()
-        return work_ahead([k for k in self.tickets[ticket.device] if k is not ticket], now, now,
-                          ticket.estimate + stall_s, self.lookahead)[1] != now
+        return would_delay([k for k in self.tickets[ticket.device] if k is not ticket], time.monotonic(),
+                           ticket.estimate + stall_s, self.lookahead)
 
     def backlog(self, device: str) -> float:
         """Seconds of work queued and running on `device` (in queue order, copies included)."""

@@ -55,13 +55,14 @@ from typing import Any
 
 from torch import nn
 
+from .admission import harm_level
 from .devices import Device
 from .eviction import CostAwarePolicy, EvictionPolicy, RateMeter
 from .executor import execute, forward, install_group_hooks
 from .hoststore import HostModel, HostStore
 from .memory import DEFAULT_BLOCK_BYTES, DeviceMemory, MemoryFullError, Resident, _key_str
 from .partition import PartitionRule
-from .staging import COSTS, FREE, HARMS, Stage, StageTimeout, StagingQueue
+from .staging import Stage, StageTimeout, StagingQueue
 from .swapper import swap_in_from_host, swap_in_from_peer
 
 _POLL_S = 0.002  # re-check interval while waiting for memory (copies complete without notifying)
@@ -411,29 +412,13 @@ class DevicePool:
 
     def _blocker(self, m: DeviceMemory) -> Callable[[Any, Any], int]:
         def blocked(key: Any, wanted: Any) -> int:
-            """What staging a request for `key` on `m` now would do to others
-            (torpor.staging): HARMS where it would evict a model that waiting requests want;
-            COSTS where it would evict a model requested more often than `key` while requests
-            that need no copy wait (the copy would cost them device time, it cannot land while
-            the model it replaces still runs, and the evicted model a copy back); else FREE."""
-            if key in m.residents:
-                return FREE
-            need = self.store.get(key).nbytes - m.free_bytes
-            if need <= 0:
-                return FREE
-            busy = any(k in m.residents for k in wanted)
-            rate = self._rate(key)
-            freed, level = 0, FREE
-            for c, _ in m.victims(self.policy, rate=self._rate, bandwidth=self.host_bandwidth[m.device.name],
-                                  replicas=self._replicas, keep=wanted, pinned=True):
-                if c.key in wanted:
-                    return HARMS
-                if busy and c.rate > rate:
-                    level = COSTS
-                freed += c.nbytes
-                if freed >= need:
-                    break
-            return level
+            """What staging a request for `key` on `m` now would do to the requests waiting
+            there (torpor.admission.harm_level); the victims are walked only as needed."""
+            victims = ((c.key, c.nbytes, c.rate) for c, _ in m.victims(
+                self.policy, rate=self._rate, bandwidth=self.host_bandwidth[m.device.name],
+                replicas=self._replicas, keep=wanted, pinned=True))
+            return harm_level(key, self.store.get(key).nbytes - m.free_bytes, m.residents, victims, wanted,
+                              self._rate(key))
 
         return blocked
 

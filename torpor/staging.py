@@ -31,7 +31,10 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-FREE, COSTS, HARMS = 0, 1, 2  # what staging a request now would do to others (`blocked`)
+from .admission import COSTS, FREE, HARMS, deferred, stage_at_once, stage_level
+
+__all__ = ["COSTS", "FREE", "HARMS", "Stage", "StageTimeout", "StagingQueue"]
+
 
 
 class StageTimeout(Exception):
@@ -110,9 +113,8 @@ class StagingQueue:
         (time.monotonic()): raise StageTimeout if none was granted by then. `defer_until`:
         until then it may be passed over (class docstring)."""
         self._prune()
-        head = self._heap[0][0] if self._heap else math.inf
-        if ((self.held < self.permits and not self._heap)
-                or (order < head and self.held < 2 * self.permits and any(order < h.order for h in self.holders))) \
+        head = self._heap[0][0] if self._heap else None
+        if stage_at_once(order, self.held, self.permits, head, (h.order for h in self.holders)) \
                 and not self._deferred(key, defer_until):
             return self._hold(order, self._level(key, defer_until))
         fut = asyncio.get_running_loop().create_future()
@@ -135,13 +137,13 @@ class StagingQueue:
             raise
 
     def _deferred(self, key: Any, defer_until: float) -> bool:
-        return (defer_until > 0 and self._blocked is not None and time.monotonic() < defer_until
-                and self._blocked(key, self._protected.keys()) > FREE)
+        return self._blocked is not None and deferred(time.monotonic(), defer_until, lambda: self._harm(key))
 
     def _level(self, key: Any, defer_until: float) -> int:
         # above FREE only once its time ran out (else it would have been passed over)
-        if defer_until <= 0 or self._blocked is None:
-            return FREE
+        return FREE if self._blocked is None else stage_level(defer_until, lambda: self._harm(key))
+
+    def _harm(self, key: Any) -> int:
         return self._blocked(key, self._protected.keys())
 
     def _want(self, key: Any, defer_until: float) -> None:
