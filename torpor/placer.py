@@ -192,7 +192,8 @@ class Placer:
         self.predictions = PredictionLog()
 
     # queues --------------------------------------------------------------------------------------
-    def _work_ahead(self, dev: str, now: float, due: float | None, exec_s: float) -> tuple[float, float, float]:
+    def _work_ahead(self, dev: str, now: float, due: float | None, exec_s: float,
+                    ends: list | None = None) -> tuple[float, float, float]:
         """(seconds until the device reaches a new request, its queue key, seconds until it
         would be staged and could start its copy); see the module docstring. `due` None:
         first come, first served.
@@ -201,7 +202,7 @@ class Placer:
         ends no sooner than its model lands. A request not yet staged starts its copy when it
         gets a stage, which is when the request `lookahead` places ahead of it starts to run
         (torpor.staging): its landing counts from then."""
-        return work_ahead(self.tickets[dev], now, due, exec_s, self.lookahead)
+        return work_ahead(self.tickets[dev], now, due, exec_s, self.lookahead, ends=ends)
 
     # snapshot ------------------------------------------------------------------------------------
     def _inflight(self, now: float) -> dict[str, int]:
@@ -249,8 +250,19 @@ class Placer:
                     ready = landing.get(id(r), now + r.model.nbytes / self.links.bandwidth(f"pcie:{name}"))
                 residents[key] = ResidentState(key, r.nbytes, ready_at=ready, pins=r.pins, last_used=r.last_used,
                                                locked_until=now + 1e-3 if not r.readers_done() else 0.0)
-            backlog, self._keys[name], stage_in = self._work_ahead(name, now, due, exec_s)
-            devices.append(DeviceState(name, m.capacity, m.free_bytes, residents, backlog, len(self.tickets[name]),
+            ends: list = []
+            backlog, self._keys[name], stage_in = self._work_ahead(name, now, due, exec_s, ends)
+            free = m.free_bytes
+            for k, end in ends:
+                # a model a queued request will copy in: the scheduler sees it landing by the
+                # time that request runs, so later requests of the model queue behind it
+                # instead of each pricing a copy of its own
+                if k.transfer and not k.staged and k.model not in residents:
+                    nbytes = self.pool.store.get(k.model).nbytes
+                    residents[k.model] = ResidentState(k.model, nbytes, ready_at=end - k.estimate, pins=1,
+                                                       last_used=now)
+                    free = max(0, free - nbytes)
+            devices.append(DeviceState(name, m.capacity, free, residents, backlog, len(self.tickets[name]),
                                        stage_in_s=max(0.0, stage_in)))
         return Snapshot(now, devices, inflight, rate=self.pool._rate,
                         link_clear=lambda lk: clear.get(lk, now))
