@@ -536,3 +536,41 @@ def test_staging_sheds_under_overload_and_answers_the_rest_in_time():
     legacy.preload(list(range(8)))
     lr = legacy.run(t, fn, 4.0)
     assert lr.served == t.size and lr.p99_ms > 2000
+
+
+def test_planned_residents_one_per_model_from_the_first_request_that_copies_it():
+    # admission.planned_residents (the placer's snapshot and the simulator's staging): the first
+    # queued request of each model with a copy to make and no stage yet, landing by its run
+    from types import SimpleNamespace as T
+
+    from torpor.admission import planned_residents
+
+    def k(model, transfer=0.01, staged=False, estimate=0.005):
+        return T(model=model, transfer=transfer, staged=staged, estimate=estimate)
+
+    ends = [(k("a", staged=True), 0.10), (k("b", transfer=0.0), 0.11), (k("c"), 0.12), (k("c"), 0.13),
+            (k("d"), 0.14), (k("e"), 0.15)]
+    out = planned_residents(ends, {"d"}, lambda m: {"a": 1, "b": 2, "c": 3, "e": 5}[m], now=0.05)
+    assert [(r.key, r.nbytes, r.pins, r.last_used) for r in out] == [("c", 3, 1, 0.05), ("e", 5, 1, 0.05)]
+    assert [r.ready_at for r in out] == pytest.approx([0.115, 0.145])
+
+
+def test_staging_a_model_a_queued_request_will_copy_in_is_seen_landing():
+    # room for one 100 MB model; A resident and held by two staged requests (a run and the one
+    # staged beyond it), so B's request waits for a stage with its copy not started. A second
+    # request for B sees B landing by the time the first one runs and queues behind it (the
+    # placer's snapshot, ad416db) instead of pricing a copy of its own; one copy is made
+    from torpor.simulator import Staging
+
+    sc = staged_gpu([{"name": "A", "size_MB": 100, "exec_ms": 50, "slo_ms": 1000},
+                     {"name": "B", "size_MB": 100, "exec_ms": 10, "slo_ms": 5000}], 150)
+    t, fn = np.array([0.0, 0.0001, 0.001, 0.002]), np.array([0, 0, 1, 1])
+    sim = Simulation(sc, "torpor", staging=Staging())
+    sim.preload([0])
+    r = sim.run(t, fn, 1.0)
+    assert r.served == 4 and r.swaps == 1
+    assert sim.action_of.tolist() == [1, 2, 3, 2]  # run, queue, swap, queue
+    assert sim.predicted[3] == pytest.approx(sim.latency[3], abs=1e-3)
+    # the planned resident was the decision's only: the device holds what its copies brought
+    assert set(sim.devs[0].state.residents) == {1}
+    assert sim.devs[0].state.free_bytes == sc.weight_budget - sc.models[1].nbytes

@@ -45,7 +45,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, Protocol
 
 from .eviction import Candidate, EvictionPolicy
-from .scheduler import Decision, hopeless
+from .scheduler import Decision, ResidentState, hopeless
 
 
 class Queued(Protocol):
@@ -139,6 +139,21 @@ def work_ahead(tickets: Iterable[Queued], now: float, due: float | None, exec_s:
     if ahead is None or harm:
         return t - now, max(due, queued[-1].key) if queued else due, stage_at(len(queued), t) - now
     return ahead - now, due, stage_at(at, ahead) - now
+
+
+def planned_residents(ends: Iterable[tuple[Queued, float]], residents: Collection[Any],
+                      nbytes: Callable[[Any], int], now: float) -> list[ResidentState]:
+    """The models queued requests will copy in, as the scheduler should see them: for the first
+    request in `ends` (`work_ahead`'s (ticket, projected end), queue order) of each model not in
+    `residents` that has a copy to make and no stage yet, a resident of `nbytes(model)` bytes,
+    pinned, landing by the time that request runs (its projected end less its estimate). The
+    caller adds them to the device's residents and takes their bytes off its free bytes."""
+    out: dict[Any, ResidentState] = {}
+    for k, end in ends:
+        m = getattr(k, "model", None)
+        if k.transfer and not k.staged and m is not None and m not in residents and m not in out:
+            out[m] = ResidentState(m, nbytes(m), ready_at=end - k.estimate, pins=1, last_used=now)
+    return list(out.values())
 
 
 def _lands(landing: dict[Any, float], k: Queued, ready: float) -> None:

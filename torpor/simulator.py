@@ -48,7 +48,10 @@ What is simulated, and how:
   else when it is staged, roughly when the request `lookahead` places ahead of it starts to
   run. Copies to one device go one at a time at the path's full rate (the CPU device's copy
   thread, a CUDA device's copy stream). The scheduler sees when a new request would be staged
-  (`DeviceState.stage_in_s`). With `shed`: a request predicted past its whole SLO is answered
+  (`DeviceState.stage_in_s`), and, as the server's placer shows it, a model a queued request
+  not yet staged will copy in as a resident (pinned, its bytes taken from the free bytes)
+  landing by the time that request runs (`torpor.admission.planned_residents`), so later
+  requests of that model queue behind it rather than each pricing a copy. With `shed`: a request predicted past its whole SLO is answered
   UNAVAILABLE at arrival, and so is one whose copy would evict a model waiting requests want
   when the work queued there outlasts its slack; a request whose copy would harm or cost
   waiting requests is deferred while it has slack (`harm_level`); when staged, one that can no
@@ -91,6 +94,7 @@ from .admission import (
     deferred,
     harm_level,
     outlasted,
+    planned_residents,
     shed_at_arrival,
     shed_when_staged,
     spare_victims,
@@ -1056,6 +1060,9 @@ class Simulation:
             shedding = staging.shed
             evict_policy = sched.eviction
 
+            def size_of(f: int) -> int:
+                return models[f].nbytes
+
         def start_next(d: _Dev, now: float) -> None:
             nonlocal seq
             if d.running or not d.queue:
@@ -1287,16 +1294,35 @@ class Simulation:
             spec = fn_model[f]
             due = arrival + spec.slo_s
             ex_new = cost.exec_seconds(f)
+            planned = []
             for d in devs:
+                ends: list = []
                 backlog, d.next_key, stage_in = work_ahead(d.tickets, now, due if edf else None, ex_new,
-                                                           staging.lookahead)
+                                                           staging.lookahead, ends=ends)
                 d.state.backlog_s = max(0.0, backlog)
                 d.state.stage_in_s = max(0.0, stage_in)
                 d.state.queue_len = len(d.tickets)
+                # as torpor.placer's snapshot: a model a queued request will copy in shows as a
+                # resident landing by the time that request runs, its bytes off the free bytes;
+                # the device's own state carries them for this decision only
+                plan = planned_residents(ends, d.state.residents, size_of, now)
+                if plan:
+                    planned.append((d, plan, d.state.free_bytes))
+                    free = d.state.free_bytes
+                    for r in plan:
+                        d.state.residents[r.key] = r
+                        self.holder_count[r.key] = self.holder_count.get(r.key, 0) + 1
+                        free = max(0, free - r.nbytes)
+                    d.state.free_bytes = free
             model = models[f]
             if now > arrival:
                 model = ModelInfo(f, model.nbytes, model.first_group_bytes, model.slo_s, 1, now - arrival)
             dec = sched.place(model, snap)
+            for d, plan, free in planned:
+                for r in plan:
+                    del d.state.residents[r.key]
+                    self.holder_count[r.key] -= 1
+                d.state.free_bytes = free
             if dec is None:
                 return False
             o = dec.option
