@@ -15,8 +15,11 @@ Each E2E.json is what `loadtest/e2e.py --json` wrote. From it the same experimen
   (`bounds`), host link = the run's --device-bandwidths pcie=X (or --pcie-gbps);
   one execution at a time, `--stage-lookahead` (default 1) and shedding as the server's flags;
   the residents a warm-up leaves (one request per model in order);
-- execution time per class (`--exec`): `single`, the warm-up's single-stream latency of that
-  configuration (`runs.<config>.single_stream_ms`: a resident request end to end, HTTP
+- execution time per class (`--exec`): `fit` (the default), fitted per run and configuration
+  so that the simulated compute_infer (from holding its stage to done) matches the server's
+  mean on that run (`--fit-iters` fixed-point steps from the single-stream time less
+  `--overhead-ms`), with `--overhead-ms` of HTTP round trip added to every answer; `single`,
+  the warm-up's single-stream latency of that configuration (`runs.<config>.single_stream_ms`: a resident request end to end, HTTP
   included); or `load`, the server's own compute time under that very workload
   (`server_compute_mean_ms`, /v2/models/stats compute_infer, of the all-resident run, whose
   runs never wait for a copy) plus `--overhead-ms` of HTTP round trip that does not hold the
@@ -26,7 +29,8 @@ Each E2E.json is what `loadtest/e2e.py --json` wrote. From it the same experimen
 Printed per run (workload@load) and configuration (native = all resident, torpor = the
 fraction): answered, shed, dropped, SLO attainment (of all arrivals), goodput (answers within
 SLO per second), p50/p99 per class, predicted (median over --seeds execution-noise seeds,
-[min-max] where they differ) beside measured. --json writes it all.
+[min-max] where they differ, in the printed rows and the markdown table) beside measured.
+--json writes it all.
 """
 
 from __future__ import annotations
@@ -350,9 +354,12 @@ def compare_one(path: Path, args: argparse.Namespace, e2e_mod) -> dict:
 
 
 def markdown(results: dict) -> str:
-    """One row per run, configuration and class: predicted / measured."""
-    def pm(p, m, spec, scale=1.0):
-        return f"{cell(None if p is None else p * scale, spec)} / {cell(None if m is None else m * scale, spec)}"
+    """One row per run, configuration and class: predicted / measured; the prediction is the
+    median over seeds, [min-max] over them where they differ."""
+    def pm(p: dict, m: dict, field: str, spec: str, scale: float = 1.0) -> str:
+        x, rng, y = p[field], p.get(field + "_range"), m[field]
+        pred = cell(None if x is None else x * scale, spec, None if rng is None else [v * scale for v in rng])
+        return f"{pred} / {cell(None if y is None else y * scale, spec)}"
 
     lines = ["| run | config | class | answered | shed | SLO % | goodput/s | p50 ms | p99 ms |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -361,10 +368,9 @@ def markdown(results: dict) -> str:
             cfg, _, key = name.partition("/")
             for label, p in r["predicted"].items():
                 m = r["measured"][label]
-                lines.append(f"| {key} | {cfg} | {label} | {pm(p['answered'], m['answered'], '.0f')} | "
-                             f"{pm(p['shed'], m['shed'], '.0f')} | {pm(p['slo_attainment'], m['slo_attainment'], '.1f', 100)}"
-                             f" | {pm(p['goodput_rps'], m['goodput_rps'], '.1f')} | {pm(p['p50_ms'], m['p50_ms'], '.1f')} | "
-                             f"{pm(p['p99_ms'], m['p99_ms'], '.0f')} |")
+                lines.append(f"| {key} | {cfg} | {label} | {pm(p, m, 'answered', '.0f')} | {pm(p, m, 'shed', '.0f')} | "
+                             f"{pm(p, m, 'slo_attainment', '.1f', 100)} | {pm(p, m, 'goodput_rps', '.1f')} | "
+                             f"{pm(p, m, 'p50_ms', '.1f')} | {pm(p, m, 'p99_ms', '.0f')} |")
     return "\n".join(lines)
 
 
