@@ -1275,7 +1275,7 @@ class Engine:
                 why = shed_when_staged(time.monotonic(), ticket.estimate, copy_s, resident, ticket.due, stage.level,
                                        lambda: placer.would_delay(ticket, copy_s))
                 if why is not None:
-                    placer.shed(key, "queued")
+                    placer.shed(key, "queued", len(group.members))
                     what = {"late": "would finish past",
                             "harms": "could only run by evicting a model other requests are waiting for, within",
                             "stalls": "could only run by stalling requests queued before their objectives, within"}

@@ -371,10 +371,10 @@ class Placer:
         """A profiled execution time (replaces the estimate for that batch size)."""
         self.cost.exec.seed(key, seconds, batch)
 
-    def shed(self, key: Any, when: str) -> None:
-        """A request refused under overload: at `arrival` (predicted past its objective) or
-        when its turn came (`queued`, already past it)."""
-        self.slo.setdefault(key, ModelSlo()).shed[when] += 1
+    def shed(self, key: Any, when: str, requests: int = 1) -> None:
+        """Requests refused under overload: at `arrival` or when their turn came (`queued`;
+        a batch formed while waiting is refused whole)."""
+        self.slo.setdefault(key, ModelSlo()).shed[when] += requests
 
     def observe_latency(self, key: Any, seconds: float, slo_s: float | None, ticket: Ticket | None = None) -> None:
         """A request answered `seconds` after arrival: its SLO accounting, and the scheduler's
