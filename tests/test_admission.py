@@ -244,3 +244,12 @@ def test_shed_at_arrival_only_past_the_whole_slo():
     assert shed_at_arrival(decision(0.15, waited=0.1))  # time already spent counts
     assert not shed_at_arrival(None)
     assert not shed_at_arrival(Decision(None, False, 0.2))
+
+
+def test_a_request_being_passed_over_is_ahead_of_no_one():
+    ts = [ticket(0.2, started_at=0.0), ticket(0.5, key=1.0, due=1.0, guard=0.9, passed=True), ticket(0.1, key=2.0)]
+    ahead, _, _ = work_ahead(ts, 0.0, None, 0.0)
+    assert close(ahead, 0.3)  # the running one and the one not passed over
+    ts[1].passed = False
+    ahead, _, _ = work_ahead(ts, 0.0, None, 0.0)
+    assert close(ahead, 0.8)

@@ -164,3 +164,27 @@ def test_a_cancelled_waiter_is_skipped(run):
         assert q.held == 0
 
     run(main())
+
+
+def test_the_tag_says_whether_a_request_is_being_passed_over(run):
+    class Tag:
+        passed = None
+
+    async def main():
+        q = StagingQueue(1, blocked=lambda key, wanted: HARMS if key == "c" and "a" in wanted else FREE)
+        holder = await q.enter(1.0, key="a")
+        warm, cold = Tag(), Tag()
+        t0 = time.monotonic()
+        w = asyncio.create_task(q.enter(3.0, key="a", defer_until=t0 + 10, tag=warm))
+        c = asyncio.create_task(q.enter(2.0, key="c", defer_until=t0 + 10, tag=cold))
+        await asyncio.sleep(0.01)
+        assert cold.passed is True and warm.passed is False
+        holder.leave()
+        await asyncio.sleep(0.01)
+        assert w.done() and warm.passed is False and cold.passed is True
+        w.result().leave()  # nobody wants 'a' now: 'c' is staged
+        stage = await asyncio.wait_for(c, 1.0)
+        assert cold.passed is False
+        stage.leave()
+
+    run(main())

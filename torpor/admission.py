@@ -63,7 +63,9 @@ class Queued(Protocol):
     # Optional: `first_at`, when its model's first group lands on the device (a pipelined run
     # cannot start before it); a ticket without one counts 0. `model`: the model it runs; where
     # given, only the first queued request of a model whose copy has not started counts the
-    # copy (the others find the model landing when they are staged).
+    # copy (the others find the model landing when they are staged). `passed`: its staging
+    # queue is passing it over (deferred) right now: it runs after the requests that pass it,
+    # or is shed, so it is ahead of no one and left out of the projection.
 
 
 def _first_at(k: Queued) -> float:
@@ -96,7 +98,7 @@ def work_ahead(tickets: Iterable[Queued], now: float, due: float | None, exec_s:
             if free_at is None:
                 t = max(t, k.started_at + k.estimate, k.ready_at)
             _lands(landing, k, k.ready_at)
-        else:
+        elif not getattr(k, "passed", False):  # passed over (deferred) now: ahead of no one
             queued.append(k)
     if free_at is not None:
         t = max(t, free_at)

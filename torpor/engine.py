@@ -1288,7 +1288,7 @@ class Engine:
             # that others wait for, as long as it could still start its copy and be on time
             defer_until = defer_deadline(ticket.due, ticket.estimate, copy_s) if shed else 0.0
             async with self.devices.acquire(key, device, timeout=timeout, source=source, order=ticket.key,
-                                            on_stage=on_stage, defer_until=defer_until) as placement:
+                                            on_stage=on_stage, defer_until=defer_until, tag=ticket) as placement:
                 placer.staged(ticket, placement)
                 t_exec_start = time.monotonic_ns()
 

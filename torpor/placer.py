@@ -132,6 +132,7 @@ class Ticket:
         "guard",
         "key",
         "model",
+        "passed",
         "ready_at",
         "seq",
         "staged",
@@ -155,6 +156,7 @@ class Ticket:
         # (torpor.staging), so until then its landing counts from its projected stage time
         self.transfer = transfer
         self.model = model  # the model it runs: queued requests of one model share one copy
+        self.passed = False  # its staging queue is passing it over (torpor.staging)
         self.staged = False
         self.started_at: float | None = None
         self._open = device is not None

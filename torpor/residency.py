@@ -179,8 +179,8 @@ class Placement:
 
 class _Acquire:
     def __init__(self, pool: DevicePool, key: Any, device: Any, timeout: float | None, source: str, order: float,
-                 on_stage: Any, defer_until: float):
-        self._args = (key, device, timeout, source, order, on_stage, defer_until)
+                 on_stage: Any, defer_until: float, tag: Any):
+        self._args = (key, device, timeout, source, order, on_stage, defer_until, tag)
         self._pool = pool
         self._placement: Placement | None = None
 
@@ -269,17 +269,17 @@ class DevicePool:
     def acquire(
         self, key: Any, device: Any = None, *, timeout: float | None = None, source: str = "auto",
         order: float = math.inf, on_stage: Callable[[Stage, bool], None] | None = None,
-        defer_until: float = 0.0,
+        defer_until: float = 0.0, tag: Any = None,
     ) -> _Acquire:
         """See the module docstring. `on_stage(stage, resident)`: called once the request
         holds its stage, before it takes memory (`resident`: the model is on that device,
         landed or landing); what it raises ends the acquire (the caller's last look at whether
         the request is still worth running). `defer_until` (time.monotonic()): until then the
         request may be passed over while staging it would evict a model that others wait for
-        (`torpor.staging`)."""
+        (`torpor.staging`); `tag`: see `StagingQueue.enter`."""
         if source not in ("auto", "host", "peer") and source not in self._names:
             raise ValueError(f"source must be 'auto', 'host', 'peer' or a device name, not {source!r}")
-        return _Acquire(self, key, device, timeout, source, order, on_stage, defer_until)
+        return _Acquire(self, key, device, timeout, source, order, on_stage, defer_until, tag)
 
     async def prefetch(
         self, key: Any, device: Any = None, *, timeout: float | None = None, source: str = "auto"
@@ -319,7 +319,8 @@ class DevicePool:
         raise KeyError(f"no device {device!r} in this pool ({[m.device.name for m in self.memories]})")
 
     async def _acquire(self, key: Any, device: Any, timeout: float | None, source: str, order: float,
-                       on_stage: Callable[[Stage, bool], None] | None, defer_until: float) -> Placement:
+                       on_stage: Callable[[Stage, bool], None] | None, defer_until: float,
+                       tag: Any = None) -> Placement:
         if key in self._removing:
             raise MemoryFullError(f"model {_key_str(key)!r} is being unloaded")
         model = self.store.get(key)
@@ -338,7 +339,7 @@ class DevicePool:
         m = allowed[0] if len(allowed) == 1 else self._stage_memory(key, model, allowed)
         queue = self.stages[m.device.name]
         try:
-            stage = await queue.enter(order, None if timeout is None else now + timeout, key, defer_until)
+            stage = await queue.enter(order, None if timeout is None else now + timeout, key, defer_until, tag)
         except StageTimeout:
             counters.timeouts += 1
             raise MemoryFullError(

@@ -87,8 +87,9 @@ class StagingQueue:
     def __init__(self, permits: int, blocked: Callable[[Any, Any], int] | None = None):
         self.permits = max(1, int(permits))
         self.holders: list[Stage] = []
-        # (order, seq, future, model key, defer_until): waiting requests; a cancelled future is skipped
-        self._heap: list[tuple[float, int, asyncio.Future, Any, float]] = []
+        # (order, seq, future, model key, defer_until, tag): waiting requests; a cancelled future
+        # is skipped; `tag.passed` (where a tag is given) says whether it is being passed over
+        self._heap: list[tuple[float, int, asyncio.Future, Any, float, Any]] = []
         self._seq = itertools.count()
         self._wanted: Counter = Counter()  # model key -> requests waiting for it
         self._protected: Counter = Counter()  # the same, counting only requests with an objective
@@ -108,17 +109,21 @@ class StagingQueue:
         return set(self._wanted)
 
     async def enter(self, order: float = math.inf, deadline: float | None = None, key: Any = None,
-                    defer_until: float = 0.0) -> Stage:
+                    defer_until: float = 0.0, tag: Any = None) -> Stage:
         """Wait for a stage, lowest `order` first (ties in arrival order). `deadline`
         (time.monotonic()): raise StageTimeout if none was granted by then. `defer_until`:
-        until then it may be passed over (class docstring)."""
+        until then it may be passed over (class docstring). `tag`: an object whose `passed`
+        attribute is kept saying whether it is being passed over (the placer's ticket: work
+        passed over is ahead of no one)."""
         self._prune()
         head = self._heap[0][0] if self._heap else None
         if stage_at_once(order, self.held, self.permits, head, (h.order for h in self.holders)) \
                 and not self._deferred(key, defer_until):
             return self._hold(order, self._level(key, defer_until))
         fut = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._heap, (order, next(self._seq), fut, key, defer_until))
+        heapq.heappush(self._heap, (order, next(self._seq), fut, key, defer_until, tag))
+        if tag is not None:
+            tag.passed = self._deferred(key, defer_until)
         self._want(key, defer_until)
         self._grant()
         try:
@@ -173,14 +178,18 @@ class StagingQueue:
         wake = math.inf
         while self.held < self.permits and self._heap:
             entry = heapq.heappop(self._heap)
-            order, _, fut, key, defer_until = entry
+            order, _, fut, key, defer_until, tag = entry
             if fut.done():  # abandoned while waiting
                 continue
             if self._deferred(key, defer_until):
                 passed.append(entry)
                 wake = min(wake, defer_until)
+                if tag is not None:
+                    tag.passed = True
                 continue
             self._unwant(key, defer_until)
+            if tag is not None:
+                tag.passed = False
             fut.set_result(self._hold(order, self._level(key, defer_until)))
         for entry in passed:
             heapq.heappush(self._heap, entry)
