@@ -28,7 +28,8 @@ Each E2E.json is what `loadtest/e2e.py --json` wrote. From it the same experimen
 
 Printed per run (workload@load) and configuration (native = all resident, torpor = the
 fraction): answered, shed, dropped, SLO attainment (of all arrivals), goodput (answers within
-SLO per second), p50/p99 per class, predicted (median over --seeds execution-noise seeds,
+SLO per second), p50/p99 per class, copies (swap-ins: copies started, by the class of the
+request that started each; e2e's swap_ins), predicted (median over --seeds execution-noise seeds,
 [min-max] where they differ, in the printed rows and the markdown table) beside measured.
 --json writes it all.
 """
@@ -187,6 +188,9 @@ def summarize(sim: Simulation, t: np.ndarray, f: np.ndarray, mix: list[str], slo
     kinds = np.array([mix[i % len(mix)] for i in f]) if f.size else np.zeros(0, dtype=str)
     lat = sim.latency + overhead_s  # inf stays inf: not answered
     st = sim.status
+    copied = np.zeros(f.size, dtype=int)  # copies each request started (the server's swap_ins)
+    for _, rid, _, _ in getattr(sim, "copies", []):
+        copied[rid] += 1
     out = {}
     for label, sel in [*((k, kinds == k) for k in mix), ("all", np.ones(f.size, bool))]:
         ok = st[sel] == ANSWERED
@@ -198,6 +202,7 @@ def summarize(sim: Simulation, t: np.ndarray, f: np.ndarray, mix: list[str], slo
             "shed": int(np.sum((st[sel] == SHED_ARRIVAL) | (st[sel] == SHED_QUEUED))),
             "shed_arrival": int(np.sum(st[sel] == SHED_ARRIVAL)), "shed_queued": int(np.sum(st[sel] == SHED_QUEUED)),
             "dropped": int(np.sum(st[sel] == DROPPED)),
+            "swap_ins": int(copied[sel].sum()),
             "p50_ms": float(np.percentile(ans, 50) * 1e3) if ans.size else None,
             "p99_ms": float(np.percentile(ans, 99) * 1e3) if ans.size else None,
             "slo_attainment": within / sel.sum() if sel.sum() else None,
@@ -239,7 +244,7 @@ def print_actions(sim_actions: dict, server: dict | None) -> None:
         print(f"  {action:<6} {row[0]:<60} | {row[1]}")
 
 
-FIELDS = ("answered", "shed", "dropped", "slo_attainment", "goodput_rps", "p50_ms", "p99_ms")
+FIELDS = ("answered", "shed", "dropped", "slo_attainment", "goodput_rps", "p50_ms", "p99_ms", "swap_ins")
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -271,17 +276,18 @@ def cell(x, spec: str, rng=None) -> str:
 def print_rows(title: str, pred: dict, meas: dict, mix: list[str]) -> None:
     print(f"\n{title}")
     print(f"{'class':<10} {'':<5} {'answered':>16} {'shed':>16} {'drop':>9} {'SLO %':>18} {'good/s':>18} "
-          f"{'p50 ms':>18} {'p99 ms':>22}")
+          f"{'p50 ms':>18} {'p99 ms':>22} {'copies':>16}")
     for label in [*mix, "all"]:
         p, m = pred[label], meas[label]
         print(f"{label:<10} {'pred':<5} {cell(p['answered'], '.0f', p['answered_range']):>16} "
               f"{cell(p['shed'], '.0f', p['shed_range']):>16} {cell(p['dropped'], '.0f'):>9} "
               f"{cell(100 * p['slo_attainment'], '.1f', [100 * x for x in p['slo_attainment_range']]):>18} "
               f"{cell(p['goodput_rps'], '.1f', p['goodput_rps_range']):>18} "
-              f"{cell(p['p50_ms'], '.1f', p['p50_ms_range']):>18} {cell(p['p99_ms'], '.0f', p['p99_ms_range']):>22}")
+              f"{cell(p['p50_ms'], '.1f', p['p50_ms_range']):>18} {cell(p['p99_ms'], '.0f', p['p99_ms_range']):>22} "
+              f"{cell(p['swap_ins'], '.0f', p['swap_ins_range']):>16}")
         print(f"{'':<10} {'meas':<5} {m['answered']:>16} {m['shed']:>16} {m['dropped']:>9} "
               f"{cell(100 * m['slo_attainment'], '.1f'):>18} {cell(m['goodput_rps'], '.1f'):>18} "
-              f"{cell(m['p50_ms'], '.1f'):>18} {cell(m['p99_ms'], '.0f'):>22}")
+              f"{cell(m['p50_ms'], '.1f'):>18} {cell(m['p99_ms'], '.0f'):>22} {cell(m['swap_ins'], '.0f'):>16}")
 
 
 def measured(row: dict, duration: float) -> dict:
@@ -361,16 +367,19 @@ def markdown(results: dict) -> str:
         pred = cell(None if x is None else x * scale, spec, None if rng is None else [v * scale for v in rng])
         return f"{pred} / {cell(None if y is None else y * scale, spec)}"
 
-    lines = ["| run | config | class | answered | shed | SLO % | goodput/s | p50 ms | p99 ms |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| e2e | run | config | class | answered | shed | SLO % | goodput/s | p50 ms | p99 ms | copies |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in results["compared"]:
+        e2e = Path(c["e2e_json"]).stem
         for name, r in c["runs"].items():
             cfg, _, key = name.partition("/")
             for label, p in r["predicted"].items():
                 m = r["measured"][label]
-                lines.append(f"| {key} | {cfg} | {label} | {pm(p, m, 'answered', '.0f')} | {pm(p, m, 'shed', '.0f')} | "
-                             f"{pm(p, m, 'slo_attainment', '.1f', 100)} | {pm(p, m, 'goodput_rps', '.1f')} | "
-                             f"{pm(p, m, 'p50_ms', '.1f')} | {pm(p, m, 'p99_ms', '.0f')} |")
+                copies = pm(p, m, "swap_ins", ".0f") if cfg != "native" else "-"
+                lines.append(f"| {e2e} | {key} | {cfg} | {label} | {pm(p, m, 'answered', '.0f')} | "
+                             f"{pm(p, m, 'shed', '.0f')} | {pm(p, m, 'slo_attainment', '.1f', 100)} | "
+                             f"{pm(p, m, 'goodput_rps', '.1f')} | {pm(p, m, 'p50_ms', '.1f')} | "
+                             f"{pm(p, m, 'p99_ms', '.0f')} | {copies} |")
     return "\n".join(lines)
 
 
