@@ -41,7 +41,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .admission import work_ahead, would_delay
+from .admission import planned_residents, work_ahead, would_delay
 from .costmodel import CostModel, ExecEstimator, LinkMap
 from .scheduler import (
     HOPELESS_DELAY_S,
@@ -255,15 +255,9 @@ class Placer:
             ends: list = []
             backlog, self._keys[name], stage_in = self._work_ahead(name, now, due, exec_s, ends)
             free = m.free_bytes
-            for k, end in ends:
-                # a model a queued request will copy in: the scheduler sees it landing by the
-                # time that request runs, so later requests of the model queue behind it
-                # instead of each pricing a copy of its own
-                if k.transfer and not k.staged and k.model not in residents:
-                    nbytes = self.pool.store.get(k.model).nbytes
-                    residents[k.model] = ResidentState(k.model, nbytes, ready_at=end - k.estimate, pins=1,
-                                                       last_used=now)
-                    free = max(0, free - nbytes)
+            for r in planned_residents(ends, residents, lambda k: self.pool.store.get(k).nbytes, now):
+                residents[r.key] = r  # a model a queued request will copy in: landing by the time that request runs
+                free = max(0, free - r.nbytes)
             devices.append(DeviceState(name, m.capacity, free, residents, backlog, len(self.tickets[name]),
                                        stage_in_s=max(0.0, stage_in)))
         return Snapshot(now, devices, inflight, rate=self.pool._rate,
