@@ -1195,7 +1195,7 @@ class Engine:
         arrival = request.arrival_ns / 1e9  # the monotonic clock, as the placer's
         decision = placer.place(key, slo, batch, arrival)
         if self.options.shed_late and shed_at_arrival(decision):
-            placer.shed(key, "arrival")
+            placer.shed(key, "arrival", reason="late")
             raise unavailable(
                 f"Exceeds maximum queue size: model '{entry.name}' would answer "
                 f"{(decision.waited_s + decision.option.completion_s) * 1e3:.0f} ms after arrival at the earliest, "
@@ -1211,7 +1211,7 @@ class Engine:
                 # them (torpor.staging); if they outlast its slack it would be shed then: now
                 slack = arrival + slo - time.monotonic() - o.exec_s - placer.copy_seconds(key, device)
                 if outlasted(placer.backlog(device), slack):
-                    placer.shed(key, "arrival")
+                    placer.shed(key, "arrival", reason="harms")
                     raise unavailable(
                         f"Exceeds maximum queue size: model '{entry.name}' would have to evict a model that "
                         f"waiting requests need, and they outlast its {slo * 1e3:.0f} ms objective "
@@ -1275,7 +1275,7 @@ class Engine:
                 why = shed_when_staged(time.monotonic(), ticket.estimate, copy_s, resident, ticket.due, stage.level,
                                        lambda: placer.would_delay(ticket, copy_s))
                 if why is not None:
-                    placer.shed(key, "queued", len(group.members))
+                    placer.shed(key, "queued", len(group.members), reason=why)
                     what = {"late": "would finish past",
                             "harms": "could only run by evicting a model other requests are waiting for, within",
                             "stalls": "could only run by stalling requests queued before their objectives, within"}

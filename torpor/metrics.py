@@ -230,17 +230,21 @@ def swap_metrics(engine: "Engine") -> Iterable[Metric]:
         decided = Metric("torpor_scheduler_decisions", "Scheduler decisions per action (run, queue, swap, peer, wait)",
                          "counter")
         slo = Metric("torpor_slo_requests", "Requests with a latency objective, by whether they met it", "counter")
-        shed = Metric("torpor_requests_shed", "Requests answered UNAVAILABLE under overload, by when: at arrival "
-                      "(predicted past their objective) or queued (past it when their turn came)", "counter")
+        shed = Metric("torpor_requests_shed", "Requests answered UNAVAILABLE under overload, by when (at arrival or "
+                      "when their turn came: queued) and why (late: past their objective; harms: their copy would "
+                      "evict a model waiting requests want; stalls: their copy would stall queued requests)",
+                      "counter")
         for label, m in topo["models"].items():
             model, _, version = label.rpartition(":")
             for action, n in m["decisions"].items():
                 decided.add_sample(decided.name, {"model": model, "version": version, "action": action}, float(n))
             slo.add_sample(slo.name, {"model": model, "version": version, "outcome": "met"}, float(m["slo_met"]))
             slo.add_sample(slo.name, {"model": model, "version": version, "outcome": "missed"}, float(m["slo_missed"]))
-            for when in ("arrival", "queued"):
-                shed.add_sample(shed.name, {"model": model, "version": version, "when": when},
-                                float(m.get("shed", {}).get(when, 0)))
+            reasons = m.get("shed_reasons", {})
+            for when, why in (("arrival", "late"), ("arrival", "harms"), ("queued", "late"), ("queued", "harms"),
+                              ("queued", "stalls")):
+                shed.add_sample(shed.name, {"model": model, "version": version, "when": when, "reason": why},
+                                float(reasons.get(f"{when}:{why}", 0)))
         out += [decided, slo, shed]
     return out
 

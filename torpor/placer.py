@@ -73,10 +73,14 @@ class ModelSlo:
     met: int = 0
     missed: int = 0  # measured request latency over its SLO
     shed: Counter = field(default_factory=Counter)  # "arrival" | "queued" -> requests answered UNAVAILABLE
+    # (when, why) -> requests: "late" (past its objective), "harms" (its copy would evict a model
+    # waiting requests want), "stalls" (its copy would stall queued requests past their objectives)
+    shed_why: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
         return {"decisions": dict(self.decisions), "predicted_misses": self.predicted_misses,
-                "slo_met": self.met, "slo_missed": self.missed, "shed": dict(self.shed)}
+                "slo_met": self.met, "slo_missed": self.missed, "shed": dict(self.shed),
+                "shed_reasons": {f"{w}:{r}": n for (w, r), n in sorted(self.shed_why.items())}}
 
 
 NO_SLO_DEADLINE_S = 10.0  # the queue key of a request without an objective: served, never starved
@@ -367,10 +371,12 @@ class Placer:
         """A profiled execution time (replaces the estimate for that batch size)."""
         self.cost.exec.seed(key, seconds, batch)
 
-    def shed(self, key: Any, when: str, requests: int = 1) -> None:
+    def shed(self, key: Any, when: str, requests: int = 1, reason: str = "late") -> None:
         """Requests refused under overload: at `arrival` or when their turn came (`queued`;
-        a batch formed while waiting is refused whole)."""
-        self.slo.setdefault(key, ModelSlo()).shed[when] += requests
+        a batch formed while waiting is refused whole), and why (`ModelSlo.shed_why`)."""
+        s = self.slo.setdefault(key, ModelSlo())
+        s.shed[when] += requests
+        s.shed_why[(when, reason)] += requests
 
     def observe_latency(self, key: Any, seconds: float, slo_s: float | None, ticket: Ticket | None = None) -> None:
         """A request answered `seconds` after arrival: its SLO accounting, and the scheduler's
