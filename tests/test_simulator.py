@@ -507,7 +507,13 @@ def test_staging_defers_a_copy_that_would_evict_a_model_others_wait_for():
 
 def test_staging_sheds_under_overload_and_answers_the_rest_in_time():
     # a quarter of the models' bytes, bursts at about three times what one device can run:
-    # requests are shed at arrival or when their turn comes, and every other one is answered
+    # requests are shed at arrival or when their turn comes, and every other one is answered.
+    # The four small models fit; requests for them always wait, so a large model's copy would
+    # evict a model they want: its requests are passed over (ahead of no one, 7e71f85) until their
+    # time runs out, and are then mostly shed when staged. Before 7e71f85, when they counted
+    # ahead of every newcomer, more newcomers were shed at arrival and large models were copied
+    # in: 1588 shed at arrival, 371 when staged, 147 copies, 38.7% attainment; now 461, 686, 8
+    # and 64.2%
     from torpor.simulator import ANSWERED, DROPPED, SHED_ARRIVAL, SHED_QUEUED, Staging
 
     models = [{"name": "small", "size_MB": 18.9, "exec_ms": 2, "slo_ms": 100},
@@ -522,14 +528,14 @@ def test_staging_sheds_under_overload_and_answers_the_rest_in_time():
     r = sim.run(t, fn, 4.0, max_outstanding=200)
     st = sim.status
     answered = st == ANSWERED
-    assert r.shed_arrival > 1000 and r.shed_queued > 0
+    assert r.shed_arrival > 300 and r.shed_queued > 300
     assert (st == SHED_ARRIVAL).sum() == r.shed_arrival and (st == SHED_QUEUED).sum() == r.shed_queued
     assert (st == DROPPED).sum() == r.dropped
     assert answered.sum() + r.shed_arrival + r.shed_queued + r.dropped == t.size
     assert np.isfinite(sim.latency[answered]).all() and np.isinf(sim.latency[~answered]).all()
     assert np.mean(sim.latency[answered] <= slo[answered]) > 0.9  # what is kept is served in time
     assert np.all(sim.latency[answered] <= 1.5 * slo[answered])  # and nothing waits much past it
-    assert r.attainment > 0.2 and r.swaps > 50
+    assert r.attainment > 0.5 and r.swaps > 0
     # the original model (copies at placement, nothing shed) answers everything, the tail many
     # seconds late: the queue only grows
     legacy = Simulation(sc, "torpor")
@@ -574,3 +580,37 @@ def test_staging_a_model_a_queued_request_will_copy_in_is_seen_landing():
     # the planned resident was the decision's only: the device holds what its copies brought
     assert set(sim.devs[0].state.residents) == {1}
     assert sim.devs[0].state.free_bytes == sc.weight_budget - sc.models[1].nbytes
+
+
+def test_staging_marks_a_request_passed_over_and_leaves_it_out_of_the_work_ahead(monkeypatch):
+    # as the server's StagingQueue keeps Ticket.passed (7e71f85): room for one 100 MB model, A
+    # resident; five requests for A (20 ms each), then one for B due first. B enters while both
+    # stages are held and would be deferred at once (its copy would evict A under the requests
+    # waiting for it): it is marked passed at entry, stays passed while requests for A keep
+    # coming, and is unmarked when granted. Requests for A arriving meanwhile do not count B's run
+    # and copy ahead of them (admission.work_ahead), and run before it: predicted as they happen
+    from torpor import simulator
+    from torpor.simulator import Staging
+
+    sc = staged_gpu([{"name": "A", "size_MB": 100, "exec_ms": 20, "slo_ms": 5000},
+                     {"name": "B", "size_MB": 100, "exec_ms": 20, "slo_ms": 500}], 150)
+    t = np.array([0.0, 0.0001, 0.0002, 0.0003, 0.0004, 0.001, 0.002, 0.09, 0.13])
+    fn = np.array([0, 0, 0, 0, 0, 1, 0, 0, 0])
+    seen = {}  # arrival -> B's `passed` as the work ahead of that arrival was projected
+    work_ahead = simulator.work_ahead
+
+    def watch(tickets, now, *args, **kw):
+        for j in tickets:
+            if j.rid == 5:
+                seen[now] = j.passed
+        return work_ahead(tickets, now, *args, **kw)
+
+    monkeypatch.setattr(simulator, "work_ahead", watch)
+    sim = Simulation(sc, "torpor", staging=Staging())
+    sim.preload([0])
+    r = sim.run(t, fn, 1.0)
+    assert r.served == 9 and r.shed_arrival == r.shed_queued == 0
+    assert seen == {0.002: True, 0.09: True, 0.13: False}
+    assert sim.latency[5] > sim.latency[7] + 0.09  # B ran after the requests for A that passed it
+    # without the mark, B's run and copy counted ahead of them: 20 ms pessimistic
+    assert sim.predicted[6:8] == pytest.approx(sim.latency[6:8], abs=1e-3)

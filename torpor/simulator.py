@@ -818,7 +818,8 @@ class _Job:
     same fields as the server's `torpor.placer.Ticket`."""
 
     __slots__ = ("arrival", "copy_s", "defer_until", "due", "enqueued", "estimate", "first_at", "fn", "guard",
-                 "key", "meets_pred", "ready", "resident", "rid", "source", "staged", "started_at", "transfer")
+                 "key", "meets_pred", "passed", "ready", "resident", "rid", "source", "staged", "started_at",
+                 "transfer")
 
     def __init__(self, rid: int, fn: int, arrival: float, estimate: float, resident: ResidentState | None,
                  meets_pred: bool, enqueued: float = 0.0, first_at: float = 0.0, due: float = math.inf):
@@ -842,6 +843,9 @@ class _Job:
         self.source: str | None = None
         self.copy_s = 0.0
         self.defer_until = 0.0
+        # its stage queue is passing it over (deferred) now: ahead of no one (`admission.work_ahead`);
+        # kept as torpor.staging.StagingQueue keeps the placer's `Ticket.passed`
+        self.passed = False
 
     @property
     def seq(self) -> int:
@@ -1173,12 +1177,16 @@ class Simulation:
 
         def enter_stage(d: _Dev, job: _Job, now: float) -> None:
             # torpor.staging.StagingQueue.enter
+            # (a request that waits is marked passed over where it would be deferred right away,
+            # before it counts among those waiting: the tag)
             head = d.waiting[0].key if d.waiting else None
-            if stage_at_once(job.key, len(d.holders), permits, head, (h.key for h in d.holders)) \
-                    and not deferred(now, job.defer_until, lambda: level(d, job.fn, now)):
+            at_once = stage_at_once(job.key, len(d.holders), permits, head, (h.key for h in d.holders))
+            passed = deferred(now, job.defer_until, lambda: level(d, job.fn, now))
+            if at_once and not passed:
                 stage(d, job, now, stage_level(job.defer_until, lambda: level(d, job.fn, now)))
             else:
                 bisect.insort(d.waiting, job, key=_order)
+                job.passed = passed
                 want(d, job, 1)
             grant(d, now)
 
@@ -1188,7 +1196,10 @@ class Simulation:
             nonlocal seq
             i: int | None = 0
             while len(d.holders) < permits and d.waiting:
+                start = i
                 i, wake = stage_next(d.waiting, now, _defer_until, lambda j: level(d, j.fn, now), i)
+                for j in d.waiting[start:i]:  # those it scanned past were deferred: passed over
+                    j.passed = True
                 if wake < d.wake_at:
                     d.wake_at = wake
                     heapq.heappush(heap, (wake, seq, _STAGE, d))
@@ -1196,6 +1207,7 @@ class Simulation:
                 if i is None:
                     break
                 job = d.waiting.pop(i)
+                job.passed = False
                 want(d, job, -1)
                 stage(d, job, now, stage_level(job.defer_until, lambda j=job: level(d, j.fn, now)))
 
