@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     e2e_mod = load_e2e()
     results = {"command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else str(argv),
-               "exec": args.exec, "overhead_ms": args.overhead_ms if args.exec == "load" else 0.0,
+               "exec": args.exec, "overhead_ms": args.overhead_ms if args.exec != "single" else 0.0,
                "exec_noise": args.exec_noise, "seeds": args.seeds,
                "compared": [compare_one(p, args, e2e_mod) for p in args.e2e_json]}
     print("\npredicted / measured (predicted: median over seeds)")
