@@ -466,3 +466,21 @@ async def test_rebinding_when_the_model_lands_elsewhere(make_pool):
             offsets.append(tuple(p.resident.group_offsets))
         assert same(out, ref)
     assert offsets[0] == offsets[2] != offsets[1] == offsets[3]
+
+
+async def test_a_request_waiting_for_its_stage_when_its_model_is_unloaded_gets_an_error(make_pool):
+    """It holds nothing while it waits, so the unload completes; staged afterwards, it must not
+    copy weights that are gone."""
+    pool = make_pool(lookahead=0)
+    a, b = seeded(Mlp), seeded(Mlp, 1)
+    pool.register("a", groups_of(a), a)
+    pool.register("b", groups_of(b), b)
+    async with pool.acquire("a") as pa:  # the device's only stage
+        await pa.ready()
+        waiter = asyncio.create_task(pool.prefetch("b"))
+        await asyncio.sleep(0.02)
+        assert not waiter.done()
+        await pool.unregister("b")
+    with pytest.raises(MemoryFullError, match="unloaded"):
+        await waiter
+    assert "b" not in pool.store

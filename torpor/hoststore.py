@@ -339,6 +339,10 @@ class HostStore:
         with self._lock:
             return self._models[key]
 
+    def get_or_none(self, key: Any) -> HostModel | None:
+        with self._lock:
+            return self._models.get(key)
+
     def __contains__(self, key: Any) -> bool:
         with self._lock:
             return key in self._models

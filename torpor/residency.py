@@ -347,6 +347,9 @@ class DevicePool:
                 f"{m.device.name}"
             ) from None
         try:
+            if key in self._removing or self.store.get_or_none(key) is not model:
+                # unloaded (or reloaded) while it waited, holding nothing: its weights are gone
+                raise MemoryFullError(f"model {_key_str(key)!r} was unloaded while the request waited")
             if on_stage is not None:
                 on_stage(stage, key in m.residents)
             placement = await self._acquire_staged(key, model, m, counters, now, timeout, source, queue, stage)
