@@ -176,12 +176,24 @@ class StagingQueue:
     def _grant(self) -> None:
         passed = []
         wake = math.inf
+        now = time.monotonic()
+        # what staging each model would do to the others, asked once per model per pass (it
+        # walks the device's residents): hundreds of requests may be passed over, and this runs
+        # whenever a run ends; a grant changes who waits, so it starts afresh after one
+        levels: dict[Any, int] = {}
+
+        def harm(key: Any) -> int:
+            lv = levels.get(key)
+            if lv is None:
+                lv = levels[key] = self._harm(key)
+            return lv
+
         while self.held < self.permits and self._heap:
             entry = heapq.heappop(self._heap)
             order, _, fut, key, defer_until, tag = entry
             if fut.done():  # abandoned while waiting
                 continue
-            if self._deferred(key, defer_until):
+            if self._blocked is not None and deferred(now, defer_until, lambda key=key: harm(key)):
                 passed.append(entry)
                 wake = min(wake, defer_until)
                 if tag is not None:
@@ -191,6 +203,7 @@ class StagingQueue:
             if tag is not None:
                 tag.passed = False
             fut.set_result(self._hold(order, self._level(key, defer_until)))
+            levels.clear()
         for entry in passed:
             heapq.heappush(self._heap, entry)
         if wake < self._timer_at:
