@@ -41,7 +41,10 @@ Phases (each printed with a timestamp, the whole run kept inside --budget-s):
    (answers within SLO per second of the workload's duration), swap-ins, evictions and bytes
    moved (torpor_swap_* on the metrics port, differenced around each workload), the device's
    residency, server-side compute time; one line with how many were shed and how fast (p50/p99
-   of the refusal's latency); then Torpor p50/p99/goodput over native's. --json writes it all;
+   of the refusal's latency), the server's shed counts by when:why (differenced around the
+   workload) and its scheduler's predicted vs measured latency per action (/v2/torpor/topology;
+   the JSON also keeps its execution estimates); then Torpor p50/p99/goodput over native's.
+   --json writes it all;
    with several loads the runs are keyed "workload@load" (e.g. trace@0.25), else by workload.
 
 Outcomes of an arrival: answered; shed (HTTP 503 / gRPC UNAVAILABLE whose message begins with
@@ -381,9 +384,17 @@ class Server:
     def residency(self) -> dict:
         return json.loads(http_get(self.base + "/v2/torpor/residency"))
 
-    def predictions(self) -> dict:
-        """The scheduler's predicted vs measured latency per action (its last 4096 requests each)."""
-        return json.loads(http_get(self.base + "/v2/torpor/topology")).get("predictions", {})
+    def scheduler(self) -> dict:
+        """From /v2/torpor/topology: the scheduler's predicted vs measured latency per action (its
+        last 4096 requests each), its execution estimates, and shed counts by when:why summed over
+        models (cumulative since start: difference two of these around a run)."""
+        topo = json.loads(http_get(self.base + "/v2/torpor/topology"))
+        reasons: dict[str, int] = {}
+        for m in (topo.get("models") or {}).values():
+            for k, n in (m.get("shed_reasons") or {}).items():
+                reasons[k] = reasons.get(k, 0) + n
+        return {"predictions": topo.get("predictions", {}), "exec_estimates_ms": topo.get("exec_estimates_ms", {}),
+                "shed_reasons": reasons}
 
     def model_stats(self) -> dict[str, dict]:
         data = json.loads(http_get(self.base + "/v2/models/stats"))
@@ -933,7 +944,7 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         times, funcs = zipf_arrivals(len(names), cal["offered_rps"], dur, args.seed, args.zipf_s,
                                                      args.burst_factor)
-                    sb, stb = server.swap_metrics(), server.model_stats()
+                    sb, stb, schb = server.swap_metrics(), server.model_stats(), server.scheduler()
                     stamp(f"{cfg}/{key}: {times.size} arrivals over {dur:.0f}s ({times.size / dur:.1f} req/s offered)")
                     tl = time.monotonic()
                     log = await drive(client, names, kinds_of, times, funcs, args.max_outstanding,
@@ -942,14 +953,21 @@ def main(argv: list[str] | None = None) -> int:
                     sa, sta = server.swap_metrics(), server.model_stats()
                     rows = summarize(log, kinds_of, names, slo, protocols, sb, sa, stb, sta, dur)
                     res = server.residency()
-                    predictions = server.predictions()
+                    scha = server.scheduler()
+                    predictions = scha["predictions"]
+                    reasons = {k: n - schb["shed_reasons"].get(k, 0) for k, n in scha["shed_reasons"].items()
+                               if n - schb["shed_reasons"].get(k, 0)}
                     cfg_result["workloads"][key] = {
                         "workload": wl, "load": load, "duration_s": dur, "arrivals": int(times.size),
                         "classes": rows, "errors": log.errors, "shed_examples": log.shed_examples,
-                        "residency_after": _residency_summary(res), "predictions": predictions}
+                        "residency_after": _residency_summary(res), "predictions": predictions,
+                        "shed_reasons": reasons, "exec_estimates_ms": scha["exec_estimates_ms"]}
                     print_table(f"{cfg} / {wl}" + (f" @ load {load:g}" if multi else "")
                                 + f" ({args.device}, bound {bounds[cfg] / 2**30:.2f} GiB, "
                                 f"{'+'.join(protocols)}, {dur:.0f}s)", rows)
+                    if reasons:
+                        print("shed by when:why (server side): "
+                              + ", ".join(f"{k} {n}" for k, n in sorted(reasons.items())))
                     print_predictions(predictions)
                     for e in log.errors:
                         print(f"  error: {e}")
