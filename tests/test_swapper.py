@@ -484,3 +484,35 @@ async def test_a_request_waiting_for_its_stage_when_its_model_is_unloaded_gets_a
     with pytest.raises(MemoryFullError, match="unloaded"):
         await waiter
     assert "b" not in pool.store
+
+
+async def test_an_early_copy_evicts_only_idle_models_no_one_waits_for(make_pool):
+    """DevicePool.start_copy: a copy begun before its request's turn pins nothing, evicts only
+    idle residents no waiting request wants, and refuses rather than evict one that is wanted."""
+    a, b, c = (seeded(lambda: Mlp(width=200, depth=2), s) for s in range(3))  # ~0.33 MB each
+    block = 16 * KiB
+    probe = make_pool(capacity=8 * MiB, block=block)
+    probe.register("a", groups_of(a), a)
+    one = probe.memories[0].blocks_for(probe.store.get("a").nbytes) * block  # its footprint in the arena
+    pool = make_pool(capacity=2 * one + block, block=block, lookahead=0)  # room for two of the three
+    for k, m in (("a", a), ("b", b), ("c", c)):
+        pool.register(k, groups_of(m), m)
+    for k in ("a", "b"):
+        async with pool.acquire(k) as p:
+            await p.ready()  # landed: a copy in flight is never evicted
+    early = pool.start_copy("c", "cpu:0")
+    assert early is not None and early.outcome == "host" and early.resident.pins == 0
+    await early.ready()
+    dev = pool.residency()["devices"][0]
+    assert sorted(r["model"] for r in dev["models"]) in (["a", "c"], ["b", "c"])
+    gone = "b" if any(r["model"] == "a" for r in dev["models"]) else "a"
+    kept = "a" if gone == "b" else "b"
+    # now a request for the evicted model waits for the device's only stage: the resident it would
+    # need is wanted by nobody, but a request waiting for `kept` protects it from an early copy
+    async with pool.acquire("c") as held:  # the only stage
+        await held.ready()
+        waiting = asyncio.create_task(pool.prefetch(kept))
+        await asyncio.sleep(0.02)
+        assert pool.start_copy(gone, "cpu:0") is None  # would have to evict `kept` (wanted) or `c` (pinned)
+        assert pool.start_copy("c", "cpu:0") is None  # already there
+    await waiting
