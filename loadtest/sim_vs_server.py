@@ -37,7 +37,6 @@ request that started each; e2e's swap_ins), predicted (median over --seeds execu
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import re
@@ -52,15 +51,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from torpor.simulator import (
-    ANSWERED,
-    DROPPED,
-    SHED_ARRIVAL,
-    SHED_QUEUED,
-    Simulation,
-    Staging,
-    parse_scenario,
-)
+from loadtest import e2e_workloads
+from torpor.sim_scenario import Staging, parse_scenario
+from torpor.sim_state import ANSWERED, DROPPED, SHED_ARRIVAL, SHED_QUEUED
+from torpor.simulator import Simulation
 
 BLOCK = 2 * 1024 * 1024  # the arena's block size (e2e.py's BLOCK)
 FIRST_GROUP = 1 << 20  # torpor.partition caps the first group at 1 MiB
@@ -68,12 +62,8 @@ MB = 1e6
 
 
 def load_e2e():
-    """loadtest/e2e.py as a module (its arrival generators and trace lookup)."""
-    spec = importlib.util.spec_from_file_location("torpor_e2e", ROOT / "loadtest" / "e2e.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    """loadtest/e2e_workloads.py, e2e's arrival generators and trace lookup."""
+    return e2e_workloads
 
 
 def e2e_options(command: str) -> argparse.Namespace:

@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from loadtest.e2e_report import DROPPED, FAILED, LOST, OK, SHED, RunLog, summarize
+from loadtest.e2e_workloads import find_trace, trace_arrivals, zipf_arrivals
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "loadtest" / "e2e.py"
 
@@ -26,10 +29,9 @@ def _load():
 
 
 def test_trace_arrivals_follow_the_counts():
-    e2e = _load()
     trace = np.random.default_rng(1).integers(0, 20, size=(50, 31))
     speedup = 60.0  # one trace minute per second
-    times, funcs, rows = e2e.trace_arrivals(trace, 6, speedup, 5.0, seed=3)
+    times, funcs, rows = trace_arrivals(trace, 6, speedup, 5.0, seed=3)
     counts = trace[rows]
     assert np.all(np.diff(times) >= 0) or times.size == 0
     assert times.min() >= 0 and times.max() < 5.0
@@ -41,8 +43,7 @@ def test_trace_arrivals_follow_the_counts():
 
 
 def test_zipf_arrivals_mean_rate_and_skew():
-    e2e = _load()
-    times, funcs = e2e.zipf_arrivals(20, rate=50.0, duration=200.0, seed=0, s=1.0, burst_factor=4.0)
+    times, funcs = zipf_arrivals(20, rate=50.0, duration=200.0, seed=0, s=1.0, burst_factor=4.0)
     assert 0.8 * 50 * 200 < times.size < 1.2 * 50 * 200
     top = np.bincount(funcs, minlength=20).max()
     assert top > 3 * times.size / 20  # the most popular model gets far more than its even share
@@ -60,13 +61,12 @@ def test_outcomes_shed_lost_goodput():
     assert not e2e.is_shed(Err("model busy", status="StatusCode.UNAVAILABLE"))
     assert not e2e.is_shed(RuntimeError("Exceeds maximum queue size"))
 
-    OK, FAILED, DROPPED, LOST, SHED = e2e.OK, e2e.FAILED, e2e.DROPPED, e2e.LOST, e2e.SHED
     status = np.array([OK, OK, OK, SHED, SHED, FAILED, DROPPED, LOST, OK, SHED], dtype=np.int8)
     latency = np.array([10, 50, 300, 1, 2, 5, np.nan, np.nan, 90, 3.0])
     n = status.size
-    log = e2e.RunLog(np.arange(n) * 0.1, np.array([0, 1] * 5), np.zeros(n, int), latency, np.zeros(n), status)
-    rows = e2e.summarize(log, ["mlp_small", "mlp_large"], ["a", "b"], {"mlp_small": 100, "mlp_large": 200},
-                         ["http"], {}, {}, {}, {}, duration=2.0)
+    log = RunLog(np.arange(n) * 0.1, np.array([0, 1] * 5), np.zeros(n, int), latency, np.zeros(n), status)
+    rows = summarize(log, ["mlp_small", "mlp_large"], ["a", "b"], {"mlp_small": 100, "mlp_large": 200},
+                     ["http"], {}, {}, {}, {}, duration=2.0)
     a = rows["all"]
     assert (a["answered"], a["shed"], a["failed"], a["dropped"], a["lost"]) == (4, 3, 1, 1, 1)
     assert a["sent"] == 9 and a["within_slo"] == 3 and a["goodput_rps"] == 1.5
@@ -87,7 +87,7 @@ def test_e2e_tiny_cpu(tmp_path, capsys):
     pytest.importorskip("tritonclient.http.aio")
     pytest.importorskip("tritonclient.grpc.aio")
     out = tmp_path / "e2e.json"
-    trace = _load().find_trace(None)  # the paper's trace when it is beside the repo, else Zipf
+    trace = find_trace(None)  # the paper's trace when it is beside the repo, else Zipf
     cmd = [sys.executable, str(SCRIPT), "--tiny", "--models", "4", "--device", "cpu", "--duration", "3",
            "--protocol", "both", "--workload", "trace" if trace else "zipf",
            "--repo", str(tmp_path / "models"), "--json", str(out), "--budget-s", "60", "--gen-workers", "2"]
