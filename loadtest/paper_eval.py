@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 from torpor.paper_sim import PaperSim, compliance, latency_profile, load_paper_scenario  # noqa: E402
 from torpor.paper import CLASS_NAMES  # noqa: E402
 from torpor import simulator  # noqa: E402
-from torpor.simulator import DEFAULT_TRACE, Simulation, scenario_arrivals  # noqa: E402
+from torpor.sim_workload import DEFAULT_TRACE, scenario_arrivals  # noqa: E402
+from torpor.simulator import Simulation  # noqa: E402
 
 SCEN = ROOT / "loadtest" / "scenarios"
 V100 = SCEN / "paper_v100.json"

@@ -271,7 +271,7 @@ def tiny(functions=24, **over):
 
 
 def test_every_policy_runs_on_the_same_arrivals():
-    from torpor.simulator import scenario_arrivals
+    from torpor.sim_workload import scenario_arrivals
 
     sc, ex = tiny()
     arr = scenario_arrivals(sc)

@@ -7,24 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from torpor.simulator import (
+from torpor.sim_report import compare, format_sweep, format_table, simulate, sweep, write_plot
+from torpor.sim_scenario import ScenarioError, load_scenario, parse_scenario, parse_sweep
+from torpor.sim_workload import (
     DEFAULT_TRACE,
-    ScenarioError,
-    Simulation,
-    compare,
     counts_to_arrivals,
-    format_sweep,
-    format_table,
-    load_scenario,
     make_arrivals,
-    parse_scenario,
-    parse_sweep,
     scenario_arrivals,
-    simulate,
-    sweep,
     synthetic_counts,
-    write_plot,
 )
+from torpor.simulator import Simulation
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "loadtest" / "scenarios"
 
@@ -251,7 +243,7 @@ def test_profile_model_larger_than_every_gpu_names_profile_and_field():
 def test_cli_bad_scenario_is_one_line_and_exit_2(tmp_path, capsys):
     import argparse
 
-    from torpor.simulator import add_arguments, run_cli
+    from torpor.sim_report import add_arguments, run_cli
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(small(node={"pcie_GBps": 25, "nvlink": [[0, 1, -150]]})))
@@ -264,7 +256,7 @@ def test_cli_bad_scenario_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_gpu_search_agrees_with_exhaustive_runs(monkeypatch):
-    import torpor.simulator as sim_mod
+    import torpor.sim_report as sim_mod
 
     # attainment as a step function of the GPU count: the search must find the step from any start
     for need in (1, 2, 5, 9):
@@ -296,7 +288,7 @@ def test_batching_under_every_policy():
 
 def test_link_sharing_re_rates_copies_as_others_start_and_land():
     from torpor.costmodel import LinkMap
-    from torpor.simulator import LinkSharing
+    from torpor.sim_links import LinkSharing
 
     lm = LinkMap.from_dict(["gpu0", "gpu1"], {"pcie_GBps": 10, "switches": [[0, 1]]})
     fair = LinkSharing(lm, 0.0)
@@ -330,7 +322,7 @@ def test_cli_runs_the_papers_policies_beside_ours_on_the_same_arrivals(tmp_path,
     import argparse
 
     from torpor.paper_sim import PaperSim
-    from torpor.simulator import PAPER_POLICIES, add_arguments, paper_extras, run_cli
+    from torpor.sim_report import PAPER_POLICIES, add_arguments, paper_extras, run_cli
 
     path = tmp_path / "tiny.json"
     spec = small(functions=10, workload={"kind": "synthetic", "duration_s": 60})
@@ -366,7 +358,7 @@ def test_cli_runs_the_papers_policies_beside_ours_on_the_same_arrivals(tmp_path,
 
 def test_processor_sharing_copy_that_waits_for_its_path_takes_no_share_until_it_starts():
     from torpor.costmodel import LinkMap
-    from torpor.simulator import LinkSharing
+    from torpor.sim_links import LinkSharing
 
     lm = LinkMap.from_dict(["gpu0", "gpu1"], {"pcie_GBps": 10, "switches": [[0, 1]]})
     ps = LinkSharing(lm, 0.0)
@@ -408,7 +400,7 @@ def test_processor_sharing_copy_that_waits_for_its_path_takes_no_share_until_it_
 
 
 def test_link_physics_from_the_environment(monkeypatch):
-    from torpor.simulator import _links_from_env
+    from torpor.sim_links import _links_from_env
 
     monkeypatch.delenv("TORPOR_SIM_LINKS", raising=False)
     assert _links_from_env() is False
@@ -453,7 +445,7 @@ def staged_gpu(models, budget_MB: float, pcie_GBps: float = 10.0, functions: int
 
 
 def test_staging_is_a_scenario_field():
-    from torpor.simulator import Staging
+    from torpor.sim_scenario import Staging
 
     m = [{"name": "a", "size_MB": 100, "exec_ms": 10, "slo_ms": 100}]
     assert staged_gpu(m, 500).staging is None
@@ -470,7 +462,7 @@ def test_staged_copies_start_early_only_into_spare_room():
     # idle device. With room for two, the first two copies start at arrival; the third would have to
     # evict a model a staged request holds, so it starts when the first has run and given its stage
     # back. With room for all three, every copy starts at arrival (DevicePool.start_copy)
-    from torpor.simulator import Staging
+    from torpor.sim_scenario import Staging
 
     t, fn = np.array([0.0, 0.001, 0.002]), np.array([0, 1, 2])
     m = [{"name": "m", "size_MB": 100, "exec_ms": 100, "slo_ms": 10_000}]
@@ -490,7 +482,7 @@ def test_staging_defers_a_copy_that_would_evict_a_model_others_wait_for():
     # room for one 100 MB model; five requests for the resident A (20 ms each), then one for B
     # whose deadline comes first: staged at once it would evict A under the four still waiting
     # (and A would come back); deferred, it waits until they have all been staged
-    from torpor.simulator import Staging
+    from torpor.sim_scenario import Staging
 
     sc = staged_gpu([{"name": "A", "size_MB": 100, "exec_ms": 20, "slo_ms": 5000},
                      {"name": "B", "size_MB": 100, "exec_ms": 20, "slo_ms": 500}], 150)
@@ -514,7 +506,8 @@ def test_staging_sheds_under_overload_and_answers_the_rest_in_time():
     # ahead of every newcomer, more newcomers were shed at arrival and large models were copied
     # in: 1588 shed at arrival, 371 when staged, 147 copies, 38.7% attainment; now 461, 686, 8
     # and 64.2%
-    from torpor.simulator import ANSWERED, DROPPED, SHED_ARRIVAL, SHED_QUEUED, Staging
+    from torpor.sim_scenario import Staging
+    from torpor.sim_state import ANSWERED, DROPPED, SHED_ARRIVAL, SHED_QUEUED
 
     models = [{"name": "small", "size_MB": 18.9, "exec_ms": 2, "slo_ms": 100},
               {"name": "large", "size_MB": 69.2, "exec_ms": 5, "slo_ms": 200}]
@@ -566,7 +559,7 @@ def test_staging_a_model_a_queued_request_will_copy_in_is_seen_landing():
     # staged beyond it), so B's request waits for a stage with its copy not started. A second
     # request for B sees B landing by the time the first one runs and queues behind it (the
     # placer's snapshot, ad416db) instead of pricing a copy of its own; one copy is made
-    from torpor.simulator import Staging
+    from torpor.sim_scenario import Staging
 
     sc = staged_gpu([{"name": "A", "size_MB": 100, "exec_ms": 50, "slo_ms": 1000},
                      {"name": "B", "size_MB": 100, "exec_ms": 10, "slo_ms": 5000}], 150)
@@ -590,7 +583,7 @@ def test_staging_marks_a_request_passed_over_and_leaves_it_out_of_the_work_ahead
     # coming, and is unmarked when granted. Requests for A arriving meanwhile do not count B's run
     # and copy ahead of them (admission.work_ahead), and run before it: predicted as they happen
     from torpor import simulator
-    from torpor.simulator import Staging
+    from torpor.sim_scenario import Staging
 
     sc = staged_gpu([{"name": "A", "size_MB": 100, "exec_ms": 20, "slo_ms": 5000},
                      {"name": "B", "size_MB": 100, "exec_ms": 20, "slo_ms": 500}], 150)

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests per device that may hold device memory (and start their copy) while the ones "
                         "ahead of them run, beyond one per execution slot; the rest wait holding nothing")
     sim = sub.add_parser("simulate", help="compare scheduling policies in the discrete-event simulator")
-    from .simulator import add_arguments
+    from .sim_report import add_arguments
 
     add_arguments(sim)
     return p
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:
             parser.error(str(e))
     if args.command == "simulate":
-        from .simulator import run_cli
+        from .sim_report import run_cli
 
         sys.exit(run_cli(args))
     logging.basicConfig(level=logging.INFO if args.log_verbose else logging.WARNING,

@@ -60,7 +60,9 @@ from .paper import (
     host_activity,
     random_placement,
 )
-from .simulator import MB, LinkSharing, Scenario, ScenarioError, SimResult, parse_scenario
+from .sim_links import LinkSharing
+from .sim_scenario import MB, Scenario, ScenarioError, parse_scenario
+from .sim_state import SimResult
 
 POLICIES = ("paper", "fifo", "random", "lru", "native", "keepalive")
 SWAP_POLICIES = ("paper", "fifo", "random", "lru")
