@@ -13,12 +13,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import math
 import os
 import resource
 import shutil
-import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -28,25 +25,25 @@ from typing import Any
 
 import numpy as np
 
-from .admission import defer_deadline, outlasted, shed_at_arrival, shed_when_staged
 from .config import (
     ModelConfig,
     config_to_dict,
     parameter,
     parse_config_json,
     read_config,
-    sequence_controls,
-    tensor_specs,
 )
 from .costmodel import slo_seconds
 from .datatypes import from_raw, num_elements, numpy_dtype, to_raw
 from .errors import Status, TorporError, internal, invalid_arg, unavailable, unsupported
 from .model import SEQUENCE_END, SEQUENCE_START, ModelFunction, ModelRequest, TensorSpec
-from .repository import ModelSource, Repository, available_versions, select_versions
+from .model_entry import InlineGate, ModelEntry, VersionEntry
+from .overrides import complete_config, confine_config, drop_override, refuse_override_code, write_override
+from .repository import Repository, available_versions, select_versions
 from .settings import LogSettings, TraceSettings
 from .shm import SharedMemoryManager
 from .stats import ModelStats, empty_stats
 from .tensors import InferRequest, InferResponse, RequestedOutput, Tensor
+from .timeouts import acquire_slot_by, request_deadline, timeout_seconds, wait_until
 
 log = logging.getLogger("torpor")
 
@@ -111,138 +108,6 @@ class EngineOptions:
     stage_lookahead: int = 1  # requests per device holding memory beyond those running (torpor.staging)
 
 
-@dataclass
-class VersionEntry:
-    version: int
-    state: str = "UNKNOWN"  # READY | UNAVAILABLE | LOADING | UNLOADING
-    reason: str = ""
-    function: ModelFunction | None = None
-    stats: ModelStats | None = None
-    slots: asyncio.Semaphore | None = None  # one per model instance
-    capacity: int = 1  # the slots' count
-    pool_key: tuple | None = None  # registered with the DevicePool: runs on a device, late-bound
-    gate: InlineGate = field(default_factory=lambda: InlineGate())
-
-
-class InlineGate:
-    """Decides whether a model's `execute` may run on the event loop itself.
-
-    Why: handing a request to a worker thread costs tens of microseconds of GIL hand-off,
-    more than a trivial model's whole execution. A model runs inline only after it has shown,
-    over PROBE threaded runs, a mean thread CPU time under THRESHOLD_NS (inflated about 3x on
-    a worker thread by cache and GIL effects, so the bar is set above the inline cost) and a
-    median wall time under WALL_NS: a model that sleeps or waits on I/O uses little CPU but
-    would stall the loop, and its threaded runs show it (the median, because a few runs of a
-    cheap model wait long for the GIL on a busy server).
-
-    Inline runs are judged by what the loop loses, wall time, but only where the model is to
-    blame: a run over BAILOUT_NS is a strike if it spent that long computing (thread CPU time)
-    or gave up the CPU of its own accord (a voluntary context switch: sleep, I/O, a lock).
-    A run that was merely preempted, which on a busy machine happens every few hundred runs,
-    is not the model's doing. STRIKES strikes within one window of WINDOW inline runs send the
-    model back to the thread pool; it is probed again after REPROBE_S (doubling each time) and
-    stays on threads for good after MAX_BANS, so a model that can block stalls the loop a
-    bounded number of times.
-    """
-
-    PROBE = 32
-    THRESHOLD_NS = 200_000
-    WALL_NS = 1_000_000
-    BAILOUT_NS = 2_000_000
-    STRIKES = 3
-    WINDOW = 256
-    REPROBE_S = 30.0
-    MAX_BANS = 4
-
-    __slots__ = ("banned", "bans", "inline", "inline_runs", "retry_at", "runs", "strikes", "total_ns", "walls")
-
-    def __init__(self):
-        self.runs = 0
-        self.total_ns = 0
-        self.walls: list[int] = []
-        self.inline = False
-        self.banned = False
-        self.strikes = 0
-        self.inline_runs = 0
-        self.bans = 0
-        self.retry_at = 0.0
-
-    def record(self, cpu_ns: int, wall_ns: int, blocked: bool = False) -> None:
-        if self.inline:
-            self.inline_runs += 1
-            if self.inline_runs >= self.WINDOW:
-                self.inline_runs = self.strikes = 0
-            if wall_ns > self.BAILOUT_NS and (blocked or cpu_ns > self.BAILOUT_NS // 2):
-                self.strikes += 1
-                if self.strikes >= self.STRIKES:
-                    self.inline, self.banned = False, True
-                    self.bans += 1
-                    self.retry_at = time.monotonic() + self.REPROBE_S * 2 ** (self.bans - 1)
-            return
-        if self.banned:
-            if self.bans >= self.MAX_BANS or time.monotonic() < self.retry_at:
-                return
-            self.banned = False
-            self.runs = self.total_ns = self.strikes = self.inline_runs = 0
-            self.walls = []
-        if self.runs >= self.PROBE:
-            return
-        self.runs += 1
-        self.total_ns += cpu_ns
-        self.walls.append(wall_ns)
-        if self.runs == self.PROBE:
-            median_wall = sorted(self.walls)[self.PROBE // 2]
-            self.walls = []
-            if self.total_ns / self.PROBE < self.THRESHOLD_NS and median_wall < self.WALL_NS:
-                self.inline = True
-
-
-@dataclass
-class ModelEntry:
-    """A model the repository knows, loaded or not."""
-
-    name: str
-    source: ModelSource | None = None
-    config: ModelConfig | None = None
-    inputs: list[TensorSpec] = field(default_factory=list)
-    outputs: list[TensorSpec] = field(default_factory=list)
-    versions: dict[int, VersionEntry] = field(default_factory=dict)
-    error: str = ""  # a failure before any version could be considered (config, policy)
-    override_dir: Path | None = None  # temp folder holding `file:` overrides
-    labels: dict[str, list[str]] = field(default_factory=dict)
-    active_sequences: set = field(default_factory=set)
-    mtime: float = 0.0
-    # Derived from the config once (set_config), so the infer path does no config walking.
-    input_index: dict[str, TensorSpec] = field(default_factory=dict)
-    output_index: dict[str, TensorSpec] = field(default_factory=dict)
-    controls: dict[str, tuple[str, Any, str]] = field(default_factory=dict)
-    decoupled: bool = False
-    max_batch_size: int = 0
-    reshaped: tuple[TensorSpec, ...] = ()  # inputs whose config declares a reshape
-    required: tuple[str, ...] = ()  # inputs a request must carry
-
-    def set_config(self, config: ModelConfig) -> None:
-        self.config = config
-        self.inputs, self.outputs = tensor_specs(config)
-        self.input_index = {s.name: s for s in self.inputs}
-        self.output_index = {s.name: s for s in self.outputs}
-        self.controls = sequence_controls(config)
-        self.decoupled = bool(config.model_transaction_policy.decoupled)
-        self.max_batch_size = int(config.max_batch_size)
-        self.reshaped = tuple(s for s in self.inputs if s.reshape is not None)
-        self.required = tuple(s.name for s in self.inputs if not s.optional)
-        self.max_queue_size = int(config.dynamic_batching.default_queue_policy.max_queue_size)
-        # the model's own latency objective (validated at load); the server default applies without it
-        raw = parameter(config, "torpor.slo_ms")
-        self.slo_ms = float(raw) if raw not in (None, "") else None
-        # dynamic batching on a device's queue: None (off), else the max queue delay in seconds
-        self.batching = (config.dynamic_batching.max_queue_delay_microseconds / 1e6
-                         if config.max_batch_size > 0 and config.HasField("dynamic_batching") else None)
-
-    def ready_versions(self) -> list[int]:
-        return sorted(v for v, e in self.versions.items() if e.state == "READY")
-
-
 def _unknown(name: str, detail: str) -> TorporError:
     return TorporError(Status.NOT_FOUND, f"Request for unknown model: {detail}")
 
@@ -262,9 +127,11 @@ class Engine:
         self.logging = LogSettings()
         workers = options.worker_threads or min(32, (os.cpu_count() or 1) + 4)
         self.workers = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="torpor-exec")
-        self.devices = None  # torpor.residency.DevicePool when --devices names any (the swap engine)
-        self.placer = None  # torpor.placer.Placer over those devices: the scheduler's seam
-        self._batches: dict[tuple, _DeviceBatch] = {}  # (model key, device) -> batch still open
+        # torpor.device_path.DeviceRuntime when --devices names any (the swap engine), with its
+        # DevicePool (`devices`) and the scheduler's seam to it (`placer`)
+        self.runtime = None
+        self.devices = None
+        self.placer = None
         self.live = False
         self.exiting = False
         self._poll_task: asyncio.Task | None = None
@@ -278,42 +145,10 @@ class Engine:
     async def start(self) -> None:
         if self.options.devices and self.options.devices != "none":
             # Imported here: the swap engine needs torch, the rest of the engine does not.
-            from .devices import open_devices, parse_devices
-            from .residency import DevicePool
+            from .device_path import DeviceRuntime
 
-            spec = parse_devices(
-                self.options.devices,
-                memory_fraction=self.options.device_memory_fraction,
-                memory_bytes=self.options.device_memory_bytes,
-            )
-            from .costmodel import TopologyError
-            from .eviction import CostAwarePolicy, LRUPolicy
-            from .links import build_links, parse_bandwidth_spec
-            from .placer import Placer
-
-            try:
-                links_spec = (parse_bandwidth_spec(self.options.device_bandwidths)
-                              if self.options.device_bandwidths else None)
-            except TopologyError as e:
-                raise RuntimeError(str(e)) from None
-            eviction = LRUPolicy() if self.options.scheduler == "lru-swap" else CostAwarePolicy()
-            # Arenas are reserved and first-touched here, once, off the loop; links measured too.
-            try:
-                self.devices = await asyncio.to_thread(lambda: DevicePool(open_devices(spec), policy=eviction,
-                                                                          lookahead=self.options.stage_lookahead))
-                links = await asyncio.to_thread(build_links, self.devices.devices, links_spec)
-                for m in self.devices.memories:
-                    self.devices.set_host_bandwidth(m.device, links.bandwidth(f"pcie:{m.device.name}"))
-                self.placer = Placer(self.devices, links, policy=self.options.scheduler)
-            except TopologyError as e:
-                raise RuntimeError(str(e)) from None
-            except (RuntimeError, ValueError, MemoryError) as e:
-                text = str(e)
-                hint = ""
-                if isinstance(e, MemoryError) or "memory" in text.lower() and "allocat" in text.lower():
-                    hint = (" (another process may hold the memory: lower --device-memory-fraction "
-                            "or set --device-memory-bytes)")
-                raise RuntimeError(f"--devices {self.options.devices!r}: {text}{hint}") from None
+            self.runtime = await DeviceRuntime.open(self.options)
+            self.devices, self.placer = self.runtime.pool, self.runtime.placer
         self._lifecycle_lock = asyncio.Lock()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -359,11 +194,11 @@ class Engine:
                     except Exception:
                         log.exception("unloading %s failed", entry.name)
                     v.function = None
-            self._drop_override(entry)
+            drop_override(entry)
         self.shm.close()
         self.workers.shutdown(wait=False, cancel_futures=True)
-        if self.devices is not None:
-            self.devices.close()
+        if self.runtime is not None:
+            self.runtime.close()
 
     # ---------------------------------------------------------------------------------------
     # health and metadata
@@ -506,8 +341,8 @@ class Engine:
         src = sources.get(name)
         override_dir = None
         if files:
-            self._refuse_override_code(name, files)
-            override_dir = self._write_override(name, files)
+            refuse_override_code(name, files, self.options.allow_override_code)
+            override_dir = write_override(name, files)
             model_dir = override_dir
         elif src is not None:
             model_dir = src.path
@@ -517,7 +352,7 @@ class Engine:
             if config_json is not None:
                 config = parse_config_json(config_json, name)
                 if not self.options.strict_model_config and (model_dir / "config.pbtxt").exists():
-                    config = self._complete_config(config, read_config(model_dir))
+                    config = complete_config(config, read_config(model_dir))
             else:
                 config = read_config(model_dir)
             if config.name and config.name != name:
@@ -538,7 +373,7 @@ class Engine:
             raise internal(f"failed to load '{name}', {e.message}") from None
         if config_json is not None:
             try:
-                self._confine_config(name, config, config_json, model_dir, bool(files))
+                confine_config(name, config, config_json, model_dir, bool(files), self.options.allow_override_code)
             except TorporError:
                 if override_dir is not None:
                     shutil.rmtree(override_dir, ignore_errors=True)
@@ -574,7 +409,7 @@ class Engine:
                         await loop.run_in_executor(self.workers, fn.unload)
                         continue
                     ve.pool_key = key
-                    await self._profile(key, fn, config)
+                    await self.runtime.profile(key, fn, config, self.options.profile_runs)
                 ve.function = fn
                 ve.state = "READY"
                 ve.stats = ModelStats(name, str(v))
@@ -651,141 +486,15 @@ class Engine:
             await self._retire(entry.versions.values())
             for ve in entry.versions.values():
                 ve.state, ve.reason = "UNAVAILABLE", "unloaded"
-            self._drop_override(entry)
-
-    def _drop_override(self, entry: ModelEntry) -> None:
-        if entry.override_dir is not None:
-            shutil.rmtree(entry.override_dir, ignore_errors=True)
-            entry.override_dir = None
-
-    def _refuse_override_code(self, name: str, files: dict[str, bytes]) -> None:
-        if self.options.allow_override_code:
-            return
-        for rel in files:
-            if rel.lower().endswith(_CODE_SUFFIXES):
-                raise invalid_arg(
-                    f"failed to load '{name}', the load request carries code in 'file:{rel}'; this server refuses "
-                    "code in file: overrides (start it with --allow-override-code=true to allow it)"
-                )
-
-    def _write_override(self, name: str, files: dict[str, bytes]) -> Path:
-        for rel in files:
-            if not _confined_path(rel):
-                # the client's mistake (or an attack), not the server's: INVALID_ARG, and nothing written
-                raise invalid_arg(
-                    f"failed to load '{name}', invalid file path 'file:{rel}' in load override: it must be a "
-                    "relative path inside the model's folder (no '..', no absolute path)"
-                )
-        root = Path(tempfile.mkdtemp(prefix=f"torpor-{name}-"))
-        real_root = root.resolve()
-        try:
-            for rel, data in files.items():
-                target = root / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                # nothing in a fresh folder links out of it, but a later file may not write through
-                # an earlier folder that resolves elsewhere either
-                if not target.parent.resolve().is_relative_to(real_root):
-                    raise invalid_arg(f"invalid file path 'file:{rel}' in load override: it leaves the model's folder")
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-        except (OSError, ValueError, TorporError) as e:
-            shutil.rmtree(root, ignore_errors=True)
-            msg = e.message if isinstance(e, TorporError) else str(e)
-            raise internal(f"failed to load '{name}', failed to poll from model repository: {msg}") from None
-        return root
-
-    def _confine_config(self, name: str, config: ModelConfig, config_json: str, model_dir: Path,
-                        with_files: bool) -> None:
-        """A config that arrives through the load API may only name files inside the model's own
-        folder, and (unless code is allowed) may not pick code to run: a python-backend model
-        from `file:` contents, or a `torpor.module_class` the folder's own config does not name."""
-        where = [("default_model_filename", config.default_model_filename)]
-        where += [(f"label_filename of output '{o.name}'", o.label_filename) for o in config.output]
-        module_class = parameter(config, "torpor.module_class") or ""
-        if ".py:" in module_class:
-            where.append(("torpor.module_class", module_class.rpartition(":")[0]))
-        for what, rel in where:
-            if rel and not _confined_path(rel, model_dir):
-                raise invalid_arg(f"failed to load '{name}', {what} '{rel}' must name a file inside the model's folder")
-        if self.options.allow_override_code:
-            return
-        if with_files and config.backend == "python":
-            raise invalid_arg(
-                f"failed to load '{name}', a python-backend model's code may not arrive in file: overrides "
-                "(start the server with --allow-override-code=true to allow it)"
-            )
-        override = parse_config_json(config_json, name)
-        wanted = parameter(override, "torpor.module_class")
-        if wanted:
-            on_disk = read_config(model_dir) if (model_dir / "config.pbtxt").exists() else None
-            if on_disk is None or parameter(on_disk, "torpor.module_class") != wanted:
-                raise invalid_arg(
-                    f"failed to load '{name}', a load request may not choose the model's code "
-                    "('torpor.module_class'); start the server with --allow-override-code=true to allow it"
-                )
-
-    @staticmethod
-    def _complete_config(override: ModelConfig, on_disk: ModelConfig) -> ModelConfig:
-        """Auto-complete a `config` load override, as Triton's backends do from the model file:
-        fields the override sets replace the repository's; the rest (inputs, outputs, backend,
-        ...) come from the model's own config.pbtxt."""
-        merged = ModelConfig()
-        merged.CopyFrom(on_disk)
-        for field_desc, _ in override.ListFields():
-            merged.ClearField(field_desc.name)
-        merged.MergeFrom(override)
-        return merged
-
-    async def _profile(self, key: Any, fn: ModelFunction, config: ModelConfig) -> None:
-        """A few runs on a device at load, on zero inputs of batch 1: the scheduler's first
-        execution estimate, and the model's warm-up (first-run costs such as kernel selection
-        are paid here, not by a user's request). Best effort: models with BYTES or variable-
-        size inputs, or that fail on zeros, are left to be measured by real requests."""
-        runs = self.options.profile_runs
-        if runs <= 0 or self.placer is None:
-            return
-        inputs: dict[str, np.ndarray] = {}
-        specs, _ = tensor_specs(config)
-        for spec in specs:
-            dims = spec.reshape if spec.reshape is not None else spec.dims
-            if spec.optional:
-                continue
-            if spec.datatype == "BYTES" or any(d < 0 for d in dims):
-                return
-            shape = ((1,) if config.max_batch_size > 0 else ()) + tuple(dims)
-            inputs[spec.name] = np.zeros(shape, dtype=numpy_dtype(spec.datatype))
-        mreq = ModelRequest(inputs, [])
-        try:
-            decision = self.placer.place(key, None, record=False)
-            device = decision.option.device if decision is not None and decision.option is not None else None
-            async with self.devices.acquire(key, device, timeout=30.0) as placement:
-                if placement.outcome in ("host", "peer"):
-                    self.placer.copy_started(placement.resident, decision, placement.outcome)
-                await placement.ready()
-
-                def work():
-                    times = []
-                    for _ in range(runs + 1):
-                        t = time.perf_counter()
-                        (out,) = fn.execute_on((placement.module, placement.device), [mreq])
-                        if isinstance(out, Exception):
-                            raise out
-                        times.append(time.perf_counter() - t)
-                    return times[1:]  # the first run is the warm-up
-
-                times = await placement.run(work)
-            self.placer.seed_exec(key, sorted(times)[len(times) // 2])
-        except Exception as e:  # noqa: BLE001 - profiling is best effort
-            log.debug("profiling %s at load skipped: %s", key, e)
+            drop_override(entry)
 
     def _slot_count(self, ve: VersionEntry, config: ModelConfig) -> int:
         """Requests of a version in flight at once. Where loaded: one per model instance. On
         devices: the devices' workers run one request at a time each, and the scheduler must
         see requests queued per device to place, queue or batch them, so the slots only bound
         admission."""
-        if ve.pool_key is not None and self.devices is not None:
-            return _DEVICE_INFLIGHT * len(self.devices.memories)
+        if ve.pool_key is not None and self.runtime is not None:
+            return self.runtime.slots()
         return self._instance_count(config)
 
     @staticmethod
@@ -1113,17 +822,18 @@ class Engine:
         t0 = request.arrival_ns
         try:
             mreq, batch = self._prepare(entry, ve, request)
-            deadline = _deadline(request)
+            deadline = request_deadline(request)
             if deadline is None or not ve.slots.locked():
                 await ve.slots.acquire()
             else:
-                await _acquire_slot_by(ve.slots, deadline)
+                await acquire_slot_by(ve.slots, deadline)
             held = True
             try:
                 t_start = time.monotonic_ns()
                 executions = 1
                 if ve.pool_key is not None:
-                    result, t_exec_start, executions = await self._run_on_device(entry, ve, mreq, request, batch)
+                    result, t_exec_start, executions = await self.runtime.run(entry, ve, mreq, request, batch,
+                                                                                self._slo(entry, request))
                     t_done = time.monotonic_ns()
                 else:
                     fn = ve.function
@@ -1136,7 +846,7 @@ class Engine:
                         # stops waiting (timeout, client gone): a thread cannot be stopped.
                         held = False
                         fut.add_done_callback(lambda _f, slots=ve.slots: slots.release())
-                        result, t_exec_start, cpu_ns, wall_ns = await _wait_until(fut, deadline)
+                        result, t_exec_start, cpu_ns, wall_ns = await wait_until(fut, deadline)
                         blocked = False
                     t_done = time.monotonic_ns()
                     if wall_ns is None:
@@ -1182,136 +892,7 @@ class Engine:
         """Seconds: the model's `torpor.slo_ms`, else `--default-slo-ms`, tightened by the
         request's `timeout` parameter."""
         default = entry.slo_ms if entry.slo_ms is not None else self.options.default_slo_ms
-        return slo_seconds(None, default, _timeout_seconds(request))
-
-    async def _run_on_device(self, entry: ModelEntry, ve: VersionEntry, mreq: ModelRequest,
-                             request: InferRequest, batch: int):
-        """Late binding: the scheduler picks the device and the copy's source (torpor.placer);
-        pin the model there (resident, or swapped in with the copy pipelined under this very
-        execution), run, unpin. (result, execution start ns, executions: 0 when it rode in
-        another request's batch)"""
-        key, placer = ve.pool_key, self.placer
-        slo = self._slo(entry, request)
-        arrival = request.arrival_ns / 1e9  # the monotonic clock, as the placer's
-        decision = placer.place(key, slo, batch, arrival)
-        if self.options.shed_late and shed_at_arrival(decision):
-            placer.shed(key, "arrival", reason="late")
-            raise unavailable(
-                f"Exceeds maximum queue size: model '{entry.name}' would answer "
-                f"{(decision.waited_s + decision.option.completion_s) * 1e3:.0f} ms after arrival at the earliest, "
-                f"past its {slo * 1e3:.0f} ms objective (request shed; the server is overloaded)")
-        device, source = None, "auto"
-        if decision is not None and decision.option is not None:
-            o = decision.option
-            device = o.device
-            source = "host" if o.action == "swap" else (o.source if o.action == "peer" else "auto")
-            if self.options.shed_late and slo is not None and o.action in ("swap", "peer") \
-                    and self.devices.stages[device].would_defer(key):
-                # its copy would evict a model that waiting requests want, so it would wait for
-                # them (torpor.staging); if they outlast its slack it would be shed then: now
-                slack = arrival + slo - time.monotonic() - o.exec_s - placer.copy_seconds(key, device)
-                if outlasted(placer.backlog(device), slack):
-                    placer.shed(key, "arrival", reason="harms")
-                    raise unavailable(
-                        f"Exceeds maximum queue size: model '{entry.name}' would have to evict a model that "
-                        f"waiting requests need, and they outlast its {slo * 1e3:.0f} ms objective "
-                        f"(request shed; the server is overloaded)")
-            if o.action in ("swap", "peer"):
-                # Start the copy now where that evicts nothing a waiting request wants: the
-                # request may wait several turns for its stage, and its model lands meanwhile.
-                early = self.devices.start_copy(key, device, source)
-                if early is not None:
-                    placer.copy_started(early.resident, decision, early.outcome)
-        ticket = placer.admit(key, decision, batch, slo, arrival)
-        executions = 1
-        try:
-            if device is not None and entry.batching is not None:
-                open_batch = self._batches.get((key, device))
-                if open_batch is not None and open_batch.join(mreq, batch):
-                    # Rides with requests already queued for that device: one execution for all.
-                    ticket.ride()
-                    res, t_exec_start = await open_batch.result(mreq)
-                    executions = 0
-                else:
-                    res, t_exec_start = await self._run_batch(entry, ve, key, device, source, decision, mreq, batch,
-                                                              request, ticket)
-            else:
-                res, t_exec_start = await self._run_batch(entry, ve, key, device, source, decision, mreq, batch,
-                                                          request, ticket, batching=False)
-        finally:
-            ticket.done()
-        placer.observe_latency(key, (time.monotonic_ns() - request.arrival_ns) / 1e9, slo,
-                               ticket if executions else None)
-        return res, t_exec_start, executions
-
-    async def _run_batch(self, entry: ModelEntry, ve: VersionEntry, key: Any, device: str | None, source: str,
-                         decision: Any, mreq: ModelRequest, batch: int, request: InferRequest, ticket: Any,
-                         batching: bool = True):
-        """Acquire the model on `device` and execute `mreq`, with whatever requests of the same
-        model join it (`_DeviceBatch`) until the device's worker starts it."""
-        placer = self.placer
-        group = _DeviceBatch(entry.max_batch_size, mreq, batch)
-        if batching:
-            self._batches[(key, device)] = group
-        fn = ve.function
-        try:
-            delay = entry.batching or 0.0
-            if batching and delay > 0:
-                # dynamic_batching.max_queue_delay_microseconds: hold the batch open that long
-                # for others to join, unless it fills first
-                await group.wait_full(delay)
-            deadline = _deadline(request)
-            timeout = None if deadline is None else deadline - time.monotonic()
-            if timeout is not None and timeout <= 0:
-                raise unavailable("Request timeout expired: the request's timeout passed before it reached a device")
-
-            copy_s = placer.copy_seconds(key, device) if device is not None else 0.0
-            shed = self.options.shed_late and ticket.due < math.inf
-
-            def on_stage(stage: Any, resident: bool) -> None:
-                # its turn on the device: a last look before it takes memory or starts a copy
-                if not shed:
-                    return
-                why = shed_when_staged(time.monotonic(), ticket.estimate, copy_s, resident, ticket.due, stage.level,
-                                       lambda: placer.would_delay(ticket, copy_s))
-                if why is not None:
-                    placer.shed(key, "queued", len(group.members), reason=why)
-                    what = {"late": "would finish past",
-                            "harms": "could only run by evicting a model other requests are waiting for, within",
-                            "stalls": "could only run by stalling requests queued before their objectives, within"}
-                    raise unavailable(
-                        f"Exceeds maximum queue size: model '{entry.name}' request {what[why]} its "
-                        f"{(ticket.due - request.arrival_ns / 1e9) * 1e3:.0f} ms objective when its turn came on "
-                        f"{ticket.device} (request shed; the server is overloaded)")
-
-            # with an objective, it may wait (holding nothing) while its copy would evict a model
-            # that others wait for, as long as it could still start its copy and be on time
-            defer_until = defer_deadline(ticket.due, ticket.estimate, copy_s) if shed else 0.0
-            async with self.devices.acquire(key, device, timeout=timeout, source=source, order=ticket.key,
-                                            on_stage=on_stage, defer_until=defer_until, tag=ticket) as placement:
-                placer.staged(ticket, placement)
-                t_exec_start = time.monotonic_ns()
-
-                def work():
-                    ticket.started()
-                    members, size = group.close()
-                    t = time.perf_counter()
-                    # execute_on runs in the device's worker, compute stream current, group waits armed
-                    out = fn.execute_on((placement.module, placement.device), members)
-                    return members, size, out, time.perf_counter() - t
-
-                # queued on the device in the scheduler's order (its deadline, torpor.placer)
-                members, size, outs, seconds = await placement.run_ordered(ticket.key, work)
-                if placement.outcome == "hit":
-                    placer.observe_exec(key, seconds, size)
-        except BaseException as e:
-            group.fail(e)
-            raise
-        finally:
-            if self._batches.get((key, device)) is group:
-                del self._batches[(key, device)]
-        group.deliver(members, outs, t_exec_start)
-        return outs[0], t_exec_start
+        return slo_seconds(None, default, timeout_seconds(request))
 
     async def _run_decoupled(self, entry: ModelEntry, ve: VersionEntry, request: InferRequest) -> AsyncIterator[InferResponse]:
         stats = ve.stats
@@ -1481,134 +1062,6 @@ def _timed_execute(fn: ModelFunction, mreq: ModelRequest) -> tuple[Any, int, int
     cpu = time.thread_time_ns()
     (res,) = fn.execute([mreq])
     return res, t_in, time.thread_time_ns() - cpu, time.monotonic_ns() - t_in
-
-
-_DEVICE_INFLIGHT = 64  # per device, per model version
-
-
-class _DeviceBatch:
-    """Requests of one model queued for one device, executed together (dynamic batching).
-
-    Opened by the request that goes to the device; others the scheduler sends to the same
-    device join it while it is open and the batch has room (`max_batch_size`). It closes when
-    the device's worker starts executing it (`close()`, on that worker thread, hence the
-    lock); each member's result is handed back on the loop (`deliver`)."""
-
-    __slots__ = ("_closed", "_full", "_futures", "_lock", "max_batch", "members", "size")
-
-    def __init__(self, max_batch: int, first: ModelRequest, batch: int):
-        self.max_batch = max_batch
-        self.members = [first]
-        self.size = batch
-        self._closed = False
-        self._lock = threading.Lock()
-        self._futures: dict[int, asyncio.Future] = {}
-        self._full: asyncio.Event | None = None
-
-    def join(self, mreq: ModelRequest, batch: int) -> bool:
-        with self._lock:
-            if self._closed or self.size + batch > self.max_batch:
-                return False
-            self.members.append(mreq)
-            self.size += batch
-            self._futures[id(mreq)] = asyncio.get_running_loop().create_future()
-            full = self.size >= self.max_batch
-        if full and self._full is not None:
-            self._full.set()
-        return True
-
-    async def wait_full(self, delay: float) -> None:
-        self._full = asyncio.Event()
-        if self.size < self.max_batch:
-            try:
-                await asyncio.wait_for(self._full.wait(), delay)
-            except TimeoutError:
-                pass
-
-    def close(self) -> tuple[list[ModelRequest], int]:
-        with self._lock:
-            self._closed = True
-            return list(self.members), self.size
-
-    async def result(self, mreq: ModelRequest):
-        return await self._futures[id(mreq)]
-
-    def deliver(self, members: list[ModelRequest], outs: list, t_exec_start: int) -> None:
-        for m, out in zip(members, outs, strict=True):
-            f = self._futures.get(id(m))
-            if f is not None and not f.done():
-                f.set_result((out, t_exec_start))
-
-    def fail(self, error: BaseException) -> None:
-        with self._lock:
-            self._closed = True
-        for f in self._futures.values():
-            if not f.done():
-                f.set_exception(error if isinstance(error, Exception) else internal("request cancelled"))
-
-
-_CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyw", ".pyz", ".so", ".pth")
-
-
-def _confined_path(rel: str, folder: Path | None = None) -> bool:
-    """`rel` is a relative path that stays inside `folder` (lexically; and, where it exists,
-    after resolving symlinks)."""
-    if not rel or "\0" in rel:
-        return False
-    p = Path(rel)
-    if p.is_absolute() or ".." in p.parts or not p.parts:
-        return False
-    if folder is None:
-        return True
-    try:
-        return (folder / p).resolve().is_relative_to(folder.resolve())
-    except (OSError, ValueError, RuntimeError):
-        return False
-
-
-def _deadline(request: InferRequest) -> float | None:
-    """time.monotonic() by which the request's `timeout` parameter wants an answer."""
-    t = _timeout_seconds(request)
-    return None if t is None else request.arrival_ns / 1e9 + t
-
-
-async def _acquire_slot_by(slots: asyncio.Semaphore, deadline: float) -> None:
-    """Wait for a busy instance no later than `deadline` (the caller takes a free one, or waits
-    without a deadline, itself: the common case, without this frame)."""
-    waiter = asyncio.ensure_future(slots.acquire())
-    try:
-        done, _ = await asyncio.wait({waiter}, timeout=max(0.0, deadline - time.monotonic()))
-    except asyncio.CancelledError:
-        _abandon(waiter, slots)
-        raise
-    if not done:
-        _abandon(waiter, slots)
-        raise unavailable("Request timeout expired: no model instance became free within the request's timeout")
-
-
-def _abandon(waiter: asyncio.Future, slots: asyncio.Semaphore) -> None:
-    # a permit the abandoned wait obtained after all goes straight back
-    waiter.add_done_callback(lambda f: None if f.cancelled() or f.exception() else slots.release())
-    waiter.cancel()
-
-
-async def _wait_until(fut: asyncio.Future, deadline: float | None):
-    """The worker thread's result; shielded, so neither a timeout nor a cancelled request
-    cancels the future whose completion frees the model instance."""
-    if deadline is None:
-        return await asyncio.shield(fut)
-    try:
-        return await asyncio.wait_for(asyncio.shield(fut), max(0.0, deadline - time.monotonic()))
-    except TimeoutError:
-        raise unavailable("Request timeout expired: the model did not answer within the request's timeout") from None
-
-
-def _timeout_seconds(request: InferRequest) -> float | None:
-    """The request's `timeout` parameter (microseconds, as Triton) in seconds."""
-    t = request.parameters.get("timeout")
-    if isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0:
-        return t / 1e6
-    return None
 
 
 def _as_bytes_array(arr: np.ndarray) -> np.ndarray:
