@@ -5,6 +5,7 @@ Scanning and version selection only; loading and states live in the engine.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,3 +70,26 @@ def select_versions(config, available: list[int]) -> list[int]:
             f"at least one version must be available under the version policy of model '{config.name}'"
         )
     return chosen
+
+
+def read_labels(model_dir: Path, outputs: list) -> dict[str, list[str]]:
+    """Each output's `label_filename` (one class label per line), where the file exists."""
+    labels = {}
+    for spec in outputs:
+        if spec.label_filename:
+            p = model_dir / spec.label_filename
+            if p.exists():
+                labels[spec.name] = p.read_text().splitlines()
+    return labels
+
+
+def folder_mtime(model_dir: Path) -> float:
+    """The newest modification time of any file under a model's folder (the poll mode's change test)."""
+    latest = 0.0
+    for root, _, files in os.walk(model_dir):
+        for f in files:
+            try:
+                latest = max(latest, os.stat(os.path.join(root, f)).st_mtime)
+            except OSError:
+                pass
+    return latest
