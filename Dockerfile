@@ -31,7 +31,7 @@ COPY --from=build /wheels /wheels
 RUN python3 -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/keep-torch.txt \
  && python3 -m pip install --no-cache-dir --constraint /tmp/keep-torch.txt /wheels/torpor-*.whl \
  && rm -rf /wheels /tmp/keep-torch.txt \
- && python3 -c "import torch, torpor.cli, api.http, adapters.eager; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+ && python3 -c "import torch, torpor.cli, torpor.api.http, torpor.adapters.eager; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
 # uid 10001: clear of the base's own users (Ubuntu 24.04 images already have uid 1000).
 RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin torpor \

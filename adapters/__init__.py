@@ -23,7 +23,7 @@ from torpor.model import ModelFunction
 
 __all__ = ["create_model_function"]
 
-MODULE_CLASS = "torpor.module_class"  # also adapters.eager.MODULE_CLASS
+MODULE_CLASS = "torpor.module_class"  # also torpor.adapters.eager.MODULE_CLASS
 
 
 def create_model_function(

@@ -9,7 +9,7 @@ Python-backend model, routed through the engine.
 As in Triton, a failure of the called model (unknown model, bad input, its own error) is the
 response's `error()`, not an exception.
 
-The engine lets a cheap model execute inline on the loop thread (`torpor.model_entry.InlineGate`). A
+The engine lets a cheap model execute inline on the loop thread (`torpor.registry.model_entry.InlineGate`). A
 model that calls BLS, or whose `execute` is a coroutine, must not: it would wait on the loop it
 is blocking. Its first such call (always on a worker thread: models start on the pool) takes it
 off the inline path for good; a BLS call that does arrive on the loop thread raises
@@ -139,7 +139,7 @@ class BlsBridge:
 
     # keeping BLS callers off the event loop -------------------------------------------------
     def keep_off_loop(self, function) -> None:
-        """Never again execute `function` inline on the loop (see torpor.model_entry.InlineGate)."""
+        """Never again execute `function` inline on the loop (see torpor.registry.model_entry.InlineGate)."""
         function.blocking = True
 
     def _on_loop_thread(self) -> bool:
@@ -238,7 +238,7 @@ class ResponseIterator:
         try:
             async for response in self._bridge.engine.infer_stream(request):
                 put(response)
-        except BaseException as e:  # noqa: BLE001 - cancellation included: the stream ends here
+        except BaseException as e:
             put(e)
             if not isinstance(e, (Exception, asyncio.CancelledError)):
                 raise

@@ -2,7 +2,7 @@
 
 Config (`backend: "pytorch"`):
 
-    parameters { key: "torpor.module_class" value: { string_value: "adapters.networks:ResNet50" } }
+    parameters { key: "torpor.module_class" value: { string_value: "torpor.adapters.networks:ResNet50" } }
     # optional: keyword arguments for the class, a JSON object
     parameters { key: "torpor.module_kwargs" value: { string_value: "{\"num_classes\": 10}" } }
     # optional: an integer seed; generate the weights file when it is missing
@@ -20,7 +20,7 @@ Config (`backend: "pytorch"`):
   mapped to the config outputs in config output order.
 
 Layer groups: one per top-level child module, in registration order, keyed by the exact
-state_dict keys (see `adapters.weights`). `self.module` is the nn.Module with its weights in
+state_dict keys (see `torpor.adapters.weights`). `self.module` is the nn.Module with its weights in
 host memory; `forward_tensors(inputs, weights)` runs it with other (e.g. device-resident)
 weights through `torch.func.functional_call`.
 """

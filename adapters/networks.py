@@ -1,7 +1,7 @@
 """Real networks in plain torch for the bundled examples and the swap benchmarks.
 
 Nothing here downloads anything; weights come from a seeded initialisation (see
-`adapters.eager`, parameter `torpor.generate_weights`). Each network's forward runs its
+`torpor.adapters.eager`, parameter `torpor.generate_weights`). Each network's forward runs its
 top-level children in registration order, so the eager adapter's layer groups (one per
 top-level child) are also the order in which execution needs them.
 

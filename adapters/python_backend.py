@@ -24,7 +24,7 @@ sent for the model.
 `async def execute` is run to completion on an event loop of the worker thread's own (one per
 thread), so `await request.async_exec()` works; a decoupled model's coroutine also finishes
 before the instance takes its next request. BLS (`pb_utils.InferenceRequest(...).exec()`) goes
-through the engine: see `adapters.bls`.
+through the engine: see `torpor.adapters.bls`.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ running = threading.local()
 running.function = None
 
 # Called with a PythonModelFunction whose model must not execute on the server's event loop
-# thread (it awaits, or calls BLS); `adapters.bls.install_bls` sets it.
+# thread (it awaits, or calls BLS); `torpor.adapters.bls.install_bls` sets it.
 off_loop_hook: Callable[[ModelFunction], None] | None = None
 
 
@@ -104,7 +104,7 @@ def output_array(tensor: pb_utils.Tensor) -> np.ndarray:
 class _Collected:
     """The single response of a non-decoupled request sent through its response sender."""
 
-    __slots__ = ("response", "done")
+    __slots__ = ("done", "response")
 
     def __init__(self):
         self.response: pb_utils.InferenceResponse | None = None

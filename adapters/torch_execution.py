@@ -56,7 +56,7 @@ class TorchModelFunction(ModelFunction):
 
     def execute_on(self, target: Any, requests: list[ModelRequest]) -> list[dict[str, Any] | Exception]:
         """`execute` on a device-bound module: `target` = (module, torpor Device). Called in the
-        device's worker thread, with its compute stream current (see torpor.residency)."""
+        device's worker thread, with its compute stream current (see torpor.runtime.residency)."""
         results: list[dict[str, Any] | Exception | None] = [None] * len(requests)
         for indices in self._batches(requests):
             try:

@@ -14,7 +14,7 @@ Outputs: a tensor, a tuple/list, or a dict. With `<anything>__<i>` names output 
 the returned tuple; with a dict each output is looked up by its name; otherwise tuple elements
 map to the config outputs in order.
 
-Layer groups: the module's state_dict split per top-level child (see `adapters.weights`).
+Layer groups: the module's state_dict split per top-level child (see `torpor.adapters.weights`).
 Pipelined swapping inside a TorchScript graph is not supported; the groups serve accounting
 and whole-model moves.
 """

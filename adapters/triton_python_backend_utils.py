@@ -1,7 +1,7 @@
 """Torpor's implementation of the `triton_python_backend_utils` API.
 
 Python-backend models (`model.py` with `TritonPythonModel`) do
-`import triton_python_backend_utils as pb_utils`; importing `adapters.python_backend`
+`import triton_python_backend_utils as pb_utils`; importing `torpor.adapters.python_backend`
 registers this module under that name, so such models run unmodified. Models run in the
 server process (on a worker thread), not in a separate stub process as in Triton.
 
@@ -9,7 +9,7 @@ What is here: Tensor, InferenceRequest, InferenceResponse, InferenceResponseSend
 TritonModelException, Logger, ModelConfig (auto-complete helper), the config lookup helpers,
 the datatype conversions, BYTES (de)serialisation and the flag constants. Business Logic
 Scripting (`InferenceRequest(...).exec()` / `async_exec()`) works when the server installs a
-handler with `set_bls_handler` (`torpor serve` does: `adapters.bls`); otherwise it returns a
+handler with `set_bls_handler` (`torpor serve` does: `torpor.adapters.bls`); otherwise it returns a
 response with an UNSUPPORTED error. Custom metrics
 (`MetricFamily`) are accepted and discarded.
 """
@@ -452,7 +452,7 @@ _sender_lock = threading.Lock()  # a lazily created sender is created once
 
 def set_bls_handler(handler: Any) -> None:
     """Install the server's BLS entry point (None removes it): an object with
-    `exec(request, decoupled)` and `async exec(request, decoupled)` (`adapters.bls.BlsBridge`)."""
+    `exec(request, decoupled)` and `async exec(request, decoupled)` (`torpor.adapters.bls.BlsBridge`)."""
     global _bls_handler
     _bls_handler = handler
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from torpor.api.access import Restriction
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pbg
 
-from torpor.access import Restriction
-from torpor.engine import Engine
+from torpor.dataplane.engine import Engine
 from torpor.errors import Status, TorporError, internal, invalid_arg, unsupported
 
 from .grpc_codec import FINAL_PARAM, check_version, decode_request, encode_response
@@ -71,7 +71,7 @@ METHOD_GROUP = {
 }
 
 
-async def _check_restricted(servicer: "InferenceServicer", method: str, context) -> None:
+async def _check_restricted(servicer: InferenceServicer, method: str, context) -> None:
     rule = servicer.restricted.get(METHOD_GROUP[method]) if servicer.restricted else None
     if rule is None:
         return
@@ -95,7 +95,7 @@ def _unary(fn):
             await context.abort(GRPC_STATUS.get(e.status, grpc.StatusCode.UNKNOWN), e.message)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
-        except Exception as e:  # noqa: BLE001 - a client never takes the server down
+        except Exception as e:
             log.exception("gRPC %s failed", name)
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
 
@@ -190,7 +190,7 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
                 out.put_nowait(_stream_error(msg, e.message))
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 log.exception("stream request failed")
                 out.put_nowait(_stream_error(msg, f"{type(e).__name__}: {e}"))
 
@@ -364,7 +364,7 @@ def _decode(msg: pb.ModelInferRequest):
         return decode_request(msg)
     except TorporError:
         raise
-    except Exception as e:  # noqa: BLE001 - a decoder gap is still the request's fault, never INTERNAL
+    except Exception as e:
         log.exception("decoding an infer request failed")
         raise invalid_arg(f"malformed inference request: {type(e).__name__}: {e}") from None
 
@@ -390,7 +390,7 @@ async def start_grpc_server(engine: Engine, address: str, port: int,
                             max_message_size: int = -1, host: str = "threads", threads: int = 128):
     """Start the gRPC listener for the running loop's engine; returns the started server (an
     object with `async stop(grace)`). `host`: "threads", grpc's threaded server bridged to the
-    loop (api.grpc_threads: cheaper per call), or "aio", grpc.aio on the loop itself; the same
+    loop (torpor.api.grpc_threads: cheaper per call), or "aio", grpc.aio on the loop itself; the same
     servicer either way. A message over `max_message_size` bytes (-1: gRPC's own ceiling,
     2 GiB) is refused by gRPC itself with RESOURCE_EXHAUSTED before any of it is decoded."""
     options = dict(SERVER_OPTIONS)
@@ -413,4 +413,4 @@ async def start_grpc_server(engine: Engine, address: str, port: int,
     return server
 
 
-__all__ = ["InferenceServicer", "start_grpc_server", "GRPC_STATUS", "SERVER_OPTIONS"]
+__all__ = ["GRPC_STATUS", "SERVER_OPTIONS", "InferenceServicer", "start_grpc_server"]

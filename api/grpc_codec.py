@@ -68,7 +68,7 @@ def set_param(target: pb.InferParameter, value: Any) -> None:
 
 def check_version(version: str) -> str:
     """Triton parses a requested version as an integer; anything else is the client's mistake."""
-    if version and not (version[1:] if version.startswith("-") else version).isdigit():
+    if version and not (version.removeprefix("-")).isdigit():
         raise invalid_arg(f"failed to get model version from specified version string '{version}'")
     return version
 

@@ -136,7 +136,7 @@ class ThreadedServer:
 
 def start_threaded_server(servicer: Any, options: list[tuple[str, Any]], address: str,
                           threads: int) -> ThreadedServer | None:
-    """Serve `servicer` (api.grpc.InferenceServicer, async methods) on grpc's threaded server,
+    """Serve `servicer` (torpor.api.grpc.InferenceServicer, async methods) on grpc's threaded server,
     each call run on the running loop; at most `threads` calls in flight (more wait in grpc).
     None when `address` cannot be bound."""
     loop = asyncio.get_running_loop()

@@ -19,9 +19,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from torpor.api.access import Restriction
 
-from torpor.access import Restriction
-from torpor.engine import Engine
+from torpor.dataplane.engine import Engine
 from torpor.errors import Status, TorporError, invalid_arg, unsupported
 
 from . import openapi
@@ -162,7 +162,7 @@ async def handle_infer(
             req = decode_infer_request(body, header_length, model, version)
         except TorporError:
             raise
-        except Exception as e:  # noqa: BLE001 - a decoder gap is still the request's fault, never a 500
+        except Exception as e:
             log.exception("decoding an infer request failed")
             raise invalid_arg(f"malformed inference request: {type(e).__name__}: {e}") from None
         resp = await engine.infer(req)

@@ -10,10 +10,11 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from torpor.engine import Engine
-from torpor.metrics import CONTENT_TYPE, make_registry, render
+from torpor.api.prometheus import CONTENT_TYPE, make_registry, render
 
-log = logging.getLogger("torpor.metrics")
+from torpor.dataplane.engine import Engine
+
+log = logging.getLogger("torpor.api.prometheus")
 
 _MAX_HEADER = 16 * 1024
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}

@@ -268,7 +268,7 @@ def format_table(report: dict) -> str:
                       f"{r['p50_ms']:.2f}" if "p50_ms" in r else "-", f"{r['p99_ms']:.2f}" if "p99_ms" in r else "-",
                       f"{rt:.2f}x" if rt else ""])
     widths = [max(len(h), *(len(x[i]) for x in lines)) for i, h in enumerate(head)]
-    fmt = lambda xs: "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(xs, widths)))  # noqa: E731
+    fmt = lambda xs: "  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(xs, widths)))
     m = report["machine"]
     title = f"{m['cpu']} ({m['cores']} cores), server on core 0, client on core 1; {m['date']}"
     return "\n".join([title, fmt(head), fmt(["-" * w for w in widths]), *(fmt(x) for x in lines)])

@@ -10,7 +10,7 @@ same open-loop workload, over HTTP and/or gRPC (issues 10 and 16).
 Phases (each printed with a timestamp, the whole run kept inside --budget-s):
 
 1. repository: N model functions under --repo, round-robin over --mix (resnet50 = the ResNet-50
-   shape, bert = BERT-base, seq 128; --tiny: mlp_small / mlp_large, adapters.networks.WideMLP),
+   shape, bert = BERT-base, seq 128; --tiny: mlp_small / mlp_large, torpor.adapters.networks.WideMLP),
    distinct weights per model (torpor.generate_weights seed = 1000 + index). The weights are
    written here in parallel processes, exactly as the eager adapter would write them at first
    load (same seed, same class, same file), because the server loads models one by one: about

@@ -42,18 +42,18 @@ class Kind:
 
 
 KINDS = {
-    "resnet50": Kind("resnet50", "adapters.networks:ResNet50", {},
+    "resnet50": Kind("resnet50", "torpor.adapters.networks:ResNet50", {},
                      (("input", "FP32", (3, 224, 224), False),),
                      (("logits", "FP32", (1000,)),), ("logits",), 80.0),
-    "bert": Kind("bert", "adapters.networks:BertEncoder", {},
+    "bert": Kind("bert", "torpor.adapters.networks:BertEncoder", {},
                  (("input_ids", "INT64", (-1,), False), ("attention_mask", "INT64", (-1,), False),
                   ("token_type_ids", "INT64", (-1,), True)),
                  (("last_hidden_state", "FP32", (-1, 768)), ("pooler_output", "FP32", (768,))),
                  ("pooler_output",), 200.0),
     # --tiny: weight-heavy, compute-light stand-ins a 2-core CPU can serve (17 MB and 67 MB)
-    "mlp_small": Kind("mlp_small", "adapters.networks:WideMLP", {"hidden": 1024, "layers": 4},
+    "mlp_small": Kind("mlp_small", "torpor.adapters.networks:WideMLP", {"hidden": 1024, "layers": 4},
                       (("input", "FP32", (1024,), False),), (("output", "FP32", (1024,)),), ("output",), 100.0),
-    "mlp_large": Kind("mlp_large", "adapters.networks:WideMLP", {"hidden": 2048, "layers": 4},
+    "mlp_large": Kind("mlp_large", "torpor.adapters.networks:WideMLP", {"hidden": 2048, "layers": 4},
                       (("input", "FP32", (2048,), False),), (("output", "FP32", (2048,)),), ("output",), 200.0),
 }
 
@@ -107,8 +107,7 @@ def _generate(job: tuple[str, str, str, int]) -> tuple[str, float]:
     """In a worker process: what the eager adapter does for a missing weights file."""
     path, module_class, kwargs_json, seed = job
     import torch
-
-    from adapters.weights import save_safetensors
+    from torpor.adapters.weights import save_safetensors
 
     torch.set_num_threads(1)
     t = time.perf_counter()

@@ -1,5 +1,5 @@
 """Coverage-guided fuzzing (atheris) of the HTTP infer body parser: the JSON header plus binary
-tensor extension (`api.http_codec.decode_infer_request`), and the raw/BYTES tensor decoders it
+tensor extension (`torpor.api.http_codec.decode_infer_request`), and the raw/BYTES tensor decoders it
 calls. A finding is any exception other than TorporError (which the front end answers with 400).
 
     pip install atheris
@@ -23,12 +23,13 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 with atheris.instrument_imports(include=["api", "torpor"]):
-    from api.http_codec import decode_infer_request
+    from torpor.api.http_codec import decode_infer_request
+
     from torpor.errors import TorporError
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from torpor.datatypes import to_raw  # noqa: E402
+from torpor.datatypes import to_raw
 
 
 def one_input(data: bytes) -> None:

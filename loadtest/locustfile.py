@@ -53,19 +53,19 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 
-# locust first: it monkey-patches the standard library, and gRPC's gevent mode needs that done.
-from locust import FastHttpUser, User, constant, events, task
-from locust.exception import StopTest
-
 import gevent.lock
 import grpc.experimental.gevent as grpc_gevent
 import numpy as np
 
+# locust first: it monkey-patches the standard library, and gRPC's gevent mode needs that done.
+from locust import FastHttpUser, User, constant, events, task
+from locust.exception import StopTest
+
 # grpcio does its I/O in C; without this every gRPC call would block all users of the process.
 grpc_gevent.init_gevent()
 
-import tritonclient.grpc as grpcclient  # noqa: E402  (after init_gevent, before any channel)
-from tritonclient.utils import InferenceServerException  # noqa: E402
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 log = logging.getLogger("torpor.locust")
 

@@ -14,9 +14,9 @@ default 60: the paper warms every function before measuring), --out (default doc
 --jobs (worker processes, default 2), --links fixed|shared (the link physics of both simulators:
 a copy keeps the share it started with, the default, or processor sharing; default from
 TORPOR_SIM_LINKS), --policies and --counts (a subset of a sweep's policies and function counts,
-comma-separated). Policies: `torpor` is ours (torpor.simulator); `paper`,
+comma-separated). Policies: `torpor` is ours (torpor.sim.simulation); `paper`,
 `fifo`, `random`, `lru`, `native`, `keepalive` are the paper's system, ablations and baselines
-(torpor.paper_sim). Every policy sees the same arrivals and is judged by the same rule: a
+(torpor.sim.paper_sim). Every policy sees the same arrivals and is judged by the same rule: a
 function is compliant when its p98 latency is within its deadline.
 """
 
@@ -36,11 +36,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from torpor.paper_sim import PaperSim, compliance, latency_profile, load_paper_scenario  # noqa: E402
-from torpor.paper import CLASS_NAMES  # noqa: E402
-from torpor import simulator  # noqa: E402
-from torpor.sim_workload import DEFAULT_TRACE, scenario_arrivals  # noqa: E402
-from torpor.simulator import Simulation  # noqa: E402
+from torpor.sim import simulation as simulator
+from torpor.sim.paper import CLASS_NAMES
+from torpor.sim.paper_sim import PaperSim, compliance, latency_profile, load_paper_scenario
+from torpor.sim.simulation import Simulation
+from torpor.sim.workload import DEFAULT_TRACE, scenario_arrivals
 
 SCEN = ROOT / "loadtest" / "scenarios"
 V100 = SCEN / "paper_v100.json"
@@ -126,7 +126,7 @@ def run_all(jobs: list[dict[str, Any]], n_jobs: int) -> list[dict[str, Any]]:
 
 def table(cols: list[str], rows: list[list[str]]) -> str:
     w = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    line = lambda vals: "  ".join(v.rjust(w[i]) if i else v.ljust(w[i]) for i, v in enumerate(vals))  # noqa: E731
+    line = lambda vals: "  ".join(v.rjust(w[i]) if i else v.ljust(w[i]) for i, v in enumerate(vals))
     return "\n".join([line(cols), line(["-" * x for x in w]), *(line(r) for r in rows)])
 
 

@@ -1,5 +1,5 @@
 """The simulator against the server: loadtest/e2e.py's workloads replayed through the simulator
-with the server's admission (`torpor.simulator.Staging`), predicted beside measured (issue 16).
+with the server's admission (`torpor.sim.simulation.Staging`), predicted beside measured (issue 16).
 
     python loadtest/sim_vs_server.py E2E.json [E2E2.json ...] --json loadtest/measured/sim-vs-server.json
 
@@ -9,7 +9,7 @@ Each E2E.json is what `loadtest/e2e.py --json` wrote. From it the same experimen
   the run's seed, offered rate or speedup and duration (and the zipf/burst options from its
   command line); the count is checked against the arrivals e2e recorded;
 - models: N functions round-robin over the mix, each occupying its weights rounded up to the
-  arena's 2 MiB blocks (`models.bytes_by_kind`), first group 1 MiB (torpor.partition), each
+  arena's 2 MiB blocks (`models.bytes_by_kind`), first group 1 MiB (torpor.runtime.partition), each
   class's SLO (`slo_ms`);
 - devices: e2e's --device (cpu:N or one GPU), device memory = the configuration's bound
   (`bounds`), host link = the run's --device-bandwidths pcie=X (or --pcie-gbps);
@@ -52,12 +52,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from loadtest import e2e_workloads
-from torpor.sim_scenario import Staging, parse_scenario
-from torpor.sim_state import ANSWERED, DROPPED, SHED_ARRIVAL, SHED_QUEUED
-from torpor.simulator import Simulation
+from torpor.sim.scenario import Staging, parse_scenario
+from torpor.sim.simulation import Simulation
+from torpor.sim.state import ANSWERED, DROPPED, SHED_ARRIVAL, SHED_QUEUED
 
 BLOCK = 2 * 1024 * 1024  # the arena's block size (e2e.py's BLOCK)
-FIRST_GROUP = 1 << 20  # torpor.partition caps the first group at 1 MiB
+FIRST_GROUP = 1 << 20  # torpor.runtime.partition caps the first group at 1 MiB
 MB = 1e6
 
 
@@ -201,7 +201,7 @@ def summarize(sim: Simulation, t: np.ndarray, f: np.ndarray, mix: list[str], slo
     return out
 
 
-ACTIONS = {1: "run", 2: "queue", 3: "swap", 4: "peer"}  # torpor.simulator's action codes
+ACTIONS = {1: "run", 2: "queue", 3: "swap", 4: "peer"}  # torpor.sim.simulation's action codes
 
 
 def by_action(sim: Simulation, t: np.ndarray, keep: int = 4096) -> dict:

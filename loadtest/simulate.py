@@ -4,7 +4,7 @@
     torpor simulate --scenario loadtest/scenarios/h100x4.json        (the same)
 
 Runs Torpor's policy, LRU swap-only and static placement on the same arrivals (see
-torpor/simulator.py and loadtest/scenarios/README.md), prints a table and writes JSON.
+torpor/sim/simulation.py and loadtest/scenarios/README.md), prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from torpor.cli import main  # noqa: E402
+from torpor.cli import main
 
 if __name__ == "__main__":
     main(["simulate", *sys.argv[1:]])

@@ -41,8 +41,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.fault_models import write_fault_models  # noqa: E402
-from tests.models import mlp_config  # noqa: E402
+from tests.fault_models import write_fault_models
+from tests.models import mlp_config
 
 HIDDEN = 256
 MLPS = [f"mlp{i}" for i in range(4)]
@@ -159,7 +159,7 @@ async def worker(idx: int, args, stop_at: float, tally: Tally, http_url: str, gr
                     tally.note(tally.expected_failures, cause)
                 else:
                     tally.note(tally.unexpected, f"{kind}: {e.status()}", text)
-            except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as e:
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 tally.note(tally.lost, f"{kind}: {type(e).__name__}", str(e))
     finally:
         await h.close()

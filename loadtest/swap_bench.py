@@ -3,8 +3,8 @@
     python loadtest/swap_bench.py --device cuda --json swap_bench.json
     python loadtest/swap_bench.py --device cpu            # small inputs; a minute or two
 
-For a ResNet-50-shaped, a BERT-base-shaped and a ~1 GB WideMLP model (`adapters.networks`),
-through the real swap engine (`torpor.residency.DevicePool`, the path the Engine uses):
+For a ResNet-50-shaped, a BERT-base-shaped and a ~1 GB WideMLP model (`torpor.adapters.networks`),
+through the real swap engine (`torpor.runtime.residency.DevicePool`, the path the Engine uses):
 
 - native: latency of a request when the model is resident (acquire + forward, outputs on host)
 - cold pipelined: the model evicted first; acquire issues every group copy at once and the
@@ -58,10 +58,10 @@ _networks = adapter_module("networks")
 BertEncoder, ResNet50, WideMLP = _networks.BertEncoder, _networks.ResNet50, _networks.WideMLP
 module_layer_groups = adapter_module("weights").module_layer_groups
 
-from torpor.devices import open_devices, parse_devices
-from torpor.hoststore import allocate_slab
-from torpor.partition import MiB, PartitionRule
-from torpor.residency import DevicePool
+from torpor.runtime.devices import open_devices, parse_devices
+from torpor.runtime.hoststore import allocate_slab
+from torpor.runtime.partition import MiB, PartitionRule
+from torpor.runtime.residency import DevicePool
 
 
 def build_models(device: str, args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -91,7 +91,7 @@ class Server:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
-    def start(self, log_dir: Path, timeout: float = 120.0) -> "Server":
+    def start(self, log_dir: Path, timeout: float = 120.0) -> Server:
         self.log_path = log_dir / f"server-{self.http_port}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)

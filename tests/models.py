@@ -126,13 +126,13 @@ output [ { name: "OUTPUT0" data_type: TYPE_INT32 dims: [ 1 ] } ]
 
 
 def mlp_config(name: str, seed: int, hidden: int) -> str:
-    """A generated-weights PyTorch MLP (`adapters.networks:WideMLP`, 4 layers of `hidden`)."""
+    """A generated-weights PyTorch MLP (`torpor.adapters.networks:WideMLP`, 4 layers of `hidden`)."""
     return f'''name: "{name}"
 backend: "pytorch"
 max_batch_size: 4
 input [ {{ name: "input" data_type: TYPE_FP32 dims: [ {hidden} ] }} ]
 output [ {{ name: "output" data_type: TYPE_FP32 dims: [ {hidden} ] }} ]
-parameters {{ key: "torpor.module_class" value: {{ string_value: "adapters.networks:WideMLP" }} }}
+parameters {{ key: "torpor.module_class" value: {{ string_value: "torpor.adapters.networks:WideMLP" }} }}
 parameters {{ key: "torpor.module_kwargs" value: {{ string_value: "{{\\"hidden\\": {hidden}, \\"layers\\": 4}}" }} }}
 parameters {{ key: "torpor.generate_weights" value: {{ string_value: "{seed}" }} }}
 '''

@@ -16,8 +16,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from torpor.adapters import create_model_function
 
-from adapters import create_model_function
 from torpor.config import parse_config_text, read_config
 from torpor.errors import Status, TorporError
 from torpor.model import SEQUENCE_END, SEQUENCE_START, ModelRequest
@@ -752,8 +752,8 @@ def test_decoupled_sends_after_execute_returned(decoupled):
 def test_pb_utils_module_api():
     import importlib
 
-    import adapters.python_backend  # noqa: F401 - importing it registers triton_python_backend_utils
-    from adapters import triton_python_backend_utils as ours
+    import torpor.adapters.python_backend  # noqa: F401 - importing it registers triton_python_backend_utils
+    from torpor.adapters import triton_python_backend_utils as ours
 
     pb_utils = importlib.import_module("triton_python_backend_utils")
 
@@ -1089,7 +1089,7 @@ def test_eager_dict_outputs_and_importable_class(tmp_path):
         max_batch_size: 8
         input [ { name: "input" data_type: TYPE_FP32 dims: [ 16 ] } ]
         output [ { name: "output" data_type: TYPE_FP32 dims: [ 16 ] } ]
-        parameters { key: "torpor.module_class" value: { string_value: "adapters.networks:WideMLP" } }
+        parameters { key: "torpor.module_class" value: { string_value: "torpor.adapters.networks:WideMLP" } }
         parameters {
           key: "torpor.module_kwargs"
           value: { string_value: "{\\"hidden\\": 16, \\"layers\\": 3}" }
@@ -1145,7 +1145,7 @@ def test_eager_missing_weights_without_seed(tmp_path):
         backend: "pytorch"
         input [ { name: "input" data_type: TYPE_FP32 dims: [ 4 ] } ]
         output [ { name: "output" data_type: TYPE_FP32 dims: [ 4 ] } ]
-        parameters { key: "torpor.module_class" value: { string_value: "adapters.networks:WideMLP" } }
+        parameters { key: "torpor.module_class" value: { string_value: "torpor.adapters.networks:WideMLP" } }
         """,
     )
     with pytest.raises(FileNotFoundError, match=r"torpor\.generate_weights"):
@@ -1156,7 +1156,7 @@ def test_eager_missing_weights_without_seed(tmp_path):
         """
         name: "badclass"
         backend: "pytorch"
-        parameters { key: "torpor.module_class" value: { string_value: "adapters.networks:Nope" } }
+        parameters { key: "torpor.module_class" value: { string_value: "torpor.adapters.networks:Nope" } }
         parameters { key: "torpor.generate_weights" value: { string_value: "0" } }
         """,
     )

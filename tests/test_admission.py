@@ -1,4 +1,4 @@
-"""torpor.admission: the queue-admission rules the server and the simulator share, on small
+"""torpor.scheduling.admission: the queue-admission rules the server and the simulator share, on small
 hand-built states (no clock, no event loop)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
-from torpor.admission import (
+from torpor.scheduling.admission import (
     COSTS,
     DEFER_MARGIN_S,
     FREE,
@@ -26,8 +26,8 @@ from torpor.admission import (
     work_ahead,
     would_delay,
 )
-from torpor.eviction import Candidate, CostAwarePolicy, LRUPolicy
-from torpor.scheduler import Decision, Option
+from torpor.scheduling.eviction import Candidate, CostAwarePolicy, LRUPolicy
+from torpor.scheduling.scheduler import Decision, Option
 
 _seq = iter(range(10**6))
 

@@ -264,9 +264,10 @@ def test_bls_non_decoupled_exec_on_a_decoupled_model(client):
 async def engine(tmp_path):
     import asyncio
 
-    from adapters import create_model_function
-    from adapters.bls import install_bls, uninstall_bls
-    from torpor.engine import Engine, EngineOptions
+    from torpor.adapters import create_model_function
+    from torpor.adapters.bls import install_bls, uninstall_bls
+
+    from torpor.dataplane.engine import Engine, EngineOptions
 
     options = EngineOptions(model_repositories=[str(bls_repo(tmp_path / "repo"))])
     eng = Engine(options, create_model_function)
@@ -302,7 +303,7 @@ async def test_bls_caller_never_runs_inline_but_callee_may(engine):
 
 
 async def test_bls_exec_on_the_event_loop_thread_fails_clearly(engine):
-    from adapters import triton_python_backend_utils as pb_utils
+    from torpor.adapters import triton_python_backend_utils as pb_utils
 
     a = np.zeros((1, 16), np.int32)
     request = pb_utils.InferenceRequest(
@@ -337,7 +338,7 @@ async def test_bls_exec_from_a_model_running_inline(engine):
 async def test_bls_stream_timeout_and_cancel(engine):
     import asyncio
 
-    from adapters import triton_python_backend_utils as pb_utils
+    from torpor.adapters import triton_python_backend_utils as pb_utils
 
     def stream_request(timeout_us: int = 0):
         # repeat_int32: OUT=1 at once, OUT=2 after 1.5 s, then the final flag

@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from torpor.api.access import GROUPS, parse_restrictions
+from torpor.api.grpc import METHOD_GROUP
+from torpor.api.http import http_group
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pbg
 from tritonclient.utils import InferenceServerException
-
-from api.grpc import METHOD_GROUP
-from api.http import http_group
-from torpor.access import GROUPS, parse_restrictions
 
 from .conftest import ROOT, Server, make_repo
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from torpor.costmodel import GB, CostModel, ExecEstimator, LinkMap, TopologyError, slo_seconds
+from torpor.scheduling.costmodel import GB, CostModel, ExecEstimator, LinkMap, TopologyError, slo_seconds
 
 DEVS = ["gpu0", "gpu1", "gpu2", "gpu3"]
 
@@ -89,7 +89,7 @@ def test_slo_resolution():
 
 
 def test_processor_sharing_estimate_from_bytes_left():
-    from torpor.costmodel import CostModel, LinkMap
+    from torpor.scheduling.costmodel import CostModel, LinkMap
 
     lm = LinkMap.from_dict(["gpu0", "gpu1"], {"pcie_GBps": 10, "switches": [[0, 1]]})
     cm = CostModel(lm, transfer_latency_s=0.0)

@@ -8,10 +8,10 @@ import threading
 import time
 from types import SimpleNamespace
 
-from torpor.costmodel import LinkMap
-from torpor.devices import _OrderedWorkers
-from torpor.eviction import CostAwarePolicy
-from torpor.placer import Placer, Ticket
+from torpor.runtime.devices import _OrderedWorkers
+from torpor.runtime.placer import Placer, Ticket
+from torpor.scheduling.costmodel import LinkMap
+from torpor.scheduling.eviction import CostAwarePolicy
 
 
 def test_workers_serve_lowest_key_first_fifo_on_ties():
@@ -79,7 +79,7 @@ def test_it_queues_behind_when_overtaking_would_make_one_late():
 
 
 def test_only_requests_past_their_whole_slo_are_hopeless():
-    from torpor.scheduler import Decision, Option, hopeless
+    from torpor.scheduling.scheduler import Decision, Option, hopeless
 
     def decision(done_s: float, slo_s: float, meets: bool) -> Decision:
         return Decision(Option("d0", "swap", "host", done_s), meets, slo_s)
@@ -91,7 +91,7 @@ def test_only_requests_past_their_whole_slo_are_hopeless():
 
 
 def test_the_snapshot_says_when_each_link_clears():
-    from torpor.placer import _Copy
+    from torpor.runtime.placer import _Copy
 
     p = _placer()
     now = time.monotonic()

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from torpor.devices import (
+from torpor.runtime.devices import (
     CopyError,
     CpuDevice,
     CpuEvent,
@@ -20,7 +20,7 @@ from torpor.devices import (
     parse_bytes,
     parse_devices,
 )
-from torpor.topology import Topology, discover
+from torpor.runtime.topology import Topology, discover
 
 
 def test_parse_bytes():
@@ -206,8 +206,8 @@ def test_worker_runs_in_device_threads():
 def test_device_core_imports_without_web_stack():
     code = (
         "import sys\n"
-        "import torpor.devices, torpor.topology, torpor.hoststore, torpor.partition, torpor.memory,"
-        " torpor.eviction, torpor.swapper, torpor.executor, torpor.residency\n"
+        "import torpor.runtime.devices, torpor.runtime.topology, torpor.runtime.hoststore, torpor.runtime.partition, torpor.runtime.memory,"
+        " torpor.scheduling.eviction, torpor.runtime.swapper, torpor.runtime.executor, torpor.runtime.residency\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('tritonclient', 'fastapi', 'grpc', 'uvicorn',"
         " 'starlette') or m.startswith('google.protobuf')]\n"
         "assert not bad, bad\n"

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from torpor.api.grpc_codec import decode_request, encode_response
+from torpor.api.http_codec import decode_infer_request, encode_infer_response
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
-from api.grpc_codec import decode_request, encode_response
-from api.http_codec import decode_infer_request, encode_infer_response
 from torpor.datatypes import NUMPY_DTYPES, deserialize_bytes, from_raw, serialize_bytes, to_raw
 from torpor.errors import TorporError
 from torpor.tensors import InferRequest, InferResponse, RequestedOutput, Tensor

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from tests.test_swapper import SMALL_GROUPS, Mlp, groups_of, reference, seeded, tiny_bert, tiny_resnet
-from torpor.devices import CudaDevice, open_devices, parse_devices
-from torpor.eviction import LRUPolicy
-from torpor.hoststore import HostStore
-from torpor.memory import MemoryFullError
-from torpor.residency import DevicePool
-from torpor.topology import discover
+from torpor.runtime.devices import CudaDevice, open_devices, parse_devices
+from torpor.runtime.hoststore import HostStore
+from torpor.runtime.memory import MemoryFullError
+from torpor.runtime.residency import DevicePool
+from torpor.runtime.topology import discover
+from torpor.scheduling.eviction import LRUPolicy
 
 pytestmark = [
     pytest.mark.gpu,

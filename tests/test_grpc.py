@@ -678,7 +678,7 @@ def test_log_settings(client):
 # -- CUDA shared memory without CUDA ---------------------------------------------------------
 
 def test_cuda_shm_register_gives_clear_error_without_cuda(client):
-    from torpor import cudashm
+    from torpor.dataplane import cudashm
 
     try:
         cudashm._Driver.get()

@@ -2,9 +2,9 @@
 
 import time
 
-from torpor.engine import _timed_execute_inline
+from torpor.dataplane.engine import _timed_execute_inline
 from torpor.model import ModelRequest
-from torpor.model_entry import InlineGate
+from torpor.registry.model_entry import InlineGate
 
 
 def probe(gate: InlineGate, cpu_ns: int) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, Server, make_repo
+from .conftest import Server, make_repo
 
 KSERVE_REQUIREMENT = "kserve==0.21.0"
 MODELS = ["simple", "simple_string"]

@@ -1,4 +1,4 @@
-"""torpor.links: the bandwidth spec's forms and errors, configured links paced on CPU devices,
+"""torpor.runtime.links: the bandwidth spec's forms and errors, configured links paced on CPU devices,
 measured links where nothing is configured."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from torpor.costmodel import GB, TopologyError
-from torpor.devices import open_devices
-from torpor.links import build_links, parse_bandwidth_spec
+from torpor.runtime.devices import open_devices
+from torpor.runtime.links import build_links, parse_bandwidth_spec
+from torpor.scheduling.costmodel import GB, TopologyError
 
 
 def test_short_form():
@@ -92,8 +92,8 @@ def test_cuda_links_from_discovered_topology(monkeypatch):
     groups; two logical devices on one GPU copy within its memory."""
     from types import SimpleNamespace
 
-    import torpor.topology as topology
-    from torpor.links import _cuda_links
+    from torpor.runtime import topology
+    from torpor.runtime.links import _cuda_links
 
     topo = topology.Topology(
         nvlink_links={(0, 1): 4}, p2p={(0, 1), (1, 2)},

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from torpor.devices import CpuDevice
-from torpor.eviction import Candidate, CostAwarePolicy, LRUPolicy, RateMeter, make_policy
-from torpor.hoststore import ALIGN, HostStore
-from torpor.memory import BlockAllocator, DeviceMemory
 from torpor.model import LayerGroup
-from torpor.partition import MiB, PartitionRule, build_units, merge_units
+from torpor.runtime.devices import CpuDevice
+from torpor.runtime.hoststore import ALIGN, HostStore
+from torpor.runtime.memory import BlockAllocator, DeviceMemory
+from torpor.runtime.partition import MiB, PartitionRule, build_units, merge_units
+from torpor.scheduling.eviction import Candidate, CostAwarePolicy, LRUPolicy, RateMeter, make_policy
 
 KiB = 1 << 10
 
@@ -230,7 +230,7 @@ def test_pinned_or_copying_residents_are_never_evicted(cpu_device):
     a = mem.try_place(_model(store, "a", [64 * 30]))
     b = mem.try_place(_model(store, "b", [64 * 30]))
     a.pins = 1
-    from torpor.devices import CopyBatch, CpuEvent
+    from torpor.runtime.devices import CopyBatch, CpuEvent
 
     pending = CpuEvent()
     b.batch = CopyBatch([pending], 0, time.perf_counter())

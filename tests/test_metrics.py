@@ -196,8 +196,8 @@ def test_model_unload_removes_its_series(start_server, tmp_path):
 def test_renderer_and_extra_sources():
     """Unit level: the collector renders Triton's text format and accepts torpor_* sources."""
     from prometheus_client.core import Metric
+    from torpor.api.prometheus import make_registry, render
 
-    from torpor.metrics import make_registry, render
     from torpor.stats import ModelStats
 
     class _VE:

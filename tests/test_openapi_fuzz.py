@@ -11,9 +11,9 @@ import urllib.request
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, given, settings
 
-from .conftest import Server, make_repo  # noqa: E402
+from .conftest import Server, make_repo
 
 EXAMPLES = 15  # per operation: about 550 requests, well under a minute on two cores
 

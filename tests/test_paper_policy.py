@@ -1,12 +1,12 @@
-"""The paper's policies (torpor.paper) pinned on small hand-built states, and a tiny run of the
-paper's system (torpor.paper_sim)."""
+"""The paper's policies (torpor.sim.paper) pinned on small hand-built states, and a tiny run of the
+paper's system (torpor.sim.paper_sim)."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from torpor.paper import (
+from torpor.sim.paper import (
     ACT_IDLE,
     ACT_LOCAL,
     ACT_NVLINK,
@@ -26,7 +26,7 @@ from torpor.paper import (
     evict_two_list,
     random_placement,
 )
-from torpor.paper_sim import POLICIES, PaperSim, compliance, load_paper_scenario, parse_with_extras
+from torpor.sim.paper_sim import POLICIES, PaperSim, compliance, load_paper_scenario, parse_with_extras
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "loadtest" / "scenarios"
 
@@ -271,7 +271,7 @@ def tiny(functions=24, **over):
 
 
 def test_every_policy_runs_on_the_same_arrivals():
-    from torpor.sim_workload import scenario_arrivals
+    from torpor.sim.workload import scenario_arrivals
 
     sc, ex = tiny()
     arr = scenario_arrivals(sc)

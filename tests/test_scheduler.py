@@ -2,9 +2,16 @@
 
 import pytest
 
-from torpor.costmodel import GB, CostModel, ExecEstimator, LinkMap
-from torpor.eviction import LRUPolicy
-from torpor.scheduler import DeviceState, ModelInfo, ResidentState, Scheduler, Snapshot, static_assignment
+from torpor.scheduling.costmodel import GB, CostModel, ExecEstimator, LinkMap
+from torpor.scheduling.eviction import LRUPolicy
+from torpor.scheduling.scheduler import (
+    DeviceState,
+    ModelInfo,
+    ResidentState,
+    Scheduler,
+    Snapshot,
+    static_assignment,
+)
 
 MB = 10**6
 DEVS = ["gpu0", "gpu1", "gpu2", "gpu3"]

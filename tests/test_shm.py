@@ -179,7 +179,7 @@ def test_client_shm_disabled_by_default(start_server, tmp_path, protocol):
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_cuda_shm_without_cuda_answers_clearly(server, protocol):
-    from torpor import cudashm
+    from torpor.dataplane import cudashm
     from torpor.errors import TorporError
 
     try:

@@ -7,16 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from torpor.sim_report import compare, format_sweep, format_table, simulate, sweep, write_plot
-from torpor.sim_scenario import ScenarioError, load_scenario, parse_scenario, parse_sweep
-from torpor.sim_workload import (
+from torpor.sim.report import compare, format_sweep, format_table, simulate, sweep, write_plot
+from torpor.sim.scenario import ScenarioError, load_scenario, parse_scenario, parse_sweep
+from torpor.sim.simulation import Simulation
+from torpor.sim.workload import (
     DEFAULT_TRACE,
     counts_to_arrivals,
     make_arrivals,
     scenario_arrivals,
     synthetic_counts,
 )
-from torpor.simulator import Simulation
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "loadtest" / "scenarios"
 
@@ -243,7 +243,7 @@ def test_profile_model_larger_than_every_gpu_names_profile_and_field():
 def test_cli_bad_scenario_is_one_line_and_exit_2(tmp_path, capsys):
     import argparse
 
-    from torpor.sim_report import add_arguments, run_cli
+    from torpor.sim.report import add_arguments, run_cli
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(small(node={"pcie_GBps": 25, "nvlink": [[0, 1, -150]]})))
@@ -256,7 +256,7 @@ def test_cli_bad_scenario_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_gpu_search_agrees_with_exhaustive_runs(monkeypatch):
-    import torpor.sim_report as sim_mod
+    import torpor.sim.report as sim_mod
 
     # attainment as a step function of the GPU count: the search must find the step from any start
     for need in (1, 2, 5, 9):
@@ -287,8 +287,8 @@ def test_batching_under_every_policy():
 
 
 def test_link_sharing_re_rates_copies_as_others_start_and_land():
-    from torpor.costmodel import LinkMap
-    from torpor.sim_links import LinkSharing
+    from torpor.scheduling.costmodel import LinkMap
+    from torpor.sim.physics import LinkSharing
 
     lm = LinkMap.from_dict(["gpu0", "gpu1"], {"pcie_GBps": 10, "switches": [[0, 1]]})
     fair = LinkSharing(lm, 0.0)
@@ -321,8 +321,8 @@ def test_link_sharing_re_rates_copies_as_others_start_and_land():
 def test_cli_runs_the_papers_policies_beside_ours_on_the_same_arrivals(tmp_path, capsys):
     import argparse
 
-    from torpor.paper_sim import PaperSim
-    from torpor.sim_report import PAPER_POLICIES, add_arguments, paper_extras, run_cli
+    from torpor.sim.paper_sim import PaperSim
+    from torpor.sim.report import PAPER_POLICIES, add_arguments, paper_extras, run_cli
 
     path = tmp_path / "tiny.json"
     spec = small(functions=10, workload={"kind": "synthetic", "duration_s": 60})
@@ -342,7 +342,7 @@ def test_cli_runs_the_papers_policies_beside_ours_on_the_same_arrivals(tmp_path,
     by = {r["policy"]: r for r in report["results"]}
     assert list(by) == pols and all(pol in out for pol in pols)
     assert len({r["requests"] for r in by.values()}) == 1  # one set of arrivals for every policy
-    # the same numbers as torpor.paper_sim run directly on those arrivals with the sidecar's extras
+    # the same numbers as torpor.sim.paper_sim run directly on those arrivals with the sidecar's extras
     extras = paper_extras(spec, source=str(path))
     assert [e.native_s for e in extras] == [0.007, 0.030] and extras[0].cold_start_s == 2
     sc = parse_scenario(spec)
@@ -357,8 +357,8 @@ def test_cli_runs_the_papers_policies_beside_ours_on_the_same_arrivals(tmp_path,
 
 
 def test_processor_sharing_copy_that_waits_for_its_path_takes_no_share_until_it_starts():
-    from torpor.costmodel import LinkMap
-    from torpor.sim_links import LinkSharing
+    from torpor.scheduling.costmodel import LinkMap
+    from torpor.sim.physics import LinkSharing
 
     lm = LinkMap.from_dict(["gpu0", "gpu1"], {"pcie_GBps": 10, "switches": [[0, 1]]})
     ps = LinkSharing(lm, 0.0)
@@ -400,7 +400,7 @@ def test_processor_sharing_copy_that_waits_for_its_path_takes_no_share_until_it_
 
 
 def test_link_physics_from_the_environment(monkeypatch):
-    from torpor.sim_links import _links_from_env
+    from torpor.sim.physics import _links_from_env
 
     monkeypatch.delenv("TORPOR_SIM_LINKS", raising=False)
     assert _links_from_env() is False
@@ -419,7 +419,7 @@ def test_predictions_hold_under_processor_sharing_when_execution_is_exact(monkey
     # in-flight copy within the deadlines of the requests waiting on it (or waits for the
     # path), and a copy that waited does not start where it would break such a deadline: with
     # exact execution times a request predicted within its margin still meets its SLO.
-    from torpor import simulator
+    from torpor.sim import simulation as simulator
 
     monkeypatch.setattr(simulator, "SHARED_LINKS", True)
     for rate in (3, 5):
@@ -435,7 +435,7 @@ def test_predictions_hold_under_processor_sharing_when_execution_is_exact(monkey
         assert np.all(sim.latency[promised] <= slo[promised])
 
 
-# The server's admission (Staging): the rules of torpor.admission on virtual time ----------------
+# The server's admission (Staging): the rules of torpor.scheduling.admission on virtual time ----------------
 
 
 def staged_gpu(models, budget_MB: float, pcie_GBps: float = 10.0, functions: int | None = None, **over):
@@ -445,7 +445,7 @@ def staged_gpu(models, budget_MB: float, pcie_GBps: float = 10.0, functions: int
 
 
 def test_staging_is_a_scenario_field():
-    from torpor.sim_scenario import Staging
+    from torpor.sim.scenario import Staging
 
     m = [{"name": "a", "size_MB": 100, "exec_ms": 10, "slo_ms": 100}]
     assert staged_gpu(m, 500).staging is None
@@ -462,7 +462,7 @@ def test_staged_copies_start_early_only_into_spare_room():
     # idle device. With room for two, the first two copies start at arrival; the third would have to
     # evict a model a staged request holds, so it starts when the first has run and given its stage
     # back. With room for all three, every copy starts at arrival (DevicePool.start_copy)
-    from torpor.sim_scenario import Staging
+    from torpor.sim.scenario import Staging
 
     t, fn = np.array([0.0, 0.001, 0.002]), np.array([0, 1, 2])
     m = [{"name": "m", "size_MB": 100, "exec_ms": 100, "slo_ms": 10_000}]
@@ -482,7 +482,7 @@ def test_staging_defers_a_copy_that_would_evict_a_model_others_wait_for():
     # room for one 100 MB model; five requests for the resident A (20 ms each), then one for B
     # whose deadline comes first: staged at once it would evict A under the four still waiting
     # (and A would come back); deferred, it waits until they have all been staged
-    from torpor.sim_scenario import Staging
+    from torpor.sim.scenario import Staging
 
     sc = staged_gpu([{"name": "A", "size_MB": 100, "exec_ms": 20, "slo_ms": 5000},
                      {"name": "B", "size_MB": 100, "exec_ms": 20, "slo_ms": 500}], 150)
@@ -506,8 +506,8 @@ def test_staging_sheds_under_overload_and_answers_the_rest_in_time():
     # ahead of every newcomer, more newcomers were shed at arrival and large models were copied
     # in: 1588 shed at arrival, 371 when staged, 147 copies, 38.7% attainment; now 461, 686, 8
     # and 64.2%
-    from torpor.sim_scenario import Staging
-    from torpor.sim_state import ANSWERED, DROPPED, SHED_ARRIVAL, SHED_QUEUED
+    from torpor.sim.scenario import Staging
+    from torpor.sim.state import ANSWERED, DROPPED, SHED_ARRIVAL, SHED_QUEUED
 
     models = [{"name": "small", "size_MB": 18.9, "exec_ms": 2, "slo_ms": 100},
               {"name": "large", "size_MB": 69.2, "exec_ms": 5, "slo_ms": 200}]
@@ -542,7 +542,7 @@ def test_planned_residents_one_per_model_from_the_first_request_that_copies_it()
     # queued request of each model with a copy to make and no stage yet, landing by its run
     from types import SimpleNamespace as T
 
-    from torpor.admission import planned_residents
+    from torpor.scheduling.admission import planned_residents
 
     def k(model, transfer=0.01, staged=False, estimate=0.005):
         return T(model=model, transfer=transfer, staged=staged, estimate=estimate)
@@ -559,7 +559,7 @@ def test_staging_a_model_a_queued_request_will_copy_in_is_seen_landing():
     # staged beyond it), so B's request waits for a stage with its copy not started. A second
     # request for B sees B landing by the time the first one runs and queues behind it (the
     # placer's snapshot, ad416db) instead of pricing a copy of its own; one copy is made
-    from torpor.sim_scenario import Staging
+    from torpor.sim.scenario import Staging
 
     sc = staged_gpu([{"name": "A", "size_MB": 100, "exec_ms": 50, "slo_ms": 1000},
                      {"name": "B", "size_MB": 100, "exec_ms": 10, "slo_ms": 5000}], 150)
@@ -582,8 +582,8 @@ def test_staging_marks_a_request_passed_over_and_leaves_it_out_of_the_work_ahead
     # waiting for it): it is marked passed at entry, stays passed while requests for A keep
     # coming, and is unmarked when granted. Requests for A arriving meanwhile do not count B's run
     # and copy ahead of them (admission.work_ahead), and run before it: predicted as they happen
-    from torpor import simulator
-    from torpor.sim_scenario import Staging
+    from torpor.sim import simulation as simulator
+    from torpor.sim.scenario import Staging
 
     sc = staged_gpu([{"name": "A", "size_MB": 100, "exec_ms": 20, "slo_ms": 5000},
                      {"name": "B", "size_MB": 100, "exec_ms": 20, "slo_ms": 500}], 150)

@@ -1,4 +1,4 @@
-"""torpor.staging on its own: stages in order, the urgent exception, deferral and its timer, and
+"""torpor.runtime.staging on its own: stages in order, the urgent exception, deferral and its timer, and
 a wait that times out passing its stage on. Run on uvloop (the server's loop) and asyncio."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 import pytest
 import uvloop
 
-from torpor.staging import COSTS, FREE, HARMS, StageTimeout, StagingQueue
+from torpor.runtime.staging import COSTS, FREE, HARMS, StageTimeout, StagingQueue
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])

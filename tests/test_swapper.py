@@ -18,11 +18,11 @@ import pytest
 import torch
 from torch import nn
 
-from torpor.devices import CpuEvent, open_devices
-from torpor.eviction import LRUPolicy
-from torpor.memory import MemoryFullError
-from torpor.partition import PartitionRule
-from torpor.residency import DevicePool
+from torpor.runtime.devices import CpuEvent, open_devices
+from torpor.runtime.memory import MemoryFullError
+from torpor.runtime.partition import PartitionRule
+from torpor.runtime.residency import DevicePool
+from torpor.scheduling.eviction import LRUPolicy
 
 KiB, MiB = 1 << 10, 1 << 20
 SMALL_GROUPS = PartitionRule(target_bytes=32 * KiB, first_bytes=8 * KiB)
@@ -111,7 +111,7 @@ def make_pool():
 
 
 def _devices(spec: str, capacity: int, exec_slots: int):
-    from torpor.devices import parse_devices
+    from torpor.runtime.devices import parse_devices
 
     return open_devices(parse_devices(spec, memory_bytes=capacity), exec_slots=exec_slots)
 

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests per device that may hold device memory (and start their copy) while the ones "
                         "ahead of them run, beyond one per execution slot; the rest wait holding nothing")
     sim = sub.add_parser("simulate", help="compare scheduling policies in the discrete-event simulator")
-    from .sim_report import add_arguments
+    from torpor.sim.report import add_arguments
 
     add_arguments(sim)
     return p
@@ -137,10 +137,9 @@ def _resolve_devices(text: str) -> str:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from adapters import create_model_function
-    from adapters.bls import install_bls
-
-    from .engine import Engine, EngineOptions
+    from torpor.adapters import create_model_function
+    from torpor.adapters.bls import install_bls
+    from torpor.dataplane.engine import Engine, EngineOptions
 
     options = EngineOptions(
         model_repositories=args.model_repository or [DEFAULT_REPOSITORY],
@@ -184,7 +183,7 @@ async def serve(args: argparse.Namespace) -> int:
     if args.allow_http:
         import uvicorn
 
-        from api.http import create_app
+        from torpor.api.http import create_app
 
         class _Server(uvicorn.Server):
             # We own signal handling: uvicorn's would re-raise the signal after shutdown and
@@ -222,7 +221,7 @@ async def serve(args: argparse.Namespace) -> int:
 
         servers.append(("http", stop_http))
     if args.allow_grpc:
-        from api.grpc import start_grpc_server
+        from torpor.api.grpc import start_grpc_server
 
         grpc_server = await start_grpc_server(engine, args.grpc_address, args.grpc_port, args.grpc_restricted,
                                               args.grpc_max_message_size, args.grpc_server, args.grpc_threads)
@@ -232,7 +231,7 @@ async def serve(args: argparse.Namespace) -> int:
 
         servers.append(("grpc", stop_grpc))
     if args.allow_metrics:
-        from api.metrics import start_metrics_server
+        from torpor.api.metrics import start_metrics_server
 
         metrics_stop = await start_metrics_server(engine, args.metrics_address or args.http_address, args.metrics_port)
         servers.append(("metrics", metrics_stop))
@@ -266,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
-        from .access import GRPC_HEADER_PREFIX, parse_restrictions
+        from torpor.api.access import GRPC_HEADER_PREFIX, parse_restrictions
 
         try:
             args.http_restricted = parse_restrictions(args.http_restricted_api, "--http-restricted-api")
@@ -275,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:
             parser.error(str(e))
     if args.command == "simulate":
-        from .sim_report import run_cli
+        from torpor.sim.report import run_cli
 
         sys.exit(run_cli(args))
     logging.basicConfig(level=logging.INFO if args.log_verbose else logging.WARNING,

@@ -3,15 +3,43 @@ it as JSON the way Triton does (snake_case, every primitive field, int64s as num
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 from google.protobuf import json_format, text_format
-from tritonclient.grpc import model_config_pb2
 
-from .datatypes import CONFIG_TO_TRITON
-from .errors import invalid_arg
-from .model import TensorSpec
+from torpor.datatypes import CONFIG_TO_TRITON
+from torpor.errors import invalid_arg
+from torpor.model import TensorSpec
 
+
+def _model_config_pb2() -> ModuleType:
+    """tritonclient's generated ModelConfig message, without importing `tritonclient.grpc`:
+    that package's __init__ loads grpc and the whole gRPC client, which the engine must not
+    need. The module is loaded from its file under its own name, so the gRPC front end's
+    later `import tritonclient.grpc` finds it in sys.modules and registers nothing twice."""
+    name = "tritonclient.grpc.model_config_pb2"
+    if name in sys.modules:
+        return sys.modules[name]
+    root = importlib.util.find_spec("tritonclient")
+    if root is None or not root.submodule_search_locations:
+        raise ImportError("tritonclient is not installed (it provides Triton's ModelConfig message)")
+    path = Path(next(iter(root.submodule_search_locations))) / "grpc" / "model_config_pb2.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+model_config_pb2 = _model_config_pb2()
 ModelConfig = model_config_pb2.ModelConfig
 
 

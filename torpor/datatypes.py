@@ -11,7 +11,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from .errors import invalid_arg
+from torpor.errors import invalid_arg
 
 NUMPY_DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),

@@ -10,7 +10,7 @@ Execution contract (adapters implement it, the engine calls it):
 - Inputs arrive as numpy arrays (BYTES as object arrays of bytes), already validated against
   the config (names, datatypes, shapes incl. the batch dimension) and with sequence control
   tensors filled in. Outputs are returned as numpy arrays keyed by output name (torch adapters
-  convert with adapters.torch_tensors.to_numpy).
+  convert with torpor.adapters.torch_tensors.to_numpy).
 """
 
 from __future__ import annotations

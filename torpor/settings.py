@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .errors import invalid_arg, unsupported
+from torpor.errors import invalid_arg, unsupported
 
 _TRACE_LEVELS = {"OFF", "TIMESTAMPS", "TENSORS"}
 _TRACE_KEYS = ("trace_level", "trace_rate", "trace_count", "log_frequency", "trace_file", "trace_mode")

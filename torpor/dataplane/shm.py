@@ -1,0 +1,189 @@
+"""Client shared memory: registered regions that inputs are read from and outputs written to.
+
+System regions are POSIX shm segments (`/dev/shm/<key>`) mapped with mmap. CUDA regions
+(cudaIpcMemHandle) are opened lazily through torpor.dataplane.cudashm when CUDA is present. System and
+CUDA regions share one name space, as in Triton.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from torpor.errors import Status, TorporError, already_exists, invalid_arg, not_found
+
+RESERVED_PREFIX = "triton_python_backend_shm_region_"
+
+
+@dataclass
+class SystemRegion:
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+    mapping: mmap.mmap
+    base: int  # where `offset` falls inside the mapping (mmap starts on a page boundary)
+
+    def status(self) -> dict:
+        return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
+
+    def view(self, offset: int, size: int) -> memoryview:
+        start = self.base + offset
+        return memoryview(self.mapping)[start : start + size]
+
+    def close(self) -> None:
+        try:
+            self.mapping.close()
+        except BufferError:
+            # a request still holds a view; the mapping is freed when the last view goes
+            pass
+
+
+class SharedMemoryManager:
+    def __init__(self, allowed: bool = False):
+        self.allowed = allowed
+        self._lock = threading.Lock()
+        self.system: dict[str, SystemRegion] = {}
+        self.cuda: dict[str, Any] = {}  # name -> torpor.dataplane.cudashm.CudaRegion
+
+    def _check_allowed(self) -> None:
+        if not self.allowed:
+            raise TorporError(
+                Status.UNSUPPORTED,
+                "Client shared memory is disabled. Start the server with "
+                "'--allow-client-shm=true' to enable.",
+            )
+
+    def _check_new_name(self, name: str) -> None:
+        if not name:
+            raise invalid_arg("shared memory region name must not be empty")
+        if name.startswith(RESERVED_PREFIX):
+            raise invalid_arg(f"cannot register shared memory region '{name}': the prefix is reserved")
+        if name in self.system or name in self.cuda:
+            raise already_exists(f"shared memory region '{name}' already in manager")
+
+    # system -------------------------------------------------------------------------------
+    def register_system(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        self._check_allowed()
+        if offset < 0 or byte_size < 0:
+            raise invalid_arg("shared memory offset and byte_size must not be negative")
+        with self._lock:
+            self._check_new_name(name)
+            path = "/dev/shm/" + key.lstrip("/")
+            if "/" in key.lstrip("/") or not key.strip("/"):
+                raise invalid_arg(f"Unable to open shared memory region: '{key}'")
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError as e:
+                raise invalid_arg(f"Unable to open shared memory region: '{key}': {e.strerror}") from None
+            try:
+                total = os.fstat(fd).st_size
+                if offset + byte_size > total:
+                    raise invalid_arg(
+                        f"failed to register shared memory region '{name}': offset {offset} + "
+                        f"byte_size {byte_size} exceeds the segment size {total}"
+                    )
+                if byte_size == 0:
+                    raise invalid_arg(f"failed to register shared memory region '{name}': byte_size is 0")
+                # mmap offsets must be page aligned: map from the aligned start, keep the rest as an offset
+                start = offset - offset % mmap.ALLOCATIONGRANULARITY
+                m = mmap.mmap(fd, byte_size + (offset - start), offset=start)
+            finally:
+                os.close(fd)
+            self.system[name] = SystemRegion(name, key, offset, byte_size, m, offset - start)
+
+    def system_status(self, name: str = "") -> list[dict]:
+        self._check_allowed()
+        with self._lock:
+            if name:
+                if name not in self.system:
+                    raise not_found(f"Unable to find system shared memory region: '{name}'")
+                return [self.system[name].status()]
+            return [r.status() for r in self.system.values()]
+
+    def unregister_system(self, name: str = "") -> None:
+        self._check_allowed()
+        with self._lock:
+            names = [name] if name else list(self.system)
+            for n in names:
+                region = self.system.pop(n, None)
+                if region is not None:
+                    region.close()
+
+    # cuda ---------------------------------------------------------------------------------
+    def register_cuda(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+        self._check_allowed()
+        with self._lock:
+            self._check_new_name(name)
+            from torpor.dataplane import cudashm  # imported lazily: needs CUDA
+
+            self.cuda[name] = cudashm.open_region(name, raw_handle, device_id, byte_size)
+
+    def cuda_status(self, name: str = "") -> list[dict]:
+        self._check_allowed()
+        with self._lock:
+            if name:
+                if name not in self.cuda:
+                    raise not_found(f"Unable to find cuda shared memory region: '{name}'")
+                return [self.cuda[name].status()]
+            return [r.status() for r in self.cuda.values()]
+
+    def unregister_cuda(self, name: str = "") -> None:
+        self._check_allowed()
+        with self._lock:
+            names = [name] if name else list(self.cuda)
+            for n in names:
+                region = self.cuda.pop(n, None)
+                if region is not None:
+                    region.close()
+
+    # tensor I/O ---------------------------------------------------------------------------
+    def _bounds(self, name: str, region_size: int, offset: int, size: int) -> None:
+        if offset < 0 or size < 0 or offset + size > region_size:
+            raise invalid_arg(
+                f"Invalid offset + byte size for shared memory region: '{name}' "
+                f"(offset {offset} + byte_size {size} > region size {region_size})"
+            )
+
+    def read(self, name: str, offset: int, size: int) -> bytes | memoryview:
+        """The bytes of an input tensor. System regions give a zero-copy view."""
+        region = self.system.get(name)
+        if region is not None:
+            self._bounds(name, region.byte_size, offset, size)
+            return region.view(offset, size)
+        cregion = self.cuda.get(name)
+        if cregion is not None:
+            self._bounds(name, cregion.byte_size, offset, size)
+            return cregion.read(offset, size)
+        raise not_found(f"Unable to find shared memory region: '{name}'")
+
+    def write(self, name: str, offset: int, size: int, data: bytes | memoryview) -> None:
+        """Store an output tensor; `size` is the space the client reserved for it."""
+        region = self.system.get(name)
+        cregion = None if region is not None else self.cuda.get(name)
+        if region is None and cregion is None:
+            raise not_found(f"Unable to find shared memory region: '{name}'")
+        region_size = region.byte_size if region is not None else cregion.byte_size
+        self._bounds(name, region_size, offset, size)
+        if len(data) > size:
+            raise invalid_arg(
+                f"shared memory size specified with the request for output is {size} bytes, "
+                f"but the output needs {len(data)} bytes"
+            )
+        if region is not None:
+            start = region.base + offset
+            region.mapping[start : start + len(data)] = data
+        else:
+            cregion.write(offset, data)
+
+    def close(self) -> None:
+        with self._lock:
+            for r in self.system.values():
+                r.close()
+            for r in self.cuda.values():
+                r.close()
+            self.system.clear()
+            self.cuda.clear()
