@@ -28,7 +28,7 @@ from torpor.sim.paper import (
 )
 from torpor.sim.paper_sim import POLICIES, PaperSim, compliance, load_paper_scenario, parse_with_extras
 
-SCENARIOS = Path(__file__).resolve().parent.parent / "loadtest" / "scenarios"
+SCENARIOS = Path(__file__).resolve().parents[2] / "loadtest" / "scenarios"
 
 # the paper's V100 node: switch siblings 0-1 and 2-3; fast NVLink 0-3, 1-2, 2-3; slow 0-1, 0-2, 1-3
 FAST, SLOW = 45.0, 22.0

@@ -18,7 +18,7 @@ from torpor.sim.workload import (
     synthetic_counts,
 )
 
-SCENARIOS = Path(__file__).resolve().parent.parent / "loadtest" / "scenarios"
+SCENARIOS = Path(__file__).resolve().parents[2] / "loadtest" / "scenarios"
 
 
 def small(**over):
