@@ -159,8 +159,7 @@ class BlsBridge:
 
     # engine side (coroutines on the loop) ---------------------------------------------------
     async def _infer(self, request: InferRequest) -> InferResponse:
-        entry, _ = self.engine.resolve(request.model_name, request.model_version)
-        if entry.decoupled:
+        if self.engine.is_decoupled(request.model_name, request.model_version):
             raise unsupported(
                 f"model '{request.model_name}' uses the decoupled transaction policy: call "
                 "exec(decoupled=True) / async_exec(decoupled=True)"

@@ -281,52 +281,50 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
     @_unary
     async def SystemSharedMemoryStatus(self, request, context):
         resp = pb.SystemSharedMemoryStatusResponse()
-        for r in self.engine.shm.system_status(request.name):
+        for r in self.engine.shm_status("system", request.name):
             s = resp.regions[r["name"]]
             s.name, s.key, s.offset, s.byte_size = r["name"], r["key"], r["offset"], r["byte_size"]
         return resp
 
     @_unary
     async def SystemSharedMemoryRegister(self, request, context):
-        self.engine.shm.register_system(request.name, request.key, request.offset, request.byte_size)
+        self.engine.shm_register_system(request.name, request.key, request.offset, request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
     @_unary
     async def SystemSharedMemoryUnregister(self, request, context):
-        self.engine.shm.unregister_system(request.name)
+        self.engine.shm_unregister("system", request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     # -- CUDA shared memory ------------------------------------------------------------------
     @_unary
     async def CudaSharedMemoryStatus(self, request, context):
         resp = pb.CudaSharedMemoryStatusResponse()
-        for r in self.engine.shm.cuda_status(request.name):
+        for r in self.engine.shm_status("cuda", request.name):
             s = resp.regions[r["name"]]
             s.name, s.device_id, s.byte_size = r["name"], r["device_id"], r["byte_size"]
         return resp
 
     @_unary
     async def CudaSharedMemoryRegister(self, request, context):
-        self.engine.shm.register_cuda(request.name, bytes(request.raw_handle), request.device_id, request.byte_size)
+        self.engine.shm_register_cuda(request.name, bytes(request.raw_handle), request.device_id, request.byte_size)
         return pb.CudaSharedMemoryRegisterResponse()
 
     @_unary
     async def CudaSharedMemoryUnregister(self, request, context):
-        self.engine.shm.unregister_cuda(request.name)
+        self.engine.shm_unregister("cuda", request.name)
         return pb.CudaSharedMemoryUnregisterResponse()
 
     # -- trace and logging -------------------------------------------------------------------
     @_unary
     async def TraceSetting(self, request, context):
         model = request.model_name
-        if model and model not in self.engine.models:
+        if model and not self.engine.has_model(model):
             raise TorporError(Status.NOT_FOUND, f"Request for unknown model: '{model}' is not found")
-        trace = self.engine.trace
+        changes = None
         if request.settings:
             changes = {k: (list(v.value) if len(v.value) else None) for k, v in request.settings.items()}
-            current = trace.update(changes, model)
-        else:
-            current = trace.get(model)
+        current = self.engine.trace_settings(model, changes)
         resp = pb.TraceSettingResponse()
         for k, v in current.items():
             resp.settings[k].value.extend(v if isinstance(v, list) else [str(v)])
@@ -334,16 +332,14 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
 
     @_unary
     async def LogSettings(self, request, context):
-        logs = self.engine.logging
+        changes = None
         if request.settings:
             changes = {}
             for k, v in request.settings.items():
                 which = v.WhichOneof("parameter_choice")
                 if which is not None:
                     changes[k] = getattr(v, which)
-            current = logs.update(changes)
-        else:
-            current = logs.get()
+        current = self.engine.log_settings(changes)
         resp = pb.LogSettingsResponse()
         for k, v in current.items():
             s = resp.settings[k]

@@ -155,8 +155,7 @@ async def handle_infer(
                 header_length = int(hlen)
             except ValueError:
                 raise invalid_arg(f"invalid Inference-Header-Content-Length '{hlen}'") from None
-        entry_model = engine.models.get(model)
-        if entry_model is not None and entry_model.decoupled and engine.model_ready(model, version):
+        if engine.is_decoupled(model, version):
             raise unsupported("HTTP end point doesn't support models with decoupled transaction policy")
         try:
             req = decode_infer_request(body, header_length, model, version)
@@ -335,8 +334,19 @@ def http_group(path: str) -> str | None:
 
 def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024,
                restricted: dict[str, Restriction] | None = None) -> InferFastPath:
+    """The FastAPI app with every route of the protocol (registered in this order: FastAPI
+    matches /v2/models/stats before /v2/models/{model}), behind the raw ASGI fast path for infer."""
     app = FastAPI(title="Torpor", version="0.1.0", docs_url=None, redoc_url=None)
+    _error_handlers(app)
+    _health_model_and_infer_routes(app, engine, max_input_size)
+    _repository_settings_and_torpor_routes(app, engine)
+    _shared_memory_routes(app, engine)
+    _describe_accurately(app)
+    return InferFastPath(app, engine, max_input_size, restricted)
 
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error in Triton's shape: {"error": "..."} with Triton's status codes."""
     @app.exception_handler(TorporError)
     async def _torpor_error(request: Request, exc: TorporError):
         return _error(exc.message, _HTTP_STATUS.get(exc.status, 400))
@@ -350,6 +360,8 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024,
     async def _validation_error(request: Request, exc: RequestValidationError):
         return _error(f"invalid request: {exc.errors()}", 400)
 
+
+def _health_model_and_infer_routes(app: FastAPI, engine: Engine, max_input_size: int) -> None:
     # -- health and metadata -------------------------------------------------------------
     # Triton answers health with an empty body; KServe's own client reads {"live": ...}.
     # A JSON body with the same status code serves both.
@@ -360,7 +372,7 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024,
 
     @app.get("/v2/health/ready")
     async def ready():
-        if engine.exiting:
+        if engine.is_exiting():
             return _json({"ready": False, "error": "Server exiting"}, 503)
         ok = engine.is_ready()
         return _json({"ready": ok}, 200 if ok else 400)
@@ -409,6 +421,8 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024,
         )
         return Response(content, status_code=status, headers=headers)
 
+
+def _repository_settings_and_torpor_routes(app: FastAPI, engine: Engine) -> None:
     # -- repository ----------------------------------------------------------------------
     @app.post("/v2/repository/index", openapi_extra=openapi.REPOSITORY_INDEX)
     async def repository_index(request: Request):
@@ -455,29 +469,29 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024,
     # -- trace and logging ---------------------------------------------------------------
     @app.get("/v2/trace/setting")
     async def get_trace():
-        return _json(engine.trace.get())
+        return _json(engine.trace_settings())
 
     @app.post("/v2/trace/setting", openapi_extra=openapi.SETTINGS)
     async def set_trace(request: Request):
-        return _json(engine.trace.update(await _json_body(request)))
+        return _json(engine.trace_settings(changes=await _json_body(request)))
 
     @app.get("/v2/models/{model}/trace/setting")
     async def get_model_trace(model: str):
         _require_model(engine, model)
-        return _json(engine.trace.get(model))
+        return _json(engine.trace_settings(model))
 
     @app.post("/v2/models/{model}/trace/setting", openapi_extra=openapi.SETTINGS)
     async def set_model_trace(model: str, request: Request):
         _require_model(engine, model)
-        return _json(engine.trace.update(await _json_body(request), model))
+        return _json(engine.trace_settings(model, await _json_body(request)))
 
     @app.get("/v2/logging")
     async def get_logging():
-        return _json(engine.logging.get())
+        return _json(engine.log_settings())
 
     @app.post("/v2/logging", openapi_extra=openapi.SETTINGS)
     async def set_logging(request: Request):
-        return _json(engine.logging.update(await _json_body(request)))
+        return _json(engine.log_settings(await _json_body(request)))
 
     # -- Torpor's own: where models are resident ------------------------------------------
     @app.get("/v2/torpor/residency")
@@ -488,11 +502,13 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024,
     async def topology():
         return _json(engine.topology())
 
+
+def _shared_memory_routes(app: FastAPI, engine: Engine) -> None:
     # -- shared memory -------------------------------------------------------------------
     @app.get("/v2/systemsharedmemory/status")
     @app.get("/v2/systemsharedmemory/region/{region}/status")
     async def sys_shm_status(region: str = ""):
-        return _json(engine.shm.system_status(region))
+        return _json(engine.shm_status("system", region))
 
     @app.post("/v2/systemsharedmemory/region/{region}/register", openapi_extra=openapi.SHM_REGISTER)
     async def sys_shm_register(region: str, request: Request):
@@ -500,19 +516,19 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024,
         key, offset, size = body.get("key"), body.get("offset", 0), body.get("byte_size")
         if not isinstance(key, str) or not isinstance(offset, int) or not isinstance(size, int):
             raise invalid_arg("system shared memory registration needs 'key' (string), 'offset' and 'byte_size' (integers)")
-        engine.shm.register_system(region, key, offset, size)
+        engine.shm_register_system(region, key, offset, size)
         return _empty()
 
     @app.post("/v2/systemsharedmemory/unregister")
     @app.post("/v2/systemsharedmemory/region/{region}/unregister")
     async def sys_shm_unregister(region: str = ""):
-        engine.shm.unregister_system(region)
+        engine.shm_unregister("system", region)
         return _empty()
 
     @app.get("/v2/cudasharedmemory/status", openapi_extra=openapi.GENERIC)
     @app.get("/v2/cudasharedmemory/region/{region}/status", openapi_extra=openapi.GENERIC)
     async def cuda_shm_status(region: str = ""):
-        return _json(engine.shm.cuda_status(region))
+        return _json(engine.shm_status("cuda", region))
 
     @app.post("/v2/cudasharedmemory/region/{region}/register", openapi_extra=openapi.CUDA_SHM_REGISTER)
     async def cuda_shm_register(region: str, request: Request):
@@ -526,15 +542,17 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024,
             raw = base64.b64decode(b64, validate=True)
         except ValueError:
             raise invalid_arg("'raw_handle.b64' is not valid base64") from None
-        engine.shm.register_cuda(region, raw, device_id, size)
+        engine.shm_register_cuda(region, raw, device_id, size)
         return _empty()
 
     @app.post("/v2/cudasharedmemory/unregister")
     @app.post("/v2/cudasharedmemory/region/{region}/unregister")
     async def cuda_shm_unregister(region: str = ""):
-        engine.shm.unregister_cuda(region)
+        engine.shm_unregister("cuda", region)
         return _empty()
 
+
+def _describe_accurately(app: FastAPI) -> None:
     describe = app.openapi
 
     def accurate_openapi() -> dict:
@@ -556,9 +574,50 @@ def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024,
         return app.openapi_schema
 
     app.openapi = accurate_openapi
-    return InferFastPath(app, engine, max_input_size, restricted)
 
 
 def _require_model(engine: Engine, model: str) -> None:
-    if model not in engine.models:
+    if not engine.has_model(model):
         raise TorporError(Status.NOT_FOUND, f"Request for unknown model: '{model}' is not found")
+
+
+async def start_http_server(engine: Engine, address: str, port: int, max_input_size: int,
+                            restricted: dict[str, Restriction] | None, exit_timeout_secs: float):
+    """Serve the app with uvicorn on the running loop: (the serving task, async stop(grace)).
+    The task fails with one line if the port cannot be bound."""
+    import contextlib
+
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        # The composition root owns signal handling: uvicorn's would re-raise the signal after
+        # shutdown and turn a clean drain into a non-zero exit.
+        def install_signal_handlers(self) -> None:
+            pass
+
+        def capture_signals(self):  # uvicorn >= 0.29
+            return contextlib.nullcontext()
+
+    config = uvicorn.Config(
+        create_app(engine, max_input_size, restricted),
+        host=address,
+        port=port,
+        loop="none",
+        http="httptools",
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        timeout_graceful_shutdown=int(exit_timeout_secs) or None,
+    )
+    server = _Server(config)
+
+    async def serve() -> None:
+        try:
+            await server.serve()
+        except SystemExit:  # uvicorn exits the process when it cannot bind; shut down cleanly instead
+            raise RuntimeError(f"HTTP listener could not start on {address}:{port}") from None
+
+    async def stop(grace: float) -> None:
+        server.should_exit = True
+
+    return asyncio.create_task(serve()), stop

@@ -151,12 +151,7 @@ class MetricsCollector:
 
     def _model_stats(self):
         """(stats) of every READY version, as the statistics extension lists them."""
-        out = []
-        for name, entry in sorted(list(self.engine.models.items())):
-            for v, ve in sorted(list(entry.versions.items())):
-                if ve.state == "READY" and ve.stats is not None:
-                    out.append(ve.stats)
-        return out
+        return self.engine.model_stats()
 
     def collect(self) -> Iterable[Metric]:
         stats = self._model_stats()
@@ -204,7 +199,7 @@ _SWAP_METRICS = [
 
 def swap_metrics(engine: Engine) -> Iterable[Metric]:
     """The swap engine's torpor_* families: per model counters, residency and device memory."""
-    if engine.devices is None:
+    if not engine.has_devices():
         return []
     counters = engine.swap_counters()
     families = []
@@ -225,7 +220,7 @@ def swap_metrics(engine: Engine) -> Iterable[Metric]:
             model, _, version = str(m.get("model", "")).rpartition(":")
             resident.add_sample(resident.name, {"model": model, "version": version, "device": dname}, 1.0)
     out = [*families, resident, used, free]
-    topo = engine.topology() if getattr(engine, "placer", None) is not None else {}
+    topo = engine.topology()
     if topo.get("models") is not None:
         decided = Metric("torpor_scheduler_decisions", "Scheduler decisions per action (run, queue, swap, peer, wait)",
                          "counter")

@@ -136,12 +136,10 @@ def _resolve_devices(text: str) -> str:
         return ""
 
 
-async def serve(args: argparse.Namespace) -> int:
-    from torpor.adapters import create_model_function
-    from torpor.adapters.bls import install_bls
-    from torpor.dataplane.engine import Engine, EngineOptions
+def engine_options(args: argparse.Namespace):
+    from torpor.dataplane.engine import EngineOptions
 
-    options = EngineOptions(
+    return EngineOptions(
         model_repositories=args.model_repository or [DEFAULT_REPOSITORY],
         model_control_mode=args.model_control_mode,
         load_models=args.load_model,
@@ -163,62 +161,17 @@ async def serve(args: argparse.Namespace) -> int:
         shed_late=args.shed_late,
         stage_lookahead=args.stage_lookahead,
     )
-    engine = Engine(options, create_model_function)
-    install_bls(engine, asyncio.get_running_loop())  # pb_utils.InferenceRequest.exec() in python models
-    engine.logging.update({"log_verbose_level": args.log_verbose})
-    try:
-        await engine.start()
-    except Exception as e:  # noqa: BLE001 - a start-up failure is reported in one line, not a traceback
-        print(f"torpor: could not start: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        await engine.stop()
-        return 1
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
 
-    servers = []  # (name, async stop(grace) callable)
-    tasks = []
+async def start_front_ends(engine, args: argparse.Namespace) -> tuple[list, list]:
+    """The listeners the flags ask for: ([(name, async stop(grace))], [tasks that end if a listener fails])."""
+    servers, tasks = [], []
     if args.allow_http:
-        import uvicorn
+        from torpor.api.http import start_http_server
 
-        from torpor.api.http import create_app
-
-        class _Server(uvicorn.Server):
-            # We own signal handling: uvicorn's would re-raise the signal after shutdown and
-            # turn a clean drain into a non-zero exit.
-            def install_signal_handlers(self) -> None:
-                pass
-
-            def capture_signals(self):  # uvicorn >= 0.29
-                import contextlib
-
-                return contextlib.nullcontext()
-
-        config = uvicorn.Config(
-            create_app(engine, args.http_max_input_size, args.http_restricted),
-            host=args.http_address,
-            port=args.http_port,
-            loop="none",
-            http="httptools",
-            lifespan="off",
-            access_log=False,
-            log_level="warning",
-            timeout_graceful_shutdown=int(args.exit_timeout_secs) or None,
-        )
-        http_server = _Server(config)
-        async def serve_http() -> None:
-            try:
-                await http_server.serve()
-            except SystemExit:  # uvicorn exits the process when it cannot bind; we shut down cleanly instead
-                raise RuntimeError(f"HTTP listener could not start on {args.http_address}:{args.http_port}") from None
-
-        tasks.append(asyncio.create_task(serve_http()))
-
-        async def stop_http(grace: float) -> None:
-            http_server.should_exit = True
-
+        task, stop_http = await start_http_server(engine, args.http_address, args.http_port, args.http_max_input_size,
+                                                  args.http_restricted, args.exit_timeout_secs)
+        tasks.append(task)
         servers.append(("http", stop_http))
     if args.allow_grpc:
         from torpor.api.grpc import start_grpc_server
@@ -235,7 +188,29 @@ async def serve(args: argparse.Namespace) -> int:
 
         metrics_stop = await start_metrics_server(engine, args.metrics_address or args.http_address, args.metrics_port)
         servers.append(("metrics", metrics_stop))
+    return servers, tasks
 
+
+async def serve(args: argparse.Namespace) -> int:
+    from torpor.adapters import create_model_function
+    from torpor.adapters.bls import install_bls
+    from torpor.dataplane.engine import Engine
+
+    engine = Engine(engine_options(args), create_model_function)
+    install_bls(engine, asyncio.get_running_loop())  # pb_utils.InferenceRequest.exec() in python models
+    engine.log_settings({"log_verbose_level": args.log_verbose})
+    try:
+        await engine.start()
+    except Exception as e:  # noqa: BLE001 - a start-up failure is reported in one line, not a traceback
+        print(f"torpor: could not start: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        await engine.stop()
+        return 1
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    servers, tasks = await start_front_ends(engine, args)
     log.info("torpor serving: http %s, grpc %s, metrics %s", args.http_port, args.grpc_port, args.metrics_port)
     print(f"torpor: serving HTTP on {args.http_address}:{args.http_port}, gRPC on {args.grpc_address}:{args.grpc_port}, "
           f"metrics on {args.metrics_address or args.http_address}:{args.metrics_port}", flush=True)
@@ -249,14 +224,14 @@ async def serve(args: argparse.Namespace) -> int:
             print(f"torpor: {t.exception()}", file=sys.stderr, flush=True)
             failed = True
     # Graceful exit: refuse new work, let listeners finish in-flight requests, drain the engine.
-    engine.exiting = True
+    engine.begin_exit()
     grace = args.exit_timeout_secs
     await asyncio.gather(*(fn(grace) for _, fn in servers), return_exceptions=True)
     if tasks:
         await asyncio.wait(tasks, timeout=grace + 1)
     drained = await engine.drain(grace)
     if not drained:
-        log.warning("exit timeout: %d requests still in flight", engine.inflight)
+        log.warning("exit timeout: %d requests still in flight", engine.in_flight())
     await engine.stop()
     return 1 if failed else 0
 

@@ -4,8 +4,10 @@ Front ends decode a request into `InferRequest`, call `Engine.infer` (or `infer_
 decoupled models) and encode the `InferResponse`. The engine resolves the model version,
 validates inputs against the config, fills sequence-control tensors, runs the model function on
 a worker thread (never blocking the event loop), selects and post-processes outputs
-(classification, shared memory) and keeps Triton-shaped statistics. Model lifecycle (load,
-unload, readiness, repository index) lives here too.
+(classification, shared memory) and keeps Triton-shaped statistics. Front ends call its methods
+only, never its fields. The models themselves and their lifecycle (load, unload, poll, the
+repository index) are the registry's (`torpor.registry.lifecycle.ModelRegistry`); the devices
+are the device runtime's (`torpor.runtime.device_path.DeviceRuntime`, when --devices names any).
 """
 
 from __future__ import annotations
@@ -15,45 +17,30 @@ import concurrent.futures
 import logging
 import os
 import resource
-import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torpor.config import (
     ModelConfig,
     config_to_dict,
-    parameter,
-    parse_config_json,
-    read_config,
 )
 from torpor.dataplane.request_rules import RequestRules
 from torpor.dataplane.shm import SharedMemoryManager
 from torpor.dataplane.timeouts import acquire_slot_by, request_deadline, timeout_seconds, wait_until
-from torpor.errors import Status, TorporError, internal, invalid_arg, unavailable, unsupported
+from torpor.errors import Status, TorporError, internal, unavailable, unsupported
 from torpor.model import ModelFunction, ModelRequest, TensorSpec
+from torpor.registry.lifecycle import Factory, ModelRegistry
 from torpor.registry.model_entry import InlineGate, ModelEntry, VersionEntry
-from torpor.registry.overrides import (
-    complete_config,
-    confine_config,
-    drop_override,
-    refuse_override_code,
-    write_override,
-)
-from torpor.registry.repository import (
-    Repository,
-    available_versions,
-    folder_mtime,
-    read_labels,
-    select_versions,
-)
 from torpor.runtime.device_path import DeviceJob
 from torpor.scheduling.costmodel import slo_seconds
 from torpor.settings import LogSettings, TraceSettings
 from torpor.stats import ModelStats, empty_stats
 from torpor.tensors import InferRequest, InferResponse
+
+if TYPE_CHECKING:  # the swap engine is imported only when --devices asks for it (it needs torch)
+    from torpor.runtime.device_path import DeviceRuntime
 
 log = logging.getLogger("torpor")
 
@@ -73,10 +60,6 @@ EXTENSIONS = [
     "trace",
     "logging",
 ]
-
-# Adapter factory: (name, version, config, version_path, model_path) -> ModelFunction.
-# Injected so the engine does not import the adapters package (adapters depend on torpor).
-Factory = Callable[[str, int, ModelConfig, Path, Path], ModelFunction]
 
 
 @dataclass
@@ -118,10 +101,6 @@ class EngineOptions:
     stage_lookahead: int = 1  # requests per device holding memory beyond those running (torpor.runtime.staging)
 
 
-def _unknown(name: str, detail: str) -> TorporError:
-    return TorporError(Status.NOT_FOUND, f"Request for unknown model: {detail}")
-
-
 def _shape_str(shape) -> str:
     return "[" + ",".join(str(int(d)) for d in shape) + "]"
 
@@ -129,24 +108,18 @@ def _shape_str(shape) -> str:
 class Engine:
     def __init__(self, options: EngineOptions, factory: Factory):
         self.options = options
-        self.factory = factory
-        self.repository = Repository(options.model_repositories)
-        self.models: dict[str, ModelEntry] = {}
         self.shm = SharedMemoryManager(options.allow_client_shm)
         self.rules = RequestRules(options, self.shm)  # validation and responses (torpor.dataplane.request_rules)
         self.trace = TraceSettings()
         self.logging = LogSettings()
         workers = options.worker_threads or min(32, (os.cpu_count() or 1) + 4)
         self.workers = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="torpor-exec")
-        # torpor.runtime.device_path.DeviceRuntime when --devices names any (the swap engine), with its
-        # DevicePool (`devices`) and the scheduler's seam to it (`placer`)
-        self.runtime = None
-        self.devices = None
-        self.placer = None
+        # the models and their lifecycle (torpor.registry.lifecycle)
+        self.registry = ModelRegistry(options, factory, self.workers)
+        # torpor.runtime.device_path.DeviceRuntime when --devices names any (the swap engine)
+        self.runtime: DeviceRuntime | None = None
         self.live = False
         self.exiting = False
-        self._poll_task: asyncio.Task | None = None
-        self._lifecycle_lock: asyncio.Lock | None = None
         self.inflight = 0
         self._idle: asyncio.Event | None = None
 
@@ -158,29 +131,12 @@ class Engine:
             # Imported here: the swap engine (devices, residency) needs torch, the rest of the engine does not.
             from torpor.runtime.device_path import DeviceRuntime
 
-            self.runtime = await DeviceRuntime.open(self.options)
-            self.devices, self.placer = self.runtime.pool, self.runtime.placer
-        self._lifecycle_lock = asyncio.Lock()
+            self.runtime = await DeviceRuntime.open(self.options, self.workers)
+            self.registry.binder = self.runtime  # loaded models with layer groups are bound to the devices
         self._idle = asyncio.Event()
         self._idle.set()
-        mode = self.options.model_control_mode
-        sources, duplicates = self.repository.scan()
-        for name in duplicates:
-            self.models[name] = ModelEntry(name, error="model appears in two or more repositories")
-        for name, src in sources.items():
-            self.models.setdefault(name, ModelEntry(name, source=src))
-        if mode in ("none", "poll"):
-            to_load = list(sources)
-        else:
-            to_load = list(sources) if "*" in self.options.load_models else list(self.options.load_models)
-        for name in to_load:
-            try:
-                await self.load(name, _internal=True)
-            except TorporError as e:
-                log.error("%s", e.message)
+        await self.registry.start()
         self.live = True
-        if mode == "poll" and self.options.repository_poll_secs > 0:
-            self._poll_task = asyncio.create_task(self._poll_loop())
 
     async def drain(self, timeout: float) -> bool:
         """Stop taking new requests and wait (bounded) for in-flight ones; True if all finished."""
@@ -195,17 +151,7 @@ class Engine:
 
     async def stop(self) -> None:
         self.exiting = True
-        if self._poll_task:
-            self._poll_task.cancel()
-        for entry in list(self.models.values()):
-            for v in entry.versions.values():
-                if v.function is not None:
-                    try:
-                        await asyncio.get_running_loop().run_in_executor(self.workers, v.function.unload)
-                    except Exception:
-                        log.exception("unloading %s failed", entry.name)
-                    v.function = None
-            drop_override(entry)
+        await self.registry.stop()
         self.shm.close()
         self.workers.shutdown(wait=False, cancel_futures=True)
         if self.runtime is not None:
@@ -223,16 +169,7 @@ class Engine:
     def is_ready(self) -> bool:
         if not self.live or self.exiting:
             return False
-        if not self.options.strict_readiness:
-            return True
-        for entry in self.models.values():
-            if entry.error and entry.error != "unloaded":
-                return False
-            for v in entry.versions.values():
-                if v.state == "READY" or (v.state == "UNAVAILABLE" and v.reason == "unloaded"):
-                    continue
-                return False
-        return True
+        return not self.options.strict_readiness or self.registry.all_ready()
 
     def model_ready(self, name: str, version: str = "") -> bool:
         try:
@@ -243,31 +180,7 @@ class Engine:
 
     def resolve(self, name: str, version: str = "") -> tuple[ModelEntry, VersionEntry]:
         """The READY version a request names (latest READY when `version` is empty)."""
-        entry = self.models.get(name)
-        if entry is None or entry.config is None:
-            raise _unknown(name, f"'{name}' is not found")
-        if version in ("", "-1", None):
-            if len(entry.versions) == 1:  # the common case, without sorting
-                for ve in entry.versions.values():
-                    if ve.state == "READY":
-                        return entry, ve
-            ready = entry.ready_versions()
-            if not ready:
-                raise _unknown(name, f"'{name}' has no available versions")
-            return entry, entry.versions[ready[-1]]
-        try:
-            v = int(version)
-        except ValueError:
-            raise _unknown(name, f"'{name}' version {version} is not found") from None
-        ve = entry.versions.get(v)
-        if ve is None:
-            raise _unknown(name, f"'{name}' version {v} is not found")
-        if ve.state != "READY":
-            raise TorporError(
-                Status.UNAVAILABLE,
-                f"Request for unknown model: '{name}' version {v} is not at ready state",
-            )
-        return entry, ve
+        return self.registry.resolve(name, version)
 
     def model_metadata(self, name: str, version: str = "") -> dict:
         entry, ve = self.resolve(name, version)
@@ -293,295 +206,106 @@ class Engine:
     def model_config_dict(self, name: str, version: str = "") -> dict:
         return config_to_dict(self.model_config(name, version))
 
+    def is_decoupled(self, name: str, version: str = "") -> bool:
+        """A READY version of `name` streams its responses (decoupled transaction policy)."""
+        try:
+            entry, _ = self.resolve(name, version)
+        except TorporError:
+            return False
+        return entry.decoupled
+
+    def has_model(self, name: str) -> bool:
+        """The repository or a load named it (ready or not)."""
+        return self.registry.knows(name)
+
     # ---------------------------------------------------------------------------------------
-    # repository: index, load, unload, poll
+    # the model repository extension (torpor.registry.lifecycle does the work)
     # ---------------------------------------------------------------------------------------
     def repository_index(self, ready_only: bool = False) -> list[dict]:
-        sources, duplicates = self.repository.scan()
-        names = sorted(set(sources) | set(self.models) | duplicates)
-        out: list[dict] = []
-        for name in names:
-            entry = self.models.get(name)
-            if name in duplicates:
-                if not ready_only:
-                    out.append({"name": name, "state": "UNAVAILABLE", "reason": "model appears in two or more repositories"})
-                continue
-            if entry is None or (not entry.versions and not entry.error):
-                if not ready_only:
-                    out.append({"name": name})
-                continue
-            if entry.error and not entry.versions:
-                if not ready_only:
-                    out.append({"name": name, "state": "UNAVAILABLE", "reason": entry.error})
-                continue
-            for v, ve in sorted(entry.versions.items()):
-                if ready_only and ve.state != "READY":
-                    continue
-                item = {"name": name, "version": str(v), "state": ve.state}
-                if ve.reason:
-                    item["reason"] = ve.reason
-                out.append(item)
-        return out
+        return self.registry.repository_index(ready_only)
 
-    def _check_explicit(self) -> None:
-        if self.options.model_control_mode != "explicit":
-            raise unavailable("explicit model load / unload is not allowed if polling is enabled")
-
-    async def load(
-        self,
-        name: str,
-        config_json: str | None = None,
-        files: dict[str, bytes] | None = None,
-        _internal: bool = False,
-    ) -> None:
-        """Load (or reload) a model. `files` maps `<version>/<path>` to contents (the
-        `file:` load parameters); they require `config_json`, as in Triton."""
-        if not _internal:
-            self._check_explicit()
-        assert self._lifecycle_lock is not None
-        async with self._lifecycle_lock:
-            await self._load_locked(name, config_json, files or {})
-
-    async def _load_locked(self, name: str, config_json: str | None, files: dict[str, bytes]) -> None:
-        if files and config_json is None:
-            raise invalid_arg(f"failed to load '{name}', failed to poll from model repository: model config must be provided when loading files")
-        sources, duplicates = self.repository.scan()
-        if name in duplicates:
-            raise internal(f"failed to load '{name}', model appears in two or more repositories")
-        entry = self.models.get(name) or ModelEntry(name)
-        src = sources.get(name)
-        override_dir = None
-        if files:
-            refuse_override_code(name, files, self.options.allow_override_code)
-            override_dir = write_override(name, files)
-            model_dir = override_dir
-        elif src is not None:
-            model_dir = src.path
-        else:
-            raise internal(f"failed to load '{name}', failed to poll from model repository")
-        try:
-            if config_json is not None:
-                config = parse_config_json(config_json, name)
-                if not self.options.strict_model_config and (model_dir / "config.pbtxt").exists():
-                    config = complete_config(config, read_config(model_dir))
-            else:
-                config = read_config(model_dir)
-            if config.name and config.name != name:
-                raise invalid_arg(f"model name in config '{config.name}' does not match the folder '{name}'")
-            try:
-                slo_seconds({"torpor.slo_ms": parameter(config, "torpor.slo_ms") or ""}, None)
-            except ValueError as e:
-                raise invalid_arg(str(e)) from None
-            config.name = name
-            versions = select_versions(config, available_versions(model_dir))
-        except TorporError as e:
-            if override_dir is not None:
-                shutil.rmtree(override_dir, ignore_errors=True)
-            if not entry.versions:
-                entry.error = f"failed to load '{name}', {e.message}"
-                entry.source = src
-                self.models[name] = entry
-            raise internal(f"failed to load '{name}', {e.message}") from None
-        if config_json is not None:
-            try:
-                confine_config(name, config, config_json, model_dir, bool(files), self.options.allow_override_code)
-            except TorporError:
-                if override_dir is not None:
-                    shutil.rmtree(override_dir, ignore_errors=True)
-                raise
-
-        # Load the new versions before retiring the old ones, so a failed reload keeps serving.
-        started = time.monotonic()
-        new_versions: dict[int, VersionEntry] = {}
-        errors = []
-        loop = asyncio.get_running_loop()
-        for v in versions:
-            ve = VersionEntry(v, state="LOADING")
-            try:
-                fn = self.factory(name, v, config, model_dir / str(v), model_dir)
-                await loop.run_in_executor(self.workers, fn.load)
-            except Exception as e:  # noqa: BLE001 - any adapter failure is a load failure
-                msg = e.message if isinstance(e, TorporError) else f"{type(e).__name__}: {e}"
-                ve.state, ve.reason = "UNAVAILABLE", msg
-                errors.append(f"version {v}: {msg}")
-                log.error("failed to load '%s' version %d: %s", name, v, msg)
-            else:
-                groups = fn.layer_groups() if self.devices is not None and fn.placeable else []
-                if groups:
-                    key = (name, v)
-                    try:
-                        # weights into the host store (pinned when CUDA is present); no device touched
-                        await loop.run_in_executor(self.workers, self.devices.register, key, groups, fn.module)
-                    except Exception as e:  # noqa: BLE001
-                        msg = f"{type(e).__name__}: {e}"
-                        ve.state, ve.reason = "UNAVAILABLE", msg
-                        errors.append(f"version {v}: {msg}")
-                        new_versions[v] = ve
-                        await loop.run_in_executor(self.workers, fn.unload)
-                        continue
-                    ve.pool_key = key
-                    await self.runtime.profile(key, fn, config, self.options.profile_runs)
-                ve.function = fn
-                ve.state = "READY"
-                ve.stats = ModelStats(name, str(v))
-                ve.stats.load_duration_s = time.monotonic() - started
-                ve.capacity = self._slot_count(ve, config)
-                ve.slots = asyncio.Semaphore(ve.capacity)
-            new_versions[v] = ve
-
-        if errors and not any(ve.state == "READY" for ve in new_versions.values()):
-            if override_dir is not None:
-                shutil.rmtree(override_dir, ignore_errors=True)
-            old_ready = [ve for ve in entry.versions.values() if ve.state == "READY"]
-            if not old_ready:
-                entry.set_config(config)
-                entry.versions = new_versions
-                entry.source = src
-                entry.error = ""
-                self.models[name] = entry
-            raise internal(f"failed to load '{name}', " + "; ".join(errors))
-
-        # A python model's auto_complete_config may have filled in its config during load.
-        loaded = [ve.function for ve in new_versions.values() if ve.function is not None]
-        if loaded:
-            config = loaded[-1].config
-        old = entry.versions
-        old_override = entry.override_dir
-        entry.set_config(config)
-        entry.versions = new_versions
-        entry.source = src
-        entry.error = ""
-        entry.override_dir = override_dir
-        entry.labels = read_labels(model_dir, entry.outputs)
-        entry.mtime = folder_mtime(model_dir)
-        entry.active_sequences = set()
-        self.models[name] = entry
-        await self._retire(old.values())
-        if old_override is not None and old_override != override_dir:
-            shutil.rmtree(old_override, ignore_errors=True)
-
-    async def _retire(self, versions) -> None:
-        loop = asyncio.get_running_loop()
-        for ve in versions:
-            if ve.function is None:
-                continue
-            # Let in-flight executions finish before unloading: take every slot.
-            if ve.slots is not None:
-                for _ in range(self._slot_count(ve, ve.function.config)):
-                    await ve.slots.acquire()
-            fn, ve.function = ve.function, None
-            if ve.pool_key is not None and self.devices is not None:
-                try:
-                    await self.devices.unregister(ve.pool_key)
-                    if self.placer is not None:
-                        self.placer.forget(ve.pool_key)
-                except Exception:
-                    log.exception("dropping %s version %d from the devices failed", fn.name, ve.version)
-                ve.pool_key = None
-            try:
-                await loop.run_in_executor(self.workers, fn.unload)
-            except Exception:
-                log.exception("unloading %s version %d failed", fn.name, ve.version)
+    async def load(self, name: str, config_json: str | None = None, files: dict[str, bytes] | None = None,
+                   _internal: bool = False) -> None:
+        await self.registry.load(name, config_json, files, _internal)
 
     async def unload(self, name: str, unload_dependents: bool = False, _internal: bool = False) -> None:
-        if not _internal:
-            self._check_explicit()
-        assert self._lifecycle_lock is not None
-        async with self._lifecycle_lock:
-            entry = self.models.get(name)
-            if entry is None:
-                return  # Triton answers an unload of an unknown or never-loaded model with success
-            for ve in entry.versions.values():
-                if ve.state == "READY":
-                    ve.state = "UNLOADING"
-            await self._retire(entry.versions.values())
-            for ve in entry.versions.values():
-                ve.state, ve.reason = "UNAVAILABLE", "unloaded"
-            drop_override(entry)
-
-    def _slot_count(self, ve: VersionEntry, config: ModelConfig) -> int:
-        """Requests of a version in flight at once. Where loaded: one per model instance. On
-        devices: the devices' workers run one request at a time each, and the scheduler must
-        see requests queued per device to place, queue or batch them, so the slots only bound
-        admission."""
-        if ve.pool_key is not None and self.runtime is not None:
-            return self.runtime.slots()
-        return self._instance_count(config)
-
-    @staticmethod
-    def _instance_count(config: ModelConfig) -> int:
-        n = sum(max(1, g.count) for g in config.instance_group)
-        return max(1, n)
-
-    async def _poll_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.options.repository_poll_secs)
-            try:
-                await self.poll_once()
-            except Exception:
-                log.exception("repository poll failed")
+        await self.registry.unload(name, unload_dependents, _internal)
 
     async def poll_once(self) -> None:
-        """POLL mode: load new or changed models, unload removed ones."""
-        sources, _ = self.repository.scan()
-        for name, src in sources.items():
-            entry = self.models.get(name)
-            if entry is None or entry.mtime != folder_mtime(src.path):
-                try:
-                    await self.load(name, _internal=True)
-                except TorporError as e:
-                    log.error("%s", e.message)
-        for name in list(self.models):
-            if name not in sources and self.models[name].versions:
-                await self.unload(name, _internal=True)
-                self.models.pop(name, None)
+        await self.registry.poll_once()
+
+    # ---------------------------------------------------------------------------------------
+    # the shared-memory, trace and logging extensions
+    # ---------------------------------------------------------------------------------------
+    def shm_status(self, kind: str, name: str = "") -> list:
+        return self.shm.system_status(name) if kind == "system" else self.shm.cuda_status(name)
+
+    def shm_register_system(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        self.shm.register_system(name, key, offset, byte_size)
+
+    def shm_register_cuda(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+        self.shm.register_cuda(name, raw_handle, device_id, byte_size)
+
+    def shm_unregister(self, kind: str, name: str = "") -> None:
+        if kind == "system":
+            self.shm.unregister_system(name)
+        else:
+            self.shm.unregister_cuda(name)
+
+    def trace_settings(self, model: str | None = None, changes: dict | None = None) -> dict:
+        """Triton's trace settings (global, or one model's); `changes` updates them first."""
+        return self.trace.update(changes, model or "") if changes is not None else self.trace.get(model or "")
+
+    def log_settings(self, changes: dict | None = None) -> dict:
+        return self.logging.update(changes) if changes is not None else self.logging.get()
+
+    def begin_exit(self) -> None:
+        """Refuse new requests from now on (readiness turns false); in-flight ones finish."""
+        self.exiting = True
+
+    def is_exiting(self) -> bool:
+        return self.exiting
+
+    def in_flight(self) -> int:
+        return self.inflight
 
     # ---------------------------------------------------------------------------------------
     # statistics and residency
     # ---------------------------------------------------------------------------------------
+    def has_devices(self) -> bool:
+        """Models are bound to devices late, per request (--devices)."""
+        return self.runtime is not None
+
     def residency(self) -> dict:
         """Per device: which models are resident, bytes used and free (GET /v2/torpor/residency)."""
-        if self.devices is None:
+        if self.runtime is None:
             return {"devices": [], "note": "no devices configured (--devices): models run where loaded"}
-        return self.devices.residency()
+        return self.runtime.residency()
 
     def topology(self) -> dict:
         """The devices' links (measured or configured), the scheduler's state and per-model
         SLO accounting (GET /v2/torpor/topology)."""
-        if self.placer is None:
+        if self.runtime is None:
             return {"devices": [], "links": [], "note": "no devices configured (--devices): models run where loaded"}
-        return self.placer.describe()
+        return self.runtime.topology()
 
     def swap_counters(self) -> dict:
         """Per (model, version): the swap engine's counters (swap-ins, bytes, hits, ...)."""
-        return self.devices.counters() if self.devices is not None else {}
+        return self.runtime.counters() if self.runtime is not None else {}
 
-    def _memory_usage(self, ve: VersionEntry) -> list[dict]:
-        """Triton's memory_usage entries: where this version's weights are resident now."""
-        if self.devices is None or ve.pool_key is None:
-            return []
-        out = []
-        for m in self.devices.memories:
-            r = m.residents.get(ve.pool_key)
-            if r is not None:
-                out.append({"type": "GPU" if m.device.kind == "cuda" else "CPU", "id": m.device.index,
-                            "byte_size": r.nbytes})
-        return out
+    def model_stats(self) -> list[ModelStats]:
+        """The statistics of every READY version, by name and version (the metrics' source)."""
+        return [ve.stats for _, ve in self.registry.ready_versions() if ve.stats is not None]
 
     def _stats_dict(self, name: str, ve: VersionEntry) -> dict:
         if ve.stats is None:
             return empty_stats(name, str(ve.version))
-        ve.stats.memory_usage = self._memory_usage(ve)
+        ve.stats.memory_usage = self.runtime.memory_usage(ve.pool_key) if self.runtime and ve.pool_key else []
         return ve.stats.to_dict()
 
     def statistics(self, name: str = "", version: str = "") -> list[dict]:
         if not name:
-            return [
-                self._stats_dict(n, ve)
-                for n in sorted(self.models)
-                for _, ve in sorted(self.models[n].versions.items())
-                if ve.state == "READY"
-            ]
+            return [self._stats_dict(n, ve) for n, ve in self.registry.ready_versions()]
         entry, ve = self.resolve(name, version)
         if version in ("", "-1"):
             return [self._stats_dict(name, e) for _, e in sorted(entry.versions.items()) if e.state == "READY"]

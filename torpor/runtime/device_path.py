@@ -61,14 +61,17 @@ class DeviceRuntime:
     """The device pool (`torpor.runtime.residency`) and the scheduler's seam to it (`torpor.runtime.placer`),
     and the requests of one model still forming a batch per device."""
 
-    def __init__(self, pool: Any, placer: Any, *, shed_late: bool = True):
+    def __init__(self, pool: Any, placer: Any, *, shed_late: bool = True, profile_runs: int = 0,
+                 workers: Any = None):
         self.pool = pool
         self.placer = placer
         self.shed_late = shed_late
+        self.profile_runs = profile_runs
+        self.workers = workers  # the executor for host-side work at load (None: the loop's default)
         self._batches: dict[tuple, _DeviceBatch] = {}  # (model key, device) -> batch still open
 
     @classmethod
-    async def open(cls, options: Any) -> DeviceRuntime:
+    async def open(cls, options: Any, workers: Any = None) -> DeviceRuntime:
         """Devices, arenas (reserved and first-touched once, off the loop) and links (measured
         or configured) from the engine's options; a RuntimeError naming the flag on failure."""
         # imported here: the swap engine needs torch, the rest of the engine does not
@@ -108,7 +111,46 @@ class DeviceRuntime:
                 hint = (" (another process may hold the memory: lower --device-memory-fraction "
                         "or set --device-memory-bytes)")
             raise RuntimeError(f"--devices {options.devices!r}: {text}{hint}") from None
-        return cls(pool, placer, shed_late=options.shed_late)
+        return cls(pool, placer, shed_late=options.shed_late, profile_runs=options.profile_runs, workers=workers)
+
+    # -- the registry's Binder (torpor.registry.lifecycle) ------------------------------------
+    async def bind(self, key: Any, fn: ModelFunction, config: ModelConfig) -> Any | None:
+        """A loaded version that can be placed (weights in layer groups) goes into the host
+        store (pinned where CUDA is present; no device is touched) and is profiled on a device:
+        its key, or None for a model that runs where it was loaded."""
+        groups = fn.layer_groups() if fn.placeable else []
+        if not groups:
+            return None
+        await asyncio.get_running_loop().run_in_executor(self.workers, self.pool.register, key, groups, fn.module)
+        await self.profile(key, fn, config, self.profile_runs)
+        return key
+
+    async def unbind(self, key: Any) -> None:
+        await self.pool.unregister(key)
+        self.placer.forget(key)
+
+    def capacity(self, config: ModelConfig) -> int:
+        return self.slots()
+
+    # -- what the data plane reports (GET /v2/torpor/*, statistics, metrics) ------------------
+    def residency(self) -> dict:
+        return self.pool.residency()
+
+    def topology(self) -> dict:
+        return self.placer.describe()
+
+    def counters(self) -> dict:
+        return self.pool.counters()
+
+    def memory_usage(self, key: Any) -> list[dict]:
+        """Triton's memory_usage entries: where this version's weights are resident now."""
+        out = []
+        for m in self.pool.memories:
+            r = m.residents.get(key)
+            if r is not None:
+                out.append({"type": "GPU" if m.device.kind == "cuda" else "CPU", "id": m.device.index,
+                            "byte_size": r.nbytes})
+        return out
 
     def slots(self) -> int:
         """Requests of one model version in flight at once: the devices' workers run one request
