@@ -33,7 +33,7 @@ SIMPLE_MODELS = [
 
 
 # Triton's own example clients (triton-inference-server/client src/python/examples), run
-# unmodified by tests/test_examples_*.py when this folder exists (it does not in CI).
+# unmodified by tests/compat/test_examples_*.py when this folder exists (it does not in CI).
 TRITON_EXAMPLES = Path(os.environ.get("TRITON_CLIENT_EXAMPLES", "/work/tritonclient-src/src/python/examples"))
 
 
