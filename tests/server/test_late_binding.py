@@ -13,6 +13,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from .. import models
+from .test_metrics import scrape, value
 
 HIDDEN = 512  # 4 layers: ~4.2 MB of FP32 weights per model
 MODELS = [f"mlp{i}" for i in range(6)]
@@ -100,16 +101,46 @@ def test_swap_metrics(servers):
     assert "torpor_device_memory_free_bytes" in text
 
 
+def resident_models(server) -> set[str]:
+    (dev,) = get_json(f"http://{server.http_url}/v2/torpor/residency")["devices"]
+    return {m["model"].split(":")[0] for m in dev["models"]}
+
+
+def device_counts(server, model: str) -> tuple[float, float]:
+    """(swap-ins, requests served on a device: hits + joins + misses) of `model`, from the
+    torpor_swap_* metrics. Every request the device runtime serves counts as exactly one of
+    hit, join or miss; a request run where the model was loaded counts as none."""
+    samples, _, _ = scrape(server)
+    n = {k: value(samples, f"torpor_swap_{k}", model=model, version="1") for k in ("ins", "hits", "joins", "misses")}
+    return n["ins"], n["hits"] + n["joins"] + n["misses"]
+
+
 def test_grpc_goes_through_the_same_devices(servers):
+    """gRPC requests are served by the device runtime like HTTP ones: the metrics move by exactly
+    the gRPC traffic (one swap-in, three device acquisitions), and the answers match the host's."""
     host, bound = servers
+    target = MODELS[-1]
+    bc = httpclient.InferenceServerClient(bound.http_url)
+    ones = np.ones((1, HIDDEN), dtype=np.float32)
+    for m in MODELS[:-1] * 2:  # evict the target (the arena holds about two models) over HTTP
+        if target not in resident_models(bound):
+            break
+        infer(bc, m, ones)
+    assert target not in resident_models(bound)
+    swap_ins, served = device_counts(bound, target)
+
     x = np.full((1, HIDDEN), 0.5, dtype=np.float32)
-    outs = []
+    outs = {}
     for s in (host, bound):
         c = grpcclient.InferenceServerClient(s.grpc_url)
         inp = grpcclient.InferInput("input", [1, HIDDEN], "FP32")
         inp.set_data_from_numpy(x)
-        outs.append(c.infer(MODELS[-1], [inp]).as_numpy("output"))
-    np.testing.assert_array_equal(outs[0], outs[1])
+        outs[s] = [c.infer(target, [inp]).as_numpy("output") for _ in range(3)]
+        c.close()
+    for out in outs[host] + outs[bound]:
+        np.testing.assert_array_equal(out, outs[host][0])
+    assert device_counts(bound, target) == (swap_ins + 1, served + 3)
+    assert target in resident_models(bound)
 
 
 def test_model_larger_than_the_arena_is_a_clean_error(tmp_path, start_server):
