@@ -90,6 +90,16 @@ def infer(srv: Server) -> np.ndarray:
         return c.infer("slow", [inp]).as_numpy("y")
 
 
+def wait_for(condition, timeout: float, interval: float = 0.005) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(interval)
+    return condition()
+
+
 def holders(srv: Server) -> list[str]:
     return sorted(d["name"] for d in get(srv, "/v2/torpor/residency")["devices"]
                   if any(r["model"] == "slow:1" for r in d["models"]))
@@ -200,7 +210,8 @@ def test_requests_queued_on_a_device_batch(tmp_path):
 def test_an_urgent_request_overtakes_queued_work(tmp_path):
     """Deadline order on a device: three 250 ms requests with a 5 s objective are queued when a
     20 ms request with a 400 ms objective arrives; it runs right after the one executing
-    (first come, first served it would wait ~750 ms and miss)."""
+    (first come, first served it would wait ~500 ms and miss). The test waits until the device's
+    queue holds the three, so it cannot pass by the urgent request simply arriving first."""
     repo = tmp_path / "repo"
     for name, seconds, slo in (("bulk", 0.25, "5000"), ("urgent", 0.02, "400")):
         (repo / name / "1").mkdir(parents=True)
@@ -223,11 +234,17 @@ def test_an_urgent_request_overtakes_queued_work(tmp_path):
 
         with ThreadPoolExecutor(4) as pool:
             bulk = [pool.submit(call, "bulk") for _ in range(3)]
-            time.sleep(0.08)  # the three are queued (one running)
+            # the three are admitted on the device (one running, two queued) before the urgent one
+            # comes: seen in the scheduler's own queue, not guessed from a sleep
+            queued = wait_for(lambda: sum(get(srv, "/v2/torpor/topology")["queued"].values()) == 3, timeout=10)
+            assert queued, "the three bulk requests were never queued on the device together"
             urgent = pool.submit(call, "urgent").result()
+            bulk_left = sum(not b.done() for b in bulk)
             [b.result() for b in bulk]
         topo = get(srv, "/v2/torpor/topology")
         assert topo["queue_order"] == "deadline"
         assert topo["models"]["urgent:1"]["slo_met"] == 1, (urgent, topo["models"])
+        assert urgent < 0.4, urgent
+        assert bulk_left >= 2, bulk_left  # it ran before the two that were queued ahead of it
     finally:
         assert srv.stop() == 0
