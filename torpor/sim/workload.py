@@ -11,7 +11,9 @@ import numpy as np
 
 from torpor.sim.scenario import Scenario, ScenarioError
 
-DEFAULT_TRACE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "torpor-trace-samples.npy"
+# The paper's trace, in ../shared/data/ beside the project (torpor/sim/ is two levels below the
+# project root); not shipped in the wheel, where this path does not exist.
+DEFAULT_TRACE = Path(__file__).resolve().parents[3] / "shared" / "data" / "torpor-trace-samples.npy"
 TRACE_MINUTE_S = 60.0
 
 
