@@ -28,6 +28,7 @@ from torpor.datatypes import numpy_dtype
 from torpor.errors import internal, unavailable
 from torpor.model import ModelFunction, ModelRequest
 from torpor.scheduling.admission import defer_deadline, outlasted, shed_at_arrival, shed_when_staged
+from torpor.scheduling.scheduler import Action, Outcome
 
 log = logging.getLogger("torpor")
 
@@ -183,7 +184,7 @@ class DeviceRuntime:
             decision = self.placer.place(key, None, record=False)
             device = decision.option.device if decision is not None and decision.option is not None else None
             async with self.pool.acquire(key, device, timeout=30.0) as placement:
-                if placement.outcome in ("host", "peer"):
+                if placement.outcome in (Outcome.HOST, Outcome.PEER):
                     self.placer.copy_started(placement.resident, decision, placement.outcome)
                 await placement.ready()
 
@@ -220,8 +221,8 @@ class DeviceRuntime:
         if decision is not None and decision.option is not None:
             o = decision.option
             device = o.device
-            source = "host" if o.action == "swap" else (o.source if o.action == "peer" else "auto")
-            if self.shed_late and slo is not None and o.action in ("swap", "peer") \
+            source = "host" if o.action == Action.SWAP else (o.source if o.action == Action.PEER else "auto")
+            if self.shed_late and slo is not None and o.action in (Action.SWAP, Action.PEER) \
                     and self.pool.stages[device].would_defer(key):
                 # its copy would evict a model that waiting requests want, so it would wait for
                 # them (torpor.runtime.staging); if they outlast its slack it would be shed then: now
@@ -232,7 +233,7 @@ class DeviceRuntime:
                         f"Exceeds maximum queue size: model '{job.model}' would have to evict a model that "
                         f"waiting requests need, and they outlast its {slo * 1e3:.0f} ms objective "
                         f"(request shed; the server is overloaded)")
-            if o.action in ("swap", "peer"):
+            if o.action in (Action.SWAP, Action.PEER):
                 # Start the copy now where that evicts nothing a waiting request wants: the
                 # request may wait several turns for its stage, and its model lands meanwhile.
                 early = self.pool.start_copy(key, device, source)
@@ -311,7 +312,7 @@ class DeviceRuntime:
 
                 # queued on the device in the scheduler's order (its deadline, torpor.runtime.placer)
                 members, size, outs, seconds = await placement.run_ordered(ticket.key, work)
-                if placement.outcome == "hit":
+                if placement.outcome == Outcome.HIT:
                     placer.observe_exec(key, seconds, size)
         except BaseException as e:
             group.fail(e)

@@ -39,20 +39,41 @@ import math
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from torpor.scheduling.admission import planned_residents, work_ahead, would_delay
 from torpor.scheduling.costmodel import CostModel, ExecEstimator, LinkMap
 from torpor.scheduling.scheduler import (
     HOPELESS_DELAY_S,
+    Action,
     Decision,
     DeviceState,
     ModelInfo,
+    Outcome,
     ResidentState,
     Scheduler,
     Snapshot,
     hopeless,
 )
+
+if TYPE_CHECKING:  # the pool's own modules need torch; the placer reads them only through PoolView
+    from torpor.runtime.hoststore import HostStore
+    from torpor.runtime.memory import DeviceMemory
+    from torpor.scheduling.eviction import EvictionPolicy
+
+
+class PoolView(Protocol):
+    """What the placer reads of the device pool (`torpor.runtime.residency.DevicePool`): the
+    devices' arenas (residents, free and total bytes), each model's bytes and layer groups in
+    the host store, the eviction policy and each model's request rate. It changes nothing there."""
+
+    policy: EvictionPolicy
+    memories: list[DeviceMemory]
+    store: HostStore
+
+    def memory(self, device: str) -> DeviceMemory: ...
+
+    def request_rate(self, key: Any) -> float: ...
 
 
 @dataclass(slots=True)
@@ -97,6 +118,7 @@ class PredictionLog:
         self.counts: Counter = Counter()
 
     def add(self, action: str, predicted_s: float, measured_s: float) -> None:
+        action = str(action)  # an Action is a str, but JSON encoders want plain str keys
         q = self.pairs.get(action)
         if q is None:
             q = self.pairs[action] = deque(maxlen=self.keep)
@@ -182,7 +204,7 @@ class Ticket:
 
 
 class Placer:
-    def __init__(self, pool: Any, links: LinkMap, *, policy: str = "torpor", slo_margin: float = 0.9):
+    def __init__(self, pool: PoolView, links: LinkMap, *, policy: str = "torpor", slo_margin: float = 0.9):
         self.pool = pool
         self.links = links
         self.cost = CostModel(links, ExecEstimator())
@@ -264,7 +286,7 @@ class Placer:
                 free = max(0, free - r.nbytes)
             devices.append(DeviceState(name, m.capacity, free, residents, backlog, len(self.tickets[name]),
                                        stage_in_s=max(0.0, stage_in)))
-        return Snapshot(now, devices, inflight, rate=self.pool._rate,
+        return Snapshot(now, devices, inflight, rate=self.pool.request_rate,
                         link_clear=lambda lk: clear.get(lk, now))
 
     # decisions -----------------------------------------------------------------------------------
@@ -287,7 +309,7 @@ class Placer:
         if decision is None or decision.option is None:
             s.decisions["wait"] += 1
         else:
-            s.decisions[decision.option.action] += 1
+            s.decisions[str(decision.option.action)] += 1  # plain str keys for JSON
             if not decision.meets_slo:
                 s.predicted_misses += 1
         return decision
@@ -304,7 +326,7 @@ class Placer:
         due = guard = math.inf
         if slo_s is not None:
             due, guard = t0 + slo_s, t0 + slo_s * self.scheduler.slo_margin
-        transfer = o.transfer_s - o.start_s if o.action in ("swap", "peer") else 0.0
+        transfer = o.transfer_s - o.start_s if o.action in (Action.SWAP, Action.PEER) else 0.0
         ready = now + o.transfer_s if transfer else 0.0
         if not ready:
             r = self.pool.memory(o.device).residents.get(key)
@@ -337,9 +359,9 @@ class Placer:
         when the model lands, and remember the links of a copy it started until it lands."""
         ticket.staged = True
         r = placement.resident
-        if placement.outcome == "hit":
+        if placement.outcome == Outcome.HIT:
             ticket.ready_at = 0.0
-        elif placement.outcome == "join":
+        elif placement.outcome == Outcome.JOIN:
             ticket.ready_at = next((c.eta for c in self._copies if c.resident is r), ticket.ready_at)
         else:
             ticket.ready_at = self.copy_started(r, ticket.decision, placement.outcome)
@@ -351,7 +373,7 @@ class Placer:
         if decision is not None and decision.option is not None and decision.option.path \
                 and decision.option.device == dev:
             path = decision.option.path
-        elif outcome == "peer":
+        elif outcome == Outcome.PEER:
             src = str(resident.source).removeprefix("peer:")
             path = self.links.peer_path(src, dev) or self.links.host_path(dev)
         else:
@@ -360,7 +382,7 @@ class Placer:
         # the share it gets now: the plan's own estimate counted from the decision, not from here
         transfer = self.cost.transfer_seconds(resident.model.nbytes, path, inflight)
         concurrent = max((inflight.get(lk, 0) for lk in path), default=0)
-        self._copies.append(_Copy(resident, path, now + transfer, "host" if outcome == "host" else "peer",
+        self._copies.append(_Copy(resident, path, now + transfer, "host" if outcome == Outcome.HOST else "peer",
                                   concurrent))
         return now + transfer
 

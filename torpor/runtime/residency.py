@@ -64,6 +64,7 @@ from torpor.runtime.staging import Stage, StageTimeout, StagingQueue
 from torpor.runtime.swapper import swap_in_from_host, swap_in_from_peer
 from torpor.scheduling.admission import harm_level
 from torpor.scheduling.eviction import CostAwarePolicy, EvictionPolicy, RateMeter
+from torpor.scheduling.scheduler import Outcome
 
 _POLL_S = 0.002  # re-check interval while waiting for memory (copies complete without notifying)
 
@@ -105,10 +106,10 @@ class ModelCounters:
 class Placement:
     """A pinned resident, for the duration of an `acquire` block."""
 
-    def __init__(self, pool: DevicePool, resident: Resident, outcome: str, stage: Stage | None = None):
+    def __init__(self, pool: DevicePool, resident: Resident, outcome: Outcome, stage: Stage | None = None):
         self.pool = pool
         self.resident = resident
-        self.outcome = outcome  # "hit" | "join" | "host" | "peer"
+        self.outcome = outcome
         self._stage = stage  # the device stage it holds until its runs finish (torpor.runtime.staging)
         self._inflight = 0
         self._closed = False
@@ -299,7 +300,7 @@ class DevicePool:
         if key in m.residents or key in self._removing:
             return None
         model = self.store.get(key)
-        r = m.make_room(model, self.policy, rate=self._rate, bandwidth=self.host_bandwidth[m.device.name],
+        r = m.make_room(model, self.policy, rate=self.request_rate, bandwidth=self.host_bandwidth[m.device.name],
                         replicas=self._replicas, on_evict=self._on_evict,
                         keep=self.stages[m.device.name].waiting_keys(), spare=True)
         if r is None:
@@ -307,7 +308,7 @@ class DevicePool:
         outcome = self._swap_in(r, source)
         counters = self._counters.setdefault(key, ModelCounters())
         counters.swap_ins += 1
-        counters.peer_swap_ins += outcome == "peer"
+        counters.peer_swap_ins += outcome == Outcome.PEER
         counters.bytes_moved += sum(g.nbytes for g in model.groups)
         return Placement(self, r, outcome)
 
@@ -366,8 +367,8 @@ class DevicePool:
         while True:
             resident = m.residents.get(key)
             if resident is not None:
-                outcome = "hit" if resident.copy_done() else "join"
-                if outcome == "hit":
+                outcome = Outcome.HIT if resident.copy_done() else Outcome.JOIN
+                if outcome == Outcome.HIT:
                     counters.hits += 1
                 else:
                     counters.joins += 1
@@ -375,7 +376,7 @@ class DevicePool:
             r = m.make_room(
                 model,
                 self.policy,
-                rate=self._rate,
+                rate=self.request_rate,
                 bandwidth=self.host_bandwidth[m.device.name],
                 replicas=self._replicas,
                 on_evict=self._on_evict,
@@ -385,7 +386,7 @@ class DevicePool:
                 outcome = self._swap_in(r, source)
                 counters.misses += 1
                 counters.swap_ins += 1
-                counters.peer_swap_ins += outcome == "peer"
+                counters.peer_swap_ins += outcome == Outcome.PEER
                 counters.bytes_moved += sum(g.nbytes for g in model.groups)
                 return self._pin(r, outcome, stage)
             if not waited:
@@ -419,10 +420,10 @@ class DevicePool:
             """What staging a request for `key` on `m` now would do to the requests waiting
             there (torpor.scheduling.admission.harm_level); the victims are walked only as needed."""
             victims = ((c.key, c.nbytes, c.rate) for c, _ in m.victims(
-                self.policy, rate=self._rate, bandwidth=self.host_bandwidth[m.device.name],
+                self.policy, rate=self.request_rate, bandwidth=self.host_bandwidth[m.device.name],
                 replicas=self._replicas, keep=wanted, pinned=True))
             return harm_level(key, self.store.get(key).nbytes - m.free_bytes, m.residents, victims, wanted,
-                              self._rate(key))
+                              self.request_rate(key))
 
         return blocked
 
@@ -442,15 +443,15 @@ class DevicePool:
             src = self.memory(source).residents.get(r.key)
             if src is not None and src is not r and r.device.can_peer(src.device):
                 swap_in_from_peer(r, src)
-                return "peer"
+                return Outcome.PEER
         if source != "host":
             for m in self.memories:
                 src = m.residents.get(r.key)
                 if src is not None and src is not r and r.device.can_peer(m.device):
                     swap_in_from_peer(r, src)
-                    return "peer"
+                    return Outcome.PEER
         swap_in_from_host(r)
-        return "host"
+        return Outcome.HOST
 
     def _pin(self, r: Resident, outcome: str, stage: Stage | None = None) -> Placement:
         r.pins += 1
@@ -464,7 +465,7 @@ class DevicePool:
         self._notify()
 
     # eviction ---------------------------------------------------------------------------------------
-    def _rate(self, key: Any) -> float:
+    def request_rate(self, key: Any) -> float:
         c = self._counters.get(key)
         return c.rate.rate(time.monotonic()) if c else 0.0
 

@@ -51,12 +51,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from torpor.scheduling.costmodel import CostModel
 from torpor.scheduling.eviction import Candidate, CostAwarePolicy, EvictionPolicy, LRUPolicy
-
-POLICIES = ("torpor", "lru-swap", "static")
 
 # Deadline-ordered device queues (the engine's and the simulator's): a request the scheduler
 # predicts will finish past its whole SLO wherever it goes (`hopeless`) is keyed this many
@@ -158,10 +157,31 @@ class ModelInfo:
     waited_s: float = 0.0  # of its objective already spent before this decision (in admission queues)
 
 
+class Action(StrEnum):
+    """What the scheduler decided for a request. The device pool reports what it then did in
+    its own words (`torpor.runtime.residency.Outcome`): a SWAP or PEER decision finds the model
+    already landing (join) or landed (hit) when another request's copy got there first."""
+
+    RUN = "run"  # resident, the device free
+    QUEUE = "queue"  # resident, behind the work queued on the device
+    SWAP = "swap"  # copy from host memory
+    PEER = "peer"  # copy from another device holding it
+
+
+class Outcome(StrEnum):
+    """What acquiring the model on the chosen device did (`torpor.runtime.residency.Placement.outcome`):
+    `Action` is what the scheduler planned, this is what happened."""
+
+    HIT = "hit"  # resident and landed
+    JOIN = "join"  # resident, its copy still landing (started by another request)
+    HOST = "host"  # this request started a copy from host memory
+    PEER = "peer"  # this request started a copy from another device
+
+
 @dataclass(slots=True)
 class Option:
     device: str
-    action: str  # run | queue | swap | peer
+    action: Action
     source: str | None  # None (no copy), "host", or the peer device's name
     completion_s: float
     transfer_s: float = 0.0
@@ -220,9 +240,10 @@ class Scheduler:
         if policy not in POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r}: expected one of {list(POLICIES)}")
         self.cost = cost
-        self.policy = policy
+        self.policy = policy  # its name
+        self.rules = POLICIES[policy]()
         if eviction is None:
-            eviction = LRUPolicy() if policy == "lru-swap" else CostAwarePolicy(peer_speedup)
+            eviction = self.rules.default_eviction(peer_speedup)
         self.eviction = eviction
         self.static_map = dict(static_map or {})
         self.slo_margin = slo_margin
@@ -237,11 +258,7 @@ class Scheduler:
     # entry point ---------------------------------------------------------------------------------
     def place(self, model: ModelInfo, snap: Snapshot) -> Decision | None:
         self._slo[model.key] = model.slo_s
-        if self.policy == "static":
-            return self._place_static(model, snap)
-        if self.policy == "lru-swap":
-            return self._place_lru(model, snap)
-        return self._place_torpor(model, snap)
+        return self.rules.place(self, model, snap)
 
     # Torpor's policy -----------------------------------------------------------------------------
     def options(self, model: ModelInfo, snap: Snapshot, *, resident: bool = True, copies: bool = True) -> list[Option]:
@@ -260,7 +277,7 @@ class Scheduler:
                 landing = max(0.0, r.expected() - now)
                 wait = d.backlog_s
                 done = max(wait, landing) + exec_s
-                action = "run" if wait <= 0 else "queue"
+                action = Action.RUN if wait <= 0 else Action.QUEUE
                 # device time it takes: its run, plus any wait for its own copy beyond the work ahead
                 out.append(Option(d.name, action, None, done, 0.0, exec_s, cost=done - wait))
                 continue
@@ -272,18 +289,18 @@ class Scheduler:
             victims, evict_cost = evict
             # host swap over d's PCIe path
             path = self.cost.links.host_path(d.name)
-            out.append(self._copy_option(d, model, snap, "swap", "host", path, exec_s, victims, evict_cost))
+            out.append(self._copy_option(d, model, snap, Action.SWAP, "host", path, exec_s, victims, evict_cost))
             # peer copies from every device holding a landed copy, where a path exists
             for s in sources:
                 ppath = self.cost.links.peer_path(s.name, d.name)
                 if ppath is not None:
-                    out.append(self._copy_option(d, model, snap, "peer", s.name, ppath, exec_s, victims, evict_cost))
+                    out.append(self._copy_option(d, model, snap, Action.PEER, s.name, ppath, exec_s, victims, evict_cost))
         return out
 
-    def _copy_option(self, d: DeviceState, model: ModelInfo, snap: Snapshot, action: str, source: str,
+    def _copy_option(self, d: DeviceState, model: ModelInfo, snap: Snapshot, action: Action, source: str,
                      path: tuple[str, ...], exec_s: float, victims: list[Any], evict_cost: float) -> Option:
         # only Torpor's policy waits for a path to clear; the baselines start every copy at once
-        clear = snap.clear_in(path) if self.policy == "torpor" else None
+        clear = snap.clear_in(path) if self.rules.plans_copy_starts else None
         start, transfer, first = self.cost.copy_plan(model.nbytes, model.first_group_bytes, path, snap.inflight,
                                                      snap.inflight_bytes, clear)
         harms = start <= 0 and any(delay > slack for delay, slack
@@ -301,7 +318,7 @@ class Scheduler:
             shift = d.stage_in_s - start
             start, transfer, first = d.stage_in_s, transfer + shift, first + shift
         wait = d.backlog_s
-        if start <= 0 and wait > 0 and snap.inflight_bytes is not None and self.policy == "torpor":
+        if start <= 0 and wait > 0 and snap.inflight_bytes is not None and self.rules.plans_copy_starts:
             # processor sharing: the work ahead may be waiting on a copy landing on this device,
             # which this copy slows down (a request queued behind a cold one waits for its copy)
             wait += self.cost.own_delay(model.nbytes, path, d.name, snap.inflight_bytes)
@@ -310,30 +327,6 @@ class Scheduler:
         return Option(d.name, action, source, done, transfer, exec_s, victims, evict_cost, model.nbytes,
                       path, cost=link_s + evict_cost + (done - d.backlog_s), harms=harms, start_s=start)
 
-    def _place_torpor(self, model: ModelInfo, snap: Snapshot) -> Decision | None:
-        limit = None if model.slo_s is None else model.slo_s * self.slo_margin - model.waited_s
-        opts = self.options(model, snap, copies=False)
-        # A resident option that meets the SLO is the cheapest there is (a copy option costs the
-        # same execution plus link time and evictions), so copies are only costed without one.
-        # A copy that would delay a copy in flight past the deadline of a request waiting on it
-        # (processor sharing: it takes min(its bytes, the other's bytes left) / bandwidth of that
-        # copy's time; `Snapshot.inflight_bytes` carries the slack) counts as missing the SLO.
-        if not any(limit is None or o.completion_s <= limit for o in opts) or self.keep_options:
-            opts += self.options(model, snap, resident=False)
-        if not opts:
-            return None
-        for o in opts:
-            o.meets_slo = (limit is None or o.completion_s <= limit) and not o.harms
-        good = [o for o in opts if o.meets_slo]
-        if good:
-            best = min(good, key=lambda o: (o.cost, o.completion_s))
-        else:
-            # nothing meets the SLO: the fastest option that breaks no other request's promise
-            best = min(opts, key=lambda o: (o.harms, o.completion_s, o.cost))
-        return Decision(best, best.meets_slo, model.slo_s, opts if self.keep_options else [],
-                        waited_s=model.waited_s)
-
-    # eviction -------------------------------------------------------------------------------------
     def _eviction_plan(self, d: DeviceState, model: ModelInfo, snap: Snapshot,
                        policy: EvictionPolicy | None = None) -> tuple[list[Any], float] | None:
         """Victims (in the eviction policy's order) freeing enough room on `d`, and their
@@ -408,7 +401,7 @@ class Scheduler:
         of a 180 ms margin. Its reload counts `(margin / (margin - copy)) ** risk_power` times
         its copy time (x7 for that BERT), so eviction takes small, quickly reloaded models
         first and keeps such models resident. Below half the margin a reload costs its time."""
-        if self.policy != "torpor":
+        if not self.rules.weighs_reload_risk:
             return seconds
         slo = self._slo.get(key)
         if not slo:
@@ -418,47 +411,119 @@ class Scheduler:
             return seconds
         return seconds * (limit / max(limit - seconds, 0.05 * limit)) ** self.risk_power
 
-    # baselines ------------------------------------------------------------------------------------
-    def _place_lru(self, model: ModelInfo, snap: Snapshot) -> Decision | None:
+    def _decide(self, o: Option, model: ModelInfo) -> Decision:
+        o.meets_slo = model.slo_s is None or o.completion_s <= model.slo_s * self.slo_margin
+        return Decision(o, o.meets_slo, model.slo_s, [o] if self.keep_options else [])
+
+
+# ------------------------------------------------------------------------------------------------
+# the policies: how a request is placed, one class each, chosen once by name
+# ------------------------------------------------------------------------------------------------
+
+
+class PlacementPolicy:
+    """How the scheduler places a request (`place`) and which of its refinements apply."""
+
+    name = ""
+    # waits for a busy path to clear rather than slow a copy in flight, and counts the delay its
+    # own copy adds to work waiting on a copy to this device (processor sharing)
+    plans_copy_starts = False
+    # eviction weighs how much a model's reload risks its objective (`Scheduler._reload_s`)
+    weighs_reload_risk = False
+
+    def default_eviction(self, peer_speedup: float) -> EvictionPolicy:
+        return CostAwarePolicy(peer_speedup)
+
+    def place(self, s: Scheduler, model: ModelInfo, snap: Snapshot) -> Decision | None:
+        raise NotImplementedError
+
+
+class TorporPolicy(PlacementPolicy):
+    """Ours: every option on every device, the cheapest that meets the objective (module docstring)."""
+
+    name = "torpor"
+    plans_copy_starts = True
+    weighs_reload_risk = True
+
+    def place(self, s: Scheduler, model: ModelInfo, snap: Snapshot) -> Decision | None:
+        limit = None if model.slo_s is None else model.slo_s * s.slo_margin - model.waited_s
+        opts = s.options(model, snap, copies=False)
+        # A resident option that meets the SLO is the cheapest there is (a copy option costs the
+        # same execution plus link time and evictions), so copies are only costed without one.
+        # A copy that would delay a copy in flight past the deadline of a request waiting on it
+        # (processor sharing: it takes min(its bytes, the other's bytes left) / bandwidth of that
+        # copy's time; `Snapshot.inflight_bytes` carries the slack) counts as missing the SLO.
+        if not any(limit is None or o.completion_s <= limit for o in opts) or s.keep_options:
+            opts += s.options(model, snap, resident=False)
+        if not opts:
+            return None
+        for o in opts:
+            o.meets_slo = (limit is None or o.completion_s <= limit) and not o.harms
+        good = [o for o in opts if o.meets_slo]
+        if good:
+            best = min(good, key=lambda o: (o.cost, o.completion_s))
+        else:
+            # nothing meets the SLO: the fastest option that breaks no other request's promise
+            best = min(opts, key=lambda o: (o.harms, o.completion_s, o.cost))
+        return Decision(best, best.meets_slo, model.slo_s, opts if s.keep_options else [],
+                        waited_s=model.waited_s)
+
+    # eviction -------------------------------------------------------------------------------------
+
+
+class LruSwapPolicy(PlacementPolicy):
+    """Baseline: run where resident (least backlog), else swap into the least busy device, LRU eviction."""
+
+    name = "lru-swap"
+
+    def default_eviction(self, peer_speedup: float) -> EvictionPolicy:
+        return LRUPolicy()
+
+    def place(self, s: Scheduler, model: ModelInfo, snap: Snapshot) -> Decision | None:
         now = snap.now
-        exec_s = self.cost.exec_seconds(model.key, model.batch)
+        exec_s = s.cost.exec_seconds(model.key, model.batch)
         holders = snap.holders(model.key)
         if holders:
             d = min(holders, key=lambda h: h.backlog_s)
             r = d.residents[model.key]
             done = max(d.backlog_s, r.ready_at - now) + exec_s
-            o = Option(d.name, "run" if d.backlog_s <= 0 else "queue", None, done, 0.0, exec_s, cost=exec_s)
-            return self._decide(o, model)
+            o = Option(d.name, Action.RUN if d.backlog_s <= 0 else Action.QUEUE, None, done, 0.0, exec_s, cost=exec_s)
+            return s._decide(o, model)
         best = None
         for d in sorted(snap.devices, key=lambda x: (x.backlog_s, -x.free_bytes)):
             if model.nbytes > d.capacity:
                 continue
-            plan = self._eviction_plan(d, model, snap, self.eviction)
+            plan = s._eviction_plan(d, model, snap, s.eviction)
             if plan is not None:
-                best = self._copy_option(d, model, snap, "swap", "host", self.cost.links.host_path(d.name),
+                best = s._copy_option(d, model, snap, Action.SWAP, "host", s.cost.links.host_path(d.name),
                                          exec_s, plan[0], plan[1])
                 break
-        return None if best is None else self._decide(best, model)
+        return None if best is None else s._decide(best, model)
 
-    def _place_static(self, model: ModelInfo, snap: Snapshot) -> Decision | None:
-        name = self.static_map.get(model.key)
+
+class StaticPolicy(PlacementPolicy):
+    """Baseline: each model on the one device `static_map` gives it (native placement), never moved."""
+
+    name = "static"
+
+    def place(self, s: Scheduler, model: ModelInfo, snap: Snapshot) -> Decision | None:
+        name = s.static_map.get(model.key)
         if name is None:
             return Decision(None, False, model.slo_s, reason="not served: no device holds this model")
         d = next(x for x in snap.devices if x.name == name)
-        exec_s = self.cost.exec_seconds(model.key, model.batch)
+        exec_s = s.cost.exec_seconds(model.key, model.batch)
         r = d.residents.get(model.key)
         if r is not None:
             done = max(d.backlog_s, r.ready_at - snap.now) + exec_s
-            return self._decide(Option(d.name, "run" if d.backlog_s <= 0 else "queue", None, done, 0.0, exec_s,
+            return s._decide(Option(d.name, Action.RUN if d.backlog_s <= 0 else Action.QUEUE, None, done, 0.0, exec_s,
                                        cost=exec_s), model)
         if model.nbytes > d.free_bytes:
             return None
-        return self._decide(self._copy_option(d, model, snap, "swap", "host", self.cost.links.host_path(d.name),
+        return s._decide(s._copy_option(d, model, snap, Action.SWAP, "host", s.cost.links.host_path(d.name),
                                               exec_s, [], 0.0), model)
 
-    def _decide(self, o: Option, model: ModelInfo) -> Decision:
-        o.meets_slo = model.slo_s is None or o.completion_s <= model.slo_s * self.slo_margin
-        return Decision(o, o.meets_slo, model.slo_s, [o] if self.keep_options else [])
+
+POLICIES: dict[str, type[PlacementPolicy]] = {p.name: p for p in (TorporPolicy, LruSwapPolicy, StaticPolicy)}
 
 
 def static_assignment(models: list[tuple[Any, int, float]], devices: list[tuple[str, int]]) -> dict[Any, str]:
