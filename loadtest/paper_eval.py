@@ -36,9 +36,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from torpor.sim import simulation as simulator
 from torpor.sim.paper import CLASS_NAMES
 from torpor.sim.paper_sim import PaperSim, compliance, latency_profile, load_paper_scenario
+from torpor.sim.physics import link_physics_from_env
 from torpor.sim.simulation import Simulation
 from torpor.sim.workload import DEFAULT_TRACE, scenario_arrivals
 
@@ -79,16 +79,14 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         over["models"] = job["models"]
     sc, extras = load_paper_scenario(job["scenario"], **over)
     t, fn, duration = scenario_arrivals(sc, job["trace"])
-    if job.get("links") is not None:  # both simulators read it when they are built
-        simulator.SHARED_LINKS = job["links"] == "shared"
     t0 = time.perf_counter()
     policy = job["policy"]
     if policy == "torpor":
-        sim = Simulation(sc, "torpor")
+        sim = Simulation(sc, "torpor", link_physics=job["links"])
         r = sim.run(t, fn, duration)
         lat = getattr(sim, "latency", None)
     else:
-        sim = PaperSim(sc, policy, extras)
+        sim = PaperSim(sc, policy, extras, link_physics=job["links"])
         r = sim.run(t, fn, duration)
         lat = sim.latency
     slo = np.array([sc.models[f % len(sc.models)].slo_s for f in range(sc.functions)])
@@ -259,14 +257,13 @@ def sweep(args: Any, name: str, scenario: Path, counts: list[int], policies: lis
     jobs = [{"scenario": str(scenario), "functions": n, "seed": args.seed, "workload": wl, "trace": trace,
              "policy": p, "links": args.links} for n in counts for p in policies]
     res = run_all(jobs, args.jobs)
-    links = args.links or ("shared" if simulator.SHARED_LINKS else "fixed")
     by = {(r["functions"], r["policy"]): r for r in res}
     rows = [[str(n), *(f"{by[(n, p)]['compliant_frac']:.1%}" for p in policies)] for n in counts]
     caps = {p: capacity(res, p) for p in policies}
     rows.append([">=99% up to", *("-" if caps[p] is None else str(caps[p]) for p in policies)])
     print(f"({name}) fraction of functions compliant (p98 within deadline), {title} "
           f"({wl['kind']}, {args.duration:.0f} s after {args.warmup:.0f} s warm-up, seed {args.seed}, "
-          f"{'processor-sharing' if links == 'shared' else 'fixed-share'} links)")
+          f"{'processor-sharing' if args.links == 'shared' else 'fixed-share'} links)")
     print(table(["functions", *policies], rows))
     ours, theirs = caps.get("torpor"), caps.get("paper")
     ratio = (ours / theirs) if ours and theirs else None
@@ -292,7 +289,7 @@ def sweep(args: Any, name: str, scenario: Path, counts: list[int], policies: lis
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     report = {"experiment": name, "scenario": str(scenario.relative_to(ROOT)), "workload": wl, "seed": args.seed,
-              "counts": counts, "policies": policies, "links": links, "results": res, "capacity_99": caps,
+              "counts": counts, "policies": policies, "links": args.links, "results": res, "capacity_99": caps,
               "torpor_over_paper": ratio, "torpor_never_fewer": never_below}
     write(Path(args.out), name, report, fig)
     return report
@@ -329,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--counts", default=None, help="comma-separated function counts (default: the sweep's)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args(argv)
+    args.links = args.links or link_physics_from_env()
     names = list(EXPERIMENTS) if args.experiment == "all" else [ALIASES.get(args.experiment, args.experiment)]
     t0 = time.perf_counter()
     for n in names:

@@ -1,5 +1,5 @@
 """The simulator against the server: loadtest/e2e.py's workloads replayed through the simulator
-with the server's admission (`torpor.sim.simulation.Staging`), predicted beside measured (issue 16).
+with the server's admission (`Staging`: `torpor.sim.staged`), predicted beside measured (issue 16).
 
     python loadtest/sim_vs_server.py E2E.json [E2E2.json ...] --json loadtest/measured/sim-vs-server.json
 
@@ -201,7 +201,7 @@ def summarize(sim: Simulation, t: np.ndarray, f: np.ndarray, mix: list[str], slo
     return out
 
 
-ACTIONS = {1: "run", 2: "queue", 3: "swap", 4: "peer"}  # torpor.sim.simulation's action codes
+ACTIONS = {1: "run", 2: "queue", 3: "swap", 4: "peer"}  # the simulator's action codes (torpor.sim.state)
 
 
 def by_action(sim: Simulation, t: np.ndarray, keep: int = 4096) -> dict:

@@ -1,7 +1,9 @@
 """The simulator: Torpor's scheduling on virtual time, and the paper's policies beside it.
 
-Scenarios (`scenario`), arrivals (`workload`), link physics (`physics`), the simulation
-(`simulation`), its state and results (`state`), comparisons, sweeps and reports (`report`),
-the paper's policies and baselines (`paper`, `paper_sim`). Imports `torpor.scheduling` (the
-same policy code the server runs), never the device runtime or the data plane.
+Scenarios (`scenario`), arrivals (`workload`), link physics
+(`physics`), the simulated node (`simulation`), a run's event loop (`replay`) and the server's
+admission on it (`staged`), their state and results (`state`), comparisons, sweeps, reports
+and the `torpor simulate` command line (`report`), the paper's policies (`paper`) and its
+system and baselines on virtual time (`paper_sim`, `paper_swap`). Imports `torpor.scheduling`
+(the same policy code the server runs), never the device runtime or the data plane.
 """

@@ -1,29 +1,32 @@
 """The Torpor paper's system on virtual time: its policies and baselines beside ours.
 
     sim = PaperSim(scenario, "paper", extras)        # extras: load_paper_scenario's per-model fields
-    result = sim.run(times, fns, duration)             # a torpor.sim.simulation.SimResult
+    result = sim.run(times, fns, duration)             # a torpor.sim.state.SimResult
 
 Same scenario, arrivals, transfer physics and result type as `torpor.sim.simulation`, so a run here
 and `simulate(sc, "torpor", arrivals=...)` there are directly comparable:
 
-- **Transfers**: `torpor.sim.simulation.LinkSharing` over the scenario's `LinkMap` (PCIe per GPU, a
-  shared uplink for switch siblings, NVLink pairs): copies on a link share it, re-rated as
-  others start and land; compute starts when the first group has landed and ends no earlier
-  than the last group lands. Execution is the profiled time times the same seeded lognormal noise per request.
-- **The paper's system** (`paper`, and the ablations `fifo`, `random`, `lru`): one global queue
-  (`torpor.sim.paper.RRCQueue` or `FIFOQueue`), at most one request in flight per function, one
-  request per GPU at a time; a request is dispatched only when a GPU is idle, placed by
-  Algorithm 1 (`torpor.sim.paper.algorithm1`; `random_placement` for `random`), with two-list
-  eviction (`evict_two_list`; `evict_lru` for `lru`) on the target. A peer copy's source is
-  locked until the copy lands.
+- **Transfers**: `torpor.sim.physics.LinkSharing` over the scenario's `LinkMap` (PCIe per GPU, a
+  shared uplink for switch siblings, NVLink pairs): copies on a link share it, with the share a
+  copy started with or re-rated as others start and land (`link_physics`, as the simulation's);
+  compute starts when the first group has landed and ends no earlier than the last group
+  lands. Execution is the profiled time times the same seeded lognormal noise per request.
+- **The paper's system** (`paper`, and the ablations `fifo`, `random`, `lru`;
+  `torpor.sim.paper_swap.SwapReplay`): one global queue (`torpor.sim.paper.RRCQueue` or
+  `FIFOQueue`), at most one request in flight per function, one request per GPU at a time; a
+  request is dispatched only when a GPU is idle, placed by Algorithm 1
+  (`torpor.sim.paper.algorithm1`; `random_placement` for `random`), with two-list eviction
+  (`evict_two_list`; `evict_lru` for `lru`) on the target. A peer copy's source is locked
+  until the copy lands.
 - **native**: every function in its own process, bound to one GPU for the whole run, first fit
   round robin in function order; a function takes its model plus its own CUDA context and
   framework (`native_MB`), and runs at the paper's Native latency (`native_ms`). Functions that
   do not fit are not served. One request per GPU at a time, FIFO.
-- **keepalive** (INFless-KA): an instance (same footprint and latency as native) is started on a
-  request when none is alive (a cold start of `cold_start_s`) on the GPU with the most free memory,
-  and kept alive until it has been idle for the p99 of that function's inter-arrival gaps. When
-  no GPU has room the function waits until an instance expires.
+- **keepalive** (INFless-KA, `KeepAliveReplay`): an instance (same footprint and latency as
+  native) is started on a request when none is alive (a cold start of `cold_start_s`) on the
+  GPU with the most free memory, and kept alive until it has been idle for the p99 of that
+  function's inter-arrival gaps. When no GPU has room the function waits until an instance
+  expires.
 
 Nothing here imports torch.
 """
@@ -42,25 +45,9 @@ from typing import Any
 import numpy as np
 
 from torpor.scheduling.costmodel import CostModel, LinkMap
-from torpor.sim import simulation as simulator
-from torpor.sim.paper import (
-    ACT_IDLE,
-    ACT_LOCAL,
-    ACT_NVLINK,
-    CLASS_NAMES,
-    LIGHT,
-    FIFOQueue,
-    GpuView,
-    ResidentView,
-    RRCQueue,
-    algorithm1,
-    classify,
-    evict_lru,
-    evict_two_list,
-    host_activity,
-    random_placement,
-)
-from torpor.sim.physics import LinkSharing
+from torpor.sim.paper import CLASS_NAMES, LIGHT, classify
+from torpor.sim.paper_swap import SwapReplay
+from torpor.sim.physics import LINK_PHYSICS
 from torpor.sim.scenario import MB, Scenario, ScenarioError, parse_scenario
 from torpor.sim.state import SimResult
 
@@ -230,73 +217,18 @@ def result_from(policy: str, gpus: int, latency: np.ndarray, arrivals_fn: np.nda
 # The simulation
 # ------------------------------------------------------------------------------------------------
 
-_DONE, _LANDED, _UNLOCK, _READY, _EXPIRE = 0, 1, 2, 3, 4
-
-
-class _Res:
-    __slots__ = ("last_used", "locks", "nbytes", "ready_at")
-
-    def __init__(self, nbytes: int, ready_at: float, now: float):
-        self.nbytes = nbytes
-        self.ready_at = ready_at
-        self.last_used = now
-        self.locks = 0
-
-
-class _Gpu:
-    __slots__ = (
-        "act",
-        "busy",
-        "busy_s",
-        "copy_until",
-        "cur",
-        "cur_data",
-        "done_at",
-        "exec_end",
-        "free",
-        "name",
-        "res",
-        "run_start",
-        "tok",
-        "view",
-    )
-
-    def __init__(self, name: str, capacity: int):
-        self.name = name
-        self.free = capacity
-        self.res: dict[int, _Res] = {}
-        self.busy = False
-        self.copy_until = 0.0
-        self.act = ACT_IDLE
-        self.busy_s = 0.0
-        self.view: GpuView | None = None
-        self.run_start = 0.0
-        self.exec_end = 0.0  # when the running request's compute ends if its copy has landed
-        self.cur: _Res | None = None  # the copy the running request waits on, if any
-        self.tok = 0  # its completion event; bumped when a re-rated copy moves it
-        self.done_at = 0.0
-        self.cur_data: Any = None
-
-
-class _Landed:
-    """`key in view.models` for a GPU: a fully landed copy at `now`."""
-
-    __slots__ = ("now", "res")
-
-    def __init__(self, res: dict[int, _Res]):
-        self.res = res
-        self.now = 0.0
-
-    def __contains__(self, key: Any) -> bool:
-        r = self.res.get(key)
-        return r is not None and r.ready_at <= self.now
-
-
 class PaperSim:
+    """One of the paper's policies (`POLICIES`) on a scenario's node; `run` replays arrivals."""
+
     def __init__(self, sc: Scenario, policy: str, extras: list[ModelExtras] | None = None,
-                 n_gpus: int | None = None):
+                 n_gpus: int | None = None, *, link_physics: str = "fixed"):
+        """`extras`: `load_paper_scenario`'s per-model fields (None: `parse_extras_default`).
+        `link_physics`: "fixed" or "shared", as `torpor.sim.simulation.Simulation`'s."""
         if policy not in POLICIES:
             raise ScenarioError(f"policy: unknown paper policy {policy!r}; expected one of {list(POLICIES)}")
+        if link_physics not in LINK_PHYSICS:
+            raise ScenarioError(f"link_physics: expected one of {list(LINK_PHYSICS)}, got {link_physics!r}")
+        self.link_physics = link_physics
         self.sc = sc
         self.policy = policy
         self.n = n_gpus or sc.gpus
@@ -320,9 +252,9 @@ class PaperSim:
         if self.policy == "native":
             lat, busy, counters = self._native(arrivals_t, arrivals_fn, noise)
         elif self.policy == "keepalive":
-            lat, busy, counters = self._keepalive(arrivals_t, arrivals_fn, noise)
+            lat, busy, counters = KeepAliveReplay(self, arrivals_t, arrivals_fn, noise).run()
         else:
-            lat, busy, counters = self._swap(arrivals_t, arrivals_fn, noise)
+            lat, busy, counters = SwapReplay(self, arrivals_t, arrivals_fn, noise).run()
         done = arrivals_t + np.where(np.isfinite(lat), lat, 0.0)
         span = max(duration, float(done.max()) if len(done) else 0.0)
         self.latency = lat
@@ -363,332 +295,148 @@ class PaperSim:
             lat[i] = free_at[d] - t[i]
         return lat, busy, {"actions": {"fit": len(where)}}
 
-    # keep-alive ------------------------------------------------------------------------------------
-    def _keepalive(self, t: np.ndarray, fns: np.ndarray, noise: np.ndarray):
-        n_fn = self.sc.functions
-        timeout = np.full(n_fn, math.inf)
+
+_DONE, _READY, _EXPIRE = 0, 3, 4  # keep-alive events
+
+
+class KeepAliveReplay:
+    """INFless-KA over arrivals `t` (functions `fns`, execution noise per request `noise`): an
+    instance per function (its own process: `native_bytes`, `native_s`) started on a request
+    when none is alive, on the GPU with the most free memory, after a cold start; kept alive
+    until idle for the p99 of the function's inter-arrival gaps. A function finding no GPU
+    with room waits, in arrival order, until an instance expires. `run` returns (latency per
+    request, busy GPU-seconds, counters)."""
+
+    def __init__(self, sim: PaperSim, t: np.ndarray, fns: np.ndarray, noise: np.ndarray):
+        self.sim, self.t, self.fns, self.noise = sim, t, fns, noise
+        self.extra = sim.fn_extra
+        n_fn, n = sim.sc.functions, sim.n
+        self.timeout = timeout = np.full(n_fn, math.inf)
         order = np.argsort(fns, kind="stable")
         bounds = np.flatnonzero(np.diff(fns[order])) + 1
         for grp in np.split(order, bounds):
             if len(grp) > 1:
                 timeout[int(fns[grp[0]])] = float(np.percentile(np.diff(t[grp]), 99))
-        free = [self.sc.gpu_memory] * self.n
-        gpu_of: dict[int, int] = {}  # function -> GPU of its live (or starting) instance
-        ready: dict[int, bool] = {}
-        waiting: dict[int, deque] = {}  # function -> its requests before its instance is ready
-        admit: deque = deque()  # functions with no instance, waiting for memory, in arrival order
-        admitted: set = set()
-        inflight = [0] * n_fn  # requests queued or running at the GPU
-        last_done = [0.0] * n_fn
-        token = [0] * n_fn
-        gq = [deque() for _ in range(self.n)]
-        running = [False] * self.n
-        busy = 0.0
-        lat = np.full(len(t), np.inf)
-        heap: list = []
-        seq = 0
-        cold = 0
-        expired = 0
+        self.free = [sim.sc.gpu_memory] * n
+        self.gpu_of: dict[int, int] = {}  # function -> GPU of its live (or starting) instance
+        self.ready: dict[int, bool] = {}
+        self.waiting: dict[int, deque] = {}  # function -> its requests before its instance is ready
+        self.admit: deque = deque()  # functions with no instance, waiting for memory, in arrival order
+        self.admitted: set = set()
+        self.inflight = [0] * n_fn  # requests queued or running at the GPU
+        self.last_done = [0.0] * n_fn
+        self.token = [0] * n_fn
+        self.gq = [deque() for _ in range(n)]
+        self.running = [False] * n
+        self.busy = 0.0
+        self.lat = np.full(len(t), np.inf)
+        self.heap: list = []
+        self.seq = 0
+        self.cold = 0
+        self.expired = 0
 
-        def push(at: float, kind: int, data: Any) -> None:
-            nonlocal seq
-            heapq.heappush(heap, (at, seq, kind, data))
-            seq += 1
+    def push(self, at: float, kind: int, data: Any) -> None:
+        heapq.heappush(self.heap, (at, self.seq, kind, data))
+        self.seq += 1
 
-        def start_gpu(d: int, now: float) -> None:
-            nonlocal busy
-            if running[d] or not gq[d]:
-                return
-            i = gq[d].popleft()
-            f = int(fns[i])
-            ex = self.fn_extra[f].native_s * noise[i]
-            running[d] = True
-            busy += ex
-            push(now + ex, _DONE, (d, i))
-
-        def enqueue(f: int, i: int, now: float) -> None:
-            inflight[f] += 1
-            token[f] += 1  # an instance with work is not idle
-            gq[gpu_of[f]].append(i)
-            start_gpu(gpu_of[f], now)
-
-        def try_start(f: int, now: float) -> bool:
-            nonlocal cold
-            need = self.fn_extra[f].native_bytes
-            d = max(range(self.n), key=lambda k: free[k])
-            if free[d] < need:
-                return False
-            free[d] -= need
-            gpu_of[f] = d
-            ready[f] = False
-            cold += 1
-            push(now + self.fn_extra[f].cold_start_s, _READY, f)
-            return True
-
-        def admit_waiting(now: float) -> None:
-            while admit:
-                f = admit[0]
-                if not try_start(f, now):
-                    break
-                admit.popleft()
-                admitted.discard(f)
-
-        def handle(ev: tuple) -> None:
-            nonlocal expired
-            now, _, kind, data = ev
-            if kind == _READY:
-                f = data
-                ready[f] = True
-                q = waiting.pop(f, deque())
-                while q:
-                    enqueue(f, q.popleft(), now)
-                if inflight[f] == 0:
-                    last_done[f] = now
-                    push(now + timeout[f], _EXPIRE, (f, token[f]))
-            elif kind == _DONE:
-                d, i = data
-                f = int(fns[i])
-                lat[i] = now - t[i]
-                running[d] = False
-                inflight[f] -= 1
-                last_done[f] = now
-                if inflight[f] == 0 and math.isfinite(timeout[f]):
-                    token[f] += 1
-                    push(now + timeout[f], _EXPIRE, (f, token[f]))
-                start_gpu(d, now)
-            elif kind == _EXPIRE:
-                f, tok = data
-                if tok != token[f] or inflight[f] or f not in gpu_of or waiting.get(f):
-                    return
-                free[gpu_of.pop(f)] += self.fn_extra[f].native_bytes
-                ready.pop(f, None)
-                expired += 1
-                admit_waiting(now)
-
+    def run(self) -> tuple[np.ndarray, float, dict[str, Any]]:
+        t, heap = self.t, self.heap
         for i in range(len(t)):
             now = float(t[i])
             while heap and heap[0][0] <= now:
-                handle(heapq.heappop(heap))
-            f = int(fns[i])
-            if f in gpu_of and ready.get(f):
-                enqueue(f, i, now)
-                continue
-            waiting.setdefault(f, deque()).append(i)
-            if f in gpu_of or f in admitted:
-                continue
-            if admit or not try_start(f, now):
-                admit.append(f)
-                admitted.add(f)
+                self.handle(heapq.heappop(heap))
+            self.arrive(i, now)
         while heap:
-            handle(heapq.heappop(heap))
-        return lat, busy, {"actions": {"cold_starts": cold, "expired": expired}}
+            self.handle(heapq.heappop(heap))
+        return self.lat, self.busy, {"actions": {"cold_starts": self.cold, "expired": self.expired}}
 
-    # the paper's swapping system -------------------------------------------------------------------
-    def _swap(self, t: np.ndarray, fns: np.ndarray, noise: np.ndarray):
-        policy = self.policy
-        links, cost = self.links, self.cost
-        n_fn = self.sc.functions
-        gpus = [_Gpu(name, self.sc.gpu_memory) for name in links.devices]
-        landed = [_Landed(g.res) for g in gpus]
-        for g, lv in zip(gpus, landed):
-            g.view = GpuView(g.name, True, lv, ACT_IDLE, links.siblings(g.name))
-        by_name = {g.name: i for i, g in enumerate(gpus)}
-        views = [g.view for g in gpus]
-        holders: list[int] = [0] * n_fn
-        cls = [e.cls for e in self.fn_extra]
-        nbytes = [m.nbytes for m in self.fn_spec]
-        first_b = [m.first_group_bytes for m in self.fn_spec]
-        nv = {k: v for k, v in links.nvlink.items()}
-        queue = FIFOQueue() if policy == "fifo" else RRCQueue()
-        evict = evict_lru if policy == "lru" else evict_two_list
-        pick_rng = np.random.default_rng(self.sc.seed + 7)
-        fq = [deque() for _ in range(n_fn)]
-        running = [False] * n_fn
-        inflight: dict[str, int] = {}
-        xfer = LinkSharing(links, cost.transfer_latency_s, inflight, simulator.SHARED_LINKS)
-        lat = np.full(len(t), np.inf)
-        heap: list = []
-        seq = 0
-        counters = {"swaps": 0, "peers": 0, "moved": 0, "evictions": 0, "waits": 0}
-        branches: dict[str, int] = {}
-        n_idle = self.n
+    def arrive(self, i: int, now: float) -> None:
+        f = int(self.fns[i])
+        if f in self.gpu_of and self.ready.get(f):
+            self.enqueue(f, i, now)
+            return
+        self.waiting.setdefault(f, deque()).append(i)
+        if f in self.gpu_of or f in self.admitted:
+            return
+        if self.admit or not self.try_start(f, now):
+            self.admit.append(f)
+            self.admitted.add(f)
 
-        def nvlink_bw(src: str, dst: str) -> float | None:
-            return nv.get((src, dst))
+    def handle(self, ev: tuple) -> None:
+        now, _, kind, data = ev
+        if kind == _READY:
+            self.on_ready(now, data)
+        elif kind == _DONE:
+            self.on_done(now, data)
+        elif kind == _EXPIRE:
+            self.on_expire(now, data)
 
-        def push(at: float, kind: int, data: Any) -> None:
-            nonlocal seq
-            heapq.heappush(heap, (at, seq, kind, data))
-            seq += 1
+    def on_ready(self, now: float, f: int) -> None:
+        self.ready[f] = True
+        q = self.waiting.pop(f, deque())
+        while q:
+            self.enqueue(f, q.popleft(), now)
+        if self.inflight[f] == 0:
+            self.last_done[f] = now
+            self.push(now + self.timeout[f], _EXPIRE, (f, self.token[f]))
 
-        def rerated(trs: list) -> None:
-            # copies whose landing moved: their residents, the GPU's activity, and a run waiting on one
-            for tr in trs:
-                gi, r = tr.owner[0], tr.owner[1]
-                g = gpus[gi]
-                r.ready_at = tr.end
-                push(tr.end, _LANDED, (tr, tr.version))
-                if g.cur is r:
-                    g.copy_until = tr.end
-                    done = max(g.exec_end, tr.end)
-                    if done != g.done_at:
-                        g.done_at = done
-                        g.tok += 1
-                        push(done, _DONE, (*g.cur_data, g.tok))
+    def on_done(self, now: float, data: Any) -> None:
+        d, i = data
+        f = int(self.fns[i])
+        self.lat[i] = now - self.t[i]
+        self.running[d] = False
+        self.inflight[f] -= 1
+        self.last_done[f] = now
+        if self.inflight[f] == 0 and math.isfinite(self.timeout[f]):
+            self.token[f] += 1
+            self.push(now + self.timeout[f], _EXPIRE, (f, self.token[f]))
+        self.start_gpu(d, now)
 
-        def plan_eviction(gi: int, f: int, now: float) -> list | None:
-            g = gpus[gi]
-            need = nbytes[f] - g.free
-            if need <= 0:
-                return []
-            return evict((ResidentView(k, r.nbytes, r.last_used, cls[k], holders[k],
-                                       r.locks > 0 or r.ready_at > now) for k, r in g.res.items()), need)
+    def on_expire(self, now: float, data: Any) -> None:
+        f, tok = data
+        if tok != self.token[f] or self.inflight[f] or f not in self.gpu_of or self.waiting.get(f):
+            return
+        self.free[self.gpu_of.pop(f)] += self.extra[f].native_bytes
+        self.ready.pop(f, None)
+        self.expired += 1
+        self.admit_waiting(now)
 
-        def start(f: int, now: float) -> bool:
-            nonlocal n_idle
-            for lv in landed:
-                lv.now = now
-            for g, v in zip(gpus, views):
-                v.idle = not g.busy
-                v.activity = ACT_IDLE if not g.busy else g.act if g.copy_until > now else ACT_LOCAL
-            excluded: list[GpuView] = []
-            try:
-                while True:
-                    if policy == "random":
-                        pl = random_placement(f, views, lambda n: int(pick_rng.integers(n)))
-                    else:
-                        pl = algorithm1(f, views, nvlink_bw)
-                    if pl is None:
-                        return False
-                    gi = by_name[pl.gpu]
-                    victims = [] if pl.action == "run" else plan_eviction(gi, f, now)
-                    if victims is not None:
-                        break
-                    views[gi].idle = False  # locked residents fill it: try another idle GPU
-                    excluded.append(views[gi])
-            finally:
-                for v in excluded:
-                    v.idle = True
-            branches[pl.branch] = branches.get(pl.branch, 0) + 1
-            g = gpus[gi]
-            i = fq[f].popleft()
-            running[f] = True
-            ex = self.exec_s[f] * noise[i]
-            g.cur = None
-            moved_trs: list = []
-            if pl.action == "run":
-                r = g.res[f]
-                done = now + ex
-                g.exec_end = done
-                g.copy_until = now
-                g.act = ACT_LOCAL
-            else:
-                for v in victims:
-                    g.free += g.res.pop(v).nbytes
-                    holders[v] -= 1
-                counters["evictions"] += len(victims)
-                if pl.action == "peer":
-                    path = links.peer_path(pl.source, g.name)
-                    g.act = ACT_NVLINK
-                    counters["peers"] += 1
-                else:
-                    path = links.host_path(g.name)
-                    g.act = host_activity(cls[f])
-                    counters["swaps"] += 1
-                # the first group at the share the copy starts with (it lands in well under 1 ms)
-                first = cost.transfer_seconds(first_b[f], path, inflight)
-                r = _Res(nbytes[f], now, now)
-                src = None
-                if pl.action == "peer":
-                    src = (by_name[pl.source], f)
-                    gpus[src[0]].res[f].locks += 1  # until the copy lands
-                tr, moved_trs = xfer.start(now, nbytes[f], path, (gi, r, src))
-                r.ready_at = tr.end
-                g.res[f] = r
-                g.free -= nbytes[f]
-                holders[f] += 1
-                counters["moved"] += nbytes[f]
-                g.copy_until = tr.end
-                g.exec_end = now + first + ex
-                g.cur = r
-                done = max(g.exec_end, tr.end)
-            r.last_used = now
-            g.busy = True
-            n_idle -= 1
-            g.run_start = now
-            g.done_at = done
-            g.cur_data = (gi, i, f)
-            g.tok += 1
-            if g.cur is r:  # before its completion: at a tie the link frees first, as it always has
-                push(r.ready_at, _LANDED, (tr, tr.version))
-            push(done, _DONE, (gi, i, f, g.tok))
-            rerated([x for x in moved_trs if x.owner[1] is not r])
-            return True
+    def start_gpu(self, d: int, now: float) -> None:
+        if self.running[d] or not self.gq[d]:
+            return
+        i = self.gq[d].popleft()
+        f = int(self.fns[i])
+        ex = self.extra[f].native_s * self.noise[i]
+        self.running[d] = True
+        self.busy += ex
+        self.push(now + ex, _DONE, (d, i))
 
-        def dispatch(now: float) -> None:
-            while n_idle and len(queue):
-                f = queue.pop()
-                if not start(f, now):
-                    queue.ready(f, float(t[fq[f][0]]))
-                    return
+    def enqueue(self, f: int, i: int, now: float) -> None:
+        self.inflight[f] += 1
+        self.token[f] += 1  # an instance with work is not idle
+        self.gq[self.gpu_of[f]].append(i)
+        self.start_gpu(self.gpu_of[f], now)
 
-        def handle(ev: tuple) -> None:
-            nonlocal n_idle
-            now, _, kind, data = ev
-            if kind == _DONE:
-                gi, i, f, tok = data
-                g = gpus[gi]
-                if tok != g.tok:
-                    return  # its copy's landing moved, and the completion with it
-                g.busy_s += now - g.run_start
-                g.cur = None
-                lat[i] = now - t[i]
-                queue.record(f, lat[i], self.slo[f])
-                running[f] = False
-                g.busy = False
-                n_idle += 1
-                r = g.res.get(f)
-                if r is not None:
-                    r.last_used = now
-                if fq[f]:
-                    queue.ready(f, float(t[fq[f][0]]))
-            elif kind == _LANDED:
-                tr, version = data
-                if version != tr.version:
-                    return
-                tr.owner[1].ready_at = now
-                if tr.owner[2] is not None:
-                    gi, f = tr.owner[2]
-                    r = gpus[gi].res.get(f)
-                    if r is not None:
-                        r.locks -= 1
-                rerated(xfer.finish(tr, now))
+    def try_start(self, f: int, now: float) -> bool:
+        need = self.extra[f].native_bytes
+        free = self.free
+        d = max(range(self.sim.n), key=lambda k: free[k])
+        if free[d] < need:
+            return False
+        free[d] -= need
+        self.gpu_of[f] = d
+        self.ready[f] = False
+        self.cold += 1
+        self.push(now + self.extra[f].cold_start_s, _READY, f)
+        return True
 
-        i, n_req = 0, len(t)
-        while i < n_req or heap:
-            if heap and (i >= n_req or heap[0][0] <= t[i]):
-                ev = heapq.heappop(heap)
-                now = ev[0]
-                queue.tick(now)
-                handle(ev)
-            else:
-                now = float(t[i])
-                queue.tick(now)
-                f = int(fns[i])
-                fq[f].append(i)
-                if not running[f] and len(fq[f]) == 1:
-                    queue.ready(f, now)
-                i += 1
-                dispatch(now)
-                if fq[f] and fq[f][-1] == i - 1:
-                    counters["waits"] += 1
-                continue
-            dispatch(now)
-        if isinstance(queue, RRCQueue):
-            self.alpha_history = queue.alpha_history
-        busy = sum(g.busy_s for g in gpus)
-        counters["actions"] = branches
-        return lat, busy, counters
+    def admit_waiting(self, now: float) -> None:
+        while self.admit:
+            f = self.admit[0]
+            if not self.try_start(f, now):
+                break
+            self.admit.popleft()
+            self.admitted.discard(f)
 
 
 def parse_extras_default(sc: Scenario) -> list[ModelExtras]:

@@ -1,5 +1,6 @@
 """Copies in flight on shared links, the link physics both simulators use (`Transfer`,
-`LinkSharing`), and `TORPOR_SIM_LINKS` (`_links_from_env`). See `torpor.sim.simulation`."""
+`LinkSharing`), its two settings (`LINK_PHYSICS`), and the command lines' default for it,
+`TORPOR_SIM_LINKS` (`link_physics_from_env`). See `torpor.sim.simulation`."""
 
 from __future__ import annotations
 
@@ -220,10 +221,16 @@ class LinkSharing:
                  slack.get(id(tr.owner[1]), math.inf) if tr.owner is not None else math.inf) for tr in trs]
 
 
-def _links_from_env() -> bool:
-    """`TORPOR_SIM_LINKS=shared` (processor sharing) or `fixed` (the default: a copy keeps the
-    share it started with); read once at import, `SHARED_LINKS` may be set after that."""
-    v = os.environ.get("TORPOR_SIM_LINKS", "fixed").strip().lower()
-    if v not in ("shared", "fixed", ""):
+# A copy keeps the share of its links it started with ("fixed"), or every copy on a link is
+# re-rated as copies start and land ("shared", processor sharing); `Simulation` and `PaperSim`
+# take one as `link_physics`.
+LINK_PHYSICS = ("fixed", "shared")
+
+
+def link_physics_from_env() -> str:
+    """`TORPOR_SIM_LINKS` (`shared` or `fixed`; unset or empty: `fixed`), the default of the
+    command lines' `--links`; the simulators themselves never read the environment."""
+    v = os.environ.get("TORPOR_SIM_LINKS", "fixed").strip().lower() or "fixed"
+    if v not in LINK_PHYSICS:
         raise ValueError(f"TORPOR_SIM_LINKS: expected 'shared' or 'fixed', got {v!r}")
-    return v == "shared"
+    return v

@@ -14,6 +14,7 @@ import numpy as np
 
 from torpor.scheduling.costmodel import GB, TopologyError
 from torpor.scheduling.scheduler import POLICIES
+from torpor.sim.physics import LINK_PHYSICS, link_physics_from_env
 from torpor.sim.scenario import SWEEP_PARAMS, Scenario, ScenarioError, parse_scenario
 from torpor.sim.simulation import Simulation
 from torpor.sim.state import LATENCY_PCTS, SimResult
@@ -39,23 +40,27 @@ def paper_extras(spec: dict[str, Any], *, base: Path | None = None, source: str 
 
 def simulate(sc: Scenario, policy: str, n_gpus: int | None = None, *, arrivals=None,
              trace_path: str | Path | None = None, stop_below: float | None = None,
-             extras: list[Any] | None = None) -> SimResult:
+             extras: list[Any] | None = None, link_physics: str = "fixed") -> SimResult:
+    """`policy` (ours or the paper's) on the scenario's arrivals (or `arrivals`); `link_physics`:
+    "fixed" or "shared" (`torpor.sim.physics`)."""
     t, fn, duration = arrivals if arrivals is not None else scenario_arrivals(sc, trace_path)
     if policy in PAPER_POLICIES:
         from torpor.sim.paper_sim import PaperSim
 
-        sim = PaperSim(sc, policy, extras, n_gpus)  # extras None: paper_sim's defaults
+        # extras None: paper_sim's defaults
+        sim = PaperSim(sc, policy, extras, n_gpus, link_physics=link_physics)
         r = sim.run(t, fn, duration)
         lat = sim.latency
         if len(lat):
             r.latency_pct_ms = [None if not math.isfinite(x) else round(x * 1e3, 3)
                                 for x in np.percentile(lat, LATENCY_PCTS, method="lower")]
         return r
-    return Simulation(sc, policy, n_gpus).run(t, fn, duration, stop_below=stop_below)
+    return Simulation(sc, policy, n_gpus, link_physics=link_physics).run(t, fn, duration, stop_below=stop_below)
 
 
 def gpus_needed(sc: Scenario, policy: str, arrivals, *, limit: int, target: float | None = None,
-                start: int | None = None, extras: list[Any] | None = None) -> int | None:
+                start: int | None = None, extras: list[Any] | None = None, link_physics: str = "fixed"
+                ) -> int | None:
     """The fewest GPUs (1..limit) at which `policy` reaches the target SLO attainment, taking
     attainment to grow with GPUs; None if `limit` is not enough. The search starts at `start`
     (default: the scenario's GPU count), steps outward doubling the step until the answer is
@@ -65,8 +70,9 @@ def gpus_needed(sc: Scenario, policy: str, arrivals, *, limit: int, target: floa
 
     def ok(n: int) -> bool:
         if n not in memo:
-            kw = {"extras": extras} if extras is not None else {}
-            memo[n] = simulate(sc, policy, n, arrivals=arrivals, stop_below=target, **kw).attainment >= target
+            r = simulate(sc, policy, n, arrivals=arrivals, stop_below=target, extras=extras,
+                         link_physics=link_physics)
+            memo[n] = r.attainment >= target
         return memo[n]
 
     n = max(1, min(limit, start or sc.gpus))
@@ -99,7 +105,8 @@ def gpus_needed(sc: Scenario, policy: str, arrivals, *, limit: int, target: floa
 
 
 def compare(sc: Scenario, *, policies: list[str] | None = None, trace_path: str | Path | None = None,
-            search_gpus: int | None = None, extras: list[Any] | None = None) -> dict[str, Any]:
+            search_gpus: int | None = None, extras: list[Any] | None = None, link_physics: str = "fixed"
+            ) -> dict[str, Any]:
     """Every policy on the same arrivals; the fewest GPUs each needs when `search_gpus` > 0.
     Policies are ours (`POLICIES`) or the paper's (`PAPER_POLICIES`, which read `extras`: see
     `paper_extras`; None gives paper_sim's defaults)."""
@@ -109,10 +116,10 @@ def compare(sc: Scenario, *, policies: list[str] | None = None, trace_path: str 
     for p in policies or sc.policies:
         if p not in CLI_POLICIES:
             raise ScenarioError(f"policy: unknown policy {p!r}; expected one of {list(CLI_POLICIES)}")
-        r = simulate(sc, p, arrivals=arrivals, extras=extras)
+        r = simulate(sc, p, arrivals=arrivals, extras=extras, link_physics=link_physics)
         if search:
             t0 = time.perf_counter()
-            r.gpus_needed = gpus_needed(sc, p, arrivals, limit=search, extras=extras)
+            r.gpus_needed = gpus_needed(sc, p, arrivals, limit=search, extras=extras, link_physics=link_physics)
             r.gpus_searched = search
             r.wall_s += time.perf_counter() - t0
         results.append(r)
@@ -185,7 +192,7 @@ def with_param(spec: dict[str, Any], param: str, value: float) -> dict[str, Any]
 
 def sweep(spec: dict[str, Any], param: str, values: list[float], *, base: Path | None = None,
           source: str = "scenario", policies: list[str] | None = None, trace_path: str | Path | None = None,
-          search_gpus: int | None = None, progress: Any = None) -> dict[str, Any]:
+          search_gpus: int | None = None, progress: Any = None, link_physics: str = "fixed") -> dict[str, Any]:
     """`compare` at each value of one parameter (the same seed at every point, so at one point
     every policy sees the same arrivals). Returns {"sweep": {...}, "points": [compare reports]}."""
     points = []
@@ -194,7 +201,8 @@ def sweep(spec: dict[str, Any], param: str, values: list[float], *, base: Path |
         sc = parse_scenario(point, base=base, source=source)
         extras = (paper_extras(point, base=base, source=source)
                   if any(p in PAPER_POLICIES for p in policies or sc.policies) else None)
-        rep = compare(sc, policies=policies, trace_path=trace_path, search_gpus=search_gpus, extras=extras)
+        rep = compare(sc, policies=policies, trace_path=trace_path, search_gpus=search_gpus, extras=extras,
+                      link_physics=link_physics)
         rep["sweep_value"] = v
         points.append(rep)
         if progress is not None:
@@ -322,6 +330,9 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--duration", type=float, default=None, help="override the workload's duration (s)")
     p.add_argument("--workload", choices=["trace", "synthetic"], default=None, help="override the workload kind")
     p.add_argument("--trace", default=None, help="trace .npy (default: ../shared/data/ beside the project)")
+    p.add_argument("--links", choices=list(LINK_PHYSICS), default=None,
+                   help="link physics: fixed shares (a copy keeps the share it started with) or processor "
+                        "sharing; default: TORPOR_SIM_LINKS, else fixed")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--search-gpus", type=int, default=None,
                    help="find the fewest GPUs (up to N) reaching the target attainment; 0: skip")
@@ -333,6 +344,11 @@ def add_arguments(p: Any) -> None:
 
 
 def run_cli(args: Any) -> int:
+    try:
+        links = getattr(args, "links", None) or link_physics_from_env()
+    except ValueError as e:
+        print(f"torpor simulate: {e}", file=sys.stderr)
+        return 2
     try:
         p = Path(args.scenario)
         spec = json.loads(p.read_text())
@@ -356,13 +372,13 @@ def run_cli(args: Any) -> int:
             param, values = sc.sweep
             report = sweep(spec, param, values, base=p.parent, source=str(p), policies=args.policy,
                            trace_path=args.trace, search_gpus=args.search_gpus,
-                           progress=lambda line: print(line, file=sys.stderr, flush=True))
+                           progress=lambda line: print(line, file=sys.stderr, flush=True), link_physics=links)
             table = format_sweep(report)
         else:
             extras = (paper_extras(spec, base=p.parent, source=str(p))
                       if any(x in PAPER_POLICIES for x in args.policy or sc.policies) else None)
             report = compare(sc, policies=args.policy, trace_path=args.trace, search_gpus=args.search_gpus,
-                             extras=extras)
+                             extras=extras, link_physics=links)
             table = format_table(report)
     except (OSError, json.JSONDecodeError) as e:
         print(f"torpor simulate: cannot read scenario {args.scenario}: {e}", file=sys.stderr)
