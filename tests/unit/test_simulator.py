@@ -262,7 +262,7 @@ def test_gpu_search_agrees_with_exhaustive_runs(monkeypatch):
     for need in (1, 2, 5, 9):
         calls = []
 
-        def fake(sc, policy, n, *, arrivals=None, stop_below=None, need=need, calls=calls):
+        def fake(sc, policy, n, *, arrivals=None, stop_below=None, need=need, calls=calls, **_):
             calls.append(n)
             return type("R", (), {"attainment": 1.0 if n >= need else 0.5})()
 
@@ -400,34 +400,35 @@ def test_processor_sharing_copy_that_waits_for_its_path_takes_no_share_until_it_
 
 
 def test_link_physics_from_the_environment(monkeypatch):
-    from torpor.sim.physics import _links_from_env
+    # the command lines' default for --links; the simulators take it as a parameter
+    from torpor.sim.physics import link_physics_from_env
 
     monkeypatch.delenv("TORPOR_SIM_LINKS", raising=False)
-    assert _links_from_env() is False
+    assert link_physics_from_env() == "fixed"
     monkeypatch.setenv("TORPOR_SIM_LINKS", "shared")
-    assert _links_from_env() is True
+    assert link_physics_from_env() == "shared"
     monkeypatch.setenv("TORPOR_SIM_LINKS", "fixed")
-    assert _links_from_env() is False
+    assert link_physics_from_env() == "fixed"
     monkeypatch.setenv("TORPOR_SIM_LINKS", "fair")
     with pytest.raises(ValueError, match="TORPOR_SIM_LINKS"):
-        _links_from_env()
+        link_physics_from_env()
+    sc = parse_scenario(small())
+    with pytest.raises(ScenarioError, match="link_physics"):
+        Simulation(sc, "torpor", link_physics="fair")
 
 
-def test_predictions_hold_under_processor_sharing_when_execution_is_exact(monkeypatch):
+def test_predictions_hold_under_processor_sharing_when_execution_is_exact():
     # Under processor sharing a later copy slows the copies already on its links. Torpor's
     # scheduler counts how its copy slows the copy its request queues behind, keeps every
     # in-flight copy within the deadlines of the requests waiting on it (or waits for the
     # path), and a copy that waited does not start where it would break such a deadline: with
     # exact execution times a request predicted within its margin still meets its SLO.
-    from torpor.sim import simulation as simulator
-
-    monkeypatch.setattr(simulator, "SHARED_LINKS", True)
     for rate in (3, 5):
         sc = parse_scenario(small(functions=24, exec_noise=0, workload={"kind": "synthetic", "duration_s": 300,
                                                                         "rate_scale": rate}))
         arrivals = scenario_arrivals(sc)
         slo = np.array([sc.models[f % 2].slo_s for f in arrivals[1]])
-        sim = Simulation(sc, "torpor")
+        sim = Simulation(sc, "torpor", link_physics="shared")
         r = sim.run(*arrivals)
         assert sim.xfer.shared and r.swaps > 1000
         promised = sim.predicted <= 0.9 * slo
@@ -582,7 +583,7 @@ def test_staging_marks_a_request_passed_over_and_leaves_it_out_of_the_work_ahead
     # waiting for it): it is marked passed at entry, stays passed while requests for A keep
     # coming, and is unmarked when granted. Requests for A arriving meanwhile do not count B's run
     # and copy ahead of them (admission.work_ahead), and run before it: predicted as they happen
-    from torpor.sim import simulation as simulator
+    from torpor.sim import staged
     from torpor.sim.scenario import Staging
 
     sc = staged_gpu([{"name": "A", "size_MB": 100, "exec_ms": 20, "slo_ms": 5000},
@@ -590,7 +591,7 @@ def test_staging_marks_a_request_passed_over_and_leaves_it_out_of_the_work_ahead
     t = np.array([0.0, 0.0001, 0.0002, 0.0003, 0.0004, 0.001, 0.002, 0.09, 0.13])
     fn = np.array([0, 0, 0, 0, 0, 1, 0, 0, 0])
     seen = {}  # arrival -> B's `passed` as the work ahead of that arrival was projected
-    work_ahead = simulator.work_ahead
+    work_ahead = staged.work_ahead
 
     def watch(tickets, now, *args, **kw):
         for j in tickets:
@@ -598,7 +599,7 @@ def test_staging_marks_a_request_passed_over_and_leaves_it_out_of_the_work_ahead
                 seen[now] = j.passed
         return work_ahead(tickets, now, *args, **kw)
 
-    monkeypatch.setattr(simulator, "work_ahead", watch)
+    monkeypatch.setattr(staged, "work_ahead", watch)
     sim = Simulation(sc, "torpor", staging=Staging())
     sim.preload([0])
     r = sim.run(t, fn, 1.0)
