@@ -4,7 +4,7 @@
     torpor simulate --scenario loadtest/scenarios/h100x4.json        (the same)
 
 Runs Torpor's policy, LRU swap-only and static placement on the same arrivals (see
-torpor/sim/simulation.py and loadtest/scenarios/README.md), prints a table and writes JSON.
+torpor/sim/simulation.py and torpor/sim/scenarios/README.md), prints a table and writes JSON.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Running policies side by side on one scenario's arrivals: `simulate` (ours or the paper's),
-`gpus_needed`, `compare`, `sweep`, their tables and plots, and the `torpor simulate` CLI."""
+`gpus_needed`, `compare`, `sweep`, their tables and plots, and the `torpor simulate` CLI (its
+default scenario is `torpor/sim/scenarios/h100x4.json`, shipped with the package)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torpor.sim.physics import LINK_PHYSICS, link_physics_from_env
 from torpor.sim.scenario import SWEEP_PARAMS, Scenario, ScenarioError, parse_scenario
 from torpor.sim.simulation import Simulation
 from torpor.sim.state import LATENCY_PCTS, SimResult
-from torpor.sim.workload import WorkloadError, scenario_arrivals
+from torpor.sim.workload import WorkloadError, scenario_arrivals, without_missing_trace
 
 # The Torpor paper's own policies (torpor.sim.paper_sim), run beside ours on the same arrivals:
 # its system (`paper`), its ablations and its baselines. `lru` is the paper's ablation (its
@@ -317,7 +318,8 @@ def write_plot(report: dict[str, Any], path: str | Path) -> str:
 # Command line (`torpor simulate`, loadtest/simulate.py)
 # ------------------------------------------------------------------------------------------------
 
-DEFAULT_SCENARIO = Path(__file__).resolve().parent.parent / "loadtest" / "scenarios" / "h100x4.json"
+# shipped as package data (pyproject.toml); loadtest/scenarios links to the same folder
+DEFAULT_SCENARIO = Path(__file__).resolve().parent / "scenarios" / "h100x4.json"
 
 
 def add_arguments(p: Any) -> None:
@@ -329,7 +331,9 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--functions", type=int, default=None, help="override the scenario's function count")
     p.add_argument("--duration", type=float, default=None, help="override the workload's duration (s)")
     p.add_argument("--workload", choices=["trace", "synthetic"], default=None, help="override the workload kind")
-    p.add_argument("--trace", default=None, help="trace .npy (default: ../shared/data/ beside the project)")
+    p.add_argument("--trace", default=None,
+                   help="trace .npy (default: ../shared/data/ beside the project; where it is absent, the "
+                        "synthetic generator with the trace's statistics)")
     p.add_argument("--links", choices=list(LINK_PHYSICS), default=None,
                    help="link physics: fixed shares (a copy keeps the share it started with) or processor "
                         "sharing; default: TORPOR_SIM_LINKS, else fixed")
@@ -361,6 +365,10 @@ def run_cli(args: Any) -> int:
                 spec["workload"]["duration_s"] = args.duration
             if args.workload is not None:
                 spec["workload"]["kind"] = args.workload
+        workload, note = without_missing_trace(spec.get("workload") or {}, args.trace)
+        if note is not None:
+            spec["workload"] = workload
+            print(f"torpor simulate: {note}", file=sys.stderr)
         sweep_arg = getattr(args, "sweep", None)
         if sweep_arg is not None:
             if sweep_arg.strip().lower() == "none":

@@ -1,6 +1,6 @@
 """Discrete-event simulator: the real Scheduler, CostModel and eviction policies on virtual time.
 
-    result = simulate(load_scenario("loadtest/scenarios/h100x4.json"), policy="torpor")  # torpor.sim.report
+    result = simulate(load_scenario("torpor/sim/scenarios/h100x4.json"), policy="torpor")  # torpor.sim.report
     result = Simulation(scenario, "torpor").run(times, fns, duration)
 
 `Simulation` (here) is the node: its devices and their residents, the cost model, the

@@ -1,5 +1,6 @@
 """Simulator workloads: the paper's trace or a synthetic generator turned into arrivals
-(`make_arrivals`, `scenario_arrivals`). See `torpor.sim.simulation`."""
+(`make_arrivals`, `scenario_arrivals`), and the synthetic generator in place of the default
+trace where that is absent (`without_missing_trace`). See `torpor.sim.simulation`."""
 
 from __future__ import annotations
 
@@ -142,6 +143,18 @@ def make_arrivals(workload: dict[str, Any], functions: int, *, seed: int = 0,
     t, fn = counts_to_arrivals(counts, rng, float(scale))
     keep = t < duration
     return t[keep], fn[keep], float(duration)
+
+
+def without_missing_trace(workload: dict[str, Any], trace_path: str | Path | None = None
+                          ) -> tuple[dict[str, Any], str | None]:
+    """`workload` as it is, or, where it would read the default trace (kind `trace`, no trace
+    named here or in it) and that is absent (an installed wheel has no ../shared/data), the
+    synthetic generator with the trace's statistics instead, and a line saying so."""
+    if workload.get("kind", "trace") != "trace" or trace_path or workload.get("trace") or DEFAULT_TRACE.exists():
+        return workload, None
+    note = (f"the paper's trace is not at {DEFAULT_TRACE}; using the synthetic generator with its statistics "
+            "(--trace PATH to use the trace)")
+    return {**workload, "kind": "synthetic"}, note
 
 
 def scenario_arrivals(sc: Scenario, trace_path: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, float]:
