@@ -196,7 +196,16 @@ async def serve(args: argparse.Namespace) -> int:
     from torpor.adapters.bls import install_bls
     from torpor.dataplane.engine import Engine
 
-    engine = Engine(engine_options(args), create_model_function)
+    options = engine_options(args)
+    for repo in options.model_repositories:
+        if not Path(repo).is_dir():
+            # Triton refuses to start on a repository it cannot stat; serving zero models instead
+            # would look healthy and answer every request "unknown model"
+            why = ("the bundled examples are only in a source checkout: pass --model-repository DIR"
+                   if not args.model_repository else "no such directory")
+            print(f"torpor: could not start: --model-repository {repo}: {why}", file=sys.stderr, flush=True)
+            return 1
+    engine = Engine(options, create_model_function)
     install_bls(engine, asyncio.get_running_loop())  # pb_utils.InferenceRequest.exec() in python models
     engine.log_settings({"log_verbose_level": args.log_verbose})
     try:

@@ -45,3 +45,11 @@ def test_bad_device_bandwidths(simple_repo):
 def test_bad_default_slo(simple_repo):
     r = serve("--model-repository", str(simple_repo), "--default-slo-ms", "-5")
     assert r.returncode == 2 and "--default-slo-ms" in r.stderr and "positive" in r.stderr
+
+
+def test_a_repository_that_does_not_exist(tmp_path):
+    """Triton refuses to start on a repository it cannot stat; serving zero models would look healthy."""
+    missing = tmp_path / "does" / "not" / "exist"
+    r = serve("--model-repository", str(missing), "--http-port", str(free_port()), timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"torpor: could not start: --model-repository {missing}: no such directory"
