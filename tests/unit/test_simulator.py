@@ -255,6 +255,27 @@ def test_cli_bad_scenario_is_one_line_and_exit_2(tmp_path, capsys):
     assert not (tmp_path / "out.json").exists()
 
 
+def test_cli_default_scenario_is_package_data_and_runs_without_the_trace(tmp_path, capsys, monkeypatch):
+    # an installed wheel has the default scenario (torpor/sim/scenarios/) but not the trace
+    # beside the project: one line says so and the synthetic generator stands in
+    import argparse
+
+    from torpor.sim import workload
+    from torpor.sim.report import DEFAULT_SCENARIO, add_arguments, run_cli
+
+    assert DEFAULT_SCENARIO.is_file() and DEFAULT_SCENARIO.parent == Path(workload.__file__).parent / "scenarios"
+    monkeypatch.setattr(workload, "DEFAULT_TRACE", tmp_path / "absent.npy")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    out = tmp_path / "out.json"
+    args = p.parse_args(["--duration", "60", "--functions", "40", "--search-gpus", "0", "--policy", "torpor",
+                         "--json", str(out), "--plot", str(tmp_path / "out.png")])
+    assert run_cli(args) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "trace is not at" in err and "synthetic" in err
+    assert json.loads(out.read_text())["workload"]["kind"] == "synthetic"
+
+
 def test_gpu_search_agrees_with_exhaustive_runs(monkeypatch):
     import torpor.sim.report as sim_mod
 
