@@ -1,4 +1,5 @@
-"""DevicePool: the swap engine's facade, the one object the Engine talks to.
+"""DevicePool: the swap engine's facade over devices, arenas, the host store and copies
+(`torpor.runtime.device_path.DeviceRuntime` drives it for the data plane).
 
     pool = DevicePool(open_devices("cuda"))                 # or "cpu:2"; arenas reserved here
     pool.register("resnet50", model_fn.layer_groups(), module)   # weights -> host slab (pinned)
