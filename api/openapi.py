@@ -1,7 +1,7 @@
 """OpenAPI for the endpoints whose bodies FastAPI cannot see: they read the raw body (never
 pydantic, see api/http.py), so their request bodies, headers and answers are described here and
 attached to the routes with `openapi_extra`. The description is what schemathesis tests against
-(tests/test_openapi_fuzz.py)."""
+(tests/server/test_openapi_fuzz.py)."""
 
 from __future__ import annotations
 
