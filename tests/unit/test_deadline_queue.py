@@ -48,7 +48,7 @@ def test_cancelled_queued_work_is_skipped():
 
 def _placer() -> Placer:
     mem = SimpleNamespace(device=SimpleNamespace(name="d0"), residents={}, capacity=1 << 30, free_bytes=1 << 30)
-    pool = SimpleNamespace(memories=[mem], policy=CostAwarePolicy(), _rate=lambda k: 0.0)
+    pool = SimpleNamespace(memories=[mem], policy=CostAwarePolicy(), request_rate=lambda k: 0.0)
     return Placer(pool, LinkMap(["d0"], {"d0": 1e9}))
 
 
