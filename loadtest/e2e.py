@@ -54,15 +54,17 @@ in flight); lost (no response by --drain-s after the last arrival: cancelled, mu
 
 Exit status: 0 when every configuration ran, every server exited 0 and no request failed or was
 lost (shed requests are allowed).
+
+Code: the flags, Plan and phase 1 (Repository) are in e2e_setup.py, the model kinds and arrival
+generators in e2e_workloads.py, the statistics and tables in e2e_report.py; this file holds the
+server, the client and Experiment, which runs phases 2-4.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
-import math
 import os
 import re
 import shutil
@@ -88,24 +90,21 @@ from loadtest.e2e_report import (
     OK,
     SHED,
     RunLog,
-    _ratio,
     _residency_summary,
-    fmt,
     print_predictions,
+    print_ratios,
     print_summary,
     print_table,
     summarize,
+    torpor_over_native,
 )
+from loadtest.e2e_setup import Plan, Repository, parse_loads, prepare_repository, settle, versions
 from loadtest.e2e_workloads import (
-    BLOCK,
     KINDS,
     T0,
     Kind,
     base_trace_rate,
-    build_repository,
-    find_trace,
     request_arrays,
-    safetensors_bytes,
     stamp,
     trace_arrivals,
     zipf_arrivals,
@@ -360,47 +359,8 @@ async def warmup(client: Client, names: list[str], kinds_of: list[str], reps: in
 # ------------------------------------------------------------------------------------------------
 
 
-def parse_slo(text: str, kinds: list[str]) -> dict[str, float]:
-    slo = {k: KINDS[k].slo_ms for k in kinds}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        k, _, v = part.partition("=")
-        slo[k.strip()] = float(v)
-    return slo
-
-
-def parse_loads(text: str) -> list[float]:
-    """--load: one fraction of the single-stream capacity, or a comma list of them."""
-    try:
-        loads = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number or a comma list of numbers: {text!r}") from None
-    if not loads or any(not (x > 0 and math.isfinite(x)) for x in loads):
-        raise argparse.ArgumentTypeError(f"loads must be positive numbers: {text!r}")
-    return list(dict.fromkeys(loads))
-
-
-
-def versions() -> dict:
-    code = ("import json, sys, torch; d = {'python': sys.version.split()[0], 'torch': torch.__version__, "
-            "'cuda': torch.version.cuda, 'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}; "
-            "print(json.dumps(d))")
-    try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                             check=False).stdout
-        d = json.loads(out.strip().splitlines()[-1])
-    except Exception:  # noqa: BLE001
-        d = {}
-    try:
-        import tritonclient
-
-        d["tritonclient"] = getattr(tritonclient, "__version__", None)
-    except ImportError:
-        pass
-    d["cpus"] = os.cpu_count()
-    return d
-
-
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; its description is the module docstring's first paragraph."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", type=Path, default=None, help="model repository folder (default: a fresh temp dir)")
     ap.add_argument("--models", type=int, default=40)
@@ -438,275 +398,261 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--table", type=Path, default=None, metavar="FILE.json",
                     help="print one row per load x workload, native beside Torpor, from a --json file; run nothing")
-    args = ap.parse_args(argv)
-    if args.table:
-        print_summary(json.loads(args.table.read_text()))
-        return 0
-    loads = args.load
-    if args.speedup != "auto" and len(loads) > 1:
-        raise SystemExit("--speedup N fixes the rate, so --load takes one value (or use --speedup auto)")
+    return ap
 
-    deadline = T0 + args.budget_s
-    mix = (args.mix or ("mlp_small,mlp_large" if args.tiny else "resnet50,bert")).split(",")
-    for k in mix:
-        if k not in KINDS:
-            raise SystemExit(f"unknown kind {k!r} (known: {', '.join(KINDS)})")
-    max_rps = args.max_rps if args.max_rps is not None else (25.0 if args.tiny else 400.0)
-    slo = parse_slo(args.slo_ms, mix)
-    protocols = ["http", "grpc"] if args.protocol == "both" else [args.protocol]
-    workloads = ["trace", "zipf"] if args.workload == "both" else [args.workload]
-    for proto in list(protocols):  # before anything expensive: the aio clients need aiohttp / grpcio
-        try:
-            importlib.import_module(f"tritonclient.{proto}.aio")
-        except ImportError as e:
-            if len(protocols) == 1:
-                raise SystemExit(f"tritonclient.{proto}.aio cannot be imported: {e}") from None
-            print(f"WARNING: tritonclient.{proto}.aio cannot be imported ({e}); driving {proto} is skipped", flush=True)
-            protocols.remove(proto)
-    trace_path = find_trace(args.trace)
-    if "trace" in workloads and trace_path is None:
-        raise SystemExit("no trace found (--trace PATH, or use --workload zipf)")
-    trace = np.load(trace_path) if trace_path else None
 
-    info = versions()
-    stamp(f"start: python {info.get('python')}, torch {info.get('torch')}, gpu {info.get('gpu')}, "
-          f"{info.get('cpus')} CPUs; budget {args.budget_s:.0f}s")
+class Calibration:
+    """The offered rate of each load, worked out once and then the same for every configuration:
+    --speedup auto offers LOAD x the single-stream capacity measured at the first configuration's
+    warm-up (capped by --max-rps); --speedup N fixes the trace's compression instead."""
 
-    # 1. repository ------------------------------------------------------------------------------
-    tmp_owned = args.repo is None
-    repo = args.repo or Path(tempfile.mkdtemp(prefix="torpor-e2e-")) / "models"
-    models = [(f"{mix[i % len(mix)]}_{i:03d}", KINDS[mix[i % len(mix)]], 1000 + i) for i in range(args.models)]
-    names = [m for m, _, _ in models]
-    kinds_of = [k.name for _, k, _ in models]
-    phases: dict[str, float] = {}
-    t = time.monotonic()
-    gen = build_repository(repo, models, args.batching, args.gen_workers, None if args.no_server_slo else slo)
-    phases["repository"] = time.monotonic() - t
-    nbytes = {m: safetensors_bytes(repo / m / "1" / "model.safetensors") for m in names}
-    footprint = {m: math.ceil(b / BLOCK) * BLOCK for m, b in nbytes.items()}
-    total = sum(footprint.values())
-    largest = max(footprint.values())
-    torpor_bound = math.ceil(args.fraction * total / BLOCK) * BLOCK
-    if torpor_bound < largest + BLOCK:
-        stamp(f"WARNING: {args.fraction} of the total ({torpor_bound} B) cannot hold the largest model; using {largest + BLOCK}")
-        torpor_bound = largest + BLOCK
-    native_bound = math.ceil(args.native_factor * total / BLOCK) * BLOCK
-    by_kind = {k: sum(nbytes[m] for m, kk in zip(names, kinds_of, strict=True) if kk == k) for k in mix}
-    stamp(f"models: {len(names)} ({', '.join(f'{kinds_of.count(k)} x {k} {by_kind[k] / max(1, kinds_of.count(k)) / 1e6:.0f} MB' for k in mix)}), "
-          f"total {total / 2**30:.2f} GiB; torpor bound {torpor_bound / 2**30:.2f} GiB ({torpor_bound / total:.2f} of total, "
-          f"native needs {total / torpor_bound:.1f}x), native bound {native_bound / 2**30:.2f} GiB")
+    def __init__(self, plan: Plan, n_functions: int):
+        self.plan = plan
+        self.n_functions = n_functions
+        self.fixed_speedup = None if plan.args.speedup == "auto" else float(plan.args.speedup)
+        self.base_rate = (base_trace_rate(plan.trace, n_functions, plan.args.seed) if plan.trace is not None
+                          else 9.8 * n_functions / 60.0)
+        self.mean_s: float | None = None  # mean resident single-stream service time, measured on the first config
+        self.by_load: dict[float, dict] = {}  # per load: speedup and offered rate
 
-    configs = ["native", "torpor"] if args.configs == "auto" else args.configs.split(",")
-    multi = len(loads) > 1
+    def measured(self, single: dict[str, float], kinds_of: list[str]) -> None:
+        """Take the mean service time from the first configuration's warm-up (ms per kind), weighted by
+        how many models each kind has; later configurations keep it."""
+        if self.mean_s is None:
+            share = {k: kinds_of.count(k) / len(kinds_of) for k in self.plan.mix}
+            self.mean_s = sum(share[k] * single[k] for k in self.plan.mix) / 1e3
 
-    def run_key(wl: str, load: float) -> str:
-        """The run's name in the JSON and the tables: the workload, with its load when there are several."""
-        return f"{wl}@{load:g}" if multi else wl
-
-    runs_per_cfg = len(loads) * len(workloads)
-    # Up-front estimate (measured on CPU: server start ~3 s + ~2.5 s per GiB of weights loaded and
-    # copied into the host store; warm-up one request per model; ~3 s per run to set up and drain)
-    est_start = 3.0 + 2.5 * sum(nbytes.values()) / 2**30 + (5.0 if args.device.startswith("cuda") else 0.0)
-    est_runs = len(configs) * runs_per_cfg * (args.duration + 3)
-    est = (time.monotonic() - T0) + len(configs) * (est_start + 5 + 2) + est_runs
-    stamp(f"estimate: server start ~{est_start:.0f}s each, {len(configs)} x "
-          + (f"{len(loads)} loads x " if multi else "") + f"{len(workloads)} runs of "
-          f"{args.duration:.0f}s (+~3s each) -> ~{est:.0f}s in all (budget {args.budget_s:.0f}s"
-          + ("; durations will be shortened to fit)" if est > args.budget_s else ")"))
-    bounds = {"native": native_bound, "torpor": torpor_bound}
-    logs_dir = args.logs or (args.json.parent if args.json else Path(tempfile.mkdtemp(prefix="torpor-e2e-logs-")))
-    logs_dir.mkdir(parents=True, exist_ok=True)
-
-    fixed_speedup = None if args.speedup == "auto" else float(args.speedup)
-    base_rate = base_trace_rate(trace, len(names), args.seed) if trace is not None else 9.8 * len(names) / 60.0
-    results: dict = {"runs": {}, "phases": phases}
-    ok = True
-    server_start_s = est_start  # a first guess, replaced by the measured start
-    n_runs_total = len(configs) * runs_per_cfg
-    runs_done = 0
-    mean_s: float | None = None  # mean resident single-stream service time, measured on the first config
-    calib: dict[float, dict] = {}  # per load: speedup and offered rate, the same for every config
-    skipped: list[str] = []
-
-    def calibrate(load: float) -> dict:
+    def __call__(self, load: float) -> dict:
         """Speedup and offered rate of one load, from the first configuration's single-stream capacity."""
-        if load not in calib:
-            if fixed_speedup is None:
-                rate = min(max_rps, load / mean_s)
+        if load not in self.by_load:
+            mean_s, base_rate = self.mean_s, self.base_rate
+            if self.fixed_speedup is None:
+                rate = min(self.plan.max_rps, load / mean_s)
                 speedup = rate / base_rate
             else:
-                speedup = fixed_speedup
+                speedup = self.fixed_speedup
                 rate = base_rate * speedup
-            capped = fixed_speedup is None and rate < load / mean_s
-            stamp(f"load{f' {load:g}' if multi else ''}: trace base rate {base_rate:.2f} req/s for {len(names)} "
+            capped = self.fixed_speedup is None and rate < load / mean_s
+            stamp(f"load{f' {load:g}' if self.plan.multi else ''}: trace base rate {base_rate:.2f} req/s for {self.n_functions} "
                   f"functions; speedup {speedup:.2f} ({60 / speedup:.1f}s of wall per trace minute) -> offered "
                   f"{rate:.1f} req/s (single-stream capacity {1 / mean_s:.0f} req/s, {rate * mean_s:.2f} of it"
-                  + (f"; capped by --max-rps {max_rps:g})" if capped else ")"))
-            calib[load] = {"speedup": speedup, "offered_rps": rate, "base_rps": base_rate,
-                           "single_stream_capacity_rps": 1 / mean_s, "load": rate * mean_s}
-        return calib[load]
+                  + (f"; capped by --max-rps {self.plan.max_rps:g})" if capped else ")"))
+            self.by_load[load] = {"speedup": speedup, "offered_rps": rate, "base_rps": base_rate,
+                                  "single_stream_capacity_rps": 1 / mean_s, "load": rate * mean_s}
+        return self.by_load[load]
 
-    async def run_config(server: Server, cfg: str, ci: int, cfg_result: dict) -> None:
-        nonlocal mean_s, runs_done
-        client = Client(server, protocols, {k: KINDS[k] for k in mix}, args.max_outstanding, args.seed)
-        try:
-            tw = time.monotonic()
-            single = await warmup(client, names, kinds_of, 10 if args.tiny else 20)
-            phases[f"{cfg}/warmup"] = time.monotonic() - tw
-            cfg_result["single_stream_ms"] = single
-            res = server.residency()
-            cfg_result["residency_after_warmup"] = _residency_summary(res)
-            stamp(f"{cfg}: warm-up {phases[f'{cfg}/warmup']:.1f}s; single-stream resident latency "
-                  + ", ".join(f"{k} {v:.2f} ms" for k, v in single.items())
-                  + f"; resident {cfg_result['residency_after_warmup']['resident_models']} models")
-            if mean_s is None:
-                share = {k: kinds_of.count(k) / len(kinds_of) for k in mix}
-                mean_s = sum(share[k] * single[k] for k in mix) / 1e3
-            for load in loads:
-                cal = calibrate(load)
-                for wl in workloads:
-                    key = run_key(wl, load)
-                    left = deadline - time.monotonic()
-                    runs_left = n_runs_total - runs_done
-                    later_cfgs = len(configs) - ci - 1
-                    # later servers' start, warm-up and stop; this one's stop; ~3 s per run to set up and drain
-                    avail = left - later_cfgs * (server_start_s + 5) - 5 - runs_left * 3
-                    dur = min(args.duration, avail / runs_left)
-                    if dur < min(5.0, args.duration):
-                        stamp(f"{cfg}/{key}: SKIPPED, budget left {left:.0f}s")
-                        cfg_result["workloads"][key] = {"skipped": "budget", "workload": wl, "load": load}
-                        skipped.append(f"{cfg}/{key}")
-                        runs_done += 1
-                        continue
-                    if dur < args.duration:
-                        stamp(f"{cfg}/{key}: duration shortened to {dur:.0f}s to fit the budget")
-                    if wl == "trace":
-                        times, funcs, _ = trace_arrivals(trace, len(names), cal["speedup"], dur, args.seed)
-                    else:
-                        times, funcs = zipf_arrivals(len(names), cal["offered_rps"], dur, args.seed, args.zipf_s,
-                                                     args.burst_factor)
-                    sb, stb, schb = server.swap_metrics(), server.model_stats(), server.scheduler()
-                    stamp(f"{cfg}/{key}: {times.size} arrivals over {dur:.0f}s ({times.size / dur:.1f} req/s offered)")
-                    tl = time.monotonic()
-                    log = await drive(client, names, kinds_of, times, funcs, args.max_outstanding,
-                                      min(args.drain_s, max(5.0, deadline - time.monotonic() - 20)))
-                    phases[f"{cfg}/{key}"] = time.monotonic() - tl
-                    sa, sta = server.swap_metrics(), server.model_stats()
-                    rows = summarize(log, kinds_of, names, slo, protocols, sb, sa, stb, sta, dur)
-                    res = server.residency()
-                    scha = server.scheduler()
-                    predictions = scha["predictions"]
-                    reasons = {k: n - schb["shed_reasons"].get(k, 0) for k, n in scha["shed_reasons"].items()
-                               if n - schb["shed_reasons"].get(k, 0)}
-                    cfg_result["workloads"][key] = {
-                        "workload": wl, "load": load, "duration_s": dur, "arrivals": int(times.size),
-                        "classes": rows, "errors": log.errors, "shed_examples": log.shed_examples,
-                        "residency_after": _residency_summary(res), "predictions": predictions,
-                        "shed_reasons": reasons, "exec_estimates_ms": scha["exec_estimates_ms"]}
-                    print_table(f"{cfg} / {wl}" + (f" @ load {load:g}" if multi else "")
-                                + f" ({args.device}, bound {bounds[cfg] / 2**30:.2f} GiB, "
-                                f"{'+'.join(protocols)}, {dur:.0f}s)", rows)
-                    if reasons:
-                        print("shed by when:why (server side): "
-                              + ", ".join(f"{k} {n}" for k, n in sorted(reasons.items())))
-                    print_predictions(predictions)
-                    for e in log.errors:
-                        print(f"  error: {e}")
-                    runs_done += 1
-        finally:
-            await client.close()
 
-    for ci, cfg in enumerate(configs):
-        remaining_cfgs = len(configs) - ci
-        # budget: this and later servers' start/stop, then the load runs share what is left
-        left = deadline - time.monotonic()
-        if left < remaining_cfgs * (server_start_s + 5 + 8 * runs_per_cfg):
-            stamp(f"{cfg}: SKIPPED, {left:.0f}s left of the budget is not enough for a server start and a run")
-            results["runs"][cfg] = {"skipped": "budget"}
-            skipped.append(cfg)
-            continue
+class Experiment:
+    """Phases 2-4 over one repository: each configuration's server in turn, its loads and workloads
+    fitted into what is left of the budget, and the results they add up to (the --json document)."""
+
+    def __init__(self, plan: Plan, repo: Repository, phases: dict[str, float]):
+        args = plan.args
+        self.plan, self.repo, self.phases = plan, repo, phases
+        self.configs = ["native", "torpor"] if args.configs == "auto" else args.configs.split(",")
+        self.runs_per_cfg = len(plan.loads) * len(plan.workloads)
+        self.n_runs_total = len(self.configs) * self.runs_per_cfg
+        self.runs_done = 0
+        self.server_start_s = self.estimate()  # a first guess, replaced by the measured start
+        self.logs_dir = args.logs or (args.json.parent if args.json else Path(tempfile.mkdtemp(prefix="torpor-e2e-logs-")))
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.calibrate = Calibration(plan, len(repo.names))
+        self.results: dict = {"runs": {}, "phases": phases}
+        self.ok = True
+        self.skipped: list[str] = []
+
+    def estimate(self) -> float:
+        """Print how long the whole run should take; return the guess for one server start."""
+        plan, args, configs = self.plan, self.plan.args, self.configs
+        # Up-front estimate (measured on CPU: server start ~3 s + ~2.5 s per GiB of weights loaded and
+        # copied into the host store; warm-up one request per model; ~3 s per run to set up and drain)
+        est_start = 3.0 + 2.5 * sum(self.repo.nbytes.values()) / 2**30 + (5.0 if args.device.startswith("cuda") else 0.0)
+        est_runs = len(configs) * self.runs_per_cfg * (args.duration + 3)
+        est = (time.monotonic() - T0) + len(configs) * (est_start + 5 + 2) + est_runs
+        stamp(f"estimate: server start ~{est_start:.0f}s each, {len(configs)} x "
+              + (f"{len(plan.loads)} loads x " if plan.multi else "") + f"{len(plan.workloads)} runs of "
+              f"{args.duration:.0f}s (+~3s each) -> ~{est:.0f}s in all (budget {args.budget_s:.0f}s"
+              + ("; durations will be shortened to fit)" if est > args.budget_s else ")"))
+        return est_start
+
+    def run(self) -> None:
+        """Every configuration in order, skipping those the budget no longer has room for."""
+        for ci, cfg in enumerate(self.configs):
+            remaining_cfgs = len(self.configs) - ci
+            # budget: this and later servers' start/stop, then the load runs share what is left
+            left = self.plan.deadline - time.monotonic()
+            if left < remaining_cfgs * (self.server_start_s + 5 + 8 * self.runs_per_cfg):
+                stamp(f"{cfg}: SKIPPED, {left:.0f}s left of the budget is not enough for a server start and a run")
+                self.results["runs"][cfg] = {"skipped": "budget"}
+                self.skipped.append(cfg)
+                continue
+            self.serve(ci, cfg)
+
+    def serve(self, ci: int, cfg: str) -> None:
+        """One configuration: start its server, run its loads and workloads, stop it and require exit
+        status 0. A failure is recorded and the next configuration still runs."""
+        args, bound = self.plan.args, self.repo.bounds[cfg]
         t = time.monotonic()
-        stamp(f"{cfg}: starting server (--devices {args.device} --device-memory-bytes {bounds[cfg]})")
-        server = Server(repo, args.device, bounds[cfg], logs_dir / f"server-{cfg}.log", args.server_arg)
-        cfg_result: dict = {"bound_bytes": bounds[cfg], "workloads": {}}
-        results["runs"][cfg] = cfg_result
+        stamp(f"{cfg}: starting server (--devices {args.device} --device-memory-bytes {bound})")
+        server = Server(self.repo.path, args.device, bound, self.logs_dir / f"server-{cfg}.log", args.server_arg)
+        cfg_result: dict = {"bound_bytes": bound, "workloads": {}}
+        self.results["runs"][cfg] = cfg_result
         try:
-            server.wait_ready(min(args.ready_timeout, max(10.0, deadline - time.monotonic() - 30)))
-            server_start_s = time.monotonic() - t
-            phases[f"{cfg}/server_start"] = server_start_s
-            stamp(f"{cfg}: ready in {server_start_s:.1f}s (http {server.http}, grpc {server.grpc}, metrics {server.metrics})")
-            asyncio.run(run_config(server, cfg, ci, cfg_result))
+            server.wait_ready(min(args.ready_timeout, max(10.0, self.plan.deadline - time.monotonic() - 30)))
+            self.server_start_s = time.monotonic() - t
+            self.phases[f"{cfg}/server_start"] = self.server_start_s
+            stamp(f"{cfg}: ready in {self.server_start_s:.1f}s (http {server.http}, grpc {server.grpc}, metrics {server.metrics})")
+            asyncio.run(self.run_config(server, cfg, ci, cfg_result))
         except Exception as e:  # noqa: BLE001 - report, stop the server, go on with the next config
-            ok = False
+            self.ok = False
             cfg_result["error"] = f"{type(e).__name__}: {e}"
             stamp(f"{cfg}: FAILED: {type(e).__name__}: {e}")
         finally:
             ts = time.monotonic()
             rc = server.stop()
-            phases[f"{cfg}/server_stop"] = time.monotonic() - ts
+            self.phases[f"{cfg}/server_stop"] = time.monotonic() - ts
             cfg_result["server_exit"] = rc
-            stamp(f"{cfg}: server stopped, exit {rc} ({phases[f'{cfg}/server_stop']:.1f}s); log {server.log_path}")
+            stamp(f"{cfg}: server stopped, exit {rc} ({self.phases[f'{cfg}/server_stop']:.1f}s); log {server.log_path}")
             if rc != 0:
-                ok = False
+                self.ok = False
                 print(server.tail())
 
-    # ratios --------------------------------------------------------------------------------------
-    ratios = {}
-    nat, tor = results["runs"].get("native", {}), results["runs"].get("torpor", {})
-    for load in loads:
-        for wl in workloads:
-            key = run_key(wl, load)
-            a = nat.get("workloads", {}).get(key, {}).get("classes")
-            b = tor.get("workloads", {}).get(key, {}).get("classes")
-            if not a or not b:
-                continue
-            ratios[key] = {}
-            for label in b:
-                if label in a and a[label]["p50_ms"] and b[label]["p50_ms"]:
-                    ratios[key][label] = {"p50": b[label]["p50_ms"] / a[label]["p50_ms"],
-                                          "p99": b[label]["p99_ms"] / a[label]["p99_ms"],
-                                          "goodput": _ratio(b[label]["goodput_rps"], a[label]["goodput_rps"])}
-    results["ratios"] = ratios
-    if ratios:
-        print(f"\nTorpor / native (bound {torpor_bound / total:.2f} of the models' bytes; native needs "
-              f"{total / torpor_bound:.1f}x Torpor's device memory; goodput = answers within SLO per second)")
-        width = max(8, *(len(k) for k in ratios))
-        print(f"{'workload':<{width}} {'class':<12} {'p50 ratio':>9} {'p99 ratio':>9} {'goodput ratio':>13}")
-        for key, rows in ratios.items():
-            for label, r in rows.items():
-                print(f"{key:<{width}} {label:<12} {r['p50']:9.2f} {r['p99']:9.2f} {fmt(r['goodput'], '.2f'):>13}")
+    async def run_config(self, server: Server, cfg: str, ci: int, cfg_result: dict) -> None:
+        """Warm up one started server, then run every load and workload against it."""
+        plan, args, names, kinds_of = self.plan, self.plan.args, self.repo.names, self.repo.kinds_of
+        client = Client(server, plan.protocols, {k: KINDS[k] for k in plan.mix}, args.max_outstanding, args.seed)
+        try:
+            tw = time.monotonic()
+            single = await warmup(client, names, kinds_of, 10 if args.tiny else 20)
+            self.phases[f"{cfg}/warmup"] = time.monotonic() - tw
+            cfg_result["single_stream_ms"] = single
+            cfg_result["residency_after_warmup"] = _residency_summary(server.residency())
+            stamp(f"{cfg}: warm-up {self.phases[f'{cfg}/warmup']:.1f}s; single-stream resident latency "
+                  + ", ".join(f"{k} {v:.2f} ms" for k, v in single.items())
+                  + f"; resident {cfg_result['residency_after_warmup']['resident_models']} models")
+            self.calibrate.measured(single, kinds_of)
+            for load in plan.loads:
+                cal = self.calibrate(load)
+                for wl in plan.workloads:
+                    dur = self.fit_duration(cfg, ci, cfg_result, wl, load)
+                    if dur is not None:
+                        await self.run_workload(client, server, cfg, cfg_result, wl, load, cal, dur)
+                    self.runs_done += 1
+        finally:
+            await client.close()
 
-    def total_of(what: str) -> int:
-        return sum(r.get("classes", {}).get("all", {}).get(what, 0)
-                   for c in results["runs"].values() for r in c.get("workloads", {}).values())
+    def fit_duration(self, cfg: str, ci: int, cfg_result: dict, wl: str, load: float) -> float | None:
+        """--duration, or less to fit what is left of the budget; None, with the run recorded as
+        skipped, when too little is left for it."""
+        args, key = self.plan.args, self.plan.run_key(wl, load)
+        left = self.plan.deadline - time.monotonic()
+        runs_left = self.n_runs_total - self.runs_done
+        later_cfgs = len(self.configs) - ci - 1
+        # later servers' start, warm-up and stop; this one's stop; ~3 s per run to set up and drain
+        avail = left - later_cfgs * (self.server_start_s + 5) - 5 - runs_left * 3
+        dur = min(args.duration, avail / runs_left)
+        if dur < min(5.0, args.duration):
+            stamp(f"{cfg}/{key}: SKIPPED, budget left {left:.0f}s")
+            cfg_result["workloads"][key] = {"skipped": "budget", "workload": wl, "load": load}
+            self.skipped.append(f"{cfg}/{key}")
+            return None
+        if dur < args.duration:
+            stamp(f"{cfg}/{key}: duration shortened to {dur:.0f}s to fit the budget")
+        return dur
 
-    failed, lost, shed = total_of("failed"), total_of("lost"), total_of("shed")
-    if failed or lost or skipped:
-        ok = False
-    phases["total"] = time.monotonic() - T0
-    print("\nphases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
-    if not multi and loads[0] in calib:
-        results["load"] = calib[loads[0]]
-    results.update({
-        "ok": ok, "failed_requests": failed, "lost_requests": lost, "shed_requests": shed,
-        "dropped_requests": total_of("dropped"), "skipped": skipped, "versions": info, "device": args.device,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else "e2e.main(" + " ".join(argv) + ")",
-        "models": {"count": len(names), "mix": mix, "bytes_by_kind": by_kind, "total_block_bytes": total,
-                   "tiny": args.tiny, "batching": args.batching},
-        "repository": {"path": str(repo), **gen}, "bounds": bounds, "fraction": args.fraction,
-        "workloads": workloads, "protocols": protocols, "slo_ms": slo, "slo_in_config": not args.no_server_slo,
-        "seed": args.seed,
-        "trace": str(trace_path) if trace_path else None,
-        "loads": [{"requested": x, **calib[x]} for x in loads if x in calib],
-    })
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-        stamp(f"wrote {args.json}")
-    if tmp_owned:
-        shutil.rmtree(repo.parent, ignore_errors=True)
-    stamp(f"done: {'OK' if ok else 'FAILED'}, {failed} failed, {lost} lost, {shed} shed requests")
-    return 0 if ok else 1
+    async def run_workload(self, client: Client, server: Server, cfg: str, cfg_result: dict, wl: str, load: float,
+                           cal: dict, dur: float) -> None:
+        """One workload at one load for `dur` seconds: its arrivals driven, the server's counters
+        differenced around them, its table printed and its record kept under the run key."""
+        plan, args, names, kinds_of = self.plan, self.plan.args, self.repo.names, self.repo.kinds_of
+        key = plan.run_key(wl, load)
+        if wl == "trace":
+            times, funcs, _ = trace_arrivals(plan.trace, len(names), cal["speedup"], dur, args.seed)
+        else:
+            times, funcs = zipf_arrivals(len(names), cal["offered_rps"], dur, args.seed, args.zipf_s, args.burst_factor)
+        sb, stb, schb = server.swap_metrics(), server.model_stats(), server.scheduler()
+        stamp(f"{cfg}/{key}: {times.size} arrivals over {dur:.0f}s ({times.size / dur:.1f} req/s offered)")
+        tl = time.monotonic()
+        log = await drive(client, names, kinds_of, times, funcs, args.max_outstanding,
+                          min(args.drain_s, max(5.0, plan.deadline - time.monotonic() - 20)))
+        self.phases[f"{cfg}/{key}"] = time.monotonic() - tl
+        sa, sta = server.swap_metrics(), server.model_stats()
+        rows = summarize(log, kinds_of, names, plan.slo, plan.protocols, sb, sa, stb, sta, dur)
+        res = server.residency()
+        scha = server.scheduler()
+        predictions = scha["predictions"]
+        reasons = {k: n - schb["shed_reasons"].get(k, 0) for k, n in scha["shed_reasons"].items()
+                   if n - schb["shed_reasons"].get(k, 0)}
+        cfg_result["workloads"][key] = {
+            "workload": wl, "load": load, "duration_s": dur, "arrivals": int(times.size),
+            "classes": rows, "errors": log.errors, "shed_examples": log.shed_examples,
+            "residency_after": _residency_summary(res), "predictions": predictions,
+            "shed_reasons": reasons, "exec_estimates_ms": scha["exec_estimates_ms"]}
+        print_table(f"{cfg} / {wl}" + (f" @ load {load:g}" if plan.multi else "")
+                    + f" ({args.device}, bound {self.repo.bounds[cfg] / 2**30:.2f} GiB, "
+                    f"{'+'.join(plan.protocols)}, {dur:.0f}s)", rows)
+        if reasons:
+            print("shed by when:why (server side): " + ", ".join(f"{k} {n}" for k, n in sorted(reasons.items())))
+        print_predictions(predictions)
+        for e in log.errors:
+            print(f"  error: {e}")
 
+    def report(self, info: dict, argv: list[str] | None) -> int:
+        """Phase 4's end: Torpor over native, the totals, the --json document, the temp repository
+        removed; returns the exit status."""
+        plan, repo, args, results = self.plan, self.repo, self.plan.args, self.results
+        ratios = torpor_over_native(results["runs"], plan.run_keys())
+        results["ratios"] = ratios
+        if ratios:
+            print_ratios(ratios, repo.bounds["torpor"], repo.total)
+
+        def total_of(what: str) -> int:
+            return sum(r.get("classes", {}).get("all", {}).get(what, 0)
+                       for c in results["runs"].values() for r in c.get("workloads", {}).values())
+
+        failed, lost, shed = total_of("failed"), total_of("lost"), total_of("shed")
+        if failed or lost or self.skipped:
+            self.ok = False
+        self.phases["total"] = time.monotonic() - T0
+        print("\nphases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in self.phases.items()))
+        calib = self.calibrate.by_load
+        if not plan.multi and plan.loads[0] in calib:
+            results["load"] = calib[plan.loads[0]]
+        results.update({
+            "ok": self.ok, "failed_requests": failed, "lost_requests": lost, "shed_requests": shed,
+            "dropped_requests": total_of("dropped"), "skipped": self.skipped, "versions": info, "device": args.device,
+            "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else "e2e.main(" + " ".join(argv) + ")",
+            "models": {"count": len(repo.names), "mix": plan.mix, "bytes_by_kind": repo.by_kind,
+                       "total_block_bytes": repo.total, "tiny": args.tiny, "batching": args.batching},
+            "repository": {"path": str(repo.path), **repo.gen}, "bounds": repo.bounds, "fraction": args.fraction,
+            "workloads": plan.workloads, "protocols": plan.protocols, "slo_ms": plan.slo,
+            "slo_in_config": not args.no_server_slo, "seed": args.seed,
+            "trace": str(plan.trace_path) if plan.trace_path else None,
+            "loads": [{"requested": x, **calib[x]} for x in plan.loads if x in calib],
+        })
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+            stamp(f"wrote {args.json}")
+        if repo.owned:
+            shutil.rmtree(repo.path.parent, ignore_errors=True)
+        stamp(f"done: {'OK' if self.ok else 'FAILED'}, {failed} failed, {lost} lost, {shed} shed requests")
+        return 0 if self.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.table:
+        print_summary(json.loads(args.table.read_text()))
+        return 0
+    plan = settle(args)
+    info = versions()
+    stamp(f"start: python {info.get('python')}, torch {info.get('torch')}, gpu {info.get('gpu')}, "
+          f"{info.get('cpus')} CPUs; budget {args.budget_s:.0f}s")
+    phases: dict[str, float] = {}  # seconds each phase took, in the order they ran (the JSON's "phases")
+    repo = prepare_repository(plan, phases)
+    experiment = Experiment(plan, repo, phases)
+    experiment.run()
+    return experiment.report(info, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """loadtest/e2e.py's report: the outcome of each arrival (RunLog), the statistics per class
-(summarize), the per-run tables, the scheduler's predictions, and the one-row-per-load summary
-that `e2e.py --table` prints from a --json file."""
+(summarize), the per-run tables, the scheduler's predictions, Torpor's latency and goodput over
+native's, and the one-row-per-load summary that `e2e.py --table` prints from a --json file."""
 
 from __future__ import annotations
 
@@ -129,6 +129,36 @@ def _pair(nat: dict | None, tor: dict | None, key: str) -> str:
 
 def _ratio(num, den) -> float | None:
     return num / den if num is not None and den else None
+
+
+def torpor_over_native(runs: dict, keys: list[str]) -> dict:
+    """Torpor's p50, p99 and goodput over native's, per run key (in `keys`' order) and class, for the
+    runs both configurations answered."""
+    ratios = {}
+    nat, tor = runs.get("native", {}), runs.get("torpor", {})
+    for key in keys:
+        a = nat.get("workloads", {}).get(key, {}).get("classes")
+        b = tor.get("workloads", {}).get(key, {}).get("classes")
+        if not a or not b:
+            continue
+        ratios[key] = {}
+        for label in b:
+            if label in a and a[label]["p50_ms"] and b[label]["p50_ms"]:
+                ratios[key][label] = {"p50": b[label]["p50_ms"] / a[label]["p50_ms"],
+                                      "p99": b[label]["p99_ms"] / a[label]["p99_ms"],
+                                      "goodput": _ratio(b[label]["goodput_rps"], a[label]["goodput_rps"])}
+    return ratios
+
+
+def print_ratios(ratios: dict, torpor_bound: int, total: int) -> None:
+    """The table of torpor_over_native's ratios, under a line saying how much memory each side had."""
+    print(f"\nTorpor / native (bound {torpor_bound / total:.2f} of the models' bytes; native needs "
+          f"{total / torpor_bound:.1f}x Torpor's device memory; goodput = answers within SLO per second)")
+    width = max(8, *(len(k) for k in ratios))
+    print(f"{'workload':<{width}} {'class':<12} {'p50 ratio':>9} {'p99 ratio':>9} {'goodput ratio':>13}")
+    for key, rows in ratios.items():
+        for label, r in rows.items():
+            print(f"{key:<{width}} {label:<12} {r['p50']:9.2f} {r['p99']:9.2f} {fmt(r['goodput'], '.2f'):>13}")
 
 
 def print_summary(results: dict) -> None:
