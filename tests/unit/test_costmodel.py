@@ -129,3 +129,49 @@ def test_pipelined_completion_of_a_copy_that_starts_later():
     assert c(0.0, 0.015, 0.030, 0.0052, 0.005) == pytest.approx(0.005 + 0.030 + 0.0002)
     # the device is busy past the start: the wait counts from then
     assert c(0.050, 0.139, 0.043, 0.0052, 0.005) == pytest.approx(0.005 + c(0.045, 0.134, 0.043, 0.0002))
+
+
+def test_a_link_slower_than_believed_is_learned_from_copies():
+    """Copies that take 1.25x their plan (the link runs at 0.8x what was configured): after the
+    warm-up the estimates on that path are 1.25x, and stay there (no oscillation: each copy is
+    compared with the unscaled plan); another path is untouched."""
+    cm = CostModel(links())
+    path, other = cm.links.host_path("gpu0"), cm.links.host_path("gpu2")
+    nominal = cm.transfer_seconds(512 << 20, path, {})
+    for _ in range(40):
+        plan = cm.transfer_seconds(512 << 20, path, {})
+        cm.observe_copy(path, 512 << 20, 1.25 * (plan / cm.copies.factor(path)), plan)
+    assert cm.transfer_seconds(512 << 20, path, {}) == pytest.approx(1.25 * nominal, rel=1e-3)
+    assert cm.transfer_seconds(512 << 20, other, {}) == pytest.approx(nominal)
+    assert cm.copies.spread(path) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_exact_predictions_change_nothing_and_noise_becomes_slack():
+    cm = CostModel(links())
+    path = cm.links.host_path("gpu0")
+    cm.exec.seed("m", 0.010)
+    for _ in range(50):  # exact: ratios 1, spreads 0
+        cm.observe_copy(path, 1 << 20, cm.transfer_seconds(1 << 20, path, {}), cm.transfer_seconds(1 << 20, path, {}))
+        cm.observe_exec("m", 0.010)
+    assert cm.copies.factor(path) == pytest.approx(1.0) and cm.risk_s(path, 0.02, "m", 0.010) == 0.0
+    # runs alternating 8 and 12 ms around a 10 ms estimate: a spread of about 0.2, slack ~ 1.645 x 0.2 x 10 ms
+    for i in range(200):
+        cm.observe_exec("m", 0.008 if i % 2 else 0.012)
+    slack = cm.risk_s(None, 0.0, "m", cm.exec_seconds("m"))
+    assert 0.002 < slack < 0.005
+
+
+def test_an_option_that_meets_its_objective_only_without_slack_is_not_counted_as_meeting_it():
+    from torpor.scheduling.scheduler import DeviceState, ModelInfo, ResidentState, Scheduler, Snapshot
+
+    cm = CostModel(links())
+    cm.exec.seed("m", 0.010)
+    sched = Scheduler(cm, "torpor")
+    dev = DeviceState("gpu0", 1 << 30, 1 << 29, {"m": ResidentState("m", 1 << 20, ready_at=0.0)}, 0.0, 0)
+    snap = Snapshot(1.0, [dev, *(DeviceState(d, 1 << 30, 1 << 29, {}, 0.0, 0) for d in DEVS[1:])], {})
+    info = ModelInfo("m", 1 << 20, 1 << 20, slo_s=0.012)  # 10 ms run, 12 ms x 0.9 = 10.8 ms limit
+    assert sched.place(info, snap).meets_slo
+    for i in range(200):  # runs that vary by +-40%: the calibrated 95th percentile is past the limit
+        cm.observe_exec("m", 0.006 if i % 2 else 0.014)
+    d = sched.place(info, snap)
+    assert d.option.device == "gpu0" and not d.meets_slo

@@ -83,6 +83,7 @@ class _Copy:
     eta: float  # monotonic time the whole copy should have landed
     source: str
     concurrent: int  # copies already in flight on its links when it started
+    predicted_s: float = 0.0  # how long the cost model said it would take, when it started
 
 
 @dataclass(slots=True)
@@ -254,6 +255,7 @@ class Placer:
         seconds = r.batch.seconds()
         if seconds:
             self.cost.observe_swap(r.device.name, r.model.nbytes, seconds, source=c.source, concurrent=c.concurrent)
+            self.cost.observe_copy(c.path, r.model.nbytes, seconds, c.predicted_s)
 
     def snapshot(self, due: float | None = None, exec_s: float = 0.0) -> Snapshot:
         """The pool as the scheduler sees it, for a request due at `due` (monotonic time;
@@ -276,6 +278,8 @@ class Placer:
                     ready = now - 1e-6
                 else:
                     ready = landing.get(id(r), now + r.model.nbytes / self.links.bandwidth(f"pcie:{name}"))
+                    # a copy later than its plan has not landed: it is not ready now, whatever the plan said
+                    ready = max(ready, now + self.cost.transfer_latency_s)
                 residents[key] = ResidentState(key, r.nbytes, ready_at=ready, pins=r.pins, last_used=r.last_used,
                                                locked_until=now + 1e-3 if not r.readers_done() else 0.0)
             ends: list = []
@@ -383,7 +387,7 @@ class Placer:
         transfer = self.cost.transfer_seconds(resident.model.nbytes, path, inflight)
         concurrent = max((inflight.get(lk, 0) for lk in path), default=0)
         self._copies.append(_Copy(resident, path, now + transfer, "host" if outcome == Outcome.HOST else "peer",
-                                  concurrent))
+                                  concurrent, transfer))
         return now + transfer
 
     def observe_exec(self, key: Any, seconds: float, batch: int = 1) -> None:

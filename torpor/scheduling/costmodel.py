@@ -21,6 +21,16 @@ execution seconds per (model, batch size): seeded from a profile (a few warm run
 scenario's numbers) and refined online from every measured run. An unseen batch size scales the
 nearest known one linearly in the batch (a pessimistic guess the first measurement replaces).
 
+**Estimates against measurements.** A server only has estimates: a link slower than configured,
+copies that vary, runs with a heavy tail. `Calibration` keeps, per link path, a moving mean and
+spread of measured / predicted copy time (each copy compared with what this model predicted for
+it when it started, sharing included), and per model the spread of measured runs around the
+execution estimate. Transfer estimates on a path are scaled by its mean ratio once enough copies
+were seen (a bandwidth believed 1.25x too high is learned within tens of copies); `risk_s` turns
+the spreads into seconds of slack that the scheduler keeps when it asks whether an option meets
+its objective (a calibrated upper quantile instead of the mean). With exact predictions the
+ratios stay 1 and the spreads 0, and nothing changes.
+
 **Pipelined completion.** Copies go group by group and compute waits only for the group it
 needs, so a cold request finishes in about `wait + max(transfer, exec) + first_group`, where
 `first_group` is the copy time of the first group (compute cannot start before it lands).
@@ -243,6 +253,10 @@ class ExecEstimator:
         nearest = min(per, key=lambda b: abs(b - batch))
         return per[nearest] * max(1.0, batch / nearest)
 
+    def known(self, model: Any) -> bool:
+        """Profiled or measured at least once (else `estimate` is the default guess)."""
+        return model in self._est
+
     def forget(self, model: Any) -> None:
         self._est.pop(model, None)
         self.samples.pop(model, None)
@@ -250,6 +264,46 @@ class ExecEstimator:
     def as_dict(self, name: Any = str) -> dict[str, dict[str, float]]:
         """Milliseconds per model (named by `name(model)`) and batch size."""
         return {name(m): {str(b): round(s * 1e3, 4) for b, s in per.items()} for m, per in self._est.items()}
+
+
+class Calibration:
+    """Moving mean and spread of measured / predicted, per key (a link path, a model); see the
+    module docstring. `alpha`: weight of a new sample; `warmup`: samples before the mean is used
+    (a few early copies, often the slowest, must not swing it); `z`: the quantile kept as slack,
+    in spreads (1.645: about the 95th percentile of a normal ratio)."""
+
+    def __init__(self, alpha: float = 0.05, warmup: int = 8, z: float = 1.645):
+        self.alpha, self.warmup, self.z = alpha, warmup, z
+        self._mean: dict[Any, float] = {}
+        self._var: dict[Any, float] = {}
+        self._n: dict[Any, int] = {}
+
+    def observe(self, key: Any, predicted_s: float, measured_s: float) -> None:
+        if not (predicted_s > 0 and measured_s > 0):
+            return
+        r = measured_s / predicted_s
+        n = self._n.get(key, 0) + 1
+        self._n[key] = n
+        if n == 1:
+            self._mean[key], self._var[key] = r, 0.0
+            return
+        a = max(self.alpha, 1.0 / n)  # a plain average until 1/alpha samples, then moving
+        m = self._mean[key]
+        d = r - m
+        self._mean[key] = m + a * d
+        self._var[key] = (1 - a) * (self._var[key] + a * d * d)
+
+    def factor(self, key: Any) -> float:
+        """The mean ratio once `warmup` samples were seen, else 1."""
+        return self._mean[key] if self._n.get(key, 0) >= self.warmup else 1.0
+
+    def spread(self, key: Any) -> float:
+        """The ratio's standard deviation once `warmup` samples were seen, else 0."""
+        return math.sqrt(self._var[key]) if self._n.get(key, 0) >= self.warmup else 0.0
+
+    def as_dict(self, name: Any = str) -> dict[str, dict[str, float]]:
+        return {name(k): {"samples": self._n[k], "mean": round(self._mean[k], 4),
+                          "spread": round(math.sqrt(self._var[k]), 4)} for k in self._n}
 
 
 class CostModel:
@@ -261,6 +315,8 @@ class CostModel:
         self.exec = exec_estimator or ExecEstimator()
         self.transfer_latency_s = transfer_latency_s
         self.swap_observations: dict[str, tuple[int, float]] = {}  # link path -> (bytes, seconds)
+        self.copies = Calibration()  # per link path: measured / predicted copy time
+        self.runs = Calibration()  # per model: measured / estimated execution time
 
     def transfer_seconds(self, nbytes: int, path: Iterable[str], inflight: Mapping[str, int],
                          remaining: Any = None) -> float:
@@ -270,13 +326,15 @@ class CostModel:
         count-based bound from `inflight`."""
         if nbytes <= 0:
             return 0.0
+        path = tuple(path)
+        k = self.copies.factor(path)  # what copies on this path took against their plan
         if remaining is None:
-            return self.transfer_latency_s + nbytes / self.links.effective_bandwidth(path, inflight)
+            return self.transfer_latency_s + k * nbytes / self.links.effective_bandwidth(path, inflight)
         worst = 0.0
         for lk in path:
             ahead = sum(min(x[0] if isinstance(x, tuple) else x, nbytes) for x in remaining.get(lk, ()))
             worst = max(worst, (nbytes + ahead) / self.links.bandwidth(lk))
-        return self.transfer_latency_s + worst
+        return self.transfer_latency_s + k * worst
 
     def delays(self, nbytes: int, path: Iterable[str], remaining: Any) -> Iterable[tuple[float, float]]:
         """(delay, slack) for each copy in flight that a new copy of `nbytes` over `path` would
@@ -346,7 +404,28 @@ class CostModel:
         return wait_s + max(left, exec_s) + min(first_group_s, left)
 
     def observe_exec(self, model: Any, seconds: float, batch: int = 1) -> None:
+        before = self.exec.estimate(model, batch) if self.exec.known(model) else 0.0
+        if before > 0:
+            self.runs.observe(model, before, seconds)
         self.exec.observe(model, seconds, batch)
+
+    def observe_copy(self, path: Iterable[str], nbytes: int, seconds: float, predicted_s: float | None = None) -> None:
+        """A copy over `path` took `seconds`; `predicted_s`: what this model predicted for it when
+        it started, sharing included (None: nothing to learn from)."""
+        if predicted_s is not None:
+            path = tuple(path)
+            # the prediction was scaled by what this path had shown; learn against the unscaled one
+            self.copies.observe(path, predicted_s / self.copies.factor(path), seconds)
+
+    def risk_s(self, path: Iterable[str] | None, transfer_s: float, model: Any, exec_s: float) -> float:
+        """Seconds of slack for an option's completion: the calibrated upper quantile of its copy
+        (`transfer_s` over `path`) and its run (`exec_s` of `model`) beyond their estimates,
+        independent errors added in quadrature. 0 while predictions have been exact."""
+        sc = self.copies.spread(tuple(path)) * transfer_s if path and transfer_s > 0 else 0.0
+        se = self.runs.spread(model) * exec_s
+        if sc == 0.0 and se == 0.0:
+            return 0.0
+        return self.copies.z * math.sqrt(sc * sc + se * se)
 
     def observe_swap(self, dev: str, nbytes: int, seconds: float, *, source: str = "host",
                      concurrent: int = 0) -> None:

@@ -194,6 +194,7 @@ class Option:
     meets_slo: bool = True
     harms: bool = False  # the copy would make a copy in flight land too late for a request waiting on it
     start_s: float = 0.0  # the copy waits this long for its path to clear (`CostModel.copy_plan`)
+    risk_s: float = 0.0  # slack for estimates that have been wrong (`CostModel.risk_s`; 0 while exact)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -279,7 +280,8 @@ class Scheduler:
                 done = max(wait, landing) + exec_s
                 action = Action.RUN if wait <= 0 else Action.QUEUE
                 # device time it takes: its run, plus any wait for its own copy beyond the work ahead
-                out.append(Option(d.name, action, None, done, 0.0, exec_s, cost=done - wait))
+                out.append(Option(d.name, action, None, done, 0.0, exec_s, cost=done - wait,
+                                  risk_s=self.cost.risk_s(None, 0.0, model.key, exec_s)))
                 continue
             if not copies or model.nbytes > d.capacity:
                 continue
@@ -325,7 +327,8 @@ class Scheduler:
         done = self.cost.completion(wait, transfer, exec_s, first, start)
         link_s = self.cost.nominal_seconds(model.nbytes, path)
         return Option(d.name, action, source, done, transfer, exec_s, victims, evict_cost, model.nbytes,
-                      path, cost=link_s + evict_cost + (done - d.backlog_s), harms=harms, start_s=start)
+                      path, cost=link_s + evict_cost + (done - d.backlog_s), harms=harms, start_s=start,
+                      risk_s=self.cost.risk_s(path, transfer - start, model.key, exec_s))
 
     def _eviction_plan(self, d: DeviceState, model: ModelInfo, snap: Snapshot,
                        policy: EvictionPolicy | None = None) -> tuple[list[Any], float] | None:
@@ -453,12 +456,13 @@ class TorporPolicy(PlacementPolicy):
         # A copy that would delay a copy in flight past the deadline of a request waiting on it
         # (processor sharing: it takes min(its bytes, the other's bytes left) / bandwidth of that
         # copy's time; `Snapshot.inflight_bytes` carries the slack) counts as missing the SLO.
-        if not any(limit is None or o.completion_s <= limit for o in opts) or s.keep_options:
+        if not any(limit is None or o.completion_s + o.risk_s <= limit for o in opts) or s.keep_options:
             opts += s.options(model, snap, resident=False)
         if not opts:
             return None
         for o in opts:
-            o.meets_slo = (limit is None or o.completion_s <= limit) and not o.harms
+            # meets it with the slack its estimates have needed (0 while they were exact)
+            o.meets_slo = (limit is None or o.completion_s + o.risk_s <= limit) and not o.harms
         good = [o for o in opts if o.meets_slo]
         if good:
             best = min(good, key=lambda o: (o.cost, o.completion_s))
