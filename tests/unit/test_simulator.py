@@ -166,14 +166,15 @@ def test_max_queue_delay_waits_for_a_fuller_batch():
 
 
 def test_predictions_hold_when_execution_is_exact():
-    # With exact execution times the scheduler's estimate (queued work, including copies still
-    # landing ahead of this request) is never optimistic: a request predicted to meet its SLO does.
+    # With exact execution times and fixed shares (a copy's rate never changes once it moves)
+    # the scheduler's estimate (queued work, including copies still landing ahead of this
+    # request) is never optimistic: a request predicted to meet its SLO does.
     sc = parse_scenario(small(functions=24, exec_noise=0, workload={"kind": "synthetic", "duration_s": 300,
                                                                     "rate_scale": 3}))
     arrivals = scenario_arrivals(sc)
     slo = np.array([sc.models[f % 2].slo_s for f in arrivals[1]])
     for policy in ("torpor", "lru-swap"):
-        sim = Simulation(sc, policy)
+        sim = Simulation(sc, policy, link_physics="fixed")
         r = sim.run(*arrivals)
         assert r.swaps > 100 and r.actions.get("queue", 0) > 100
         assert np.isfinite(sim.predicted).all()
@@ -425,7 +426,9 @@ def test_link_physics_from_the_environment(monkeypatch):
     from torpor.sim.physics import link_physics_from_env
 
     monkeypatch.delenv("TORPOR_SIM_LINKS", raising=False)
-    assert link_physics_from_env() == "fixed"
+    assert link_physics_from_env() == "shared"
+    monkeypatch.setenv("TORPOR_SIM_LINKS", "")
+    assert link_physics_from_env() == "shared"
     monkeypatch.setenv("TORPOR_SIM_LINKS", "shared")
     assert link_physics_from_env() == "shared"
     monkeypatch.setenv("TORPOR_SIM_LINKS", "fixed")
@@ -436,6 +439,10 @@ def test_link_physics_from_the_environment(monkeypatch):
     sc = parse_scenario(small())
     with pytest.raises(ScenarioError, match="link_physics"):
         Simulation(sc, "torpor", link_physics="fair")
+    # processor sharing is every simulator's default, ours and the paper's alike
+    from torpor.sim.paper_sim import PaperSim
+
+    assert Simulation(sc, "torpor").xfer.shared and PaperSim(sc, "paper").link_physics == "shared"
 
 
 def test_predictions_hold_under_processor_sharing_when_execution_is_exact():
@@ -629,3 +636,228 @@ def test_staging_marks_a_request_passed_over_and_leaves_it_out_of_the_work_ahead
     assert sim.latency[5] > sim.latency[7] + 0.09  # B ran after the requests for A that passed it
     # without the mark, B's run and copy counted ahead of them: 20 ms pessimistic
     assert sim.predicted[6:8] == pytest.approx(sim.latency[6:8], abs=1e-3)
+
+
+# Links that cannot be over-committed, and prediction error (issue 18) ------------------------------------
+
+
+def test_fixed_shares_a_copy_that_waited_shares_the_link_with_copies_started_meanwhile():
+    from torpor.scheduling.costmodel import LinkMap
+    from torpor.sim.physics import LinkSharing
+
+    lm = LinkMap.from_dict(["gpu0", "gpu1"], {"pcie_GBps": 10, "switches": [[0, 1]]})
+    fx = LinkSharing(lm, 0.0, shared=False)
+    a, _ = fx.start(0.0, 10**9, lm.host_path("gpu0"))  # alone on the switch: 10 GB/s, lands at 0.1
+    # a copy planned to wait for the switch to clear (0.1) and then move at its full rate
+    d, moved = fx.start(0.02, 10**9, lm.host_path("gpu1"), begin=0.1)
+    assert moved == [d] and d.pending and d.end == pytest.approx(0.2)
+    # one started meanwhile takes its share counting the waiting copy (a, d and b on the switch)
+    b, _ = fx.start(0.05, 10**9, lm.host_path("gpu0"))
+    assert b.rate == pytest.approx(1e10 / 3)
+    fx.finish(a, a.end)
+    # at 0.1 the waiting copy takes the share a copy starting then gets (d and b on the switch),
+    # not the whole link beside b: the link moves at most its bandwidth
+    assert fx.activate(d, 0.1) == [d] and not d.pending and d.began == 0.1
+    assert d.rate == pytest.approx(5e9) and d.end == pytest.approx(0.3)
+    assert sum(t.rate for t in fx.on["switch:sw0"]) <= lm.bandwidth("switch:sw0")
+    # one that finds its path clear when it starts moves at full rate
+    e, _ = fx.start(0.5, 10**8, lm.host_path("gpu1"), begin=0.7)
+    fx.finish(b, b.end)
+    fx.finish(d, d.end)
+    fx.activate(e, 0.7)
+    assert e.rate == pytest.approx(1e10) and e.end == pytest.approx(0.71)
+
+
+def test_fixed_shares_in_a_run_a_copy_that_waited_never_moves_faster_than_its_share(monkeypatch):
+    from torpor.sim.physics import LinkSharing
+
+    seen = []
+    activate = LinkSharing.activate
+
+    def spy(self, tr, now):
+        out = activate(self, tr, now)
+        if not self.shared:
+            seen.append((tr.rate, min(self.links.bandwidth(lk) / len(self.on[lk]) for lk in tr.path),
+                         min(self.links.bandwidth(lk) for lk in tr.path)))
+        return out
+
+    monkeypatch.setattr(LinkSharing, "activate", spy)
+    sc = parse_scenario(small(functions=24, exec_noise=0, workload={"kind": "synthetic", "duration_s": 120,
+                                                                    "rate_scale": 5}))
+    Simulation(sc, "torpor", link_physics="fixed").run(*scenario_arrivals(sc))
+    assert len(seen) > 20  # Torpor's scheduler has copies wait for their path, and they start
+    assert all(rate == pytest.approx(share) for rate, share, _ in seen)
+    assert any(rate < full for rate, _, full in seen)  # some found copies started meanwhile
+
+
+def test_link_sharing_moves_copies_at_the_true_times_and_tells_the_scheduler_its_beliefs():
+    from torpor.scheduling.costmodel import LinkMap
+    from torpor.sim.physics import LinkSharing, true_links
+
+    lm = LinkMap.from_dict(["gpu0"], {"pcie_GBps": 10})
+    ps = LinkSharing(true_links(lm, 0.5), 0.0, belief=lm)  # truly half the bandwidth believed
+    tr, _ = ps.start(0.0, 10**9, lm.host_path("gpu0"), scale=2.0)  # and twice the link time per byte
+    # the scheduler believes 1 GB at 10 GB/s: 0.1 s; it takes 0.4 s
+    assert tr.bend == pytest.approx(0.1) and tr.end == pytest.approx(0.4)
+    ps.now = 0.2  # half way: the scheduler sees half its bytes left, at the bandwidth it believes
+    assert ps.get("pcie:gpu0") == [(pytest.approx(0.5e9), math.inf)]
+    assert ps.clear_at("pcie:gpu0") == pytest.approx(0.25) and ps.busy_until(tr.path, 0.2) == pytest.approx(0.25)
+    # a second copy re-rates both: the truth at half of the true bandwidth, the belief at half the believed
+    tr2, moved = ps.start(0.2, 10**9, lm.host_path("gpu0"))
+    assert {id(x) for x in moved} == {id(tr), id(tr2)}
+    assert tr.end == pytest.approx(0.6) and tr.bend == pytest.approx(0.3)
+    assert tr2.end == pytest.approx(0.6) and tr2.bend == pytest.approx(0.4)
+    assert lm.bandwidth("pcie:gpu0") == 1e10 and ps.links.bandwidth("pcie:gpu0") == 5e9
+
+
+def one_model(size_MB=1000, exec_ms=10, slo_ms=1000, **over):
+    # one GPU behind a 10 GB/s link, one model, no execution noise
+    return parse_scenario(small(gpus=1, gpus_per_node=1, gpu_memory_GB=4, node={"pcie_GBps": 10},
+                                models=[{"name": "m", "size_MB": size_MB, "exec_ms": exec_ms, "slo_ms": slo_ms}],
+                                functions=1, exec_noise=0, **over))
+
+
+def test_errors_change_the_true_times_not_what_the_scheduler_is_told():
+    from torpor.sim.errors import Errors
+    from torpor.sim.paper_sim import PaperSim
+
+    sc = one_model()
+    t, fn = np.array([0.0, 1.0]), np.array([0, 0])
+    exact = Simulation(sc, "torpor")
+    exact.run(t, fn, 2.0)
+    # a cold copy of 1 GB at 10 GB/s: predicted and taken 0.1 s; then a 10 ms run
+    assert exact.latency[0] == pytest.approx(0.1, abs=1e-3) and exact.predicted[0] == pytest.approx(0.1, abs=1e-3)
+    assert exact.latency[1] == pytest.approx(0.01)
+    # the link truly half as fast, every run a 3x straggler
+    err = Errors(bandwidth_factor=0.5, straggler_p=1.0, straggler_x=(3.0, 3.0))
+    sim = Simulation(sc, "torpor", errors=err)
+    sim.run(t, fn, 2.0)
+    assert sim.cost.links.bandwidth("pcie:gpu0") == 1e10 and sim.true_links.bandwidth("pcie:gpu0") == 5e9
+    assert sim.predicted[0] == exact.predicted[0]  # the scheduler was told the same
+    assert sim.latency[0] == pytest.approx(0.2, abs=1e-3)  # it took twice as long
+    # it learned from the run it measured (30 ms; a moving estimate, 0.2 of the way) and predicts
+    # its estimate, not the truth
+    assert sim.predicted[1] == pytest.approx(0.01 + 0.2 * 0.02) and sim.latency[1] == pytest.approx(0.03)
+    assert sim.cost.exec_seconds(0) == pytest.approx(0.014 + 0.2 * 0.016)
+    # the paper's policy faces the same true times
+    paper = PaperSim(sc, "paper", errors=err)
+    paper.run(t, fn, 2.0)
+    assert paper.latency[0] == pytest.approx(0.2, abs=1e-3) and paper.latency[1] == pytest.approx(0.03)
+
+
+def test_compute_is_slowed_while_copies_move_into_its_device():
+    from torpor.sim.errors import Errors
+    from torpor.sim.paper_sim import PaperSim
+    from torpor.sim.physics import Compute
+
+    c = Compute(2.0)
+    c.copies(0.0, 1)
+    assert c.start(0.0, 0.0, 0.2) == pytest.approx(0.4)  # half speed while a copy moves in
+    assert c.copies(0.1, -1) and c.end == pytest.approx(0.25)  # 0.05 done by 0.1, the rest at full speed
+    assert not c.copies(0.12, 0) and c.stop() == pytest.approx(0.25)
+    # a 200 ms run computing beside its own 100 ms copy: half speed until the copy lands
+    sc = one_model(exec_ms=200)
+    t, fn = np.array([0.0]), np.array([0])
+    for sim in (Simulation(sc, "torpor", errors=Errors(copy_slowdown=2.0)),
+                PaperSim(sc, "paper", errors=Errors(copy_slowdown=2.0))):
+        sim.run(t, fn, 1.0)
+        first = 2e6 / 1e10 + 20e-6
+        assert sim.latency[0] == pytest.approx(0.1 + 20e-6 + 0.2 - (0.1 + 20e-6 - first) / 2, abs=1e-4)
+
+
+def test_no_error_reproduces_the_run_without_an_error_model():
+    from torpor.sim.errors import Errors
+    from torpor.sim.paper_sim import PaperSim
+
+    base = small(functions=24, workload={"kind": "synthetic", "duration_s": 120, "rate_scale": 4})
+    zero = {"jitter": 0, "bandwidth_factor": 1, "exec_sigma": 0, "straggler_p": 0, "straggler_x": [3, 4],
+            "copy_slowdown": 1}
+    sc, sc0 = parse_scenario(base), parse_scenario({**base, "errors": zero})
+    assert sc0.errors == Errors(straggler_x=(3.0, 4.0)) and sc0.errors.copies_exact and sc0.errors.exec_exact
+    arrivals = scenario_arrivals(sc)
+    for links in ("fixed", "shared"):
+        for make in (lambda s, e=None, lk=links: Simulation(s, "torpor", link_physics=lk, errors=e),
+                     lambda s, e=None, lk=links: Simulation(s, "lru-swap", link_physics=lk, errors=e),
+                     lambda s, e=None, lk=links: PaperSim(s, "paper", link_physics=lk, errors=e)):
+            ref = make(sc)
+            r = ref.run(*arrivals)
+            assert r.swaps > 50
+            for other in (make(sc0), make(sc, Errors())):
+                other.run(*arrivals)
+                assert np.array_equal(other.latency, ref.latency)
+            noisy = make(sc, Errors(jitter=0.05))  # and a small error is not
+            noisy.run(*arrivals)
+            assert not np.array_equal(noisy.latency, ref.latency)
+
+
+def test_error_draws_are_per_request_seeded_and_independent():
+    from torpor.sim.errors import Errors
+
+    n = 200_000
+    copy, run = Errors(jitter=0.5).draws(n, 7)
+    assert run is None and copy.mean() == pytest.approx(1.0, abs=0.01)  # mean preserved
+    assert np.array_equal(copy, Errors(jitter=0.5, exec_sigma=0.3).draws(n, 7)[0])  # one error does not move another
+    assert not np.array_equal(copy, Errors(jitter=0.5).draws(n, 8)[0])
+    _, run = Errors(exec_sigma=0.2, straggler_p=0.02).draws(n, 7)
+    slow = run > 1.8
+    assert slow.mean() == pytest.approx(0.02, abs=0.002)
+    assert run[~slow].mean() == pytest.approx(1.0, abs=0.01)
+    assert run[slow].min() > 1.2 and run[slow].max() < 5 * 2.5  # 2-5x times the body
+    assert Errors().draws(n, 7) == (None, None) and Errors().none
+
+
+def test_the_scheduler_measures_landed_copies_where_its_cost_model_can(monkeypatch):
+    from torpor.sim.errors import Errors
+
+    sc = one_model()
+    sim = Simulation(sc, "torpor", errors=Errors(bandwidth_factor=0.5))
+    seen = []
+    sim.cost.observe_copy = lambda path, nbytes, seconds, predicted_s=None: seen.append(
+        (path, nbytes, seconds, predicted_s))
+    sim.run(np.array([0.0]), np.array([0]), 1.0)
+    assert len(seen) == 1
+    path, nbytes, seconds, predicted = seen[0]
+    assert path == ("pcie:gpu0",) and nbytes == 10**9
+    assert seconds == pytest.approx(0.2, abs=1e-4) and predicted == pytest.approx(0.1, abs=1e-4)
+    # a cost model without it is left alone
+    sim = Simulation(sc, "torpor")
+    monkeypatch.delattr(type(sim.cost), "observe_copy", raising=False)
+    sim.run(np.array([0.0]), np.array([0]), 1.0)
+
+
+def test_errors_from_a_scenario_the_command_line_and_the_environment(tmp_path, capsys, monkeypatch):
+    import argparse
+
+    from torpor.sim.errors import Errors, merge_errors
+    from torpor.sim.paper_sim import load_paper_scenario
+    from torpor.sim.report import add_arguments, run_cli
+
+    sc = parse_scenario(small(errors={"jitter": 0.1, "bandwidth_factor": 0.8, "straggler_x": [2, 4]}))
+    assert sc.errors == Errors(jitter=0.1, bandwidth_factor=0.8, straggler_x=(2.0, 4.0))
+    for bad, field in (({"jitter": -1}, r"errors\.jitter"), ({"bandwidth_factor": 0}, r"errors\.bandwidth_factor"),
+                       ({"straggler_p": 2}, r"errors\.straggler_p"), ({"straggler_x": [5, 2]}, "straggler_x"),
+                       ({"slow": 1}, "unknown field"), ({"jitter": "a"}, r"errors\.jitter")):
+        with pytest.raises(ScenarioError, match=field):
+            parse_scenario(small(errors=bad))
+    assert merge_errors({"jitter": 0.1}, "bandwidth_factor=1.2,straggler_x=2:3")["straggler_x"] == [2.0, 3.0]
+    # torpor simulate --errors, laid over the scenario's
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(small(functions=6, workload={"kind": "synthetic", "duration_s": 30},
+                                     errors={"jitter": 0.1})))
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    monkeypatch.delenv("TORPOR_SIM_ERRORS", raising=False)
+    argv = ["--scenario", str(path), "--policy", "torpor", "--search-gpus", "0", "--json", str(tmp_path / "o.json"),
+            "--errors", "bandwidth_factor=0.8"]
+    assert run_cli(p.parse_args(argv)) == 0
+    report = json.loads((tmp_path / "o.json").read_text())
+    assert report["errors"]["jitter"] == 0.1 and report["errors"]["bandwidth_factor"] == 0.8
+    assert run_cli(p.parse_args([*argv[:-1], "jitter=-2"])) == 2
+    assert "errors.jitter" in capsys.readouterr().err
+    # the paper scenarios' loader (loadtest/paper_eval.py) takes TORPOR_SIM_ERRORS
+    monkeypatch.setenv("TORPOR_SIM_ERRORS", "bandwidth_factor=1.2")
+    sc, _ = load_paper_scenario(path)
+    assert sc.errors == Errors(jitter=0.1, bandwidth_factor=1.2)
+    monkeypatch.setenv("TORPOR_SIM_ERRORS", "jitter")
+    with pytest.raises(ScenarioError, match="TORPOR_SIM_ERRORS"):
+        load_paper_scenario(path)

@@ -7,10 +7,13 @@ Same scenario, arrivals, transfer physics and result type as `torpor.sim.simulat
 and `simulate(sc, "torpor", arrivals=...)` there are directly comparable:
 
 - **Transfers**: `torpor.sim.physics.LinkSharing` over the scenario's `LinkMap` (PCIe per GPU, a
-  shared uplink for switch siblings, NVLink pairs): copies on a link share it, with the share a
-  copy started with or re-rated as others start and land (`link_physics`, as the simulation's);
-  compute starts when the first group has landed and ends no earlier than the last group
-  lands. Execution is the profiled time times the same seeded lognormal noise per request.
+  shared uplink for switch siblings, NVLink pairs): copies on a link share it, re-rated as
+  others start and land or with the share a copy started with (`link_physics`, "shared" by
+  default, as the simulation's); compute starts when the first group has landed and ends no
+  earlier than the last group lands. Execution is the profiled time times the same seeded
+  lognormal noise per request. The scenario's `errors` (`torpor.sim.errors`) give the same
+  true times as the simulation's, request by request for the same seed: each request's copy
+  jitter and execution factor, the true bandwidths, compute slowed by copies moving into it.
 - **The paper's system** (`paper`, and the ablations `fifo`, `random`, `lru`;
   `torpor.sim.paper_swap.SwapReplay`): one global queue (`torpor.sim.paper.RRCQueue` or
   `FIFOQueue`), at most one request in flight per function, one request per GPU at a time; a
@@ -45,9 +48,10 @@ from typing import Any
 import numpy as np
 
 from torpor.scheduling.costmodel import CostModel, LinkMap
+from torpor.sim.errors import ERRORS_ENV, Errors, errors_from_env, merge_errors
 from torpor.sim.paper import CLASS_NAMES, LIGHT, classify
 from torpor.sim.paper_swap import SwapReplay
-from torpor.sim.physics import LINK_PHYSICS
+from torpor.sim.physics import DEFAULT_LINK_PHYSICS, LINK_PHYSICS, true_links
 from torpor.sim.scenario import MB, Scenario, ScenarioError, parse_scenario
 from torpor.sim.state import SimResult
 
@@ -103,13 +107,22 @@ def load_paper_scenario(path: str | Path, **override: Any) -> tuple[Scenario, li
     """A scenario file (torpor.sim.simulation's format; `override` replaces top-level fields such as
     functions, seed, workload or models) and, from `<stem>.paper.csv` beside it where present,
     the per-model numbers only the paper's system reads: `native_ms`, `native_MB`,
-    `cold_start_s` and the paper's Table 4 row (`table4_*_ms`)."""
+    `cold_start_s` and the paper's Table 4 row (`table4_*_ms`). `TORPOR_SIM_ERRORS`
+    (`jitter=0.1,bandwidth_factor=0.8`, `torpor.sim.errors`) is laid over the scenario's
+    `errors`: the command lines that load paper scenarios (loadtest/paper_eval.py) take the
+    error model from it."""
     p = Path(path)
     try:
         spec = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ScenarioError(f"cannot read scenario {p}: {e}") from None
     spec.update(override)
+    try:
+        env = errors_from_env()
+        if env is not None:
+            spec["errors"] = merge_errors(spec.get("errors"), env, ERRORS_ENV)
+    except ValueError as e:
+        raise ScenarioError(str(e)) from None
     side = p.with_name(p.stem + ".paper.csv")
     rows = read_extras_csv(side) if side.exists() else {}
     return parse_with_extras(spec, rows, base=p.parent, source=str(p))
@@ -221,9 +234,12 @@ class PaperSim:
     """One of the paper's policies (`POLICIES`) on a scenario's node; `run` replays arrivals."""
 
     def __init__(self, sc: Scenario, policy: str, extras: list[ModelExtras] | None = None,
-                 n_gpus: int | None = None, *, link_physics: str = "fixed"):
+                 n_gpus: int | None = None, *, link_physics: str = DEFAULT_LINK_PHYSICS,
+                 errors: Errors | None = None):
         """`extras`: `load_paper_scenario`'s per-model fields (None: `parse_extras_default`).
-        `link_physics`: "fixed" or "shared", as `torpor.sim.simulation.Simulation`'s."""
+        `link_physics`: "shared" (the default) or "fixed", and `errors` (default the
+        scenario's), as `torpor.sim.simulation.Simulation`'s: the same seed gives the same
+        true-time draws request by request (`torpor.sim.errors.Errors.draws`)."""
         if policy not in POLICIES:
             raise ScenarioError(f"policy: unknown paper policy {policy!r}; expected one of {list(POLICIES)}")
         if link_physics not in LINK_PHYSICS:
@@ -232,8 +248,11 @@ class PaperSim:
         self.sc = sc
         self.policy = policy
         self.n = n_gpus or sc.gpus
-        self.links = sc.links(self.n)
-        self.cost = CostModel(self.links)
+        self.errors = sc.errors if errors is None else errors
+        self.links = sc.links(self.n)  # as configured: what Algorithm 1 reads
+        # the truth: the copies' physics (the paper's system predicts nothing)
+        self.true_links = true_links(sc.links(self.n), self.errors.bandwidth_factor)
+        self.cost = CostModel(self.true_links)
         if extras is None:
             extras = parse_extras_default(sc)
         mix = sc.models
@@ -248,13 +267,17 @@ class PaperSim:
         rng = np.random.default_rng(self.sc.seed + 1)  # the same per-request noise as torpor.sim.simulation
         noise = (rng.lognormal(0.0, self.sc.exec_noise, size=len(arrivals_t)) if self.sc.exec_noise
                  else np.ones(len(arrivals_t)))
+        # the error model's draws, the same as the simulation's for the same seed (per request)
+        copy_x, run_x = self.errors.draws(len(arrivals_t), self.sc.seed)
+        if run_x is not None:
+            noise = noise * run_x
         arrivals_fn = np.asarray(arrivals_fn, dtype=np.int64)
         if self.policy == "native":
             lat, busy, counters = self._native(arrivals_t, arrivals_fn, noise)
         elif self.policy == "keepalive":
             lat, busy, counters = KeepAliveReplay(self, arrivals_t, arrivals_fn, noise).run()
         else:
-            lat, busy, counters = SwapReplay(self, arrivals_t, arrivals_fn, noise).run()
+            lat, busy, counters = SwapReplay(self, arrivals_t, arrivals_fn, noise, copy_x).run()
         done = arrivals_t + np.where(np.isfinite(lat), lat, 0.0)
         span = max(duration, float(done.max()) if len(done) else 0.0)
         self.latency = lat

@@ -32,7 +32,7 @@ from torpor.sim.paper import (
     host_activity,
     random_placement,
 )
-from torpor.sim.physics import LinkSharing
+from torpor.sim.physics import Compute, LinkSharing
 
 if TYPE_CHECKING:  # for annotations only: paper_sim imports this module
     from torpor.sim.paper_sim import PaperSim
@@ -55,6 +55,7 @@ class _Gpu:
         "act",
         "busy",
         "busy_s",
+        "compute",
         "copy_until",
         "cur",
         "cur_data",
@@ -83,6 +84,7 @@ class _Gpu:
         self.tok = 0  # its completion event; bumped when a re-rated copy moves it
         self.done_at = 0.0
         self.cur_data: Any = None
+        self.compute: Compute | None = None  # compute slowed by copies moving into it (None: never)
 
 
 class _Landed:
@@ -100,17 +102,23 @@ class _Landed:
 
 
 class SwapReplay:
-    """Arrivals `t` (functions `fns`, execution noise per request `noise`) through the paper's
-    system as `sim` describes it (policy, GPUs, links, per-function models and classes).
-    `run` returns (latency per request, busy GPU-seconds, counters)."""
+    """Arrivals `t` (functions `fns`, execution noise per request `noise`, the link-time factor
+    of the copy each request's dispatch starts `copy_x`, None: 1) through the paper's system as
+    `sim` describes it (policy, GPUs, links, per-function models and classes), at the true
+    times of `sim.errors` (the copies over `sim.true_links`, compute slowed by copies moving
+    into its GPU). `run` returns (latency per request, busy GPU-seconds, counters)."""
 
-    def __init__(self, sim: PaperSim, t: np.ndarray, fns: np.ndarray, noise: np.ndarray):
-        self.sim, self.t, self.fns, self.noise = sim, t, fns, noise
+    def __init__(self, sim: PaperSim, t: np.ndarray, fns: np.ndarray, noise: np.ndarray,
+                 copy_x: np.ndarray | None = None):
+        self.sim, self.t, self.fns, self.noise, self.copy_x = sim, t, fns, noise, copy_x
         self.policy = policy = sim.policy
         self.links, self.cost = links, cost = sim.links, sim.cost
         n_fn = sim.sc.functions
         self.gpus = gpus = [_Gpu(name, sim.sc.gpu_memory) for name in links.devices]
         self.landed = [_Landed(g.res) for g in gpus]
+        slow = sim.errors.copy_slowdown
+        for g in gpus:
+            g.compute = Compute(slow) if slow != 1 else None
         for g, lv in zip(gpus, self.landed):
             g.view = GpuView(g.name, True, lv, ACT_IDLE, links.siblings(g.name))
         self.by_name = {g.name: i for i, g in enumerate(gpus)}
@@ -126,7 +134,7 @@ class SwapReplay:
         self.fq = [deque() for _ in range(n_fn)]  # each function's requests not yet dispatched
         self.running = [False] * n_fn
         self.inflight: dict[str, int] = {}
-        self.xfer = LinkSharing(links, cost.transfer_latency_s, self.inflight, sim.link_physics == "shared")
+        self.xfer = LinkSharing(sim.true_links, cost.transfer_latency_s, self.inflight, sim.link_physics == "shared")
         self.lat = np.full(len(t), np.inf)
         self.heap: list = []
         self.seq = 0
@@ -188,6 +196,8 @@ class SwapReplay:
             return  # its copy's landing moved, and the completion with it
         g.busy_s += now - g.run_start
         g.cur = None
+        if g.compute is not None:
+            g.compute.stop()
         lat = self.lat
         lat[i] = now - self.t[i]
         self.queue.record(f, lat[i], self.sim.slo[f])
@@ -211,6 +221,21 @@ class SwapReplay:
             if r is not None:
                 r.locks -= 1
         self.rerated(self.xfer.finish(tr, now))
+        self.copies_into(tr.owner[0], now, -1)
+
+    def copies_into(self, gi: int, now: float, delta: int) -> None:
+        """A copy into GPU `gi` started moving (+1) or landed (-1): its running compute
+        re-planned where copies slow it (`torpor.sim.physics.Compute`)."""
+        g = self.gpus[gi]
+        c = g.compute
+        if c is None or not c.copies(now, delta) or not g.busy:
+            return
+        g.exec_end = c.end
+        done = max(c.end, g.cur.ready_at) if g.cur is not None else c.end
+        if done != g.done_at:
+            g.done_at = done
+            g.tok += 1
+            self.push(done, _DONE, (*g.cur_data, g.tok))
 
     def rerated(self, trs: list) -> None:
         # copies whose landing moved: their residents, the GPU's activity, and a run waiting on one
@@ -287,15 +312,16 @@ class SwapReplay:
         g.cur = None
         moved_trs: list = []
         tr = None
+        c = g.compute
         if pl.action == "run":
             r = g.res[f]
-            done = now + ex
+            done = now + ex if c is None else c.start(now, now, ex)
             g.exec_end = done
             g.copy_until = now
             g.act = ACT_LOCAL
         else:
-            r, tr, moved_trs, first = self.copy_in(gi, f, pl, victims, now)
-            g.exec_end = now + first + ex
+            r, tr, moved_trs, first = self.copy_in(gi, f, pl, victims, now, i)
+            g.exec_end = now + first + ex if c is None else c.start(now, now + first, ex)
             g.cur = r
             done = max(g.exec_end, tr.end)
         r.last_used = now
@@ -311,10 +337,11 @@ class SwapReplay:
         self.rerated([x for x in moved_trs if x.owner[1] is not r])
         return True
 
-    def copy_in(self, gi: int, f: int, pl: Placement, victims: list, now: float) -> tuple[_Res, Any, list, float]:
-        """The victims evicted from GPU `gi` and `f`'s copy started there (from the peer
-        `pl.source`, else the host): its resident, its transfer, every copy whose landing
-        moved, and the seconds its first group takes."""
+    def copy_in(self, gi: int, f: int, pl: Placement, victims: list, now: float, i: int
+                ) -> tuple[_Res, Any, list, float]:
+        """The victims evicted from GPU `gi` and `f`'s copy for request `i` started there (from
+        the peer `pl.source`, else the host): its resident, its transfer, every copy whose
+        landing moved, and the seconds its first group takes."""
         g, counters, nbytes = self.gpus[gi], self.counters, self.nbytes
         for v in victims:
             g.free += g.res.pop(v).nbytes
@@ -328,14 +355,17 @@ class SwapReplay:
             path = self.links.host_path(g.name)
             g.act = host_activity(self.cls[f])
             counters["swaps"] += 1
-        # the first group at the share the copy starts with (it lands in well under 1 ms)
-        first = self.cost.transfer_seconds(self.first_b[f], path, self.inflight)
+        # the first group at the share the copy starts with (it lands in well under 1 ms), at
+        # the true bandwidths and this request's jitter
+        scale = 1.0 if self.copy_x is None else float(self.copy_x[i])
+        first = self.cost.transfer_seconds(self.first_b[f] * scale, path, self.inflight)
         r = _Res(nbytes[f], now, now)
         src = None
         if pl.action == "peer":
             src = (self.by_name[pl.source], f)
             self.gpus[src[0]].res[f].locks += 1  # until the copy lands
-        tr, moved_trs = self.xfer.start(now, nbytes[f], path, (gi, r, src))
+        tr, moved_trs = self.xfer.start(now, nbytes[f], path, (gi, r, src), scale=scale)
+        self.copies_into(gi, now, 1)
         r.ready_at = tr.end
         g.res[f] = r
         g.free -= nbytes[f]

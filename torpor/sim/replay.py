@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import inspect
 import math
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ import numpy as np
 
 from torpor.scheduling.admission import work_ahead
 from torpor.scheduling.scheduler import HOPELESS_DELAY_S, hopeless
+from torpor.sim.physics import Compute
 from torpor.sim.state import (
     _ACTION_CODE,
     _BEGIN,
@@ -57,6 +59,19 @@ class Replay:
         rng = np.random.default_rng(sc.seed + 1)
         self.noise = (rng.lognormal(0.0, sc.exec_noise, size=len(arrivals_t)) if sc.exec_noise
                       else np.ones(len(arrivals_t)))
+        # the error model (`torpor.sim.errors`): per request, the link-time factor of the copy its
+        # placement starts and its run's execution factor (None: exactly 1); compute slowed by
+        # copies moving into the device
+        self.copy_x, self.run_x = sim.errors.draws(len(arrivals_t), sc.seed)
+        slow = sim.errors.copy_slowdown
+        for d in sim.devs:
+            d.compute = Compute(slow) if slow != 1 else None
+        # each copy's true landing while it is in flight (the scheduler sees `ready_at`, its belief)
+        self.lands: dict[int, float] = {}
+        # what the scheduler's cost model learns from a landed copy, where it can
+        obs = getattr(sim.cost, "observe_copy", None)
+        self.observe_copy = obs
+        self.copy_predicted = obs is not None and "predicted_s" in inspect.signature(obs).parameters
         if sim.policy == "static":
             sim.prepare_static(arrivals_fn, duration)
         self.n_req = n_req = len(arrivals_t)
@@ -135,9 +150,38 @@ class Replay:
     def on_landed(self, t: float, data: Any) -> None:
         tr, version = data
         if version == tr.version:
-            tr.owner[1].ready_at = t
-            tr.owner[1].eta = None
+            r = tr.owner[1]
+            r.ready_at = t  # it has landed: the scheduler sees that
+            r.eta = None
+            self.lands.pop(id(r), None)
             self.rerated(self.xfer.finish(tr, t), t)
+            self.copy_landed(tr.path, tr.nbytes, t - tr.began, tr.plan)
+            self.copies_into(tr.owner[0], t, -1)
+
+    def copy_landed(self, path: tuple, nbytes: int, seconds: float, plan: float | None) -> None:
+        """The scheduler's cost model measures a landed copy, where it can (`observe_copy`)."""
+        obs = self.observe_copy
+        if obs is None:
+            return
+        if self.copy_predicted:
+            obs(path, nbytes, seconds, predicted_s=plan)
+        else:
+            obs(path, nbytes, seconds)
+
+    def copies_into(self, d: _Dev, now: float, delta: int) -> None:
+        """A copy into `d` started moving (+1) or landed (-1): its running compute re-planned
+        where copies slow it (`torpor.sim.physics.Compute`)."""
+        c = d.compute
+        if c is None or not c.copies(now, delta) or not d.running:
+            return
+        d.exec_end = c.end
+        r = d.cur_res
+        done = max(c.end, self.lands.get(id(r), r.ready_at))
+        if done != d.busy_until:
+            d.busy_until = done
+            d.tok += 1
+            batch, ex = d.cur_batch
+            self.push(done, _DONE, (d, batch, ex, d.tok))
 
     def on_begin(self, t: float, tr: Any) -> None:
         if not tr.pending:
@@ -145,13 +189,16 @@ class Replay:
         # a copy that waited for its path starts as planned, unless copies started since then
         # still move there and it would slow one past the deadline of a request waiting on it:
         # then it waits until they have landed
+        # (fixed shares: it takes the share a copy starting now gets, and slows nobody)
         xfer = self.xfer
-        clear = xfer.busy_until(tr.path, t) if xfer.would_harm(tr, t) else t
-        if clear > t + 1e-6:
-            self.rerated(xfer.postpone(tr, clear), t)
-            self.push(clear, _BEGIN, tr)
-            return
+        if xfer.shared:
+            clear = xfer.busy_until(tr.path, t) if xfer.would_harm(tr, t) else t
+            if clear > t + 1e-6:
+                self.rerated(xfer.postpone(tr, clear), t)
+                self.push(clear, _BEGIN, tr)
+                return
         self.rerated(xfer.activate(tr, t), t)
+        self.copies_into(tr.owner[0], t, 1)
 
     def on_wake(self, t: float, d: _Dev) -> None:
         if d.hold_until == t:
@@ -164,6 +211,8 @@ class Replay:
             return  # its copy's landing moved, and the completion with it
         d.busy_s += t - d.run_start
         d.cur_res = None
+        if d.compute is not None:
+            ex = d.compute.stop()  # its compute, as measured
         if self.learns_from(d):
             self.cost.observe_exec(batch[0].fn, ex, len(batch))
         d.running = False
@@ -236,33 +285,38 @@ class Replay:
         d.queued_fn[f] = same - b
         r = head.resident
         begin = max(now, self.sim.first_at.get((d.state.name, f), 0.0))
-        ex = spec.exec_seconds(b) * self.noise[head.rid]
-        done = max(begin + ex, r.ready_at)
+        ex = spec.exec_seconds(b) * self.noise[head.rid]  # as the scheduler sees the run
+        work = ex if self.run_x is None else ex * self.run_x[head.rid]  # its true compute
+        exec_end = begin + work if d.compute is None else d.compute.start(now, begin, work)
+        landed = self.lands.get(id(r), r.ready_at)  # its copy's true landing
+        done = max(exec_end, landed)
         d.running = True
         d.busy_until = done
         d.run_start = now
-        d.exec_end = begin + ex
+        d.exec_end = exec_end
+        d.bexec_end = begin + ex
         d.cur_res = r
-        d.cur_batch = (batch, ex)
+        d.cur_batch = (batch, work)
         d.cur_deadline = min(j.due for j in batch)
-        d.cur_hit = r.ready_at <= now
+        d.cur_hit = landed <= now
         for j in batch:
             j.started_at = now
         d.tok += 1
         d.batches += 1
         d.batched += b
-        if not self.edf:  # re-anchor the projection of queued work on this batch's real end
-            t_end = done
+        if not self.edf:  # re-anchor the projection of queued work on this batch's end (as the scheduler sees it)
+            t_end = max(d.bexec_end, r.ready_at)
             for j in d.queue:
                 t_end = max(max(t_end, j.first_at) + j.estimate, j.resident.ready_at)
             d.proj_end = t_end
-        self.push(done, _DONE, (d, batch, ex, d.tok))
+        self.push(done, _DONE, (d, batch, work, d.tok))
 
     def rerated(self, trs: list, now: float) -> None:
         # copies whose landing moved: their residents, locks, events and any run waiting on them
         for tr in trs:
             d, r, src = tr.owner
-            r.ready_at = tr.end
+            r.ready_at = tr.bend  # what the scheduler sees; the truth drives the events
+            self.lands[id(r)] = tr.end
             if self.etas:
                 r.eta = self.xfer.eta(tr, now)
             if src is not None:
@@ -300,9 +354,10 @@ class Replay:
         ends: list | None = [] if self.xfer.shared else None
 
         for d in devs:
-            free = d.busy_until if d.running else now
-            if d.running and d.cur_res is not None and d.cur_res.eta is not None:
-                free = max(d.exec_end, d.cur_res.expected())
+            free = now  # when the running batch should end, as the scheduler sees it
+            if d.running and d.cur_res is not None:
+                r = d.cur_res
+                free = max(d.bexec_end, r.ready_at if r.eta is None else r.expected())
 
             def own_ready(d: _Dev = d) -> float:
                 # a host copy, the slowest it may get
@@ -348,7 +403,7 @@ class Replay:
         self.actions[o.action] = self.actions.get(o.action, 0) + 1
         d = self.by_name[o.device]
         if o.action in ("swap", "peer"):
-            r = self.start_copy(d, f, dec, now)
+            r = self.start_copy(d, f, dec, now, rid)
         else:
             r = d.state.residents[f]
         r.pins += 1
@@ -379,26 +434,32 @@ class Replay:
         self.start_next(d, now)
         return True
 
-    def start_copy(self, d: _Dev, f: int, dec: Any, now: float) -> Any:
-        """The decision's evictions on `d` and its copy of `f` started; the new resident."""
-        sim, cost, models, o = self.sim, self.cost, self.models, dec.option
+    def start_copy(self, d: _Dev, f: int, dec: Any, now: float, rid: int) -> Any:
+        """The decision's evictions on `d` and its copy of `f` (for request `rid`) started; the
+        new resident."""
+        sim, models, o = self.sim, self.models, dec.option
         for v in o.evict:
             sim.evict(d, v)
             self.evictions += 1
+        scale = 1.0 if self.copy_x is None else float(self.copy_x[rid])  # its jitter
         # the first group moves at the share the copy starts with (it lands in well under a
         # millisecond; re-rating it is not worth the events); a copy waiting for its path to
-        # clear moves it at full bandwidth once it starts
+        # clear moves it at full bandwidth once it starts; at the true bandwidths
+        tcost, first_b = sim.true_cost, models[f].first_group_bytes * scale
         if o.start_s > 0:
-            first = o.start_s + cost.nominal_seconds(models[f].first_group_bytes, o.path)
+            first = o.start_s + tcost.nominal_seconds(first_b, o.path)
         else:
-            first = cost.transfer_seconds(models[f].first_group_bytes, o.path, sim.inflight)
+            first = tcost.transfer_seconds(first_b, o.path, sim.inflight)
         r = sim.add_resident(d, f, now + first, now + o.transfer_s)
         src = self.by_name[o.source].state.residents[f] if o.action == "peer" else None
-        _, moved_trs = self.xfer.start(now, models[f].nbytes, o.path, (d, r, src),
-                                       begin=now + o.start_s if o.start_s > 0 else None)
+        tr, moved_trs = self.xfer.start(now, models[f].nbytes, o.path, (d, r, src),
+                                        begin=now + o.start_s if o.start_s > 0 else None, scale=scale)
+        tr.plan = o.transfer_s - o.start_s
         self.rerated(moved_trs, now)
-        if o.start_s > 0 and self.xfer.shared:
-            self.push(now + o.start_s, _BEGIN, moved_trs[0])
+        if o.start_s > 0:
+            self.push(now + o.start_s, _BEGIN, tr)
+        else:
+            self.copies_into(d, now, 1)
         self.moved += o.bytes_moved
         if o.action == "peer":
             self.peers += 1

@@ -15,7 +15,8 @@ import numpy as np
 
 from torpor.scheduling.costmodel import GB, TopologyError
 from torpor.scheduling.scheduler import POLICIES
-from torpor.sim.physics import LINK_PHYSICS, link_physics_from_env
+from torpor.sim.errors import ErrorsError, errors_from_env, merge_errors
+from torpor.sim.physics import DEFAULT_LINK_PHYSICS, LINK_PHYSICS, link_physics_from_env
 from torpor.sim.scenario import SWEEP_PARAMS, Scenario, ScenarioError, parse_scenario
 from torpor.sim.simulation import Simulation
 from torpor.sim.state import LATENCY_PCTS, SimResult
@@ -41,9 +42,10 @@ def paper_extras(spec: dict[str, Any], *, base: Path | None = None, source: str 
 
 def simulate(sc: Scenario, policy: str, n_gpus: int | None = None, *, arrivals=None,
              trace_path: str | Path | None = None, stop_below: float | None = None,
-             extras: list[Any] | None = None, link_physics: str = "fixed") -> SimResult:
-    """`policy` (ours or the paper's) on the scenario's arrivals (or `arrivals`); `link_physics`:
-    "fixed" or "shared" (`torpor.sim.physics`)."""
+             extras: list[Any] | None = None, link_physics: str = DEFAULT_LINK_PHYSICS) -> SimResult:
+    """`policy` (ours or the paper's) on the scenario's arrivals (or `arrivals`), at the true
+    times of the scenario's `errors` (`torpor.sim.errors`); `link_physics`: "shared" (the
+    default) or "fixed" (`torpor.sim.physics`)."""
     t, fn, duration = arrivals if arrivals is not None else scenario_arrivals(sc, trace_path)
     if policy in PAPER_POLICIES:
         from torpor.sim.paper_sim import PaperSim
@@ -60,7 +62,7 @@ def simulate(sc: Scenario, policy: str, n_gpus: int | None = None, *, arrivals=N
 
 
 def gpus_needed(sc: Scenario, policy: str, arrivals, *, limit: int, target: float | None = None,
-                start: int | None = None, extras: list[Any] | None = None, link_physics: str = "fixed"
+                start: int | None = None, extras: list[Any] | None = None, link_physics: str = DEFAULT_LINK_PHYSICS
                 ) -> int | None:
     """The fewest GPUs (1..limit) at which `policy` reaches the target SLO attainment, taking
     attainment to grow with GPUs; None if `limit` is not enough. The search starts at `start`
@@ -106,7 +108,7 @@ def gpus_needed(sc: Scenario, policy: str, arrivals, *, limit: int, target: floa
 
 
 def compare(sc: Scenario, *, policies: list[str] | None = None, trace_path: str | Path | None = None,
-            search_gpus: int | None = None, extras: list[Any] | None = None, link_physics: str = "fixed"
+            search_gpus: int | None = None, extras: list[Any] | None = None, link_physics: str = DEFAULT_LINK_PHYSICS
             ) -> dict[str, Any]:
     """Every policy on the same arrivals; the fewest GPUs each needs when `search_gpus` > 0.
     Policies are ours (`POLICIES`) or the paper's (`PAPER_POLICIES`, which read `extras`: see
@@ -138,6 +140,7 @@ def compare(sc: Scenario, *, policies: list[str] | None = None, trace_path: str 
         "duration_s": duration,
         "workload": sc.workload,
         "target_attainment": sc.target_attainment,
+        "errors": sc.errors.as_dict(),
         "topology": sc.links(sc.gpus).as_dict(),
         "results": [r.as_dict() for r in results],
     }
@@ -193,7 +196,8 @@ def with_param(spec: dict[str, Any], param: str, value: float) -> dict[str, Any]
 
 def sweep(spec: dict[str, Any], param: str, values: list[float], *, base: Path | None = None,
           source: str = "scenario", policies: list[str] | None = None, trace_path: str | Path | None = None,
-          search_gpus: int | None = None, progress: Any = None, link_physics: str = "fixed") -> dict[str, Any]:
+          search_gpus: int | None = None, progress: Any = None, link_physics: str = DEFAULT_LINK_PHYSICS
+          ) -> dict[str, Any]:
     """`compare` at each value of one parameter (the same seed at every point, so at one point
     every policy sees the same arrivals). Returns {"sweep": {...}, "points": [compare reports]}."""
     points = []
@@ -335,8 +339,13 @@ def add_arguments(p: Any) -> None:
                    help="trace .npy (default: ../shared/data/ beside the project; where it is absent, the "
                         "synthetic generator with the trace's statistics)")
     p.add_argument("--links", choices=list(LINK_PHYSICS), default=None,
-                   help="link physics: fixed shares (a copy keeps the share it started with) or processor "
-                        "sharing; default: TORPOR_SIM_LINKS, else fixed")
+                   help="link physics: processor sharing or fixed shares (a copy keeps the share it started "
+                        "with); default: TORPOR_SIM_LINKS, else shared")
+    p.add_argument("--errors", default=None, metavar="KEY=V,...",
+                   help="true times vs the scheduler's (torpor.sim.errors), laid over the scenario's 'errors': "
+                        "jitter (per-copy lognormal sigma), bandwidth_factor (true / believed), exec_sigma, "
+                        "straggler_p, straggler_x (LOW:HIGH), copy_slowdown; e.g. jitter=0.1,bandwidth_factor=0.8; "
+                        "default: TORPOR_SIM_ERRORS")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--search-gpus", type=int, default=None,
                    help="find the fewest GPUs (up to N) reaching the target attainment; 0: skip")
@@ -359,6 +368,9 @@ def run_cli(args: Any) -> int:
         for attr, key in (("gpus", "gpus"), ("functions", "functions"), ("seed", "seed")):
             if getattr(args, attr) is not None:
                 spec[key] = getattr(args, attr)
+        extra = getattr(args, "errors", None) or errors_from_env()
+        if extra:
+            spec["errors"] = merge_errors(spec.get("errors"), extra)
         if args.duration is not None or args.workload is not None:
             spec["workload"] = dict(spec.get("workload") or {})
             if args.duration is not None:
@@ -391,7 +403,7 @@ def run_cli(args: Any) -> int:
     except (OSError, json.JSONDecodeError) as e:
         print(f"torpor simulate: cannot read scenario {args.scenario}: {e}", file=sys.stderr)
         return 2
-    except (ScenarioError, WorkloadError, TopologyError) as e:
+    except (ScenarioError, WorkloadError, TopologyError, ErrorsError) as e:
         print(f"torpor simulate: {e}", file=sys.stderr)
         return 2
     print(table)

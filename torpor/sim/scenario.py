@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torpor.scheduling.costmodel import GB, LinkMap, TopologyError
 from torpor.scheduling.scheduler import POLICIES
+from torpor.sim.errors import Errors, ErrorsError, parse_errors
 
 MB = 1e6
 
@@ -85,6 +86,7 @@ class Scenario:
     sweep: tuple[str, list[float]] | None = None  # (parameter, values): run every policy at each
     weight_fraction: float = 1.0  # of each GPU's memory, what model weights may use
     staging: Staging | None = None  # the server's staging and shedding (None: copies start at placement)
+    errors: Errors = field(default_factory=Errors)  # true times vs the scheduler's (`torpor.sim.errors`)
 
     @property
     def weight_budget(self) -> int:
@@ -119,7 +121,7 @@ def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: st
     where = "scenario"
     known = {"name", "gpus", "gpu_memory_GB", "gpus_per_node", "node", "models", "profile", "functions",
              "workload", "policies", "exec_noise", "seed", "search_gpus", "target_attainment", "notes", "sweep",
-             "weight_fraction", "staging"}
+             "weight_fraction", "staging", "errors"}
     unknown = set(spec) - known
     if unknown:
         raise ScenarioError(f"{where}: unknown field(s) {sorted(unknown)}")
@@ -192,6 +194,10 @@ def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: st
     if target > 1:
         raise ScenarioError(f"{where}.target_attainment: must be at most 1, got {target}")
     staging = parse_staging(spec.get("staging"), f"{where}.staging")
+    try:
+        errors = parse_errors(spec.get("errors"), f"{where}.errors")
+    except ErrorsError as e:
+        raise ScenarioError(str(e)) from None
     return Scenario(
         name=str(spec.get("name", source)),
         gpus=gpus,
@@ -211,6 +217,7 @@ def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: st
         sweep=None if spec.get("sweep") is None else parse_sweep(spec["sweep"], f"{where}.sweep"),
         weight_fraction=frac,
         staging=staging,
+        errors=errors,
     )
 
 

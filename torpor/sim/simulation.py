@@ -14,19 +14,32 @@ What is simulated, and how:
   fragmentation is bounded by eviction, see `torpor.runtime.memory`), one request executing at a time,
   a FIFO queue. Topology is a node template (PCIe per GPU, PCIe-switch siblings, NVLink pairs
   with bandwidths; `torpor.scheduling.costmodel.LinkMap`) repeated for every `gpus_per_node` GPUs.
-- **Transfers**: a copy gets its share of the narrowest link on its path when it starts
-  (shared with copies already in flight on those links) and keeps that rate; its first group
-  lands after the first group's bytes at that rate. Torpor's scheduler may have a copy wait
-  for its path to clear and then move at the path's full rate (`Option.start_s`), holding its
-  place on the links meanwhile. Under processor sharing (`link_physics="shared"`; the command
-  lines take it from `--links` or `TORPOR_SIM_LINKS`) every copy on a link is re-rated as copies start and land; there
-  Torpor's scheduler sees when each copy should land if none joins (`ResidentState.eta`), and a
-  copy that waits for its path takes no share until then, and later still if copies started
-  meanwhile would otherwise be slowed past the deadline of a request waiting on them. A device computing a request whose model
-  is still landing starts when the first group has landed and ends no earlier than the last
-  group lands (pipelined swap).
+- **Transfers** (`torpor.sim.physics.LinkSharing`): under processor sharing (the default,
+  `link_physics="shared"`; the command lines take it from `--links` or `TORPOR_SIM_LINKS`)
+  every copy on a link moves at its share of the narrowest link on its path and is re-rated
+  as copies start and land; Torpor's scheduler sees when each copy should land if none joins
+  (`ResidentState.eta`). Under fixed shares (`"fixed"`) a copy keeps the share it started
+  with. Torpor's scheduler may have a copy wait for its path to clear (`Option.start_s`);
+  such a copy moves nothing until then, and then takes the share any copy starting then
+  gets, so it shares the link with copies started meanwhile (under processor sharing it
+  takes no share until then, and waits longer where starting would slow a copy started
+  meanwhile past the deadline of a request waiting on it; under fixed shares it holds its
+  place on the links meanwhile). A device computing a request whose model is still landing
+  starts when the first group has landed and ends no earlier than the last group lands
+  (pipelined swap).
 - **Execution**: the model's profiled time times lognormal noise (`exec_noise`); each measured
   time refines the CostModel's moving estimate exactly as the engine's measurements do.
+- **Prediction error** (`errors`, `torpor.sim.errors.Errors`; default the scenario's, none):
+  the TRUE times drive the events, and differ from what the scheduler is told by per-copy
+  jitter, a bandwidth misestimate (true links `true_links`; the scheduler's cost model keeps
+  the scenario's), heavy-tailed execution noise and compute slowed while copies move into the
+  device. The scheduler sees its own estimates: copies in flight by their progress at the
+  bandwidths it believes (`ResidentState.ready_at` is its belief until the copy lands), the
+  running batch by its start and its time without the errors; it learns from each run's
+  measured execution (`CostModel.observe_exec`) and, where the cost model has it, from each
+  landed copy (`observe_copy(path, nbytes, seconds, predicted_s=...)`). The scenario's
+  `exec_noise` is drawn as before and the scheduler is told when the running batch ends with
+  it (as this simulator always has); only the errors' execution noise is hidden from it.
 - **Batching**: a model with `max_batch` > 1 runs the requests of one model function waiting in
   a device's queue as one batch (up to `max_batch`), taking `exec(1) x (1 + batch_scale x (b-1))`;
   with `max_queue_delay_ms` a short batch at the head of an idle device waits up to that long for
@@ -95,7 +108,8 @@ from torpor.scheduling.scheduler import (
     Snapshot,
     static_assignment,
 )
-from torpor.sim.physics import LINK_PHYSICS, LinkSharing
+from torpor.sim.errors import Errors
+from torpor.sim.physics import DEFAULT_LINK_PHYSICS, LINK_PHYSICS, LinkSharing, true_links
 from torpor.sim.replay import Replay
 from torpor.sim.scenario import Scenario, ScenarioError, Staging
 from torpor.sim.staged import StagedReplay
@@ -107,10 +121,13 @@ class Simulation:
     `run` replays arrivals through it."""
 
     def __init__(self, scenario: Scenario, policy: str, n_gpus: int | None = None, *,
-                 staging: Staging | None = None, link_physics: str = "fixed"):
+                 staging: Staging | None = None, link_physics: str = DEFAULT_LINK_PHYSICS,
+                 errors: Errors | None = None):
         """`staging`: the server's admission (`Staging`); default the scenario's.
-        `link_physics`: "fixed" (a copy keeps the share it started with) or "shared"
-        (processor sharing; `torpor.sim.physics.LinkSharing`)."""
+        `link_physics`: "shared" (processor sharing, the default) or "fixed" (a copy keeps the
+        share it started with); `torpor.sim.physics.LinkSharing`. `errors`: how the true
+        transfer and execution times differ from what the scheduler is told
+        (`torpor.sim.errors.Errors`); default the scenario's."""
         if policy not in POLICIES:
             raise ScenarioError(f"policy: unknown policy {policy!r}; expected one of {list(POLICIES)}")
         if link_physics not in LINK_PHYSICS:
@@ -118,7 +135,10 @@ class Simulation:
         self.sc = scenario
         self.policy = policy
         self.n = n_gpus or scenario.gpus
-        self.links = scenario.links(self.n)
+        self.errors = scenario.errors if errors is None else errors
+        self.links = scenario.links(self.n)  # what the scheduler believes (its cost model's)
+        # the truth: the copies' physics (`true_cost`: first groups, staged copies)
+        self.true_links = true_links(scenario.links(self.n), self.errors.bandwidth_factor)
         mix = scenario.models
         self.fn_model = [mix[f % len(mix)] for f in range(scenario.functions)]
         est = ExecEstimator()
@@ -126,6 +146,7 @@ class Simulation:
             for b in range(1, m.max_batch + 1):  # the load-time profile (a few warm runs in the engine)
                 est.seed(f, m.exec_seconds(b), b)
         self.cost = CostModel(self.links, est)
+        self.true_cost = CostModel(self.true_links)
         self.devs = [_Dev(DeviceState(name, scenario.weight_budget, scenario.weight_budget, version=0))
                      for name in self.links.devices]
         self.by_name = {d.state.name: d for d in self.devs}
@@ -133,7 +154,8 @@ class Simulation:
         self.holder_count: dict[int, int] = {}
         self.inflight: dict[str, int] = {}
         shared = link_physics == "shared"
-        self.xfer = LinkSharing(self.links, self.cost.transfer_latency_s, self.inflight, shared)
+        self.xfer = LinkSharing(self.true_links, self.cost.transfer_latency_s, self.inflight, shared,
+                                belief=self.links)
         self.snap = Snapshot(0.0, [d.state for d in self.devs], self.inflight,
                              lambda k: self.rates[k].rate(self.snap.now), self.holder_count,
                              self.xfer if shared else None, self.xfer.clear_at)

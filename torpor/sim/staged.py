@@ -39,6 +39,7 @@ from torpor.sim.replay import Replay
 from torpor.sim.state import (
     _ACTION_CODE,
     _COPIED,
+    _MOVING,
     _RELEASE,
     _STAGE,
     SHED_ARRIVAL,
@@ -65,17 +66,25 @@ class StagedReplay(Replay):
         self.permits = 1 + staging.lookahead  # one execution at a time per device
         self.shedding = staging.shed
         self.evict_policy = self.sched.eviction
-        self.handlers.update({_COPIED: self.on_copied, _STAGE: self.on_stage_timer, _RELEASE: self.on_release})
+        self.handlers.update({_COPIED: self.on_copied, _STAGE: self.on_stage_timer, _RELEASE: self.on_release,
+                              _MOVING: self.on_moving})
 
     def size_of(self, f: int) -> int:
         return self.models[f].nbytes
 
     # ---- events ----------------------------------------------------------------------------------
     def on_copied(self, t: float, data: Any) -> None:
-        d, path = data  # a device's copy landed
+        d, path, r, began, plan = data  # a device's copy landed
         for lk in path:
             self.sim.inflight[lk] -= 1
+        if self.lands.pop(id(r), None) is not None:
+            r.ready_at = t  # the scheduler sees it landed
+        self.copy_landed(path, r.nbytes, t - began, plan)
+        self.copies_into(d, t, -1)
         self.retry_memory(d, t)
+
+    def on_moving(self, t: float, d: _Dev) -> None:
+        self.copies_into(d, t, 1)
 
     def on_stage_timer(self, t: float, d: _Dev) -> None:
         if d.wake_at == t:  # a deferral ran out
@@ -221,21 +230,26 @@ class StagedReplay(Replay):
 
     def start_copy(self, d: _Dev, f: int, rid: int, source: str | None, now: float) -> ResidentState:
         # one copy at a time per device, each at its path's full rate; from the peer device
-        # `source` where it holds a landed copy and there is a path, else the host
-        sim, cost, models = self.sim, self.cost, self.models
+        # `source` where it holds a landed copy and there is a path, else the host. It takes
+        # its true time (`torpor.sim.errors`); the scheduler sees the time its cost model predicts
+        sim, cost, tcost, models = self.sim, self.cost, self.sim.true_cost, self.models
         name = d.state.name
         path = sim.links.host_path(name)
         src = None
         if source is not None:
             s = self.by_name[source].state.residents.get(f)
             ppath = sim.links.peer_path(source, name)
-            if s is not None and s.ready_at <= now and ppath is not None:
+            if s is not None and self.lands.get(id(s), s.ready_at) <= now and ppath is not None:
                 src, path = s, ppath
+        scale = 1.0 if self.copy_x is None else float(self.copy_x[rid])  # its jitter
         begin = max(now + self.staging.copy_delay_s, d.copy_free_at)
-        full = begin + cost.nominal_seconds(models[f].nbytes, path)
+        full = begin + tcost.nominal_seconds(models[f].nbytes * scale, path)
+        believed = begin + cost.nominal_seconds(models[f].nbytes, path)
         d.copy_free_at = full
         self.copies.append((now, rid, begin, full))
-        r = sim.add_resident(d, f, begin + cost.nominal_seconds(models[f].first_group_bytes, path), full)
+        r = sim.add_resident(d, f, begin + tcost.nominal_seconds(models[f].first_group_bytes * scale, path),
+                             believed)
+        self.lands[id(r)] = full
         if src is not None:
             src.locked_until = max(src.locked_until, full)
             self.peers += 1
@@ -245,8 +259,13 @@ class StagedReplay(Replay):
         clear = sim.link_clear_at
         for lk in path:
             sim.inflight[lk] = sim.inflight.get(lk, 0) + 1
-            clear[lk] = max(clear.get(lk, -math.inf), full)
-        self.push(full, _COPIED, (d, path))
+            clear[lk] = max(clear.get(lk, -math.inf), believed)
+        self.push(full, _COPIED, (d, path, r, begin, believed - begin))
+        if d.compute is not None:
+            if begin > now:
+                self.push(begin, _MOVING, d)
+            else:
+                self.copies_into(d, now, 1)
         return r
 
     def retry_memory(self, d: _Dev, now: float) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 from torpor.scheduling.scheduler import DeviceState, ResidentState
 
 _DONE, _LANDED, _WAKE, _BEGIN, _COPIED, _STAGE, _RELEASE = 0, 1, 2, 3, 4, 5, 6
+_MOVING = 7  # a staged copy starts moving (compute slowed by copies, `torpor.sim.physics.Compute`)
 
 
 LATENCY_PCTS = [*range(0, 90, 2), *np.round(np.arange(90, 100, 0.25), 2).tolist(), 99.5, 99.9, 100]
@@ -95,6 +96,8 @@ class _Dev:
     batched: int = 0  # requests run in those batches
     run_start: float = 0.0
     exec_end: float = 0.0  # when the running batch's compute would end if its copy had landed
+    bexec_end: float = 0.0  # the same as the scheduler sees it (`torpor.sim.errors`: without the errors)
+    compute: Any = None  # compute slowed by copies moving into it (`torpor.sim.physics.Compute`; None: never)
     cur_res: Any = None  # the running batch's resident (its copy may still be landing)
     cur_batch: Any = None  # (batch, exec seconds) of the running batch
     cur_deadline: float = math.inf  # the earliest deadline among the running batch's requests
