@@ -43,6 +43,10 @@ class InferRequest:
     outputs: list[RequestedOutput] | None = None  # None: every output of the model
     parameters: dict[str, Any] = field(default_factory=dict)
     arrival_ns: int = field(default_factory=time.monotonic_ns)
+    # Triton's raw binary request (HTTP, `Inference-Header-Content-Length: 0`): the body is the
+    # data of the model's only input, whose shape the engine deduces from its config; `inputs`
+    # is then empty and every output defaults to binary.
+    raw_input: bytes | memoryview | None = None
 
 
 @dataclass(slots=True)

@@ -123,6 +123,8 @@ class CudaRegion:
         self._ctx = ctypes.c_void_p()
         self._ptr = CUdeviceptr(0)
         self._closed = False
+        self.users = 0  # requests in flight that named the region (torpor.dataplane.shm)
+        self.awaiting_unregister = False
         with drv.lock:
             drv.check(drv.cuDeviceGet(ctypes.byref(self._dev), self.device_id), "cuDeviceGet")
             drv.check(drv.cuDevicePrimaryCtxRetain(ctypes.byref(self._ctx), self._dev), "cuDevicePrimaryCtxRetain")
@@ -158,11 +160,10 @@ class CudaRegion:
     def _check_range(self, offset: int, size: int) -> None:
         if self._closed:
             raise invalid_arg(f"CUDA shared memory region '{self.name}' is closed")
-        if offset < 0 or size < 0 or offset + size > self.byte_size:
-            raise invalid_arg(
-                f"Invalid offset + byte size for shared memory region: '{self.name}' "
-                f"(offset {offset} + byte_size {size} > region size {self.byte_size})"
-            )
+        if offset < 0 or offset >= self.byte_size:
+            raise invalid_arg(f"Invalid offset for shared memory region: '{self.name}'")
+        if size < 0 or offset + size > self.byte_size:
+            raise invalid_arg(f"Invalid offset + byte size for shared memory region: '{self.name}'")
 
     def read(self, offset: int, size: int) -> bytes:
         """Copy `size` bytes at `offset` from the device into host memory."""

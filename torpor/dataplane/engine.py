@@ -26,6 +26,7 @@ from torpor.config import (
     ModelConfig,
     config_to_dict,
 )
+from torpor.dataplane.host_batching import HostBatcher
 from torpor.dataplane.request_rules import RequestRules
 from torpor.dataplane.shm import SharedMemoryManager
 from torpor.dataplane.timeouts import acquire_slot_by, request_deadline, timeout_seconds, wait_until
@@ -114,6 +115,7 @@ class Engine:
         self.logging = LogSettings()
         workers = options.worker_threads or min(32, (os.cpu_count() or 1) + 4)
         self.workers = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="torpor-exec")
+        self.batcher = HostBatcher(self.workers)  # dynamic batching of host-run models
         # the models and their lifecycle (torpor.registry.lifecycle)
         self.registry = ModelRegistry(options, factory, self.workers)
         # torpor.runtime.device_path.DeviceRuntime when --devices names any (the swap engine)
@@ -367,54 +369,68 @@ class Engine:
 
     def _admit(self, entry: ModelEntry, ve: VersionEntry) -> None:
         """Refuse a request the model's queue has no room for, so a burst or a stuck model costs
-        a bounded number of waiting requests, not unbounded memory."""
+        a bounded number of waiting requests, not unbounded memory. Triton's max_queue_size
+        counts requests waiting, those in a dynamic batch's delay window included; a device-bound
+        model's are counted as those beyond its instances (the device runtime queues them)."""
         limit = entry.max_queue_size if entry.max_queue_size > 0 else self.options.max_queue_size
-        if limit > 0 and ve.stats.pending >= ve.capacity + limit:
+        if limit <= 0:
+            return
+        pending = ve.stats.pending
+        waiting = pending - (ve.executing if ve.pool_key is None else min(pending, ve.capacity))
+        if waiting >= limit:
             ve.stats.record_failure(0, "REJECTED")
-            raise unavailable(f"Exceeds maximum queue size: model '{entry.name}' has {ve.stats.pending} requests "
-                              f"in flight, {limit} may wait for its {ve.capacity} instance(s)")
+            raise unavailable(f"Exceeds maximum queue size: model '{entry.name}' has {waiting} requests waiting, "
+                              f"at most {limit} may wait for its {ve.capacity} instance(s)")
 
     async def _run(self, entry: ModelEntry, ve: VersionEntry, request: InferRequest) -> InferResponse:
         stats = ve.stats
         t0 = request.arrival_ns
+        pinned = self._pin_regions(request) if self.shm.has_regions() else None
         try:
             mreq, batch = self.rules.prepare(entry, ve, request)
             deadline = request_deadline(request)
-            if deadline is None or not ve.slots.locked():
-                await ve.slots.acquire()
+            if ve.pool_key is None and entry.batching is not None and self.batcher.wants(entry, ve):
+                result, t_start, t_exec_start, t_done, executions = await self.batcher.run(
+                    entry, ve, mreq, batch, deadline)
             else:
-                await acquire_slot_by(ve.slots, deadline)
-            held = True
-            try:
-                t_start = time.monotonic_ns()
-                executions = 1
-                if ve.pool_key is not None:
-                    job = DeviceJob(ve.pool_key, entry.name, ve.function, mreq, batch, request.arrival_ns,
-                                    request_deadline(request), self._slo(entry, request), entry.max_batch_size,
-                                    entry.batching)
-                    result, t_exec_start, executions = await self.runtime.run(job)
-                    t_done = time.monotonic_ns()
+                # one request on an instance of its own (inline here: the common path, no extra frame)
+                if deadline is None or not ve.slots.locked():
+                    await ve.slots.acquire()
                 else:
-                    fn = ve.function
-                    if ve.gate.inline and not fn.blocking:
-                        result, t_exec_start, cpu_ns, blocked = _timed_execute_inline(fn, mreq)
-                        wall_ns = None  # what the loop lost: measured below
+                    await acquire_slot_by(ve.slots, deadline)
+                held = True
+                ve.executing += 1
+                try:
+                    t_start = time.monotonic_ns()
+                    executions = 1
+                    if ve.pool_key is not None:
+                        job = DeviceJob(ve.pool_key, entry.name, ve.function, mreq, batch, request.arrival_ns,
+                                        deadline, self._slo(entry, request), entry.max_batch_size, entry.batching)
+                        result, t_exec_start, executions = await self.runtime.run(job)
+                        t_done = time.monotonic_ns()
                     else:
-                        fut = asyncio.get_running_loop().run_in_executor(self.workers, _timed_execute, fn, mreq)
-                        # The instance stays taken until its thread returns, even when this request
-                        # stops waiting (timeout, client gone): a thread cannot be stopped.
-                        held = False
-                        fut.add_done_callback(lambda _f, slots=ve.slots: slots.release())
-                        result, t_exec_start, cpu_ns, wall_ns = await wait_until(fut, deadline)
-                        blocked = False
-                    t_done = time.monotonic_ns()
-                    if wall_ns is None:
-                        wall_ns = t_done - t_exec_start
-                    self._gate(entry, ve, cpu_ns, wall_ns, blocked)
-            finally:
-                if held:
-                    ve.slots.release()
+                        fn = ve.function
+                        if ve.gate.inline and not fn.blocking:
+                            result, t_exec_start, cpu_ns, blocked = _timed_execute_inline(fn, mreq)
+                            wall_ns = None  # what the loop lost: measured below
+                        else:
+                            fut = asyncio.get_running_loop().run_in_executor(self.workers, _timed_execute, fn, mreq)
+                            # The instance stays taken until its thread returns, even when this request
+                            # stops waiting (timeout, client gone): a thread cannot be stopped.
+                            held = False
+                            fut.add_done_callback(lambda _f, slots=ve.slots: slots.release())
+                            result, t_exec_start, cpu_ns, wall_ns = await wait_until(fut, deadline)
+                            blocked = False
+                        t_done = time.monotonic_ns()
+                        if wall_ns is None:
+                            wall_ns = t_done - t_exec_start
+                        self._gate(entry, ve, cpu_ns, wall_ns, blocked)
+                finally:
+                    ve.executing -= 1
+                    if held:
+                        ve.slots.release()
             if isinstance(result, Exception):
+                self._log_failure(entry, ve, result)
                 raise result
             response = self.rules.build_response(entry, ve, request, result, batch)
             t_end = time.monotonic_ns()
@@ -427,7 +443,11 @@ class Engine:
             raise
         except Exception as e:  # noqa: BLE001 - a model's own failure is the request's failure
             stats.record_failure(time.monotonic_ns() - t0, "BACKEND")
+            self._log_failure(entry, ve, e)
             raise internal(f"{type(e).__name__}: {e}") from None
+        finally:
+            if pinned:
+                self.shm.unpin(pinned)
         stats.record_success(
             batch,
             request_ns=t_end - t0,
@@ -438,6 +458,22 @@ class Engine:
             executions=executions,
         )
         return response
+
+    def _pin_regions(self, request: InferRequest) -> list | None:
+        """The shared-memory regions the request names, held registered until it is answered
+        (Triton defers unregistering a region in use)."""
+        names = {t.parameters["shared_memory_region"] for t in request.inputs
+                 if t.parameters and "shared_memory_region" in t.parameters}
+        for o in request.outputs or ():
+            if o.parameters and "shared_memory_region" in o.parameters:
+                names.add(o.parameters["shared_memory_region"])
+        return self.shm.pin({str(n) for n in names}) if names else None
+
+    @staticmethod
+    def _log_failure(entry: ModelEntry, ve: VersionEntry, error: BaseException) -> None:
+        """A model's failed run, logged at the default verbosity as Triton's backends do."""
+        text = error.message if isinstance(error, TorporError) else f"{type(error).__name__}: {error}"
+        log.error("model '%s' version %s failed: %s", entry.name, ve.version, text)
 
     @staticmethod
     def _gate(entry: ModelEntry, ve: VersionEntry, cpu_ns: int, wall_ns: int, blocked: bool = False) -> None:
@@ -456,6 +492,16 @@ class Engine:
     async def _run_decoupled(self, entry: ModelEntry, ve: VersionEntry, request: InferRequest) -> AsyncIterator[InferResponse]:
         stats = ve.stats
         t0 = request.arrival_ns
+        pinned = self._pin_regions(request) if self.shm.has_regions() else None
+        try:
+            async for resp in self._decoupled_responses(entry, ve, request, stats, t0):
+                yield resp
+        finally:
+            if pinned:
+                self.shm.unpin(pinned)
+
+    async def _decoupled_responses(self, entry: ModelEntry, ve: VersionEntry, request: InferRequest,
+                                   stats: ModelStats, t0: int) -> AsyncIterator[InferResponse]:
         try:
             mreq, batch = self.rules.prepare(entry, ve, request)
         except TorporError:
@@ -473,34 +519,45 @@ class Engine:
             except Exception as e:  # noqa: BLE001
                 emit(None, e, True)
 
-        async with ve.slots:
-            t_start = time.monotonic_ns()
+        await ve.slots.acquire()
+        t_start = time.monotonic_ns()
+        try:
             fut = loop.run_in_executor(self.workers, work)
-            failed = False
-            try:
-                while True:
-                    outputs, error, final = await queue.get()
-                    if error is not None:
-                        failed = True
-                        err = error if isinstance(error, TorporError) else internal(str(error))
-                        yield InferResponse(entry.name, str(ve.version), request.id, final=final, error=err)
-                    else:
-                        resp = (
-                            self.rules.build_response(entry, ve, request, outputs, batch)
-                            if outputs is not None
-                            else InferResponse(entry.name, str(ve.version), request.id)
-                        )
-                        resp.final = final
-                        yield resp
-                    if final:
-                        break
-            finally:
-                await fut
+        except BaseException:
+            ve.slots.release()
+            raise
+        # As Triton's python backend: the instance is free for the next request as soon as the
+        # model's `execute` returns; responses it sends later, from its own threads, still come
+        # here until the final one (the request stays in flight, not in the queue, meanwhile).
+        fut.add_done_callback(lambda _f: ve.slots.release())
+        ve.executing += 1
+        failed = False
+        try:
+            while True:
+                outputs, error, final = await queue.get()
+                if error is not None:
+                    failed = True
+                    err = error if isinstance(error, TorporError) else internal(str(error))
+                    self._log_failure(entry, ve, err)
+                    yield InferResponse(entry.name, str(ve.version), request.id, final=final, error=err)
+                else:
+                    resp = (
+                        self.rules.build_response(entry, ve, request, outputs, batch)
+                        if outputs is not None
+                        else InferResponse(entry.name, str(ve.version), request.id)
+                    )
+                    resp.final = final
+                    yield resp
+                if final:
+                    break
+        finally:
+            ve.executing -= 1
         t_end = time.monotonic_ns()
         if failed:
             stats.record_failure(t_end - t0, "BACKEND")
         else:
             stats.record_success(batch, t_end - t0, t_start - t0, 0, t_end - t_start, 0)
+
 
 def _timed_execute_inline(fn: ModelFunction, mreq: ModelRequest) -> tuple[Any, int, int, bool]:
     """On the loop: (result, start ns, thread CPU ns, whether the model gave up the CPU by

@@ -32,6 +32,8 @@ class RequestRules:
         max_batch = entry.max_batch_size
         limit = self.options.max_tensor_elements
         batch = None
+        if request.raw_input is not None:
+            request.inputs = [self._raw_input(entry, request.raw_input)]
         for t in request.inputs:
             spec = specs.get(t.name)
             if spec is None:
@@ -106,9 +108,19 @@ class RequestRules:
             self._fill_controls(entry, inputs, controls, corr, flags, batch)
         if request.outputs:
             output_names = [o.name for o in request.outputs]
-            for o in output_names:
-                if o not in entry.output_index:
-                    raise invalid_arg(f"unexpected inference output '{o}' for model '{name}'")
+            if len(set(output_names)) != len(output_names):
+                seen: set[str] = set()
+                for o in output_names:
+                    if o in seen:  # Triton refuses it since 2.69 (older ones merged the two)
+                        raise invalid_arg(f"output '{o}' already exists in request")
+                    seen.add(o)
+            for ro in request.outputs:
+                if ro.name not in entry.output_index:
+                    raise invalid_arg(f"unexpected inference output '{ro.name}' for model '{name}'")
+                k = ro.parameters.get("classification") if ro.parameters else None
+                if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+                    raise invalid_arg(f"invalid value for 'classification' parameter of output '{ro.name}', "
+                                      f"expected an integer >= 0")
         else:
             output_names = [s.name for s in entry.outputs]
         return (
@@ -122,6 +134,43 @@ class RequestRules:
             ),
             batch,
         )
+
+    @staticmethod
+    def _raw_input(entry: ModelEntry, raw: bytes | memoryview) -> Tensor:
+        """The only input of a raw binary request, its shape deduced from the config as Triton's
+        core does (InferenceRequest::Normalize): the batch dimension is 1, one variable-sized
+        dimension takes what the byte count leaves; BYTES takes the whole body as its one element."""
+        name = entry.name
+        if len(entry.inputs) != 1:
+            raise invalid_arg(f"Raw request must only have 1 input (found 1) to be deduced but got "
+                              f"{len(entry.inputs)} inputs in '{name}' model configuration")
+        spec = entry.inputs[0]
+        shape = [1] if entry.max_batch_size > 0 else []
+        variable = None
+        count = 1
+        for d in spec.dims:
+            if d == -1:
+                if variable is not None:
+                    raise invalid_arg(f"The shape of the raw input '{spec.name}' can not be deduced because there "
+                                      "are more than one variable-sized dimension")
+                variable = len(shape)
+            else:
+                count *= d
+            shape.append(d)
+        if spec.datatype == "BYTES":
+            if variable is not None or count != 1:
+                raise invalid_arg(f"For BYTE datatype raw input '{spec.name}', the model must have input shape [1]")
+            arr = np.empty(1, dtype=np.object_)
+            arr[0] = bytes(raw)
+            return Tensor(spec.name, "BYTES", tuple(shape), arr.reshape(shape))
+        itemsize = numpy_dtype(spec.datatype).itemsize
+        if variable is not None:
+            shape[variable] = len(raw) // (count * itemsize) if count else 0
+        expected = prod(shape) * itemsize
+        if len(raw) != expected:
+            raise invalid_arg(f"input byte size mismatch for input '{spec.name}' for model '{name}'. "
+                              f"Expected {expected}, got {len(raw)}")
+        return Tensor(spec.name, spec.datatype, tuple(shape), from_raw(raw, spec.datatype, shape, spec.name))
 
     def _input_array(self, t: Tensor, shape: tuple[int, ...], model: str) -> np.ndarray:
         if t.data is not None:

@@ -3,6 +3,11 @@
 System regions are POSIX shm segments (`/dev/shm/<key>`) mapped with mmap. CUDA regions
 (cudaIpcMemHandle) are opened lazily through torpor.dataplane.cudashm when CUDA is present. System and
 CUDA regions share one name space, as in Triton.
+
+As in Triton: registering and unregistering need `--allow-client-shm` (Triton's default since
+2.69 as well), status answers either way; a region that requests in flight use stays registered
+(listed, usable) when it is unregistered, and goes when the last of them finishes; keys that start
+with the python backend's reserved prefix are refused.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from torpor.errors import Status, TorporError, already_exists, invalid_arg, not_found
+from torpor.errors import Status, TorporError, already_exists, internal, invalid_arg, not_found
 
+# Triton reserves shm keys with this prefix for its python backend's own regions (its common.h)
 RESERVED_PREFIX = "triton_python_backend_shm_region_"
 
 
@@ -26,6 +32,8 @@ class SystemRegion:
     byte_size: int
     mapping: mmap.mmap
     base: int  # where `offset` falls inside the mapping (mmap starts on a page boundary)
+    users: int = 0  # requests in flight that named the region
+    awaiting_unregister: bool = False  # unregistered while in use: goes when `users` drops to 0
 
     def status(self) -> dict:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
@@ -60,25 +68,36 @@ class SharedMemoryManager:
     def _check_new_name(self, name: str) -> None:
         if not name:
             raise invalid_arg("shared memory region name must not be empty")
-        if name.startswith(RESERVED_PREFIX):
-            raise invalid_arg(f"cannot register shared memory region '{name}': the prefix is reserved")
         if name in self.system or name in self.cuda:
             raise already_exists(f"shared memory region '{name}' already in manager")
+
+    @staticmethod
+    def _check_key(name: str, key: str) -> None:
+        """Triton's ValidateSharedMemoryKey: not all slashes, no reserved prefix after them."""
+        bare = key.lstrip("/")
+        if not bare:
+            raise invalid_arg(f"cannot register shared memory region '{name}' - invalid shm key '{key}'")
+        if bare.startswith(RESERVED_PREFIX):
+            raise invalid_arg(f"cannot register shared memory region '{name}' with key '{key}' as the key "
+                              f"contains the reserved prefix '{RESERVED_PREFIX}'")
 
     # system -------------------------------------------------------------------------------
     def register_system(self, name: str, key: str, offset: int, byte_size: int) -> None:
         self._check_allowed()
         if offset < 0 or byte_size < 0:
             raise invalid_arg("shared memory offset and byte_size must not be negative")
+        self._check_key(name, key)
         with self._lock:
             self._check_new_name(name)
             path = "/dev/shm/" + key.lstrip("/")
-            if "/" in key.lstrip("/") or not key.strip("/"):
-                raise invalid_arg(f"Unable to open shared memory region: '{key}'")
+            # Triton's status and text (its clients' tests match both): INTERNAL, though the
+            # key is usually the client's mistake (docs/compatibility.md)
+            if "/" in key.lstrip("/"):
+                raise internal(f"Unable to open shared memory region: '{key}'")
             try:
                 fd = os.open(path, os.O_RDWR)
-            except OSError as e:
-                raise invalid_arg(f"Unable to open shared memory region: '{key}': {e.strerror}") from None
+            except OSError:
+                raise internal(f"Unable to open shared memory region: '{key}'") from None
             try:
                 total = os.fstat(fd).st_size
                 if offset + byte_size > total:
@@ -96,7 +115,6 @@ class SharedMemoryManager:
             self.system[name] = SystemRegion(name, key, offset, byte_size, m, offset - start)
 
     def system_status(self, name: str = "") -> list[dict]:
-        self._check_allowed()
         with self._lock:
             if name:
                 if name not in self.system:
@@ -107,11 +125,8 @@ class SharedMemoryManager:
     def unregister_system(self, name: str = "") -> None:
         self._check_allowed()
         with self._lock:
-            names = [name] if name else list(self.system)
-            for n in names:
-                region = self.system.pop(n, None)
-                if region is not None:
-                    region.close()
+            for n in [name] if name else list(self.system):
+                self._unregister(self.system, n)
 
     # cuda ---------------------------------------------------------------------------------
     def register_cuda(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
@@ -123,7 +138,6 @@ class SharedMemoryManager:
             self.cuda[name] = cudashm.open_region(name, raw_handle, device_id, byte_size)
 
     def cuda_status(self, name: str = "") -> list[dict]:
-        self._check_allowed()
         with self._lock:
             if name:
                 if name not in self.cuda:
@@ -134,19 +148,54 @@ class SharedMemoryManager:
     def unregister_cuda(self, name: str = "") -> None:
         self._check_allowed()
         with self._lock:
-            names = [name] if name else list(self.cuda)
+            for n in [name] if name else list(self.cuda):
+                self._unregister(self.cuda, n)
+
+    @staticmethod
+    def _unregister(regions: dict, name: str) -> None:
+        """Drop a region now, or (in use) mark it to go when its last request finishes."""
+        region = regions.get(name)
+        if region is None:
+            return
+        if region.users > 0:
+            region.awaiting_unregister = True
+            return
+        del regions[name]
+        region.close()
+
+    # requests in flight -------------------------------------------------------------------
+    def has_regions(self) -> bool:
+        return bool(self.system or self.cuda)
+
+    def pin(self, names: set[str]) -> list:
+        """The registered regions among `names`, each counted as used by one more request
+        (unregistering waits for them); hand the list back to `unpin` when the request is done."""
+        pinned = []
+        with self._lock:
             for n in names:
-                region = self.cuda.pop(n, None)
+                region = self.system.get(n) or self.cuda.get(n)
                 if region is not None:
+                    region.users += 1
+                    pinned.append(region)
+        return pinned
+
+    def unpin(self, pinned: list) -> None:
+        with self._lock:
+            for region in pinned:
+                region.users -= 1
+                if region.users == 0 and region.awaiting_unregister:
+                    regions = self.system if isinstance(region, SystemRegion) else self.cuda
+                    if regions.get(region.name) is region:
+                        del regions[region.name]
                     region.close()
 
     # tensor I/O ---------------------------------------------------------------------------
     def _bounds(self, name: str, region_size: int, offset: int, size: int) -> None:
-        if offset < 0 or size < 0 or offset + size > region_size:
-            raise invalid_arg(
-                f"Invalid offset + byte size for shared memory region: '{name}' "
-                f"(offset {offset} + byte_size {size} > region size {region_size})"
-            )
+        # Triton's checks and texts (its tests match them)
+        if offset < 0 or offset >= region_size:
+            raise invalid_arg(f"Invalid offset for shared memory region: '{name}'")
+        if size < 0 or offset + size > region_size:
+            raise invalid_arg(f"Invalid offset + byte size for shared memory region: '{name}'")
 
     def read(self, name: str, offset: int, size: int) -> bytes | memoryview:
         """The bytes of an input tensor. System regions give a zero-copy view."""

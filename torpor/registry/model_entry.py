@@ -27,6 +27,11 @@ class VersionEntry:
     capacity: int = 1  # the slots' count
     pool_key: tuple | None = None  # registered with the DevicePool: runs on a device, late-bound
     gate: InlineGate = field(default_factory=lambda: InlineGate())
+    # Requests past the queue (given an instance; a decoupled one until its final response):
+    # the rest of `stats.pending` is what Triton's max_queue_size bounds. Host path only.
+    executing: int = 0
+    # The dynamic batch gathering requests for a host-run model (torpor.dataplane.host_batching)
+    open_batch: Any = None
 
 
 class InlineGate:
@@ -140,9 +145,12 @@ class ModelEntry:
         # the model's own latency objective (validated at load); the server default applies without it
         raw = parameter(config, "torpor.slo_ms")
         self.slo_ms = float(raw) if raw not in (None, "") else None
-        # dynamic batching on a device's queue: None (off), else the max queue delay in seconds
+        # dynamic batching (on a device's queue, or the host batcher): None (off), else the max
+        # queue delay in seconds; a batch is full at the largest preferred size, else max_batch_size
         self.batching = (config.dynamic_batching.max_queue_delay_microseconds / 1e6
                          if config.max_batch_size > 0 and config.HasField("dynamic_batching") else None)
+        preferred = [int(p) for p in config.dynamic_batching.preferred_batch_size if 0 < p <= config.max_batch_size]
+        self.batch_full_at = max(preferred) if preferred else int(config.max_batch_size)
 
     def ready_versions(self) -> list[int]:
         return sorted(v for v, e in self.versions.items() if e.state == "READY")
