@@ -37,21 +37,22 @@ class Restriction:
 
 
 def parse_restrictions(specs: list[str] | None, option: str, header_prefix: str = "") -> dict[str, Restriction]:
-    """{group: Restriction}; ValueError naming the option and the bad part."""
+    """{group: Restriction}; ValueError in tritonserver's words (launch scripts and tests match
+    them), "api" for --http-restricted-api, "protocol" for --grpc-restricted-protocol."""
+    kind = "protocol" if option.endswith("-protocol") else "api"
     out: dict[str, Restriction] = {}
     for spec in specs or []:
         groups_text, sep, pair = spec.partition(":")
         key, eq, value = pair.partition("=")
         if not sep or not eq or not groups_text.strip() or not key.strip() or not value:
-            raise ValueError(
-                f"{option} '{spec}': expected <group>[,<group>...]:<key>=<value>, groups among {', '.join(GROUPS)}"
-            )
+            raise ValueError(f"{option} option format is '<config name>:<setting>=<value>'. Got {spec} "
+                             f"(expected <group>[,<group>...]:<key>=<value>, groups among {', '.join(GROUPS)})")
         header = (header_prefix + key.strip()).lower()
         for g in groups_text.split(","):
             g = g.strip()
             if g not in GROUPS:
-                raise ValueError(f"{option} '{spec}': unknown group '{g}' (known: {', '.join(GROUPS)})")
+                raise ValueError(f"unknown restricted {kind} '{g}' (known: {', '.join(GROUPS)}; {option})")
             if g in out:
-                raise ValueError(f"{option}: group '{g}' can not be specified in multiple config groups")
+                raise ValueError(f"restricted {kind} '{g}' can not be specified in multiple config groups ({option})")
             out[g] = Restriction(header, value)
     return out

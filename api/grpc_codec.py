@@ -177,13 +177,18 @@ def decode_request(msg: pb.ModelInferRequest) -> tuple[InferRequest, bool]:
         if k == EMPTY_FINAL_PARAM:
             empty_final = bool(param_value(v))
             continue
+        if k in _TYPED_PARAMS:
+            _check_typed(k, v)
         params[k] = param_value(v)  # the engine refuses the other reserved triton_* keys
 
     outputs = None
     if msg.outputs:
-        outputs = [
-            RequestedOutput(o.name, params_to_dict(o.parameters) if o.parameters else {}) for o in msg.outputs
-        ]
+        outputs = []
+        for o in msg.outputs:
+            oparams = params_to_dict(o.parameters) if o.parameters else {}
+            if "classification" in oparams:
+                _check_classification(o.parameters["classification"])
+            outputs.append(RequestedOutput(o.name, oparams))
     req = InferRequest(
         model_name=model,
         model_version=msg.model_version,
@@ -193,6 +198,30 @@ def decode_request(msg: pb.ModelInferRequest) -> tuple[InferRequest, bool]:
         parameters=params,
     )
     return req, empty_final
+
+
+def _check_typed(key: str, p: pb.InferParameter) -> None:
+    """Triton's gRPC front end takes `timeout` as an int64 only (a negative one, as it reads it
+    unsigned, means none) and `priority` as a non-negative int64 or a uint64."""
+    which = p.WhichOneof("parameter_choice")
+    if key == "timeout":
+        if which != "int64_param":
+            raise invalid_arg("invalid value type for 'timeout' parameter, expected int64_param.")
+    elif which == "int64_param":
+        if p.int64_param < 0:
+            raise invalid_arg("invalid value for 'priority', expected value >= 0.")
+    elif which != "uint64_param":
+        raise invalid_arg("invalid value type for 'priority' parameter, expected int64_param or uint64_param.")
+
+
+def _check_classification(p: pb.InferParameter) -> None:
+    if p.WhichOneof("parameter_choice") != "int64_param":
+        raise invalid_arg("invalid value type for 'classification' parameter, expected int64_param")
+    if p.int64_param <= 0:  # Triton's text, though it refuses 0 too
+        raise invalid_arg("invalid value for 'classification' parameter, expected >= 0")
+
+
+_TYPED_PARAMS = frozenset(("timeout", "priority"))
 
 
 def encode_response(resp: InferResponse, out: pb.ModelInferResponse | None = None) -> pb.ModelInferResponse:

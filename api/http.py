@@ -23,6 +23,7 @@ from torpor.api.access import Restriction
 
 from torpor.dataplane.engine import Engine
 from torpor.errors import Status, TorporError, invalid_arg, unsupported
+from torpor.tensors import InferRequest
 
 from . import openapi
 from .http_codec import decode_infer_request, encode_infer_response
@@ -75,7 +76,19 @@ async def _json_body(request: Request, allow_empty: bool = True) -> dict:
     return doc
 
 
-def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+def too_large_text(headers, size: int | None, limit: int) -> str:
+    """Triton's text for a request over --http-max-input-size (its clients' tests match it): a
+    raw binary request's input, else the request JSON. Torpor bounds the whole body (Triton the
+    JSON and each input); `size` None: more than `limit` (a body still arriving)."""
+    n = f"{size} bytes" if size is not None else f"more than {limit} bytes"
+    if headers.get("inference-header-content-length", "").strip() == "0":
+        return (f"Raw input has a byte_size ({n}) that exceeds the maximum allowed value of {limit} bytes. "
+                "Use --http-max-input-size to increase the limit.")
+    return (f"request JSON size of {n} exceeds the maximum allowed input size of {limit} bytes. "
+            "Use --http-max-input-size to increase the limit.")
+
+
+def _decompress(body: bytes, encoding: str, limit: int, headers) -> bytes:
     encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
         return body
@@ -88,9 +101,7 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
             raise TorporError(Status.UNSUPPORTED, f"unsupported Content-Encoding '{encoding}'")
         out = d.decompress(body, limit + 1)
         if len(out) > limit or d.unconsumed_tail:
-            raise invalid_arg(
-                f"request body exceeds the maximum input size of {limit} bytes after decompression"
-            )
+            raise invalid_arg(too_large_text(headers, None, limit) + " (the size after decompression)")
         if not d.eof:
             raise invalid_arg(f"failed to decompress the request body: truncated {encoding} data")
         return out
@@ -135,14 +146,11 @@ async def handle_infer(
     """POST .../infer: (status, headers, body). `headers` is any case-insensitive mapping."""
     try:
         if len(body) > max_input_size:
-            raise invalid_arg(
-                f"request body size {len(body)} exceeds the maximum input size of {max_input_size} bytes "
-                "(--http-max-input-size)"
-            )
+            raise invalid_arg(too_large_text(headers, len(body), max_input_size))
         encoding = headers.get("content-encoding")
         if encoding:
             try:
-                body = _decompress(body, encoding, max_input_size)
+                body = _decompress(body, encoding, max_input_size, headers)
             except TorporError as e:
                 if e.status == Status.UNSUPPORTED:
                     # 415 is HTTP's own answer to an unknown Content-Encoding (RFC 9110 §15.5.16)
@@ -154,11 +162,17 @@ async def handle_infer(
             try:
                 header_length = int(hlen)
             except ValueError:
-                raise invalid_arg(f"invalid Inference-Header-Content-Length '{hlen}'") from None
+                raise invalid_arg(f"Unable to parse Inference-Header-Content-Length, got: {hlen}") from None
         if engine.is_decoupled(model, version):
             raise unsupported("HTTP end point doesn't support models with decoupled transaction policy")
         try:
-            req = decode_infer_request(body, header_length, model, version)
+            if header_length == 0 or (header_length is None and not body):
+                # Triton's raw binary request: the body is the only input's data (the engine
+                # deduces its name, datatype and shape from the model's config). Without the
+                # header the JSON is the whole body, so an empty body is one too, as in Triton.
+                req = InferRequest(model_name=model, model_version=version, raw_input=body)
+            else:
+                req = decode_infer_request(body, header_length, model, version)
         except TorporError:
             raise
         except Exception as e:
@@ -249,7 +263,8 @@ class InferFastPath:
             more = message.get("more_body", False)
         if too_large:
             status, out_headers = 400, {"Content-Type": JSON}
-            content = orjson.dumps({"error": f"request body size exceeds the maximum input size of {limit} bytes (--http-max-input-size)"})
+            known = int(declared) if declared is not None and declared.isdigit() else None
+            content = orjson.dumps({"error": too_large_text(headers, known, limit)})
         else:
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             answered = await self._infer_unless_gone(receive, model, version, headers, body)
@@ -332,10 +347,18 @@ def http_group(path: str) -> str | None:
     return None
 
 
+def check_max_input_size(max_input_size: int) -> None:
+    """--http-max-input-size must be positive (tritonserver refuses to start otherwise)."""
+    if isinstance(max_input_size, bool) or not isinstance(max_input_size, int) or max_input_size <= 0:
+        raise ValueError("Error: --http-max-input-size must be greater than 0.")
+
+
 def create_app(engine: Engine, max_input_size: int = 64 * 1024 * 1024,
                restricted: dict[str, Restriction] | None = None) -> InferFastPath:
     """The FastAPI app with every route of the protocol (registered in this order: FastAPI
-    matches /v2/models/stats before /v2/models/{model}), behind the raw ASGI fast path for infer."""
+    matches /v2/models/stats before /v2/models/{model}), behind the raw ASGI fast path for infer.
+    ValueError for a max_input_size that is not positive."""
+    check_max_input_size(max_input_size)
     app = FastAPI(title="Torpor", version="0.1.0", docs_url=None, redoc_url=None)
     _error_handlers(app)
     _health_model_and_infer_routes(app, engine, max_input_size)
@@ -584,10 +607,24 @@ def _require_model(engine: Engine, model: str) -> None:
 async def start_http_server(engine: Engine, address: str, port: int, max_input_size: int,
                             restricted: dict[str, Restriction] | None, exit_timeout_secs: float):
     """Serve the app with uvicorn on the running loop: (the serving task, async stop(grace)).
-    The task fails with one line if the port cannot be bound."""
+    The task fails with one line if the port cannot be bound, or at once if the options are
+    invalid (a non-positive max_input_size), so the server stops with that line."""
     import contextlib
 
     import uvicorn
+
+    try:
+        check_max_input_size(max_input_size)
+    except ValueError as e:
+        reason = str(e)
+
+        async def refuse() -> None:
+            raise RuntimeError(reason)
+
+        async def nothing(grace: float) -> None:
+            pass
+
+        return asyncio.create_task(refuse()), nothing
 
     class _Server(uvicorn.Server):
         # The composition root owns signal handling: uvicorn's would re-raise the signal after

@@ -16,7 +16,11 @@ from torpor.datatypes import NUMPY_DTYPES, check_shape, element_size, from_raw, 
 from torpor.errors import invalid_arg
 from torpor.tensors import InferRequest, InferResponse, RequestedOutput, Tensor
 
+# Triton's HTTP_MAX_JSON_NESTING_DEPTH: a tensor's `data` may nest arrays this deep, less one
 _MAX_JSON_DEPTH = 100
+_DEPTH_ERROR = f"JSON nesting depth exceeds maximum allowed limit ({_MAX_JSON_DEPTH})"
+# Triton's text for a parameter that must be an unsigned integer and is not
+_NOT_UNSIGNED = "attempt to access JSON non-unsigned-integer as unsigned-integer"
 
 
 def _loads(raw: bytes | memoryview) -> Any:
@@ -26,18 +30,39 @@ def _loads(raw: bytes | memoryview) -> Any:
         raise invalid_arg(f"failed to parse the request JSON buffer: {e}") from None
 
 
-def _depth_ok(obj: Any, limit: int = _MAX_JSON_DEPTH) -> bool:
-    # Only lists nest deeply in legitimate requests (nested `data`); bound them anyway.
+def _depth_ok(obj: Any, limit: int) -> bool:
+    """Whether no array or object sits `limit` or more levels deep. Iterative, so any depth is
+    safe to check (orjson itself refuses documents nested over 1024 deep)."""
     stack = [(obj, 0)]
     while stack:
         o, d = stack.pop()
-        if d > limit:
+        if d >= limit:
             return False
         if isinstance(o, list) and o and isinstance(o[0], (list, dict)):
             stack.extend((x, d + 1) for x in o)
         elif isinstance(o, dict):
             stack.extend((x, d + 1) for x in o.values() if isinstance(x, (list, dict)))
     return True
+
+
+def _data_depth_ok(data: list) -> bool:
+    """Triton's bound on a tensor's `data`: its values sit at most 99 arrays deep (it counts
+    `data` itself as level 0 and refuses a value at level 100)."""
+    stack = [(data, 0)]
+    while stack:
+        o, d = stack.pop()
+        if o and isinstance(o[0], list):
+            stack.extend((x, d + 1) for x in o if isinstance(x, list))
+        elif o and d + 1 >= _MAX_JSON_DEPTH:
+            return False
+    return True
+
+
+def _unsigned(params: dict, key: str, verb: str = "parse") -> None:
+    """Triton reads `timeout`, `priority` and `classification` as JSON unsigned integers."""
+    v = params.get(key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+        raise invalid_arg(f"Unable to {verb} '{key}': {_NOT_UNSIGNED}")
 
 
 def _params(obj: Any, where: str) -> dict:
@@ -54,8 +79,8 @@ def _params(obj: Any, where: str) -> dict:
 def _shape(obj: Any, name: str) -> tuple[int, ...]:
     if not isinstance(obj, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in obj):
         raise invalid_arg(f"'shape' of input '{name}' must be an array of integers")
-    if any(d < 0 for d in obj):
-        raise invalid_arg(f"'shape' of input '{name}' must not contain negative dimensions")
+    if any(d < 0 for d in obj):  # Triton's text (its L0_http test matches it; it answers 500)
+        raise invalid_arg(f"Unable to parse 'shape': {_NOT_UNSIGNED} (input '{name}')")
     check_shape(obj, name)
     return tuple(obj)
 
@@ -126,8 +151,10 @@ def decode_infer_request(
     header = _loads(header_raw)
     if not isinstance(header, dict):
         raise invalid_arg("inference request JSON must be an object")
-    if not _depth_ok(header):
-        raise invalid_arg("inference request JSON is nested too deeply")
+    # `data` is the only place requests nest deeply: its own depth is what Triton bounds
+    # (`data` two levels below the document); the rest of the document is bounded likewise
+    if not _depth_ok(header, _MAX_JSON_DEPTH + 3):
+        raise invalid_arg(_DEPTH_ERROR)
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list):
         raise invalid_arg("inference request JSON must contain an 'inputs' array")
@@ -135,6 +162,9 @@ def decode_infer_request(
     if not isinstance(req_id, str):
         raise invalid_arg("'id' must be a string")
     params = _params(header.get("parameters"), "the request")
+    if params:
+        _unsigned(params, "timeout")
+        _unsigned(params, "priority")
     offset = 0
     inputs: list[Tensor] = []
     for i, t in enumerate(raw_inputs):
@@ -174,7 +204,10 @@ def decode_infer_request(
             arr = from_raw(chunk, datatype, shape, name)
             inputs.append(Tensor(name, datatype, shape, arr, tparams))
         elif has_data:
-            inputs.append(Tensor(name, datatype, shape, _json_tensor(t["data"], datatype, shape, name), tparams))
+            data = t["data"]
+            if isinstance(data, list) and not _data_depth_ok(data):
+                raise invalid_arg(_DEPTH_ERROR)
+            inputs.append(Tensor(name, datatype, shape, _json_tensor(data, datatype, shape, name), tparams))
         else:
             if not isinstance(region, str):
                 raise invalid_arg(f"'shared_memory_region' of input '{name}' must be a string")
@@ -194,7 +227,10 @@ def decode_infer_request(
         for o in raw_outputs:
             if not isinstance(o, dict) or not isinstance(o.get("name"), str):
                 raise invalid_arg("each requested output must be an object with a string 'name'")
-            outputs.append(RequestedOutput(o["name"], _params(o.get("parameters"), f"output '{o['name']}'")))
+            oparams = _params(o.get("parameters"), f"output '{o['name']}'")
+            if oparams:
+                _unsigned(oparams, "classification", "set")
+            outputs.append(RequestedOutput(o["name"], oparams))
     return InferRequest(
         model_name=model_name,
         model_version=model_version,
@@ -205,9 +241,21 @@ def decode_infer_request(
     )
 
 
+def _json_strings(t) -> list[str]:
+    """A BYTES output as JSON strings. Bytes that are not UTF-8 cannot be JSON text: refused
+    with the fix, rather than altered (Triton sends them as they are, making the document
+    invalid JSON that its client refuses with this advice)."""
+    try:
+        return [v.decode("utf-8") if isinstance(v, (bytes, bytearray)) else str(v) for v in t.data.reshape(-1)]
+    except UnicodeDecodeError:
+        raise invalid_arg(f"Failed to encode using UTF-8: BYTES output '{t.name}' is not valid UTF-8 text. "
+                          "Please use binary_data=True, if you want to pass a byte array.") from None
+
+
 def encode_infer_response(response: InferResponse, request: InferRequest) -> tuple[bytes, int | None]:
-    """The body and, when binary outputs follow the JSON, the JSON header's length."""
-    default_binary = bool(request.parameters.get("binary_data_output", False))
+    """The body and, when binary outputs follow the JSON, the JSON header's length. Outputs are
+    binary where asked for, and by default for a raw binary request (as Triton answers it)."""
+    default_binary = request.raw_input is not None or bool(request.parameters.get("binary_data_output", False))
     out_json = []
     blobs: list[bytes] = []
     for t in response.outputs:
@@ -228,10 +276,7 @@ def encode_infer_response(response: InferResponse, request: InferRequest) -> tup
                     f"sending {t.datatype} data via JSON is not supported. Please use the binary data format for output '{t.name}'"
                 )
             if t.datatype == "BYTES":
-                entry["data"] = [
-                    v.decode("utf-8", errors="replace") if isinstance(v, (bytes, bytearray)) else str(v)
-                    for v in t.data.reshape(-1)
-                ]
+                entry["data"] = _json_strings(t)
             else:
                 entry["data"] = t.data.reshape(-1).tolist()
         out_json.append(entry)

@@ -466,13 +466,13 @@ def test_oversized_body(start_server, simple_repo):
     ins = [httpclient.InferInput("INPUT0", [8, 16], "INT32"), httpclient.InferInput("INPUT1", [8, 16], "INT32")]
     ins[0].set_data_from_numpy(x)
     ins[1].set_data_from_numpy(x)
-    with pytest.raises(InferenceServerException, match="maximum input size") as e:
+    with pytest.raises(InferenceServerException, match="exceeds the maximum allowed input size of 1024") as e:
         c.infer("simple", ins)
     assert e.value.status() == "400"
     # a compressed body that inflates past the limit is refused too
     bomb = gzip.compress(b"{" + b" " * 100000 + b"}")
     status, _, out = raw(s, "POST", "/v2/models/simple/infer", bomb, {"Content-Encoding": "gzip"})
-    assert status == 400 and "maximum input size" in json.loads(out)["error"]
+    assert status == 400 and "exceeds the maximum allowed input size" in json.loads(out)["error"]
     assert c.is_server_live()
 
 

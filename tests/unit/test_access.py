@@ -18,7 +18,7 @@ def test_parse_restrictions():
     g = parse_restrictions(["inference:k=v"], "--grpc-restricted-protocol", "triton-grpc-protocol-")
     assert g["inference"].header == "triton-grpc-protocol-k"
     assert g["inference"].allows("v") and not g["inference"].allows("w") and not g["inference"].allows(None)
-    for bad, fragment in [("nope:k=v", "unknown group 'nope'"), ("trace", "expected"), ("trace:k", "expected"),
+    for bad, fragment in [("nope:k=v", "unknown restricted api 'nope'"), ("trace", "expected"), ("trace:k", "expected"),
                           ("trace:=v", "expected"), (":k=v", "expected")]:
         with pytest.raises(ValueError, match=fragment):
             parse_restrictions([bad], "--http-restricted-api")

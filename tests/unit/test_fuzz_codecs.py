@@ -49,6 +49,15 @@ def tensors(draw, datatypes=tuple(NUMPY_DTYPES), finite=False):
     return dt, draw(arrays(np_dt, shape, elements=floats if np_dt.kind == "f" else None))
 
 
+def _utf8(arr: np.ndarray) -> bool:
+    try:
+        for v in arr.reshape(-1):
+            bytes(v).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
     if a.shape != b.shape:
         return False
@@ -208,6 +217,11 @@ def test_http_response_encoding_roundtrip(ts, binary):
     assume(binary or all(dt not in ("FP16", "BF16") for dt, _ in ts))
     outs = [Tensor(f"OUT{i}", dt, arr.shape, arr, {"binary_data": binary}) for i, (dt, arr) in enumerate(ts)]
     req = InferRequest("m", outputs=[RequestedOutput(t.name, {"binary_data": binary}) for t in outs])
+    if not binary and any(dt == "BYTES" and not _utf8(arr) for dt, arr in ts):
+        # bytes that are not UTF-8 cannot be JSON text: refused with the advice to ask for binary
+        with pytest.raises(TorporError, match="Please use binary_data=True"):
+            encode_infer_response(InferResponse("m", "1", "", outs), req)
+        return
     body, hlen = encode_infer_response(InferResponse("m", "1", "", outs), req)
     doc = orjson.loads(body[:hlen] if hlen is not None else body)
     offset = hlen or 0
