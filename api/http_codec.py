@@ -80,7 +80,7 @@ def _shape(obj: Any, name: str) -> tuple[int, ...]:
     if not isinstance(obj, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in obj):
         raise invalid_arg(f"'shape' of input '{name}' must be an array of integers")
     if any(d < 0 for d in obj):  # Triton's text (its L0_http test matches it; it answers 500)
-        raise invalid_arg(f"Unable to parse 'shape': {_NOT_UNSIGNED} (input '{name}')")
+        raise invalid_arg(f"Unable to parse 'shape': {_NOT_UNSIGNED} (input '{name}' has a negative dimension)")
     check_shape(obj, name)
     return tuple(obj)
 
