@@ -1,6 +1,18 @@
 """Simulator workloads: the paper's trace or a synthetic generator turned into arrivals
 (`make_arrivals`, `scenario_arrivals`), and the synthetic generator in place of the default
-trace where that is absent (`without_missing_trace`). See `torpor.sim.simulation`."""
+trace where that is absent (`without_missing_trace`). See `torpor.sim.simulation`.
+
+Per-minute counts become arrivals one of two ways (the workload's `arrivals` field):
+
+- `prototype` (`prototype_arrivals`): what the Torpor authors' prototype sends
+  (`sender_from_trace.py`, ../shared/data/README.md): each minute exactly its total count, the
+  gaps Poisson-distributed whole milliseconds of mean 60,000 / total, carried across minute
+  boundaries, each arrival given to a function with probability proportional to its count in
+  that minute. Nearly regular (gap CV 1/sqrt(mean gap in ms): about 0.35 at 8 ms).
+- `poisson` (`counts_to_arrivals`, the default where a workload does not say): exponential
+  gaps of mean 60 s / total within each minute, so a random count per minute; burstier
+  (gap CV 1.0), and every policy's capacity is lower under it.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +28,7 @@ from torpor.sim.scenario import Scenario, ScenarioError
 # project root); not shipped in the wheel, where this path does not exist.
 DEFAULT_TRACE = Path(__file__).resolve().parents[3] / "shared" / "data" / "torpor-trace-samples.npy"
 TRACE_MINUTE_S = 60.0
+ARRIVALS = ("poisson", "prototype")
 
 
 class WorkloadError(ValueError):
@@ -109,11 +122,39 @@ def counts_to_arrivals(counts: np.ndarray, rng: np.random.Generator, scale: floa
     return np.concatenate(ts), np.concatenate(fs).astype(np.int64)
 
 
+def prototype_arrivals(counts: np.ndarray, rng: np.random.Generator, scale: float = 1.0
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The authors' prototype's sender: for each minute, exactly round(total x scale) arrivals,
+    each gap a Poisson-distributed whole number of milliseconds with mean 60,000 / that total,
+    the clock carried on from the previous minute's last arrival (so a minute's arrivals span
+    60 s give or take a fraction of a second, and minutes do not restart at whole minutes),
+    each arrival given to a function with probability proportional to its count in that
+    minute. A minute with no requests (the prototype would divide by zero) moves the clock on
+    by 60 s. Returns (times in seconds, function index), sorted by time."""
+    ts, fs = [], []
+    clock_ms = 0
+    for m in range(counts.shape[1]):
+        col = counts[:, m]
+        total = int(round(float(col.sum()) * scale))
+        if total <= 0:
+            clock_ms += int(TRACE_MINUTE_S * 1000)
+            continue
+        gaps = rng.poisson(TRACE_MINUTE_S * 1000 / total, size=total)
+        t_ms = clock_ms + np.cumsum(gaps)
+        clock_ms = int(t_ms[-1])
+        ts.append(t_ms / 1000.0)
+        fs.append(rng.choice(len(col), size=total, p=col / col.sum()))
+    if not ts:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    return np.concatenate(ts), np.concatenate(fs).astype(np.int64)
+
+
 def make_arrivals(workload: dict[str, Any], functions: int, *, seed: int = 0,
                   trace_path: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """From a scenario's workload section: {"kind": "trace" | "synthetic", "duration_s": 1800,
-    "rate_scale": 1.0, "trace": path, plus synthetic_counts' options}. (times, fns, duration)."""
-    known = {"kind", "duration_s", "rate_scale", "trace", "mean_per_min", "minute_cv", "zipf",
+    "rate_scale": 1.0, "arrivals": "poisson" | "prototype" (default poisson; module docstring),
+    "trace": path, plus synthetic_counts' options}. (times, fns, duration)."""
+    known = {"kind", "duration_s", "rate_scale", "arrivals", "trace", "mean_per_min", "minute_cv", "zipf",
              "burst_on_frac", "burst_mean_min", "diurnal_amplitude"}
     unknown = set(workload) - known
     if unknown:
@@ -125,6 +166,9 @@ def make_arrivals(workload: dict[str, Any], functions: int, *, seed: int = 0,
     scale = workload.get("rate_scale", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
         raise WorkloadError(f"rate_scale: must be positive, got {scale!r}")
+    arrivals = workload.get("arrivals", "poisson")
+    if arrivals not in ARRIVALS:
+        raise WorkloadError(f"arrivals: expected one of {list(ARRIVALS)}, got {arrivals!r}")
     minutes = math.ceil(duration / TRACE_MINUTE_S)
     rng = np.random.default_rng(seed)
     if kind == "trace":
@@ -140,7 +184,8 @@ def make_arrivals(workload: dict[str, Any], functions: int, *, seed: int = 0,
         counts = synthetic_counts(functions, minutes, rng, **opts)
     else:
         raise WorkloadError(f"kind: unknown workload kind {kind!r}; expected 'trace' or 'synthetic'")
-    t, fn = counts_to_arrivals(counts, rng, float(scale))
+    to_arrivals = prototype_arrivals if arrivals == "prototype" else counts_to_arrivals
+    t, fn = to_arrivals(counts, rng, float(scale))
     keep = t < duration
     return t[keep], fn[keep], float(duration)
 
