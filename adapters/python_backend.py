@@ -10,8 +10,13 @@ One `TritonPythonModel` object is created per instance of the config's `instance
 `model_config` (the config as Triton's JSON), `model_name`, `model_version`,
 `model_repository` (the model's folder), `model_instance_kind` ("CPU"),
 `model_instance_name` (`<model>_<group>_<index>`), `model_instance_device_id` ("0").
-An optional `auto_complete_config(pb_utils.ModelConfig)` is called before; what it adds is
-copied into the config only where the config declares no inputs/outputs.
+Before that, as in Triton, an optional static `auto_complete_config(pb_utils.ModelConfig)` gets
+the config (the config.pbtxt's, or a bare one when the folder has none) and returns it completed:
+the max_batch_size, inputs, outputs, dynamic batching and transaction policy it sets become the
+model's config (the index, `initialize`'s `model_config` and request validation use it); what
+contradicts the config.pbtxt fails the load with Triton's message. `torpor serve
+--strict-model-config true` (Triton's `--disable-auto-complete-config`) skips it:
+`auto_complete_enabled`.
 
 Non-decoupled: `execute(requests)` returns one `InferenceResponse` per request (or None, after
 sending each request's single response through its response sender). A raised exception fails
@@ -19,17 +24,22 @@ every request of that call. Decoupled (`model_transaction_policy { decoupled: tr
 `execute` returns None and responses go through `request.get_response_sender().send(...)`,
 from any thread and after `execute` has returned; the last one carries
 `TRITONSERVER_RESPONSE_COMPLETE_FINAL`. If the sender is dropped without it, the final flag is
-sent for the model.
+sent for the model. `execute_decoupled` returns when the model's `execute` does, and the
+instance is then free for the next request while the responses keep coming.
 
-`async def execute` is run to completion on an event loop of the worker thread's own (one per
-thread), so `await request.async_exec()` works; a decoupled model's coroutine also finishes
-before the instance takes its next request. BLS (`pb_utils.InferenceRequest(...).exec()`) goes
-through the engine: see `torpor.adapters.bls`.
+`async def execute` of a non-decoupled model is run to completion on an event loop of the worker
+thread's own (one per thread), so `await request.async_exec()` works. A decoupled model's
+coroutine is started on its instance's own event loop (a thread per instance that has one) and
+left running, as Triton does: the instance takes its next request while earlier ones await. If
+such a coroutine raises, its request fails with the error (Triton only logs it; the request
+never completes there). BLS (`pb_utils.InferenceRequest(...).exec()`) goes through the engine:
+see `torpor.adapters.bls`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib.util
 import json
 import logging
@@ -43,8 +53,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from google.protobuf import json_format
 
-from torpor.config import config_to_dict
+from torpor.config import ModelConfig, config_to_dict
 from torpor.errors import Status, TorporError, internal
 from torpor.model import Emit, ModelFunction, ModelRequest
 
@@ -73,9 +84,30 @@ _sys_path_lock = threading.Lock()
 running = threading.local()
 running.function = None
 
+# Whether `auto_complete_config` runs (False: --strict-model-config true, as Triton's
+# --disable-auto-complete-config); `torpor serve` sets it.
+auto_complete_enabled = True
+
+# What a model's auto_complete_config may set, as Triton takes it from the completed config.
+_AUTO_COMPLETE_FIELDS = ("max_batch_size", "input", "output", "dynamic_batching", "model_transaction_policy")
+
 # Called with a PythonModelFunction whose model must not execute on the server's event loop
 # thread (it awaits, or calls BLS); `torpor.adapters.bls.install_bls` sets it.
 off_loop_hook: Callable[[ModelFunction], None] | None = None
+
+
+def custom_metric_families() -> list:
+    """The python models' custom metrics (`pb_utils.MetricFamily`) as prometheus_client metric
+    families, for the metrics listener (`MetricsCollector.add_source`)."""
+    from prometheus_client.core import Metric
+
+    families = []
+    for name, description, kind, samples in pb_utils._metric_families():
+        family = Metric(name, description, kind)
+        for sample_name, labels, value in samples:
+            family.add_sample(sample_name, labels, value)
+        families.append(family)
+    return families
 
 
 def torpor_error(error: pb_utils.TritonError) -> TorporError:
@@ -126,6 +158,54 @@ def _collecting_sender() -> pb_utils.InferenceResponseSender:
     return sender
 
 
+# How long unloading a decoupled model waits for its `async def execute` coroutines still
+# running; those left are cancelled (their requests fail).
+UNLOAD_WAIT_S = 30.0
+
+
+class _InstanceLoop:
+    """The event loop, on a thread of its own, that a decoupled model instance's `async def
+    execute` coroutines share, as in Triton's python backend: `execute` returns at once, the
+    instance takes its next request while earlier ones await, responses go through the senders."""
+
+    def __init__(self, instance_name: str):
+        self.loop = asyncio.new_event_loop()
+        self.pending: set[concurrent.futures.Future] = set()
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name=f"torpor-async-{instance_name}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coroutine, on_done: Callable[[concurrent.futures.Future], None]) -> None:
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        with self._lock:
+            self.pending.add(future)
+
+        def done(f: concurrent.futures.Future) -> None:
+            with self._lock:
+                self.pending.discard(f)
+            on_done(f)
+
+        future.add_done_callback(done)
+
+    def close(self, wait_s: float) -> None:
+        with self._lock:
+            pending = list(self.pending)
+        if pending:
+            _, not_done = concurrent.futures.wait(pending, timeout=wait_s)
+            for f in not_done:
+                f.cancel()
+            if not_done:
+                concurrent.futures.wait(not_done, timeout=5.0)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5.0)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
 class PythonModelFunction(ModelFunction):
     platform = ""
     backend = "python"
@@ -137,6 +217,8 @@ class PythonModelFunction(ModelFunction):
         self._instances: list[tuple[str, Any]] = []
         self._pool: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._module_name: str | None = None
+        self._loops: dict[str, _InstanceLoop] = {}  # decoupled async execute, per instance
+        self._loops_lock = threading.Lock()
 
     # lifecycle ---------------------------------------------------------------------------------
     @property
@@ -145,7 +227,11 @@ class PythonModelFunction(ModelFunction):
 
     def load(self) -> None:
         cls = self._load_model_class()
-        self._auto_complete(cls)
+        try:
+            self._auto_complete(cls)
+        except BaseException:
+            self._forget_module()
+            raise
         base_args = {
             "model_config": json.dumps(config_to_dict(self.config)),
             "model_name": self.name,
@@ -173,6 +259,10 @@ class PythonModelFunction(ModelFunction):
         # Take every instance back first, so no execute is still running in one.
         for _ in range(len(self._instances)):
             self._pool.get()
+        with self._loops_lock:
+            loops, self._loops = list(self._loops.values()), {}
+        for loop in loops:  # let decoupled coroutines still running finish (bounded)
+            loop.close(UNLOAD_WAIT_S)
         self._finalize_all()
         self._forget_module()
 
@@ -227,30 +317,41 @@ class PythonModelFunction(ModelFunction):
             self._module_name = None
 
     def _auto_complete(self, cls) -> None:
+        """Run the model's `auto_complete_config` and take what it completed (see the module doc)."""
+        config = ModelConfig()
+        config.CopyFrom(self.config)  # versions share the registry's config object: never edit it
+        if not config.platform and not config.backend:
+            config.backend = "python"
         hook = getattr(cls, "auto_complete_config", None)
-        if hook is None:
-            return
-        helper = pb_utils.ModelConfig(config_to_dict(self.config))
-        result = hook(helper)
-        completed = (result if result is not None else helper).as_dict()
-        if self.config.input or self.config.output:
-            return  # the config is explicit; Triton would only fill in what is missing
-        from google.protobuf import json_format
-
-        from torpor.config import ModelConfig
-
-        try:
-            filled = json_format.ParseDict(completed, ModelConfig(), ignore_unknown_fields=True)
-        except json_format.ParseError as e:
-            raise ValueError(f"auto_complete_config produced an invalid config: {e}") from None
-        self.config.input.extend(filled.input)
-        self.config.output.extend(filled.output)
-        if not self.config.max_batch_size:
-            self.config.max_batch_size = filled.max_batch_size
-        if filled.model_transaction_policy.decoupled:
-            self.config.model_transaction_policy.decoupled = True
-            self.decoupled = True
-        self._output_names = [o.name for o in self.config.output]
+        if hook is not None and auto_complete_enabled:
+            helper = pb_utils.ModelConfig(config_to_dict(config))
+            result = hook(helper)
+            if not isinstance(result, pb_utils.ModelConfig):
+                raise TorporError(
+                    Status.INTERNAL,
+                    f"auto_complete_config function in model '{self.name}' must return a valid "
+                    "pb.ModelConfig object.",
+                )
+            completed = result.as_dict()
+            wanted = {k: completed[k] for k in _AUTO_COMPLETE_FIELDS if completed.get(k) is not None}
+            try:
+                filled = json_format.ParseDict(wanted, ModelConfig())
+            except (json_format.ParseError, TypeError, ValueError) as e:
+                raise TorporError(
+                    Status.INVALID_ARG, f"auto_complete_config of model '{self.name}' made an invalid config: {e}"
+                ) from None
+            config.max_batch_size = filled.max_batch_size
+            del config.input[:]
+            config.input.extend(filled.input)
+            del config.output[:]
+            config.output.extend(filled.output)
+            if filled.HasField("dynamic_batching"):
+                config.dynamic_batching.CopyFrom(filled.dynamic_batching)
+            if filled.HasField("model_transaction_policy"):
+                config.model_transaction_policy.CopyFrom(filled.model_transaction_policy)
+        self.config = config
+        self.decoupled = bool(config.model_transaction_policy.decoupled)
+        self._output_names = [o.name for o in config.output]
 
     # execution ---------------------------------------------------------------------------------
     def _pb_request(self, request: ModelRequest, make_sender) -> pb_utils.InferenceRequest:
@@ -293,17 +394,30 @@ class PythonModelFunction(ModelFunction):
             f"message: {type(e).__name__}: {e}"
         )
 
-    def _call(self, model, pb_requests: list[pb_utils.InferenceRequest]):
-        """`model.execute(pb_requests)`, awaited on this thread's own event loop when it is a
-        coroutine (`async def execute`); `running.function` names the caller for BLS."""
+    def _call(self, model, pb_requests: list[pb_utils.InferenceRequest], instance_name: str = "",
+              on_done: Callable[[concurrent.futures.Future], None] | None = None):
+        """`model.execute(pb_requests)`; `running.function` names the caller for BLS. A coroutine
+        (`async def execute`) is awaited on this thread's own event loop, or, given `on_done`
+        (decoupled models), started on the instance's loop and left running: None is returned
+        at once and `on_done(future)` is called when it ends."""
         running.function = self
         try:
             returned = model.execute(pb_requests)
             if type(returned) is types.CoroutineType:
+                if on_done is not None:
+                    self._instance_loop(instance_name).submit(returned, on_done)
+                    return None
                 returned = self._await(returned)
             return returned
         finally:
             running.function = None
+
+    def _instance_loop(self, instance_name: str) -> _InstanceLoop:
+        with self._loops_lock:
+            loop = self._loops.get(instance_name)
+            if loop is None:
+                loop = self._loops[instance_name] = _InstanceLoop(instance_name)
+            return loop
 
     def _await(self, coroutine):
         if off_loop_hook is not None:
@@ -374,8 +488,20 @@ class PythonModelFunction(ModelFunction):
         pb_request = self._pb_request(request, None)
         pb_request._sender = pb_utils.InferenceResponseSender(state)
         instance_name, model = self._pool.get()
+
+        def coroutine_done(future: concurrent.futures.Future) -> None:
+            # the end of an `async def execute` left running on the instance's loop
+            if future.cancelled():
+                self._fail_open(state, internal(f"the execute of model instance '{instance_name}' was cancelled"), emit)
+            elif future.exception() is not None:
+                error = future.exception()
+                _log.error("model instance '%s': async execute failed", instance_name, exc_info=error)
+                self._fail_open(state, self._failure(instance_name, error), emit)
+            elif future.result() is not None:
+                self._fail_open(state, self._must_return_none(instance_name), emit)
+
         try:
-            returned = self._call(model, [pb_request])
+            returned = self._call(model, [pb_request], instance_name, coroutine_done)
         except Exception as e:  # noqa: BLE001 - whatever the model raises fails its request
             error = self._failure(instance_name, e)
             returned = None
@@ -383,17 +509,16 @@ class PythonModelFunction(ModelFunction):
         finally:
             self._pool.put((instance_name, model))
         if returned is not None:
-            self._fail_open(
-                state,
-                internal(
-                    f"Python model '{instance_name}' is using the decoupled mode and the execute "
-                    "function must return None."
-                ),
-                emit,
-            )
+            self._fail_open(state, self._must_return_none(instance_name), emit)
         # Dropping our reference lets the sender's finalizer send the final flag if the model
         # kept neither the request nor its sender.
         del pb_request
+
+    @staticmethod
+    def _must_return_none(instance_name: str) -> TorporError:
+        return internal(
+            f"Python model '{instance_name}' is using the decoupled mode and the execute function must return None."
+        )
 
     @staticmethod
     def _fail_open(state: pb_utils._SendState, error: Exception, emit: Emit) -> None:

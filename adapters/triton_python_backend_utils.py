@@ -10,14 +10,23 @@ TritonModelException, Logger, ModelConfig (auto-complete helper), the config loo
 the datatype conversions, BYTES (de)serialisation and the flag constants. Business Logic
 Scripting (`InferenceRequest(...).exec()` / `async_exec()`) works when the server installs a
 handler with `set_bls_handler` (`torpor serve` does: `torpor.adapters.bls`); otherwise it returns a
-response with an UNSUPPORTED error. Custom metrics
-(`MetricFamily`) are accepted and discarded.
+response with an UNSUPPORTED error. Names (model, tensor, request id, requested outputs) may be
+given as bytes, as Triton's binding takes them (e.g. a BLS model name read from a BYTES input).
+
+Custom metrics (`MetricFamily` / `Metric`: counter, gauge, histogram, with labels) live in a
+process-wide registry that `torpor serve` exports on the metrics port under their own names
+(`torpor.adapters.python_backend.custom_metric_families`); as in Triton, a family of an existing
+name and kind is that family, and a metric stays exported after its objects are dropped.
 """
 
 from __future__ import annotations
 
+import bisect
+import enum
+import itertools
 import json
 import logging
+import re
 import struct
 import threading
 import weakref
@@ -146,6 +155,15 @@ def _numpy_to_triton_type(data_type) -> int | None:
     return None
 
 
+def _text(value: Any) -> Any:
+    """A name as Triton's binding takes it: bytes (a BYTES tensor element) decode as UTF-8."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8")
+    if isinstance(value, np.str_):
+        return str(value)
+    return value
+
+
 def triton_string_to_numpy(triton_type_string: str):
     """'TYPE_INT32' -> np.int32."""
     return TRITON_STRING_TO_NUMPY[triton_type_string]
@@ -257,6 +275,7 @@ class Tensor:
     in host memory."""
 
     def __init__(self, name: str, numpy_array: Any = None, triton_dtype: int | None = None):
+        name = _text(name)
         if not isinstance(numpy_array, np.ndarray):
             if hasattr(numpy_array, "__dlpack__"):
                 numpy_array = _numpy_from_dlpack(numpy_array)
@@ -483,11 +502,11 @@ class InferenceRequest:
     ):
         if isinstance(parameters, str):
             parameters = json.loads(parameters) if parameters else {}
-        self._model_name = model_name
+        self._model_name = _text(model_name)
         self._model_version = model_version
-        self._requested = list(requested_output_names or [])
+        self._requested = [_text(n) for n in requested_output_names or []]
         self._inputs = list(inputs or [])
-        self._request_id = request_id
+        self._request_id = _text(request_id)
         self._correlation_id = correlation_id
         self._flags = flags
         self._timeout = timeout
@@ -626,42 +645,117 @@ def using_decoupled_model_transaction_policy(model_config: dict) -> bool:
 
 
 class ModelConfig:
-    """What `TritonPythonModel.auto_complete_config(auto_complete_model_config)` receives."""
+    """What `TritonPythonModel.auto_complete_config(auto_complete_model_config)` receives: the
+    model's config as Triton's JSON dict. The model may fill in `max_batch_size`, inputs,
+    outputs, dynamic batching and the transaction policy; what contradicts the config.pbtxt is
+    refused with ValueError (Triton's rules and wording), which fails the load."""
 
     def __init__(self, model_config: dict | str):
-        self._config = json.loads(model_config) if isinstance(model_config, str) else model_config
+        config = json.loads(model_config) if isinstance(model_config, str) else model_config
+        config.setdefault("name", "")
+        config.setdefault("max_batch_size", 0)
+        config.setdefault("input", [])
+        config.setdefault("output", [])
+        self._model_config = config
 
     def as_dict(self) -> dict:
-        return self._config
+        return self._model_config
+
+    def _name(self) -> str:
+        return str(self._model_config.get("name", ""))
 
     def max_batch_size(self) -> int:
-        return int(self._config.get("max_batch_size", 0))
+        return int(self._model_config.get("max_batch_size", 0))
 
     def set_max_batch_size(self, max_batch_size: int) -> None:
-        self._config["max_batch_size"] = int(max_batch_size)
+        """Raises ValueError when the config asks for a larger batch than the model allows."""
+        configured = int(self._model_config.get("max_batch_size", 0))
+        if configured > max_batch_size:
+            raise ValueError(
+                f"configuration specified max_batch_size {configured}, but in auto-complete-config "
+                f"function for model '{self._name()}' specified max_batch_size {max_batch_size}"
+            )
+        self._model_config["max_batch_size"] = max_batch_size
 
     def set_dynamic_batching(self) -> None:
-        self._config.setdefault("dynamic_batching", {})
+        """Dynamic batching, unless the config chose another scheduler (ValueError then)."""
+        for other in ("sequence_batching", "ensemble_scheduling"):
+            if other in self._model_config:
+                raise ValueError(
+                    f"Configuration specified scheduling_choice as '{other}', but auto-complete-config "
+                    f"function for model '{self._name()}' tries to set scheduling_choice as "
+                    "'dynamic_batching'"
+                )
+        self._model_config.setdefault("dynamic_batching", {})
 
     def set_model_transaction_policy(self, transaction_policy_dict: dict) -> None:
-        self._config.setdefault("model_transaction_policy", {}).update(transaction_policy_dict)
+        for key in transaction_policy_dict:
+            if key != "decoupled":
+                raise ValueError(
+                    "model transaction property in auto-complete-config function for model "
+                    f"'{self._name()}' contains property other than 'decoupled'."
+                )
+        policy = self._model_config.setdefault("model_transaction_policy", {})
+        if "decoupled" in transaction_policy_dict:
+            wanted = transaction_policy_dict["decoupled"]
+            if "decoupled" in policy and policy["decoupled"] != wanted:
+                raise ValueError(
+                    f"trying to change decoupled property in auto-complete-config for model "
+                    f"'{self._name()}', which is already set to '{policy['decoupled']}'."
+                )
+            policy["decoupled"] = wanted
 
-    def _add(self, kind: str, entry: dict) -> None:
+    def _add(self, kind: str, tensor: dict, allowed: tuple[str, ...]) -> None:
+        model = self._name()
+        label = tensor.get("name", "")
+        for key in tensor:
+            if key not in allowed:
+                names = ", ".join(f"'{a}'" for a in allowed[:-1]) + f" and '{allowed[-1]}'"
+                raise ValueError(
+                    f"{kind} '{label}' in auto-complete-config function for model '{model}' contains "
+                    f"property other than {names}."
+                )
         for key in ("name", "data_type", "dims"):
-            if key not in entry:
-                raise TritonModelException(f"{kind} '{entry.get('name', '')}' is missing '{key}'")
-        entries = self._config.setdefault(kind, [])
-        for existing in entries:
-            if existing.get("name") == entry["name"]:
-                existing.update({k: v for k, v in entry.items() if not existing.get(k)})
-                return
-        entries.append(dict(entry))
+            if key not in tensor:
+                where = f"{kind} '{label}'" if key != "name" else kind
+                raise ValueError(
+                    f"{where} in auto-complete-config function for model '{model}' is missing '{key}' property."
+                )
+        for existing in self._model_config.setdefault(kind, []):
+            if existing.get("name") != tensor["name"]:
+                continue
+            have_type = existing.get("data_type", "TYPE_INVALID")
+            if have_type != "TYPE_INVALID" and have_type != tensor["data_type"]:
+                raise ValueError(
+                    f"unable to load model '{model}', configuration expects datatype {have_type} for "
+                    f"{kind} '{tensor['name']}', model provides {tensor['data_type']}"
+                )
+            have_dims = [int(d) for d in existing.get("dims") or []]
+            dims = [int(d) for d in tensor["dims"]]
+            if have_dims and have_dims != dims:
+                raise ValueError(
+                    f"model '{model}', tensor '{tensor['name']}': the model expects dims {dims} but the "
+                    f"model configuration specifies dims {have_dims}"
+                )
+            if "optional" in tensor and "optional" in existing and existing["optional"] != tensor["optional"]:
+                raise ValueError(
+                    f"model '{model}', tensor '{tensor['name']}': the model expects optional "
+                    f"{tensor['optional']} but the model configuration specifies optional {existing['optional']}"
+                )
+            existing["data_type"] = tensor["data_type"]
+            existing["dims"] = dims
+            if "optional" in tensor:
+                existing["optional"] = tensor["optional"]
+            return
+        self._model_config[kind].append(dict(tensor))
 
     def add_input(self, input: dict) -> None:
-        self._add("input", input)
+        """Declare an input; ValueError when the config declares it differently."""
+        self._add("input", input, ("name", "data_type", "dims", "optional"))
 
     def add_output(self, output: dict) -> None:
-        self._add("output", output)
+        """Declare an output; ValueError when the config declares it differently."""
+        self._add("output", output, ("name", "data_type", "dims"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -706,31 +800,220 @@ class Logger:
         _log.debug("%s", message)
 
 
-class Metric:
-    def __init__(self, labels: dict | None = None):
-        self._labels = dict(labels or {})
-        self._value = 0.0
-
-    def increment(self, value: float) -> None:
-        self._value += value
-
-    def set(self, value: float) -> None:
-        self._value = value
-
-    def value(self) -> float:
-        return self._value
-
-    def observe(self, value: float) -> None:
-        self._value = value
-
-
-class MetricFamily:
+class MetricKind(enum.IntEnum):
     COUNTER = 0
     GAUGE = 1
     HISTOGRAM = 2
 
-    def __init__(self, name: str, description: str, kind: int):
-        self.name, self.description, self.kind = name, description, kind
 
-    def Metric(self, labels: dict | None = None, buckets=None) -> Metric:
-        return Metric(labels)
+_KIND_NAME = {
+    MetricKind.COUNTER: "TRITONSERVER_METRIC_KIND_COUNTER",
+    MetricKind.GAUGE: "TRITONSERVER_METRIC_KIND_GAUGE",
+    MetricKind.HISTOGRAM: "TRITONSERVER_METRIC_KIND_HISTOGRAM",
+}
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# The server's own families (Triton's nv_*, Torpor's torpor_*): a custom family may not take
+# their names (Triton aborts on such a collision; Torpor refuses the prefixes).
+RESERVED_METRIC_PREFIXES = ("nv_", "torpor_")
+
+
+class _Series:
+    """The value of one metric (one label set) of a family; shared by every `Metric` object
+    made with the same labels, and kept for the life of the server, as in Triton."""
+
+    __slots__ = ("buckets", "count", "counts", "labels", "sum", "value")
+
+    def __init__(self, labels: dict[str, str], buckets: tuple[float, ...] | None):
+        self.labels = labels
+        self.value = 0.0
+        self.buckets = buckets
+        self.counts = [0] * len(buckets) if buckets is not None else None
+        self.sum = 0.0
+        self.count = 0
+
+
+class _Family:
+    __slots__ = ("description", "kind", "name", "series")
+
+    def __init__(self, name: str, description: str, kind: MetricKind):
+        self.name, self.description, self.kind = name, description, kind
+        self.series: dict[tuple[tuple[str, str], ...], _Series] = {}
+
+
+# Custom metrics of every python model in the process, by family name (the metrics listener
+# exports them: `torpor.adapters.python_backend.custom_metric_families`).
+_families: dict[str, _Family] = {}
+_metrics_lock = threading.Lock()
+
+
+def _metric_error(prefix: str, message: str) -> TritonModelException:
+    return TritonModelException(f"{prefix}: {message}")
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, (str, bytes, bytearray)) or value is None:
+        raise TypeError(f"{what}(): expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+class Metric:
+    """One metric (a label set) of a MetricFamily: `family.Metric(labels=..., buckets=...)`."""
+
+    def __init__(self, family: MetricFamily, series: _Series):
+        self._family_ref = weakref.ref(family)
+        self._kind = family._family.kind
+        self._series = series
+
+    def _live(self, prefix: str) -> _Series:
+        if self._family_ref() is None:
+            raise TritonModelException(
+                f"{prefix}: Invalid metric operation as the corresponding 'MetricFamily' has been deleted. "
+                "The 'MetricFamily' object should be deleted AFTER its corresponding 'Metric' objects have "
+                "been deleted."
+            )
+        return self._series
+
+    def increment(self, value: float) -> None:
+        """Add `value` (counters: not negative; not for histograms)."""
+        prefix = "Failed to increment metric value"
+        value = _number(value, "increment")
+        series = self._live(prefix)
+        if self._kind == MetricKind.HISTOGRAM:
+            raise _metric_error(prefix, f"{_KIND_NAME[self._kind]} does not support Increment")
+        if self._kind == MetricKind.COUNTER and value < 0:
+            raise _metric_error(
+                prefix,
+                "TRITONSERVER_METRIC_KIND_COUNTER can only be incremented monotonically by non-negative values.",
+            )
+        with _metrics_lock:
+            series.value += value
+
+    def set(self, value: float) -> None:
+        """Set a gauge's value."""
+        prefix = "Failed to set metric value"
+        value = _number(value, "set")
+        series = self._live(prefix)
+        if self._kind != MetricKind.GAUGE:
+            raise _metric_error(prefix, f"{_KIND_NAME[self._kind]} does not support Set")
+        with _metrics_lock:
+            series.value = value
+
+    def observe(self, value: float) -> None:
+        """Record one observation in a histogram."""
+        prefix = "Failed to observe metric value"
+        value = _number(value, "observe")
+        series = self._live(prefix)
+        if self._kind != MetricKind.HISTOGRAM:
+            raise _metric_error(prefix, f"{_KIND_NAME[self._kind]} does not support Observe")
+        index = bisect.bisect_left(series.buckets, value)
+        with _metrics_lock:
+            if index < len(series.counts):
+                series.counts[index] += 1
+            series.sum += value
+            series.count += 1
+
+    def value(self) -> float:
+        """A counter's or gauge's current value."""
+        prefix = "Failed to get metric value"
+        series = self._live(prefix)
+        if self._kind == MetricKind.HISTOGRAM:
+            raise _metric_error(prefix, f"{_KIND_NAME[self._kind]} does not support Value")
+        with _metrics_lock:
+            return series.value
+
+
+class MetricFamily:
+    """A custom metric family (COUNTER, GAUGE or HISTOGRAM), exported on the metrics port under
+    its own name. Families are process-wide: a second family of the same name and kind is the
+    same family (its first description stays); the same name with another kind is refused."""
+
+    COUNTER = MetricKind.COUNTER
+    GAUGE = MetricKind.GAUGE
+    HISTOGRAM = MetricKind.HISTOGRAM
+
+    def __init__(self, name: str, description: str, kind: MetricKind):
+        prefix = "Error when creating MetricFamily"
+        try:
+            kind = MetricKind(kind)
+        except ValueError:
+            raise _metric_error(prefix, f"Unknown metric kind {kind!r}") from None
+        if not isinstance(name, str) or not _METRIC_NAME.fullmatch(name):
+            raise _metric_error(prefix, "Invalid metric name")
+        if name.startswith(RESERVED_METRIC_PREFIXES):
+            raise _metric_error(
+                prefix, f"metric name '{name}': the prefixes {', '.join(RESERVED_METRIC_PREFIXES)} are the server's"
+            )
+        with _metrics_lock:
+            family = _families.get(name)
+            if family is None:
+                family = _families[name] = _Family(name, str(description), kind)
+            elif family.kind != kind:
+                raise _metric_error(prefix, "Family name already exists with different type")
+        self._family = family
+
+    def Metric(self, labels: dict | None = None, buckets: list[float] | None = None) -> Metric:
+        """The metric of this family with these labels (str -> str); histograms need `buckets`
+        (a strictly increasing list of upper bounds)."""
+        if labels is None:
+            labels = {}
+        if not isinstance(labels, dict):
+            raise TritonModelException("Failed to create metric. Labels must be a dictionary.")
+        kind = self._family.kind
+        if kind == MetricKind.HISTOGRAM and buckets is None:
+            raise TritonModelException("Failed to create metric. Missing required buckets.")
+        if kind != MetricKind.HISTOGRAM and buckets is not None:
+            raise TritonModelException("Failed to create metric. Unexpected buckets found.")
+        prefix = "Error when creating Metric"
+        bounds = None
+        if buckets is not None:
+            if not isinstance(buckets, list):
+                raise TritonModelException("Failed to create metric. Buckets must be a list.")
+            bounds = tuple(_number(b, "Metric") for b in buckets)
+            if any(a >= b for a, b in itertools.pairwise(bounds)):
+                raise _metric_error(prefix, "Bucket Boundaries must be strictly sorted")
+        for key, value in labels.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise _metric_error(prefix, "label names and values must be strings")
+            if not _LABEL_NAME.fullmatch(key) or key.startswith("__") or (
+                kind == MetricKind.HISTOGRAM and key == "le"
+            ):
+                raise _metric_error(prefix, f"Invalid label name '{key}'")
+        key = tuple(sorted(labels.items()))
+        with _metrics_lock:
+            series = self._family.series.get(key)
+            if series is None:
+                series = self._family.series[key] = _Series(dict(labels), bounds)
+        return Metric(self, series)
+
+
+def _metric_families() -> list[tuple[str, str, str, list[tuple[str, dict[str, str], float]]]]:
+    """A consistent snapshot of every custom family: (name, description, kind, samples), each
+    sample (sample name, labels, value); histograms as Triton writes them (_count, _sum, then
+    cumulative _bucket samples with their `le` bound)."""
+    out = []
+    with _metrics_lock:
+        for family in _families.values():
+            samples: list[tuple[str, dict[str, str], float]] = []
+            for series in family.series.values():
+                if family.kind != MetricKind.HISTOGRAM:
+                    samples.append((family.name, series.labels, series.value))
+                    continue
+                samples.append((family.name + "_count", series.labels, float(series.count)))
+                samples.append((family.name + "_sum", series.labels, series.sum))
+                running = 0
+                for bound, n in zip(series.buckets, series.counts):
+                    running += n
+                    samples.append((family.name + "_bucket", {**series.labels, "le": _bound(bound)}, float(running)))
+                samples.append((family.name + "_bucket", {**series.labels, "le": "+Inf"}, float(series.count)))
+            kind = {MetricKind.COUNTER: "counter", MetricKind.GAUGE: "gauge"}.get(family.kind, "histogram")
+            out.append((family.name, family.description, kind, samples))
+    return out
+
+
+def _bound(value: float) -> str:
+    if value == float("inf"):
+        return "+Inf"
+    if value == float("-inf"):
+        return "-Inf"
+    return str(int(value)) if float(value).is_integer() and abs(value) < 2**53 else repr(value)

@@ -184,19 +184,23 @@ async def start_front_ends(engine, args: argparse.Namespace) -> tuple[list, list
 
         servers.append(("grpc", stop_grpc))
     if args.allow_metrics:
-        from torpor.api.metrics import start_metrics_server
+        from torpor.adapters.python_backend import custom_metric_families
+        from torpor.api.metrics import MetricsServer
 
-        metrics_stop = await start_metrics_server(engine, args.metrics_address or args.http_address, args.metrics_port)
-        servers.append(("metrics", metrics_stop))
+        metrics = MetricsServer(engine)
+        metrics.collector.add_source(custom_metric_families)  # python models' pb_utils.MetricFamily
+        await metrics.start(args.metrics_address or args.http_address, args.metrics_port)
+        servers.append(("metrics", metrics.stop))
     return servers, tasks
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from torpor.adapters import create_model_function
+    from torpor.adapters import create_model_function, python_backend
     from torpor.adapters.bls import install_bls
     from torpor.dataplane.engine import Engine
 
     options = engine_options(args)
+    python_backend.auto_complete_enabled = not args.strict_model_config  # Triton: --disable-auto-complete-config
     for repo in options.model_repositories:
         if not Path(repo).is_dir():
             # Triton refuses to start on a repository it cannot stat; serving zero models instead
