@@ -244,8 +244,12 @@ class ModelRegistry:
                 config = parse_config_json(config_json, name)
                 if not self.options.strict_model_config and (model_dir / "config.pbtxt").exists():
                     config = complete_config(config, read_config(model_dir))
-            else:
+            elif (model_dir / "config.pbtxt").exists() or self.options.strict_model_config:
                 config = read_config(model_dir)
+            else:
+                # Triton's minimal configuration: no config.pbtxt; the backend completes it from the
+                # model's files (a python model's auto_complete_config), unless auto-complete is off.
+                config = ModelConfig(name=name)
             if config.name and config.name != name:
                 raise invalid_arg(f"model name in config '{config.name}' does not match the folder '{name}'")
             try:
