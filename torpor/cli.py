@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--id", default="triton", help="server id reported in server metadata (clients check 'triton')")
     s.add_argument("--log-verbose", type=int, default=0)
     s.add_argument("--exit-timeout-secs", type=float, default=30.0)
-    s.add_argument("--http-max-input-size", type=int, default=64 * 1024 * 1024)
+    s.add_argument("--http-max-input-size", type=_max_input_size, default=64 * 1024 * 1024,
+                   help="largest HTTP request body accepted, bytes (default %(default)s)")
     s.add_argument("--allow-client-shm", type=_bool, default=False)
     s.add_argument("--http-restricted-api", action="append", default=[], metavar="GROUPS:KEY=VALUE",
                    help="restrict API groups (health, metadata, inference, shared-memory, model-config, "
@@ -123,6 +124,17 @@ def _positive(text: str, cast: type = float):
 
 def _positive_int(text: str) -> int:
     return _positive(text, int)
+
+
+def _max_input_size(text: str) -> int:
+    """Refused at parse time, before any model loads, in tritonserver's words."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError("--http-max-input-size must be greater than 0.")
+    return v
 
 
 def _resolve_devices(text: str) -> str:
