@@ -861,3 +861,24 @@ def test_errors_from_a_scenario_the_command_line_and_the_environment(tmp_path, c
     monkeypatch.setenv("TORPOR_SIM_ERRORS", "jitter")
     with pytest.raises(ScenarioError, match="TORPOR_SIM_ERRORS"):
         load_paper_scenario(path)
+
+
+def test_a_copy_later_than_its_plan_is_not_shown_landed():
+    # as the server's placer shows it: the plan said 0.1 s, the copy truly takes 0.2 s; a
+    # decision at 0.15 s sees it landing one copy latency from now, not landed
+    from torpor.sim.errors import Errors
+
+    sim = Simulation(one_model(), "torpor", errors=Errors(bandwidth_factor=0.5))
+    seen = []
+    place = sim.scheduler.place
+
+    def spy(model, snap):
+        seen.append({k: r.ready_at for d in snap.devices for k, r in d.residents.items()})
+        return place(model, snap)
+
+    sim.scheduler.place = spy
+    sim.run(np.array([0.0, 0.15, 0.5]), np.array([0, 0, 0]), 1.0)
+    assert seen[0] == {}
+    assert seen[1][0] == pytest.approx(0.15 + sim.cost.transfer_latency_s)
+    assert seen[2][0] == pytest.approx(0.2, abs=1e-3)  # landed: when it did
+    assert sim.latency[1] == pytest.approx(0.2 + 0.01 - 0.15, abs=1e-3)  # after the first run, which waited for the copy

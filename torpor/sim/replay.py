@@ -66,8 +66,10 @@ class Replay:
         slow = sim.errors.copy_slowdown
         for d in sim.devs:
             d.compute = Compute(slow) if slow != 1 else None
-        # each copy's true landing while it is in flight (the scheduler sees `ready_at`, its belief)
+        # each copy's true landing while it is in flight (the scheduler sees `ready_at`, its belief),
+        # and its resident
         self.lands: dict[int, float] = {}
+        self.flying: dict[int, Any] = {}
         # what the scheduler's cost model learns from a landed copy, where it can
         obs = getattr(sim.cost, "observe_copy", None)
         self.observe_copy = obs
@@ -154,6 +156,7 @@ class Replay:
             r.ready_at = t  # it has landed: the scheduler sees that
             r.eta = None
             self.lands.pop(id(r), None)
+            self.flying.pop(id(r), None)
             self.rerated(self.xfer.finish(tr, t), t)
             self.copy_landed(tr.path, tr.nbytes, t - tr.began, tr.plan)
             self.copies_into(tr.owner[0], t, -1)
@@ -317,6 +320,7 @@ class Replay:
             d, r, src = tr.owner
             r.ready_at = tr.bend  # what the scheduler sees; the truth drives the events
             self.lands[id(r)] = tr.end
+            self.flying[id(r)] = r
             if self.etas:
                 r.eta = self.xfer.eta(tr, now)
             if src is not None:
@@ -331,6 +335,18 @@ class Replay:
                     self.push(done, _DONE, (d, batch, ex, d.tok))
 
     # ---- placement at arrival --------------------------------------------------------------------
+    def late_copies(self, now: float) -> None:
+        """As the server's placer shows them (`Placer.snapshot`): a copy later than the
+        scheduler's plan (`ready_at`, its landing at the believed rates) has not landed, so it
+        is not ready now whatever the plan said; it shows as landing one copy latency from now.
+        Without error the plan is never late (the rates only change when the copy is re-rated);
+        `eta`, the landing if no copy joins, can be, and is left to the scheduler."""
+        soon = now + self.cost.transfer_latency_s
+        for r in self.flying.values():
+            if r.ready_at < now:
+                r.ready_at = soon
+                r.eta = None
+
     def project(self, f: int, arrival: float, now: float) -> None:
         """Tell the scheduler the work ahead of a request for `f` on each device
         (`DeviceState.backlog_s`) and, under deadline order, its place in each queue."""
@@ -391,6 +407,7 @@ class Replay:
         sim, cost, models = self.sim, self.cost, self.models
         self.snap.now = now
         self.xfer.now = now
+        self.late_copies(now)
         self.project(f, arrival, now)
         dec = self.sched.place(models[f], self.snap)
         if dec is None:

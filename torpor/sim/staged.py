@@ -77,6 +77,7 @@ class StagedReplay(Replay):
         d, path, r, began, plan = data  # a device's copy landed
         for lk in path:
             self.sim.inflight[lk] -= 1
+        self.flying.pop(id(r), None)
         if self.lands.pop(id(r), None) is not None:
             r.ready_at = t  # the scheduler sees it landed
         self.copy_landed(path, r.nbytes, t - began, plan)
@@ -250,6 +251,7 @@ class StagedReplay(Replay):
         r = sim.add_resident(d, f, begin + tcost.nominal_seconds(models[f].first_group_bytes * scale, path),
                              believed)
         self.lands[id(r)] = full
+        self.flying[id(r)] = r
         if src is not None:
             src.locked_until = max(src.locked_until, full)
             self.peers += 1
@@ -279,6 +281,7 @@ class StagedReplay(Replay):
         staged, and the models queued requests will copy in."""
         sim, edf, lookahead = self.sim, self.edf, self.staging.lookahead
         self.snap.now = now
+        self.late_copies(now)
         due = arrival + self.fn_model[f].slo_s
         ex_new = self.cost.exec_seconds(f)
         planned = []
