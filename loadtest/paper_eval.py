@@ -22,7 +22,8 @@ policies and function counts, comma-separated). The platform beyond the scenario
 below; --copy-latency-ms, --request-overhead-ms): a fixed latency per copy (Table 4's swaps on
 V100, swap_bench's cold starts on H100) and a per-request software overhead (the server's
 front end) that adds to every request's latency without holding a GPU. Error settings for the
-simulators come from TORPOR_SIM_ERRORS (`torpor.sim.errors`) and are recorded in the JSON.
+simulators: --errors (`jitter=0.1,bandwidth_factor=0.8`, `torpor.sim.errors`; default
+TORPOR_SIM_ERRORS), recorded in the titles and the JSON.
 `capacity`: --seeds (default 1-5), --node v100|h100, --step (default 20), --search grid|bisect
 (every point, or each seed's threshold by bisection and both policies at every point either
 visited), --counts LO:HI (the range searched).
@@ -50,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from torpor.scheduling.costmodel import CostModel
+from torpor.sim.errors import ERRORS_ENV, errors_from_env
 from torpor.sim.paper import CLASS_NAMES
 from torpor.sim.paper_sim import PaperSim, compliance, latency_profile, load_paper_scenario
 from torpor.sim.physics import link_physics_from_env
@@ -62,7 +64,7 @@ H100 = SCEN / "paper_h100.json"
 MIX_POLICIES = ["paper", "fifo", "random", "lru", "native", "keepalive", "torpor"]
 MIX_SWEEP = list(range(320, 801, 80))
 H100_POLICIES = ["paper", "native", "keepalive", "torpor"]
-H100_SWEEP = list(range(960, 1761, 160))
+H100_SWEEP = list(range(800, 1441, 160))
 TARGET = 0.99
 
 # What the paper reports (background/torpor.md §4), for the tables and plots
@@ -128,7 +130,7 @@ def with_platform(sim: Any, plat: dict[str, float]) -> Any:
 
 def describe(args: Any, wl: dict[str, Any]) -> str:
     """The run's settings, for table titles."""
-    errs = os.environ.get("TORPOR_SIM_ERRORS")
+    errs = os.environ.get(ERRORS_ENV)
     return (f"{wl['kind']}, {wl.get('arrivals', 'poisson')} arrivals, {args.duration:.0f} s after "
             f"{args.warmup:.0f} s warm-up, {'processor-sharing' if args.links == 'shared' else 'fixed-share'} links"
             f"{f', errors {errs}' if errs else ''}")
@@ -167,7 +169,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         fin = lat[np.isfinite(lat)] + overhead
         p99 = float(np.percentile(fin, 99) * 1e3) if fin.size else float("nan")
     return {
-        "policy": policy, "functions": sc.functions, "seed": job["seed"], "requests": int(np.sum(t >= warmup)), **c,
+        "policy": policy, "seed": job["seed"], "requests": int(np.sum(t >= warmup)), **c,
+        "functions": sc.functions, "active": c["functions"],  # active: functions with requests measured
         "compliant_frac": c["compliant"] / c["functions"] if c["functions"] else 1.0,
         "attainment": att, "p99_ms": p99, "swaps": r.swaps,
         "peer_copies": r.peer_copies, "gpu_busy": r.gpu_busy, "unserved": r.unserved,
@@ -321,7 +324,7 @@ def exp_resnet152(args: Any) -> dict[str, Any]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     report = {"experiment": "resnet152", "workload": wl, "seed": args.seed, "links": args.links,
-              "platform": platform(args, V100), "errors": os.environ.get("TORPOR_SIM_ERRORS"), "results": res,
+              "platform": platform(args, V100), "errors": os.environ.get(ERRORS_ENV), "results": res,
               "paper_reports": PAPER_R152}
     write(Path(args.out), "resnet152", report, fig)
     return report
@@ -392,7 +395,7 @@ def sweep(args: Any, name: str, scenario: Path, counts: list[int], policies: lis
     compliance_axes(ax, fig, f"{title}, {wl.get('arrivals', 'poisson')} arrivals")
     report = {"experiment": name, "scenario": str(scenario.relative_to(ROOT)), "workload": wl, "seed": args.seed,
               "counts": counts, "policies": policies, "links": args.links, "platform": plat,
-              "errors": os.environ.get("TORPOR_SIM_ERRORS"), "results": res, "capacity_99": caps,
+              "errors": os.environ.get(ERRORS_ENV), "results": res, "capacity_99": caps,
               "torpor_over_paper": ratio, "torpor_never_fewer": never_below}
     write(Path(args.out), name, report, fig)
     return report
@@ -412,7 +415,7 @@ def exp_h100(args: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 
 NODES = {"v100": V100, "h100": H100}
-CAPACITY_RANGE = {"v100": (440, 720), "h100": (1000, 1700)}  # default range searched, every --step functions
+CAPACITY_RANGE = {"v100": (440, 720), "h100": (1000, 1560)}  # default range searched, every --step functions
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -523,7 +526,7 @@ def exp_capacity(args: Any) -> dict[str, Any]:
     compliance_axes(ax, fig, f"{args.node.upper()} x 4, seeds {args.seeds}, {wl.get('arrivals', 'poisson')} arrivals")
     report = {"experiment": "capacity", "scenario": str(scenario.relative_to(ROOT)), "workload": wl,
               "seeds": seeds, "points": points, "step": args.step, "search": args.search, "links": args.links,
-              "platform": plat, "errors": os.environ.get("TORPOR_SIM_ERRORS"), "per_seed": per_seed,
+              "platform": plat, "errors": os.environ.get(ERRORS_ENV), "per_seed": per_seed,
               "summary": summary, "torpor_never_fewer": never_fewer, "results": res}
     write(Path(args.out), f"capacity-{args.node}", report, fig)
     return report
@@ -552,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="fixed latency per copy (default: the scenario's in PLATFORMS)")
     ap.add_argument("--request-overhead-ms", type=float, default=None,
                     help="per-request software overhead beside the GPU (default: the scenario's in PLATFORMS)")
+    ap.add_argument("--errors", default=None,
+                    help="prediction error for both simulators, e.g. jitter=0.1,bandwidth_factor=0.8 "
+                         "(torpor.sim.errors; sets TORPOR_SIM_ERRORS for the runs; default: that variable)")
     ap.add_argument("--seeds", default="1-5", help="capacity: seeds, e.g. 1-5 or 1,2,7 (default %(default)s)")
     ap.add_argument("--node", choices=list(NODES), default="v100", help="capacity: the node (default %(default)s)")
     ap.add_argument("--step", type=int, default=20, help="capacity: functions between points (default %(default)s)")
@@ -568,6 +574,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args(argv)
     args.links = args.links or link_physics_from_env()
+    if args.errors is not None:
+        os.environ[ERRORS_ENV] = args.errors  # read by load_paper_scenario in every worker
+    try:
+        errors_from_env()
+    except ValueError as e:
+        ap.error(str(e))
     if args.full_trace:
         args.duration = TRACE_MINUTES * TRACE_MINUTE_S - args.warmup
     names = [n for n in EXPERIMENTS if n != "capacity"] if args.experiment == "all" else [ALIASES.get(args.experiment, args.experiment)]
