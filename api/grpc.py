@@ -43,6 +43,10 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 1000),
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.keepalive_permit_without_calls", 1),
+    # gRPC binds with SO_REUSEPORT by default: a second server on a port in use would start and
+    # the kernel would split new connections between the two. Triton refuses unless
+    # --reuse-grpc-port; so do we.
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -383,7 +387,8 @@ def _stream_error(msg: pb.ModelInferRequest, text: str) -> pb.ModelStreamInferRe
 
 async def start_grpc_server(engine: Engine, address: str, port: int,
                             restricted: dict[str, Restriction] | None = None,
-                            max_message_size: int = -1, host: str = "threads", threads: int = 128):
+                            max_message_size: int = -1, host: str = "threads", threads: int = 128,
+                            reuse_port: bool = False):
     """Start the gRPC listener for the running loop's engine; returns the started server (an
     object with `async stop(grace)`). `host`: "threads", grpc's threaded server bridged to the
     loop (torpor.api.grpc_threads: cheaper per call), or "aio", grpc.aio on the loop itself; the same
@@ -392,6 +397,7 @@ async def start_grpc_server(engine: Engine, address: str, port: int,
     options = dict(SERVER_OPTIONS)
     options["grpc.max_receive_message_length"] = max_message_size
     options["grpc.max_send_message_length"] = max_message_size
+    options["grpc.so_reuseport"] = int(reuse_port)
     servicer = InferenceServicer(engine, restricted)
     bind = f"[{address}]:{port}" if ":" in address and not address.startswith("[") else f"{address}:{port}"
     if host == "threads":
@@ -399,12 +405,16 @@ async def start_grpc_server(engine: Engine, address: str, port: int,
 
         server = start_threaded_server(servicer, list(options.items()), bind, threads)
         if server is None:
-            raise internal(f"failed to bind the gRPC listener to {address}:{port}")
+            raise internal(f"failed to bind the gRPC listener to {address}:{port} (in use? --reuse-grpc-port)")
         return server
     server = grpc.aio.server(options=list(options.items()))
     pbg.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    if server.add_insecure_port(bind) == 0:
-        raise internal(f"failed to bind the gRPC listener to {address}:{port}")
+    try:
+        bound = server.add_insecure_port(bind)
+    except RuntimeError:  # newer grpc raises where older ones returned 0
+        bound = 0
+    if bound == 0:
+        raise internal(f"failed to bind the gRPC listener to {address}:{port} (in use? --reuse-grpc-port)")
     await server.start()
     return server
 

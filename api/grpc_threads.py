@@ -147,7 +147,11 @@ def start_threaded_server(servicer: Any, options: list[tuple[str, Any]], address
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
                          options=options)
     pbg.add_GRPCInferenceServiceServicer_to_server(types.SimpleNamespace(**handlers), server)
-    if server.add_insecure_port(address) == 0:
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # newer grpc raises where older ones returned 0
+        bound = 0
+    if bound == 0:
         return None
     server.start()
     return ThreadedServer(server)

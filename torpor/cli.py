@@ -12,6 +12,9 @@ import signal
 import sys
 from pathlib import Path
 
+from torpor import __version__
+from torpor.dataplane.engine import TRITON_VERSION
+
 log = logging.getLogger("torpor")
 
 DEFAULT_REPOSITORY = str(Path(__file__).resolve().parent.parent / "examples" / "models")
@@ -28,6 +31,7 @@ def _bool(value: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torpor", description="Triton-compatible inference server for many models on few GPUs")
+    p.add_argument("--version", action="version", version=f"torpor {__version__} (Triton protocol {TRITON_VERSION})")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model repository over HTTP, gRPC and metrics")
     s.add_argument("--model-repository", "--model-store", action="append", dest="model_repository",
@@ -38,11 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strict-model-config", type=_bool, default=False)
     s.add_argument("--strict-readiness", type=_bool, default=True)
     s.add_argument("--http-address", default="0.0.0.0")
-    s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--http-port", type=_port, default=8000)
     s.add_argument("--grpc-address", default="0.0.0.0")
-    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--grpc-port", type=_port, default=8001)
     s.add_argument("--metrics-address", default=None, help="default: the HTTP address")
-    s.add_argument("--metrics-port", type=int, default=8002)
+    s.add_argument("--metrics-port", type=_port, default=8002)
+    s.add_argument("--reuse-grpc-port", type=_bool, default=False,
+                   help="let another process bind the gRPC port too (SO_REUSEPORT), as Triton's flag; "
+                        "off: a port in use is refused at start")
     s.add_argument("--allow-http", type=_bool, default=True)
     s.add_argument("--allow-grpc", type=_bool, default=True)
     s.add_argument("--allow-metrics", type=_bool, default=True)
@@ -126,6 +133,16 @@ def _positive_int(text: str) -> int:
     return _positive(text, int)
 
 
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= v <= 65535:  # 0: any free port
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {v}")
+    return v
+
+
 def _max_input_size(text: str) -> int:
     """Refused at parse time, before any model loads, in tritonserver's words."""
     try:
@@ -189,7 +206,8 @@ async def start_front_ends(engine, args: argparse.Namespace) -> tuple[list, list
         from torpor.api.grpc import start_grpc_server
 
         grpc_server = await start_grpc_server(engine, args.grpc_address, args.grpc_port, args.grpc_restricted,
-                                              args.grpc_max_message_size, args.grpc_server, args.grpc_threads)
+                                              args.grpc_max_message_size, args.grpc_server, args.grpc_threads,
+                                              args.reuse_grpc_port)
 
         async def stop_grpc(grace: float) -> None:
             await grpc_server.stop(grace)
@@ -235,7 +253,13 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    servers, tasks = await start_front_ends(engine, args)
+    try:
+        servers, tasks = await start_front_ends(engine, args)
+    except Exception as e:  # noqa: BLE001 - a listener that cannot start: one line, exit 1
+        msg = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+        print(f"torpor: could not start: {msg}", file=sys.stderr, flush=True)
+        await engine.stop()
+        return 1
     log.info("torpor serving: http %s, grpc %s, metrics %s", args.http_port, args.grpc_port, args.metrics_port)
     print(f"torpor: serving HTTP on {args.http_address}:{args.http_port}, gRPC on {args.grpc_address}:{args.grpc_port}, "
           f"metrics on {args.metrics_address or args.http_address}:{args.metrics_port}", flush=True)

@@ -53,3 +53,29 @@ def test_a_repository_that_does_not_exist(tmp_path):
     r = serve("--model-repository", str(missing), "--http-port", str(free_port()), timeout=30)
     assert r.returncode == 1
     assert r.stderr.strip() == f"torpor: could not start: --model-repository {missing}: no such directory"
+
+
+def test_a_grpc_port_in_use_is_refused_unless_reuse_is_asked_for(simple_repo):
+    """gRPC binds with SO_REUSEPORT unless told not to: a second server would start on a port in
+    use and the kernel would split connections between them. Like Triton without
+    --reuse-grpc-port, refuse. The first listener here sets SO_REUSEPORT itself, so only the
+    server's own option decides."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torpor.cli", "serve", "--model-repository", str(simple_repo),
+               "--http-address", "127.0.0.1", "--http-port", str(free_port()), "--grpc-address", "127.0.0.1",
+               "--grpc-port", str(port), "--metrics-port", str(free_port())]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"gRPC listener to 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ports_out_of_range_and_version():
+    r = serve("--http-port", "99999", timeout=30)
+    assert r.returncode == 2 and "a port is 0 to 65535, got 99999" in r.stderr
+    v = subprocess.run([sys.executable, "-m", "torpor.cli", "--version"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=30)
+    assert v.returncode == 0 and v.stdout.startswith("torpor ")
