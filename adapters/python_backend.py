@@ -16,7 +16,8 @@ the max_batch_size, inputs, outputs, dynamic batching and transaction policy it 
 model's config (the index, `initialize`'s `model_config` and request validation use it); what
 contradicts the config.pbtxt fails the load with Triton's message. `torpor serve
 --strict-model-config true` (Triton's `--disable-auto-complete-config`) skips it:
-`auto_complete_enabled`.
+`auto_complete_enabled`. Either way Triton's load-time defaults are then filled in
+(`torpor.config.normalize_config`: instance groups named and counted, the version policy, ...).
 
 Non-decoupled: `execute(requests)` returns one `InferenceResponse` per request (or None, after
 sending each request's single response through its response sender). A raised exception fails
@@ -55,7 +56,7 @@ from typing import Any
 import numpy as np
 from google.protobuf import json_format
 
-from torpor.config import ModelConfig, config_to_dict
+from torpor.config import ModelConfig, config_to_dict, normalize_config
 from torpor.errors import Status, TorporError, internal
 from torpor.model import Emit, ModelFunction, ModelRequest
 
@@ -349,7 +350,9 @@ class PythonModelFunction(ModelFunction):
                 config.dynamic_batching.CopyFrom(filled.dynamic_batching)
             if filled.HasField("model_transaction_policy"):
                 config.model_transaction_policy.CopyFrom(filled.model_transaction_policy)
-        self.config = config
+        # Triton's defaults after the model's own completion, so that `initialize` gets the
+        # model_config Triton would pass (named instance groups with counts, version policy, ...)
+        self.config = normalize_config(config)
         self.decoupled = bool(config.model_transaction_policy.decoupled)
         self._output_names = [o.name for o in config.output]
 

@@ -174,3 +174,74 @@ def config_to_dict(config: ModelConfig) -> dict:
         always_print_fields_with_no_presence=True,
     )
     return _numberify(d)
+
+
+# The sequence batcher's idle timeout when the config leaves it at 0 (Triton's default, 1 s).
+_SEQUENCE_IDLE_DEFAULT_US = 1_000_000
+
+
+def normalize_config(config: ModelConfig) -> ModelConfig:
+    """A copy of `config` with the defaults Triton fills in at load, so that a client reading
+    the model config over HTTP or gRPC sees what it would see from Triton (checked field by field
+    against tritonserver 2.51's, tests/server/test_autocomplete.py). Triton does this whether or
+    not `--strict-model-config` is on: strictness only stops the backend's auto-complete (a
+    python model's `auto_complete_config`, a folder without config.pbtxt), not these defaults.
+
+    - `version_policy`: latest 1; `optimization`: pinned input and output memory on;
+    - the backend fields: a python model's file is `model.py`; TorchScript is backend `pytorch`,
+      platform `pytorch_libtorch`, file `model.pt`; a PyTorch eager model (Torpor's own format)
+      keeps its empty platform and names `model.safetensors`;
+    - `instance_group`: none -> one group named after the model, count 1; a group without a
+      name is `<model>_<index>`, count 0 is 1, KIND_AUTO is KIND_GPU when the group lists GPUs
+      and KIND_CPU otherwise. Torpor reports KIND_CPU where Triton on a GPU host would say
+      KIND_GPU: its python instances run on the CPU, and a torch model's device is chosen per
+      request by late binding, not by its instance group;
+    - batching: an empty `preferred_batch_size` (dynamic batching, or the sequence batcher's
+      `oldest` strategy) becomes [max_batch_size]; a sequence idle timeout of 0 becomes 1 s.
+    """
+    out = ModelConfig()
+    out.CopyFrom(config)
+    _backend_fields(out)
+    if not out.HasField("version_policy"):
+        out.version_policy.latest.num_versions = 1
+    optimization = out.optimization  # present from here on, as in Triton's answers
+    for pinned in ("input_pinned_memory", "output_pinned_memory"):
+        if not optimization.HasField(pinned):  # `{ enable: false }` is present, and stays false
+            getattr(optimization, pinned).enable = True
+    if out.max_batch_size > 0:
+        if out.HasField("dynamic_batching") and not out.dynamic_batching.preferred_batch_size:
+            out.dynamic_batching.preferred_batch_size.append(out.max_batch_size)
+        oldest = out.sequence_batching.oldest if out.sequence_batching.HasField("oldest") else None
+        if oldest is not None and not oldest.preferred_batch_size:
+            oldest.preferred_batch_size.append(out.max_batch_size)
+    if out.HasField("sequence_batching") and out.sequence_batching.max_sequence_idle_microseconds == 0:
+        out.sequence_batching.max_sequence_idle_microseconds = _SEQUENCE_IDLE_DEFAULT_US
+    _instance_groups(out)
+    return out
+
+
+def _backend_fields(config: ModelConfig) -> None:
+    eager = parameter(config, "torpor.module_class") is not None  # torpor.adapters.MODULE_CLASS
+    if config.platform == "pytorch_libtorch" and not config.backend:
+        config.backend = "pytorch"
+    if config.backend == "pytorch" and not eager and not config.platform:
+        config.platform = "pytorch_libtorch"
+    if config.default_model_filename:
+        return
+    if config.backend == "python":
+        config.default_model_filename = "model.py"
+    elif config.backend == "pytorch":
+        config.default_model_filename = "model.safetensors" if eager else "model.pt"
+
+
+def _instance_groups(config: ModelConfig) -> None:
+    group_type = model_config_pb2.ModelInstanceGroup
+    if not config.instance_group:
+        config.instance_group.add(name=config.name, kind=group_type.KIND_CPU, count=1)
+        return
+    for index, group in enumerate(config.instance_group):
+        if not group.name:
+            group.name = f"{config.name}_{index}"
+        if group.kind == group_type.KIND_AUTO:
+            group.kind = group_type.KIND_GPU if group.gpus else group_type.KIND_CPU
+        group.count = max(group.count, 1)

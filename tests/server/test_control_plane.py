@@ -239,4 +239,4 @@ def test_config_override_may_not_name_files_outside_or_pick_code(explicit):
     # the refused reload left the serving version alone
     c = httpclient.InferenceServerClient(explicit.http_url)
     assert c.is_model_ready("simple")
-    assert c.get_model_config("simple")["default_model_filename"] == ""
+    assert c.get_model_config("simple")["default_model_filename"] == "model.py"  # Triton's default, not the refused one

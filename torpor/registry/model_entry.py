@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torpor.config import ModelConfig, parameter, sequence_controls, tensor_specs
+from torpor.config import ModelConfig, normalize_config, parameter, sequence_controls, tensor_specs
 from torpor.model import ModelFunction, TensorSpec
 from torpor.registry.repository import ModelSource
 from torpor.stats import ModelStats
@@ -132,6 +132,9 @@ class ModelEntry:
     required: tuple[str, ...] = ()  # inputs a request must carry
 
     def set_config(self, config: ModelConfig) -> None:
+        # With Triton's load-time defaults filled in (instance groups, version policy, ...), for
+        # the config the front ends show; a copy, since the versions' adapters hold `config`.
+        config = normalize_config(config)
         self.config = config
         self.inputs, self.outputs = tensor_specs(config)
         self.input_index = {s.name: s for s in self.inputs}
