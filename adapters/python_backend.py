@@ -252,7 +252,7 @@ class PythonModelFunction(ModelFunction):
         except Exception as e:
             self._finalize_all()
             self._forget_module()
-            raise RuntimeError(f"Failed to initialize model '{self.name}': {type(e).__name__}: {e}") from e
+            raise RuntimeError(f"{type(e).__name__}: {e}") from e
         for entry in self._instances:
             self._pool.put(entry)
 

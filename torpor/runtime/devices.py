@@ -536,7 +536,7 @@ def open_devices(spec: DeviceSpec | str, *, exec_slots: int = 1) -> list[Device]
             cap = DEFAULT_CPU_BYTES
         return [CpuDevice(i, cap, exec_slots) for i in range(spec.count)]
     if not torch.cuda.is_available():
-        raise RuntimeError("--devices cuda: CUDA is not available (no GPU or a CPU-only torch build)")
+        raise RuntimeError("CUDA is not available (no GPU or a CPU-only torch build)")
     n = torch.cuda.device_count()
     ordinals = spec.ordinals if spec.ordinals is not None else tuple(range(n))
     bad = [o for o in ordinals if o >= n]
