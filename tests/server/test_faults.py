@@ -26,7 +26,7 @@ from ..fault_models import CODE, write_fault_models
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory):
     repo = write_fault_models(make_repo(tmp_path_factory.mktemp("fault_repo"), ["simple"]))
-    s = Server(repo, "--model-control-mode", "explicit", "--load-model", "*", "--max-tensor-elements", "1000",
+    s = Server(repo, "--model-control-mode", "explicit", "--load-model", "*", "--exit-on-error", "false", "--max-tensor-elements", "1000",
                "--grpc-max-message-size", "65536").start(tmp_path_factory.mktemp("fault_logs"))
     s.repo = repo
     yield s

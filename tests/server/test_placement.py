@@ -154,7 +154,7 @@ def test_bad_slo_parameter_fails_the_load(tmp_path):
     (repo / "bad" / "1").mkdir(parents=True)
     (repo / "bad" / "config.pbtxt").write_text(slow_config("bad", slo_ms="fast"))
     (repo / "bad" / "slow.py").write_text(SLOW_PY)
-    srv = Server(repo, "--devices", "cpu:1", "--device-memory-bytes", "64MiB", "--strict-readiness", "false").start(
+    srv = Server(repo, "--devices", "cpu:1", "--device-memory-bytes", "64MiB", "--strict-readiness", "false", "--exit-on-error", "false").start(
         tmp_path)
     try:
         req = urllib.request.Request(f"http://{srv.http_url}/v2/repository/index", data=b"{}", method="POST")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import shutil
 import time
@@ -20,8 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from torpor.config import ModelConfig, parameter, parse_config_json, read_config
+from torpor.config import ModelConfig, config_to_dict, parameter, parse_config_json, read_config
 from torpor.errors import Status, TorporError, internal, invalid_arg, unavailable
+from torpor.logs import reason
 from torpor.model import ModelFunction
 from torpor.registry.model_entry import ModelEntry, VersionEntry
 from torpor.registry.overrides import (
@@ -74,6 +76,13 @@ class HostOnly:
         return 1
 
 
+def _logged(e: TorporError) -> TorporError:
+    """A load failure, logged once where it is raised (the start-up loop, the poll loop and the
+    load API all pass it on without logging it again)."""
+    log.error("%s", e.message, stacklevel=2)
+    return e
+
+
 def unknown_model(name: str, detail: str) -> TorporError:
     return TorporError(Status.NOT_FOUND, f"Request for unknown model: {detail}")
 
@@ -89,24 +98,37 @@ class ModelRegistry:
         self.models: dict[str, ModelEntry] = {}
         self._lock = asyncio.Lock()
         self._poll_task: asyncio.Task | None = None
+        # model name -> why it failed to load at start: --exit-on-error ends the server on these
+        self.start_failures: dict[str, str] = {}
 
     async def start(self) -> None:
-        """Scan the repositories and load what the control mode says; start polling in POLL mode."""
+        """Scan the repositories and load what the control mode says; start polling in POLL mode.
+        Each model's load, success and failure is logged once, with its place in the start-up
+        order, so a start that loads many models is never silent; what failed is kept in
+        `start_failures`."""
         mode = self.options.model_control_mode
         sources, duplicates = self.repository.scan()
-        for name in duplicates:
+        for name in sorted(duplicates):
             self.models[name] = ModelEntry(name, error="model appears in two or more repositories")
+            self.start_failures[name] = f"failed to load '{name}', model appears in two or more repositories"
+            log.error("%s", self.start_failures[name])
         for name, src in sources.items():
             self.models.setdefault(name, ModelEntry(name, source=src))
         if mode in ("none", "poll"):
-            to_load = list(sources)
+            to_load = sorted(sources)
         else:
-            to_load = list(sources) if "*" in self.options.load_models else list(self.options.load_models)
-        for name in to_load:
+            to_load = sorted(sources) if "*" in self.options.load_models else list(self.options.load_models)
+        for i, name in enumerate(to_load, 1):
             try:
-                await self.load(name, _internal=True)
-            except TorporError as e:
-                log.error("%s", e.message)
+                async with self._lock:
+                    await self._load_locked(name, None, {}, progress=f" {i}/{len(to_load)}")
+            except TorporError as e:  # logged where it failed
+                self.start_failures[name] = e.message
+                continue
+            failed = [f"version {v}: {ve.reason}" for v, ve in sorted(self.models[name].versions.items())
+                      if ve.state != "READY"]
+            if failed:  # some versions loaded, these did not
+                self.start_failures[name] = f"failed to load '{name}', " + "; ".join(failed)
         if mode == "poll" and self.options.repository_poll_secs > 0:
             self._poll_task = asyncio.create_task(self._poll_loop())
 
@@ -120,8 +142,9 @@ class ModelRegistry:
                 if v.function is not None:
                     try:
                         await loop.run_in_executor(self.workers, v.function.unload)
+                        log.info("successfully unloaded '%s' version %d", entry.name, v.version)
                     except Exception:
-                        log.exception("unloading %s failed", entry.name)
+                        log.exception("unloading '%s' version %d failed", entry.name, v.version)
                     v.function = None
             drop_override(entry)
 
@@ -228,7 +251,7 @@ class ModelRegistry:
             raise invalid_arg(f"failed to load '{name}', failed to poll from model repository: model config must be provided when loading files")
         sources, duplicates = self.repository.scan()
         if name in duplicates:
-            raise internal(f"failed to load '{name}', model appears in two or more repositories")
+            raise _logged(internal(f"failed to load '{name}', model appears in two or more repositories"))
         src = sources.get(name)
         override_dir = None
         if files:
@@ -238,7 +261,7 @@ class ModelRegistry:
         elif src is not None:
             model_dir = src.path
         else:
-            raise internal(f"failed to load '{name}', failed to poll from model repository")
+            raise _logged(internal(f"failed to load '{name}', failed to poll from model repository"))
         try:
             if config_json is not None:
                 config = parse_config_json(config_json, name)
@@ -265,7 +288,7 @@ class ModelRegistry:
                 entry.error = f"failed to load '{name}', {e.message}"
                 entry.source = src
                 self.models[name] = entry
-            raise internal(f"failed to load '{name}', {e.message}") from None
+            raise _logged(internal(f"failed to load '{name}', {e.message}")) from None
         if config_json is not None:
             try:
                 confine_config(name, config, config_json, model_dir, bool(files), self.options.allow_override_code)
@@ -275,7 +298,10 @@ class ModelRegistry:
                 raise
         return src, model_dir, override_dir, config, versions
 
-    async def _load_locked(self, name: str, config_json: str | None, files: dict[str, bytes]) -> None:
+    async def _load_locked(self, name: str, config_json: str | None, files: dict[str, bytes],
+                           progress: str = "") -> None:
+        """Load `name`'s versions; `progress` (' 3/10') places it in the start-up order in the log."""
+        log.info("loading%s: %s", progress, name)
         entry = self.models.get(name) or ModelEntry(name)
         src, model_dir, override_dir, config, versions = self._read(name, entry, config_json, files)
 
@@ -290,7 +316,7 @@ class ModelRegistry:
                 fn = self.factory(name, v, config, model_dir / str(v), model_dir)
                 await loop.run_in_executor(self.workers, fn.load)
             except Exception as e:  # noqa: BLE001 - any adapter failure is a load failure
-                msg = e.message if isinstance(e, TorporError) else f"{type(e).__name__}: {e}"
+                msg = reason(e)
                 ve.state, ve.reason = "UNAVAILABLE", msg
                 errors.append(f"version {v}: {msg}")
                 log.error("failed to load '%s' version %d: %s", name, v, msg)
@@ -299,9 +325,10 @@ class ModelRegistry:
                     # a device-bound model's weights go to the host store now; no device is touched
                     ve.pool_key = await self.binder.bind((name, v), fn, config)
                 except Exception as e:  # noqa: BLE001
-                    msg = f"{type(e).__name__}: {e}"
+                    msg = reason(e)
                     ve.state, ve.reason = "UNAVAILABLE", msg
                     errors.append(f"version {v}: {msg}")
+                    log.error("failed to load '%s' version %d: %s", name, v, msg)
                     new_versions[v] = ve
                     await loop.run_in_executor(self.workers, fn.unload)
                     continue
@@ -340,6 +367,11 @@ class ModelRegistry:
         entry.mtime = folder_mtime(model_dir)
         entry.active_sequences = set()
         self.models[name] = entry
+        ready = sorted(v for v, ve in new_versions.items() if ve.state == "READY")
+        # as tritonserver's verbose log: the configuration the model was loaded with, completed
+        log.debug("'%s' loaded with config %s", name, json.dumps(config_to_dict(config)))
+        log.info("successfully loaded '%s' version%s %s (%.1f s)", name, "s" if len(ready) > 1 else "",
+                 ", ".join(map(str, ready)), time.monotonic() - started)
         await self._retire(old.values())
         if old_override is not None and old_override != override_dir:
             shutil.rmtree(old_override, ignore_errors=True)
@@ -362,8 +394,9 @@ class ModelRegistry:
                 ve.pool_key = None
             try:
                 await loop.run_in_executor(self.workers, fn.unload)
+                log.info("successfully unloaded '%s' version %d", fn.name, ve.version)
             except Exception:
-                log.exception("unloading %s version %d failed", fn.name, ve.version)
+                log.exception("unloading '%s' version %d failed", fn.name, ve.version)
 
     async def unload(self, name: str, unload_dependents: bool = False, _internal: bool = False) -> None:
         if not _internal:
@@ -405,8 +438,8 @@ class ModelRegistry:
             if entry is None or entry.mtime != folder_mtime(src.path):
                 try:
                     await self.load(name, _internal=True)
-                except TorporError as e:
-                    log.error("%s", e.message)
+                except TorporError:
+                    pass  # logged where it failed; the index shows why
         for name in list(self.models):
             if name not in sources and self.models[name].versions:
                 await self.unload(name, _internal=True)
