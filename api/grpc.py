@@ -159,9 +159,15 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
     # -- inference ---------------------------------------------------------------------------
     @_unary
     async def ModelInfer(self, request, context):
+        trace = self.engine.trace_request(request.model_name, "GRPC", context.invocation_metadata)
         req, _ = _decode(request)
-        resp = await self.engine.infer(req)
-        return encode_response(resp)
+        resp = await self.engine.infer(req, trace)
+        out = encode_response(resp)
+        if trace is not None:
+            # gRPC writes the answer after the handler returns: the call's end is the send's
+            trace.stamp("GRPC_SEND_START")
+            context.add_done_callback(lambda _call: trace.end("GRPC_SEND_END"))
+        return out
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Requests are processed concurrently as they arrive (requests of one sequence in
@@ -176,9 +182,10 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
         async def handle(msg: pb.ModelInferRequest, after: asyncio.Task | None) -> None:
             if after is not None:
                 await asyncio.wait([after])
+            trace = engine.trace_request(msg.model_name, "GRPC", context.invocation_metadata)
             try:
                 req, empty_final = _decode(msg)
-                async for resp in engine.infer_stream(req):
+                async for resp in engine.infer_stream(req, trace):
                     if resp.error is not None:
                         err = resp.error
                         text = err.message if isinstance(err, TorporError) else str(err)
@@ -190,6 +197,9 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
                     encode_response(resp, m.infer_response)
                     m.infer_response.parameters[FINAL_PARAM].bool_param = bool(resp.final)
                     out.put_nowait(m)
+                if trace is not None:  # the stream writes it later, among other requests' answers
+                    trace.stamp("GRPC_SEND_START")
+                    trace.end()
             except TorporError as e:
                 out.put_nowait(_stream_error(msg, e.message))
             except asyncio.CancelledError:

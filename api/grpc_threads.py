@@ -60,6 +60,10 @@ class _LoopContext:
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
         raise _Abort(code, details)
 
+    def add_done_callback(self, callback: Callable) -> None:
+        """As grpc.aio's: `callback(context)` once the call has ended (on a gRPC thread)."""
+        self._context.add_callback(lambda: callback(self))
+
 
 def _unary(loop: asyncio.AbstractEventLoop, method: Callable) -> Callable:
     def handle(request, context: grpc.ServicerContext):

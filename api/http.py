@@ -141,9 +141,10 @@ def _response_encoding(accept: str | None) -> str | None:
 
 
 async def handle_infer(
-    engine: Engine, model: str, version: str, headers, body: bytes, max_input_size: int
+    engine: Engine, model: str, version: str, headers, body: bytes, max_input_size: int, trace=None
 ) -> tuple[int, dict[str, str], bytes]:
-    """POST .../infer: (status, headers, body). `headers` is any case-insensitive mapping."""
+    """POST .../infer: (status, headers, body). `headers` is any case-insensitive mapping;
+    `trace`: the request's Trace when sampled (Engine.trace_request)."""
     try:
         if len(body) > max_input_size:
             raise invalid_arg(too_large_text(headers, len(body), max_input_size))
@@ -178,7 +179,7 @@ async def handle_infer(
         except Exception as e:
             log.exception("decoding an infer request failed")
             raise invalid_arg(f"malformed inference request: {type(e).__name__}: {e}") from None
-        resp = await engine.infer(req)
+        resp = await engine.infer(req, trace)
         content, json_len = encode_infer_response(resp, req)
     except TorporError as e:
         return _HTTP_STATUS.get(e.status, 400), {"Content-Type": JSON}, orjson.dumps({"error": e.message})
@@ -244,6 +245,7 @@ class InferFastPath:
 
     async def _infer(self, scope, receive, send, model: str, version: str) -> None:
         headers = _Headers(scope["headers"])
+        trace = self.engine.trace_request(model, "HTTP", headers)  # None unless sampled
         limit = self.max_input_size
         declared = headers.get("content-length")
         chunks = []
@@ -267,13 +269,19 @@ class InferFastPath:
             content = orjson.dumps({"error": too_large_text(headers, known, limit)})
         else:
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            answered = await self._infer_unless_gone(receive, model, version, headers, body)
+            if trace is not None:
+                trace.stamp("HTTP_RECV_END")
+            answered = await self._infer_unless_gone(receive, model, version, headers, body, trace)
             if answered is None:
                 return  # the client disconnected: the request was cancelled, its resources freed
             status, out_headers, content = answered
+        if trace is not None:
+            trace.stamp("HTTP_SEND_START")
         await _send_response(send, status, out_headers, content)
+        if trace is not None:
+            trace.end("HTTP_SEND_END")
 
-    async def _infer_unless_gone(self, receive, model, version, headers, body):
+    async def _infer_unless_gone(self, receive, model, version, headers, body, trace):
         """handle_infer, cancelled if the client disconnects first (uvicorn's receive() returns
         http.disconnect then), so an abandoned request stops waiting for a queue slot or a slow
         model instead of holding its tensors until the model answers."""
@@ -290,7 +298,7 @@ class InferFastPath:
         watcher = asyncio.ensure_future(receive())
         watcher.add_done_callback(on_message)
         try:
-            result = await handle_infer(self.engine, model, version, headers, body, self.max_input_size)
+            result = await handle_infer(self.engine, model, version, headers, body, self.max_input_size, trace)
         except asyncio.CancelledError:
             if state["gone"]:
                 task.uncancel()  # the cancellation was ours and is handled here
@@ -584,7 +592,7 @@ def _describe_accurately(app: FastAPI) -> None:
         # short path, which the server ignores. The description shows only what is read.
         if app.openapi_schema is None:
             schema = describe()
-            for path, ops in schema["paths"].items():
+            for ops in schema["paths"].values():
                 for op in ops.values():
                     op["parameters"] = [q for q in op.get("parameters", []) if not (
                         q["in"] == "query" and q["name"] in ("version", "region"))]

@@ -1,5 +1,5 @@
-"""Trace and logging settings, held and returned as Triton does (no tracer is attached yet:
-the values are stored faithfully so tools that set and read them work)."""
+"""Logging settings, held and returned as Triton does (the trace settings are
+torpor.tracing's)."""
 
 from __future__ import annotations
 
@@ -7,69 +7,6 @@ import logging
 from typing import Any
 
 from torpor.errors import invalid_arg, unsupported
-
-_TRACE_LEVELS = {"OFF", "TIMESTAMPS", "TENSORS"}
-_TRACE_KEYS = ("trace_level", "trace_rate", "trace_count", "log_frequency", "trace_file", "trace_mode")
-
-
-class TraceSettings:
-    def __init__(self):
-        self.global_settings: dict[str, Any] = {
-            "trace_level": ["OFF"],
-            "trace_rate": "1000",
-            "trace_count": "-1",
-            "log_frequency": "0",
-            "trace_file": "",
-            "trace_mode": "triton",
-        }
-        self.model_overrides: dict[str, dict[str, Any]] = {}
-
-    def get(self, model: str = "") -> dict:
-        out = dict(self.global_settings)
-        out.update(self.model_overrides.get(model, {}) if model else {})
-        out["trace_level"] = list(out["trace_level"])
-        return out
-
-    def update(self, changes: dict[str, Any], model: str = "") -> dict:
-        """Apply `changes` (a value of None clears a model-level override)."""
-        target = self.model_overrides.setdefault(model, {}) if model else self.global_settings
-        normalized = {}
-        for key, value in changes.items():
-            if key not in _TRACE_KEYS:
-                raise invalid_arg(f"unknown trace setting '{key}'")
-            if key == "trace_file" and value is not None:
-                raise unsupported("trace file location can not be updated through network protocol")
-            if value is None:
-                normalized[key] = None
-                continue
-            if key == "trace_level":
-                levels = value if isinstance(value, list) else [value]
-                levels = [str(v).upper() for v in levels]
-                bad = [v for v in levels if v not in _TRACE_LEVELS]
-                if bad:
-                    raise invalid_arg(f"invalid trace level '{bad[0]}'")
-                normalized[key] = levels
-            else:
-                if isinstance(value, list):
-                    if len(value) != 1:
-                        raise invalid_arg(f"expect only 1 value for trace setting '{key}'")
-                    value = value[0]
-                s = str(value)
-                if key in ("trace_rate", "trace_count", "log_frequency"):
-                    try:
-                        n = int(s)
-                    except ValueError:
-                        raise invalid_arg(f"invalid value '{s}' for trace setting '{key}'") from None
-                    if key != "trace_count" and n < 0:
-                        raise invalid_arg(f"invalid value '{s}' for trace setting '{key}'")
-                normalized[key] = s
-        for key, value in normalized.items():
-            if value is None:
-                if model:
-                    target.pop(key, None)
-            else:
-                target[key] = value
-        return self.get(model)
 
 
 class LogSettings:

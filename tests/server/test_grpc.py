@@ -644,9 +644,12 @@ def test_repository_control_explicit_mode(start_server, tmp_path):
 def test_trace_settings(client):
     ts = client.get_trace_settings(as_json=True)["settings"]
     assert ts["trace_level"]["value"] == ["OFF"] and ts["trace_rate"]["value"] == ["1000"]
-    r = client.update_trace_settings(settings={"trace_rate": "5", "trace_level": ["TIMESTAMPS"]}, as_json=True)
+    r = client.update_trace_settings(settings={"trace_rate": "5"}, as_json=True)
     assert r["settings"]["trace_rate"]["value"] == ["5"]
-    assert r["settings"]["trace_level"]["value"] == ["TIMESTAMPS"]
+    assert r["settings"]["trace_level"]["value"] == ["OFF"]
+    with pytest.raises(InferenceServerException) as e:
+        client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]})  # no --trace-config triton,file
+    assert e.value.status() == "StatusCode.INVALID_ARGUMENT" and "trace file name is not given" in e.value.message()
     r = client.update_trace_settings("simple", settings={"trace_count": "3"}, as_json=True)
     assert r["settings"]["trace_count"]["value"] == ["3"]
     r = client.update_trace_settings("simple", settings={"trace_count": None}, as_json=True)

@@ -366,8 +366,10 @@ def test_trace_settings(server):
     c = httpclient.InferenceServerClient(server.http_url)
     t = c.get_trace_settings()
     assert t["trace_level"] == ["OFF"] and t["trace_rate"] == "1000" and t["trace_mode"] == "triton"
-    t = c.update_trace_settings(settings={"trace_rate": "5", "trace_level": ["TIMESTAMPS"]})
-    assert t["trace_rate"] == "5" and t["trace_level"] == ["TIMESTAMPS"]
+    t = c.update_trace_settings(settings={"trace_rate": "5"})
+    assert t["trace_rate"] == "5" and t["trace_level"] == ["OFF"]
+    with pytest.raises(InferenceServerException, match="trace file name is not given"):
+        c.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]})  # no --trace-config triton,file
     m = c.update_trace_settings("simple", settings={"trace_count": "10"})
     assert m["trace_count"] == "10" and m["trace_rate"] == "5"
     m = c.update_trace_settings("simple", settings={"trace_count": None})

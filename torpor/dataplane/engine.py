@@ -36,9 +36,10 @@ from torpor.registry.lifecycle import Factory, ModelRegistry
 from torpor.registry.model_entry import InlineGate, ModelEntry, VersionEntry
 from torpor.runtime.device_path import DeviceJob
 from torpor.scheduling.costmodel import slo_seconds
-from torpor.settings import LogSettings, TraceSettings
+from torpor.settings import LogSettings
 from torpor.stats import ModelStats, empty_stats
 from torpor.tensors import InferRequest, InferResponse
+from torpor.tracing import Trace, Tracer
 
 if TYPE_CHECKING:  # the swap engine is imported only when --devices asks for it (it needs torch)
     from torpor.runtime.device_path import DeviceRuntime
@@ -111,7 +112,7 @@ class Engine:
         self.options = options
         self.shm = SharedMemoryManager(options.allow_client_shm)
         self.rules = RequestRules(options, self.shm)  # validation and responses (torpor.dataplane.request_rules)
-        self.trace = TraceSettings()
+        self.tracer = Tracer()  # request tracing (torpor.tracing): settings, sampling, the trace file
         self.logging = LogSettings()
         workers = options.worker_threads or min(32, (os.cpu_count() or 1) + 4)
         self.workers = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="torpor-exec")
@@ -158,6 +159,7 @@ class Engine:
         self.workers.shutdown(wait=False, cancel_futures=True)
         if self.runtime is not None:
             self.runtime.close()
+        self.tracer.close()
 
     # ---------------------------------------------------------------------------------------
     # health and metadata
@@ -256,7 +258,14 @@ class Engine:
 
     def trace_settings(self, model: str | None = None, changes: dict | None = None) -> dict:
         """Triton's trace settings (global, or one model's); `changes` updates them first."""
-        return self.trace.update(changes, model or "") if changes is not None else self.trace.get(model or "")
+        return self.tracer.settings(model or "", changes)
+
+    def trace_request(self, model: str, protocol: str, carrier: Any = None) -> Trace | None:
+        """A front end's request as it arrives: its Trace when sampled (pass it to `infer`,
+        stamp the protocol's points, `end()` it once answered), else None. `protocol`: "HTTP"
+        or "GRPC"; `carrier`: headers or gRPC metadata (or a callable returning them), read
+        only for a propagated OpenTelemetry context."""
+        return self.tracer.sample(model, protocol, carrier) if self.tracer.on else None
 
     def log_settings(self, changes: dict | None = None) -> dict:
         return self.logging.update(changes) if changes is not None else self.logging.get()
@@ -328,8 +337,8 @@ class Engine:
         if self.inflight == 0 and self._idle is not None:
             self._idle.set()
 
-    async def infer(self, request: InferRequest) -> InferResponse:
-        """One request, one response (non-decoupled models)."""
+    async def infer(self, request: InferRequest, trace: Trace | None = None) -> InferResponse:
+        """One request, one response (non-decoupled models); `trace`: see `trace_request`."""
         self._begin()
         try:
             entry, ve = self.resolve(request.model_name, request.model_version)
@@ -341,13 +350,13 @@ class Engine:
             self._admit(entry, ve)
             stats.pending += 1
             try:
-                return await self._run(entry, ve, request)
+                return await self._run(entry, ve, request, trace)
             finally:
                 stats.pending -= 1
         finally:
             self._end()
 
-    async def infer_stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+    async def infer_stream(self, request: InferRequest, trace: Trace | None = None) -> AsyncIterator[InferResponse]:
         """0..n responses; the last has final=True. Non-decoupled models give exactly one.
         Per-request failures are raised (the stream front end turns them into error messages)."""
         self._begin()
@@ -358,9 +367,9 @@ class Engine:
             stats.pending += 1
             try:
                 if not entry.decoupled:
-                    yield await self._run(entry, ve, request)
+                    yield await self._run(entry, ve, request, trace)
                     return
-                async for resp in self._run_decoupled(entry, ve, request):
+                async for resp in self._run_decoupled(entry, ve, request, trace):
                     yield resp
             finally:
                 stats.pending -= 1
@@ -382,9 +391,11 @@ class Engine:
             raise unavailable(f"Exceeds maximum queue size: model '{entry.name}' has {waiting} requests waiting, "
                               f"at most {limit} may wait for its {ve.capacity} instance(s)")
 
-    async def _run(self, entry: ModelEntry, ve: VersionEntry, request: InferRequest) -> InferResponse:
+    async def _run(self, entry: ModelEntry, ve: VersionEntry, request: InferRequest,
+                   trace: Trace | None = None) -> InferResponse:
         stats = ve.stats
         t0 = request.arrival_ns
+        t_queue = time.monotonic_ns() if trace is not None else 0
         pinned = self._pin_regions(request) if self.shm.has_regions() else None
         try:
             mreq, batch = self.rules.prepare(entry, ve, request)
@@ -405,7 +416,8 @@ class Engine:
                     executions = 1
                     if ve.pool_key is not None:
                         job = DeviceJob(ve.pool_key, entry.name, ve.function, mreq, batch, request.arrival_ns,
-                                        deadline, self._slo(entry, request), entry.max_batch_size, entry.batching)
+                                        deadline, self._slo(entry, request), entry.max_batch_size, entry.batching,
+                                        trace)
                         result, t_exec_start, executions = await self.runtime.run(job)
                         t_done = time.monotonic_ns()
                     else:
@@ -457,6 +469,8 @@ class Engine:
             output_ns=t_end - t_done,
             executions=executions,
         )
+        if trace is not None:
+            trace.request_done(entry.name, ve.version, request.id, t0, t_queue, t_start, t_exec_start, t_done, t_end)
         return response
 
     def _pin_regions(self, request: InferRequest) -> list | None:
@@ -489,19 +503,20 @@ class Engine:
         default = entry.slo_ms if entry.slo_ms is not None else self.options.default_slo_ms
         return slo_seconds(None, default, timeout_seconds(request))
 
-    async def _run_decoupled(self, entry: ModelEntry, ve: VersionEntry, request: InferRequest) -> AsyncIterator[InferResponse]:
+    async def _run_decoupled(self, entry: ModelEntry, ve: VersionEntry, request: InferRequest,
+                             trace: Trace | None = None) -> AsyncIterator[InferResponse]:
         stats = ve.stats
         t0 = request.arrival_ns
         pinned = self._pin_regions(request) if self.shm.has_regions() else None
         try:
-            async for resp in self._decoupled_responses(entry, ve, request, stats, t0):
+            async for resp in self._decoupled_responses(entry, ve, request, stats, t0, trace):
                 yield resp
         finally:
             if pinned:
                 self.shm.unpin(pinned)
 
     async def _decoupled_responses(self, entry: ModelEntry, ve: VersionEntry, request: InferRequest,
-                                   stats: ModelStats, t0: int) -> AsyncIterator[InferResponse]:
+                                   stats: ModelStats, t0: int, trace: Trace | None) -> AsyncIterator[InferResponse]:
         try:
             mreq, batch = self.rules.prepare(entry, ve, request)
         except TorporError:
@@ -519,6 +534,7 @@ class Engine:
             except Exception as e:  # noqa: BLE001
                 emit(None, e, True)
 
+        t_queue = time.monotonic_ns() if trace is not None else 0
         await ve.slots.acquire()
         t_start = time.monotonic_ns()
         try:
@@ -557,6 +573,8 @@ class Engine:
             stats.record_failure(t_end - t0, "BACKEND")
         else:
             stats.record_success(batch, t_end - t0, t_start - t0, 0, t_end - t_start, 0)
+            if trace is not None:  # a decoupled model's run has no input / output split
+                trace.request_done(entry.name, ve.version, request.id, t0, t_queue, t_start, None, None, t_end)
 
 
 def _timed_execute_inline(fn: ModelFunction, mreq: ModelRequest) -> tuple[Any, int, int, bool]:

@@ -29,6 +29,7 @@ from torpor.errors import internal, unavailable
 from torpor.model import ModelFunction, ModelRequest
 from torpor.scheduling.admission import defer_deadline, outlasted, shed_at_arrival, shed_when_staged
 from torpor.scheduling.scheduler import Action, Outcome
+from torpor.tracing import monotonic_from_perf
 
 log = logging.getLogger("torpor")
 
@@ -56,6 +57,7 @@ class DeviceJob:
     slo: float | None  # its objective, seconds (None: none)
     max_batch_size: int
     batch_delay: float | None  # dynamic batching's queue delay, seconds (None: no dynamic batching)
+    trace: Any = None  # torpor.tracing.Trace of a sampled request: the device path stamps TORPOR_* on it
 
 
 class DeviceRuntime:
@@ -267,7 +269,7 @@ class DeviceRuntime:
         group = _DeviceBatch(job.max_batch_size, job.request, job.batch)
         if batching:
             self._batches[(key, device)] = group
-        fn = job.function
+        fn, trace = job.function, job.trace
         try:
             delay = job.batch_delay or 0.0
             if batching and delay > 0:
@@ -283,6 +285,8 @@ class DeviceRuntime:
 
             def on_stage(stage: Any, resident: bool) -> None:
                 # its turn on the device: a last look before it takes memory or starts a copy
+                if trace is not None:
+                    trace.stamp("TORPOR_STAGE_END")
                 if not shed:
                     return
                 why = shed_when_staged(time.monotonic(), ticket.estimate, copy_s, resident, ticket.due, stage.level,
@@ -297,10 +301,14 @@ class DeviceRuntime:
             # with an objective, it may wait (holding nothing) while its copy would evict a model
             # that others wait for, as long as it could still start its copy and be on time
             defer_until = defer_deadline(ticket.due, ticket.estimate, copy_s) if shed else 0.0
+            if trace is not None:
+                trace.stamp("TORPOR_STAGE_START")
             async with self.pool.acquire(key, device, timeout=timeout, source=source, order=ticket.key,
                                             on_stage=on_stage, defer_until=defer_until, tag=ticket) as placement:
                 placer.staged(ticket, placement)
                 t_exec_start = time.monotonic_ns()
+                if trace is not None:
+                    trace.stamp("TORPOR_MEMORY_END", t_exec_start)
 
                 def work():
                     ticket.started()
@@ -314,6 +322,8 @@ class DeviceRuntime:
                 members, size, outs, seconds = await placement.run_ordered(ticket.key, work)
                 if placement.outcome == Outcome.HIT:
                     placer.observe_exec(key, seconds, size)
+                if trace is not None:
+                    _trace_copy(trace, placement, job.arrival_ns)
         except BaseException as e:
             group.fail(e)
             raise
@@ -322,6 +332,23 @@ class DeviceRuntime:
                 del self._batches[(key, device)]
         group.deliver(members, outs, t_exec_start)
         return outs[0], t_exec_start
+
+
+def _trace_copy(trace: Any, placement: Any, arrival_ns: int) -> None:
+    """Where the request ran, and the copy of its model it waited for, if that copy was still
+    landing when the request arrived (its own swap-in, one it joined, or one started for it at
+    arrival): TORPOR_COPY_START / _END on the copy engine's clock. CPU copies stamp their
+    end; on CUDA the end is the issue time plus the copy stream's measured time."""
+    trace.attributes.update({"torpor.device": placement.device.name, "torpor.outcome": str(placement.outcome)})
+    batch = placement.resident.batch
+    if batch is None or not batch.done():
+        return
+    seconds = batch.seconds() or 0.0
+    done = getattr(batch.events[-1], "t_done", 0.0) if batch.events else 0.0
+    end = monotonic_from_perf(done or batch.t_issue + seconds)
+    if end > arrival_ns:
+        trace.stamp("TORPOR_COPY_START", end - int(seconds * 1e9))
+        trace.stamp("TORPOR_COPY_END", end)
 
 
 class _DeviceBatch:
