@@ -356,22 +356,23 @@ def add_trace_arguments(parser: Any) -> None:
     g = parser.add_argument_group("tracing (Triton's trace extension; docs/tracing.md)")
     g.add_argument("--trace-config", action="append", default=[], type=_trace_config_item,
                    metavar="[MODE,]SETTING=VALUE",
-                   help="repeatable. Global: rate=N (default 1000: every N-th request), level=OFF|TIMESTAMPS "
-                        "(default OFF), count=N (default -1: no limit), mode=triton|opentelemetry (default triton). "
-                        "triton,file=PATH (where traces are written; default none), triton,log-frequency=N (write "
-                        "every N traces to PATH.<n>; default 0: all at exit). opentelemetry,url=URL (OTLP/HTTP "
-                        "collector, default http://localhost:4318/v1/traces), opentelemetry,resource=KEY=VALUE, "
-                        "opentelemetry,bsp_max_queue_size=N / bsp_schedule_delay=MS / bsp_max_export_batch_size=N")
+                   help="a trace setting, repeatable. Global: rate=N (trace every N-th request; 1000), "
+                        "level=OFF|TIMESTAMPS (OFF), count=N (traces to take; -1: no limit), "
+                        "mode=triton|opentelemetry (triton). triton,file=PATH (the trace file; none), "
+                        "triton,log-frequency=N (write every N traces to PATH.<n>; 0: all at exit). "
+                        "opentelemetry,url=URL (the OTLP/HTTP collector; http://localhost:4318/v1/traces), "
+                        "opentelemetry,resource=KEY=VALUE, opentelemetry,bsp_max_queue_size=N / "
+                        "bsp_schedule_delay=MS / bsp_max_export_batch_size=N (default: none: tracing off)")
     g.add_argument("--trace-file", type=lambda s: _checked("file", s), default=None,
-                   help="deprecated: --trace-config triton,file=PATH (default none)")
+                   help="deprecated: --trace-config triton,file=PATH (default: none)")
     g.add_argument("--trace-level", action="append", type=lambda s: _checked("level", s), default=None,
-                   help="deprecated: --trace-config level=LEVEL (default OFF; repeatable)")
+                   help="deprecated: --trace-config level=LEVEL, repeatable (default: OFF)")
     g.add_argument("--trace-rate", type=lambda s: _checked("rate", s), default=None,
-                   help="deprecated: --trace-config rate=N (default 1000)")
+                   help="deprecated: --trace-config rate=N (default: 1000)")
     g.add_argument("--trace-count", type=lambda s: _checked("count", s), default=None,
-                   help="deprecated: --trace-config count=N (default -1)")
+                   help="deprecated: --trace-config count=N (default: -1)")
     g.add_argument("--trace-log-frequency", type=lambda s: _checked("log-frequency", s), default=None,
-                   help="deprecated: --trace-config triton,log-frequency=N (default 0)")
+                   help="deprecated: --trace-config triton,log-frequency=N (default: 0)")
 
 
 def apply_trace_arguments(engine: Any, args: Any) -> None:

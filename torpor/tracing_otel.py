@@ -29,7 +29,7 @@ _TORPOR_SPANS = (("torpor.wait_memory", "TORPOR_STAGE_START", "TORPOR_MEMORY_END
 _BSP = {"bsp_max_queue_size": "max_queue_size", "bsp_schedule_delay": "schedule_delay_millis",
         "bsp_max_export_batch_size": "max_export_batch_size"}
 
-MISSING_SDK = ("--trace-config mode=opentelemetry needs the OpenTelemetry SDK and its OTLP/HTTP exporter: "
+MISSING_SDK = ("mode=opentelemetry needs the OpenTelemetry SDK and its OTLP/HTTP exporter: "
                "pip install opentelemetry-sdk opentelemetry-exporter-otlp-proto-http")
 
 
@@ -56,16 +56,19 @@ class OtelExport:
     """The SDK's tracer provider (private to Torpor: the process-wide one is left alone)."""
 
     def __init__(self, config: Any, span_exporter: Any = None):
-        from opentelemetry import trace
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+        try:
+            from opentelemetry import trace
+            from opentelemetry.sdk.resources import Resource
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+            from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-        if span_exporter is None:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            if span_exporter is None:
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            span_exporter = OTLPSpanExporter(endpoint=otlp_url(config.url))
+                span_exporter = OTLPSpanExporter(endpoint=otlp_url(config.url))
+        except ImportError:  # the flags are checked at parse time; this is for other callers
+            raise RuntimeError(MISSING_SDK) from None
         self._api = trace
         self._propagator = TraceContextTextMapPropagator()
         self.provider = TracerProvider(resource=Resource.create(dict(config.resource)))
