@@ -116,30 +116,9 @@ def load_profiles(path: str | Path) -> dict[str, Any]:
         return json.load(f)
 
 
-def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: str = "scenario") -> Scenario:
-    """Validate a scenario dict (see loadtest/scenarios/README.md); errors name the field."""
-    where = "scenario"
-    known = {"name", "gpus", "gpu_memory_GB", "gpus_per_node", "node", "models", "profile", "functions",
-             "workload", "policies", "exec_noise", "seed", "search_gpus", "target_attainment", "notes", "sweep",
-             "weight_fraction", "staging", "errors"}
-    unknown = set(spec) - known
-    if unknown:
-        raise ScenarioError(f"{where}: unknown field(s) {sorted(unknown)}")
-    gpus = _num(spec, "gpus", where, integer=True)
-    mem = int(_num(spec, "gpu_memory_GB", where) * GB)
-    frac = _num(spec, "weight_fraction", where, default=1.0)
-    if frac > 1:
-        raise ScenarioError(f"{where}.weight_fraction: must be at most 1, got {frac}")
-    budget = int(mem * frac)
-    per_node = _num(spec, "gpus_per_node", where, integer=True, default=gpus)
-    node = spec.get("node", {}) or {}
-    if not isinstance(node, dict):
-        raise ScenarioError(f"{where}.node: expected an object")
-    try:
-        build_links(node, per_node, gpus)
-    except TopologyError as e:
-        raise ScenarioError(f"{where}.{e}") from None
-    # the model mix: inline, or a key into a profile file
+def _parse_models(spec: dict[str, Any], where: str, base: Path | None, budget: int) -> list[ModelSpec]:
+    """The model mix: inline (`models`), or a key into a profile file (`profile`: 'FILE#KEY');
+    each model no larger than a GPU's weight budget."""
     models_spec = spec.get("models")
     if models_spec is None:
         prof = spec.get("profile")
@@ -181,6 +160,33 @@ def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: st
             max_queue_delay_s=_num(m, "max_queue_delay_ms", w, positive=False, default=0.0) / 1e3,
             batch_scale=_num(m, "batch_scale", w, positive=False, default=DEFAULT_BATCH_SCALE),
         ))
+    return models
+
+
+def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: str = "scenario") -> Scenario:
+    """Validate a scenario dict (see loadtest/scenarios/README.md); errors name the field."""
+    where = "scenario"
+    known = {"name", "gpus", "gpu_memory_GB", "gpus_per_node", "node", "models", "profile", "functions",
+             "workload", "policies", "exec_noise", "seed", "search_gpus", "target_attainment", "notes", "sweep",
+             "weight_fraction", "staging", "errors"}
+    unknown = set(spec) - known
+    if unknown:
+        raise ScenarioError(f"{where}: unknown field(s) {sorted(unknown)}")
+    gpus = _num(spec, "gpus", where, integer=True)
+    mem = int(_num(spec, "gpu_memory_GB", where) * GB)
+    frac = _num(spec, "weight_fraction", where, default=1.0)
+    if frac > 1:
+        raise ScenarioError(f"{where}.weight_fraction: must be at most 1, got {frac}")
+    budget = int(mem * frac)
+    per_node = _num(spec, "gpus_per_node", where, integer=True, default=gpus)
+    node = spec.get("node", {}) or {}
+    if not isinstance(node, dict):
+        raise ScenarioError(f"{where}.node: expected an object")
+    try:
+        build_links(node, per_node, gpus)
+    except TopologyError as e:
+        raise ScenarioError(f"{where}.{e}") from None
+    models = _parse_models(spec, where, base, budget)
     policies = spec.get("policies", list(POLICIES))
     if not isinstance(policies, list) or not policies:
         raise ScenarioError(f"{where}.policies: expected a non-empty list")
