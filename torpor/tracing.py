@@ -84,8 +84,8 @@ class TraceSettings:
         return self.get(model)
 
     def owner(self, model: str, key: str) -> str:
-        """The scope whose value of `key` applies to `model`: the model ("model") when it
-        overrides it, else "" (global)."""
+        """The scope whose value of `key` applies to `model`: `model` itself when it has its
+        own value, else "" (the global settings)."""
         return model if key in self.model_overrides.get(model, ()) else ""
 
     def count_down(self, scope: str) -> bool:
