@@ -218,27 +218,31 @@ def decode_infer_request(
         raise invalid_arg(
             f"unexpected additional input data for model '{model_name}': {len(binary) - offset} bytes left over"
         )
-    outputs = None
-    raw_outputs = header.get("outputs")
-    if raw_outputs is not None:
-        if not isinstance(raw_outputs, list):
-            raise invalid_arg("'outputs' must be an array")
-        outputs = []
-        for o in raw_outputs:
-            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-                raise invalid_arg("each requested output must be an object with a string 'name'")
-            oparams = _params(o.get("parameters"), f"output '{o['name']}'")
-            if oparams:
-                _unsigned(oparams, "classification", "set")
-            outputs.append(RequestedOutput(o["name"], oparams))
     return InferRequest(
         model_name=model_name,
         model_version=model_version,
         id=req_id,
         inputs=inputs,
-        outputs=outputs,
+        outputs=_requested_outputs(header.get("outputs")),
         parameters=params,
     )
+
+
+def _requested_outputs(raw_outputs: Any) -> list[RequestedOutput] | None:
+    """The request's `outputs` (None: every output, as Triton)."""
+    if raw_outputs is None:
+        return None
+    if not isinstance(raw_outputs, list):
+        raise invalid_arg("'outputs' must be an array")
+    outputs = []
+    for o in raw_outputs:
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise invalid_arg("each requested output must be an object with a string 'name'")
+        oparams = _params(o.get("parameters"), f"output '{o['name']}'")
+        if oparams:
+            _unsigned(oparams, "classification", "set")
+        outputs.append(RequestedOutput(o["name"], oparams))
+    return outputs
 
 
 def _json_strings(t) -> list[str]:

@@ -106,27 +106,10 @@ class RequestRules:
             corr, flags, custom = 0, 0, {}
         if controls:
             self._fill_controls(entry, inputs, controls, corr, flags, batch)
-        if request.outputs:
-            output_names = [o.name for o in request.outputs]
-            if len(set(output_names)) != len(output_names):
-                seen: set[str] = set()
-                for o in output_names:
-                    if o in seen:  # Triton refuses it since 2.69 (older ones merged the two)
-                        raise invalid_arg(f"output '{o}' already exists in request")
-                    seen.add(o)
-            for ro in request.outputs:
-                if ro.name not in entry.output_index:
-                    raise invalid_arg(f"unexpected inference output '{ro.name}' for model '{name}'")
-                k = ro.parameters.get("classification") if ro.parameters else None
-                if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
-                    raise invalid_arg(f"invalid value for 'classification' parameter of output '{ro.name}', "
-                                      f"expected an integer >= 0")
-        else:
-            output_names = [s.name for s in entry.outputs]
         return (
             ModelRequest(
                 inputs=inputs,
-                requested_outputs=output_names,
+                requested_outputs=self._output_names(entry, request),
                 parameters=custom,
                 id=request.id,
                 correlation_id=corr,
@@ -134,6 +117,28 @@ class RequestRules:
             ),
             batch,
         )
+
+    @staticmethod
+    def _output_names(entry: ModelEntry, request: InferRequest) -> list[str]:
+        """The outputs the request asks for (all of the model's where it names none), each
+        known to the model, named once, with a valid `classification` parameter."""
+        if not request.outputs:
+            return [s.name for s in entry.outputs]
+        output_names = [o.name for o in request.outputs]
+        if len(set(output_names)) != len(output_names):
+            seen: set[str] = set()
+            for o in output_names:
+                if o in seen:  # Triton refuses it since 2.69 (older ones merged the two)
+                    raise invalid_arg(f"output '{o}' already exists in request")
+                seen.add(o)
+        for ro in request.outputs:
+            if ro.name not in entry.output_index:
+                raise invalid_arg(f"unexpected inference output '{ro.name}' for model '{entry.name}'")
+            k = ro.parameters.get("classification") if ro.parameters else None
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+                raise invalid_arg(f"invalid value for 'classification' parameter of output '{ro.name}', "
+                                  f"expected an integer >= 0")
+        return output_names
 
     @staticmethod
     def _raw_input(entry: ModelEntry, raw: bytes | memoryview) -> Tensor:
