@@ -62,6 +62,20 @@ def test_a_model_in_host_memory_is_still_cold_the_owner_follows_the_holders():
     assert order[:2] == [holder, owner]
 
 
+def test_host_memory_everywhere_is_no_signal_the_owner_decides():
+    # every node loaded the whole repository: host residency cannot tell the nodes apart
+    owner = rendezvous_owner("m", NAMES)
+    nodes = [
+        NodeView(name=n, models={"m": HOST}, predicted_wait_s=0.0 if n != owner else 0.03) for n in NAMES
+    ]
+    order = route("m", 1.0, nodes, exec_s=0.01, copy_s=0.05)
+    assert order[0] == owner
+    # a node loading it still comes first: it will have it on a device soonest
+    loading = next(n for n in NAMES if n != owner)
+    nodes = [NodeView(name=n, models={"m": LOADING if n == loading else HOST}) for n in NAMES]
+    assert route("m", 1.0, nodes, copy_s=0.05)[0] == loading
+
+
 def test_the_owner_is_skipped_when_its_start_misses_the_slack():
     owner = rendezvous_owner("m", NAMES)
     nodes = [NodeView(name=n, predicted_wait_s=1.0 if n == owner else 0.0) for n in NAMES]

@@ -16,7 +16,10 @@ and falls back down the list (a node gone, a replica full). The order, and why e
    PCIe (copy_s) without fetching it from the repository; both keep the model where it already
    is instead of making another node hold a second copy. A node qualifies only where its start
    still fits the slack (wait, plus copy_s where it is only in host memory): where it does not,
-   a copy somewhere idle beats queueing behind a busy node.
+   a copy somewhere idle beats queueing behind a busy node. Host memory counts only where some
+   node does not hold the model there: a cluster whose every node loaded the whole repository
+   reports every model in host memory everywhere, which says nothing about where it should go,
+   and letting it decide would scatter a cold model's requests by load and undo step 3.
 3. **The rendezvous-hash owner of a cold model.** A model on no device anywhere (nor loading)
    goes next to the node with the highest random weight for it (`rendezvous_owner`), so its
    requests converge on one node, which then has it hot, instead of each arrival loading it on
@@ -89,23 +92,21 @@ def route(
     if not nodes:
         return []
     slack = math.inf if slo_s is None else slo_s - exec_s
+    # each node's state for the model, read once (a report's mapping may be computed on demand)
+    state = {v.name: v.models.get(model) for v in nodes}
     weights = {v.name: weight(model, v.name) for v in nodes}
 
     def start(v: NodeView) -> float:
-        state = v.models.get(model)
-        return v.predicted_wait_s + (0.0 if state in (DEVICE, LOADING) else copy_s)
+        return v.predicted_wait_s + (0.0 if state[v.name] in (DEVICE, LOADING) else copy_s)
 
     def order(v: NodeView) -> tuple[float, int, int]:
         return (start(v), -v.free_bytes, -weights[v.name])
 
-    hot = sorted(
-        (v for v in nodes if v.models.get(model) == DEVICE and v.predicted_wait_s <= slack), key=order
-    )
-    held = sorted(
-        (v for v in nodes if v.models.get(model) in (LOADING, HOST) and start(v) <= slack), key=order
-    )
+    held_states = (LOADING,) if all(x is not None for x in state.values()) else (LOADING, HOST)
+    hot = sorted((v for v in nodes if state[v.name] == DEVICE and v.predicted_wait_s <= slack), key=order)
+    held = sorted((v for v in nodes if state[v.name] in held_states and start(v) <= slack), key=order)
     out = [v.name for v in hot + held]
-    if not any(v.models.get(model) in (DEVICE, LOADING) for v in nodes):
+    if not any(x in (DEVICE, LOADING) for x in state.values()):
         owner = max(nodes, key=lambda v: (weights[v.name], v.name))
         if start(owner) <= slack:
             out.append(owner.name)
