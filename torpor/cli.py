@@ -18,6 +18,7 @@ from torpor import __version__
 from torpor.dataplane.engine import TRITON_VERSION
 from torpor.logs import install as install_log
 from torpor.logs import model_table, one_line, reason
+from torpor.tracing import add_trace_arguments, apply_trace_arguments
 
 log = logging.getLogger("torpor")
 
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     _log_flags(s)
     _limit_flags(s)
     _device_flags(s)
+    add_trace_arguments(s)
     sim = sub.add_parser("simulate", help="compare scheduling policies in the discrete-event simulator")
     from torpor.sim.report import add_arguments
 
@@ -374,6 +376,7 @@ async def serve(args: argparse.Namespace) -> int:
     if in_use:
         return _refuse(in_use)
     engine = Engine(options, create_model_function)
+    apply_trace_arguments(engine, args)
     failed_log = _open_log(engine, args)
     if failed_log:
         return _refuse(failed_log)

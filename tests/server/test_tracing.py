@@ -362,3 +362,18 @@ def test_late_binding_stamps_the_wait_and_the_copy(serve, tmp_path):
     # runs under the execution (layer groups compute as they land)
     assert cold["REQUEST_START"] <= cold["TORPOR_COPY_START"] <= cold["TORPOR_COPY_END"] <= cold["COMPUTE_END"]
     assert {"TORPOR_STAGE_START", "TORPOR_MEMORY_END"} <= set(warm) and "TORPOR_COPY_START" not in warm
+
+
+def test_torpor_serve_traces_with_tritons_flags(simple_repo, start_server, tmp_path):
+    """`torpor serve --trace-config ...` as a tritonserver launch script passes it: the trace
+    file holds the request, written when the server exits (log frequency 0)."""
+    path = tmp_path / "serve-trace.json"
+    s = start_server(simple_repo, "--trace-config", f"triton,file={path}", "--trace-config", "level=TIMESTAMPS",
+                     "--trace-config", "rate=1")
+    client = httpclient.InferenceServerClient(s.http_url)
+    client.infer("simple", simple_inputs(httpclient), request_id="from-cli")
+    assert s.stop() == 0
+    traces = read_traces(path)
+    (t,) = [t for t in traces.values() if t["info"]["request_id"] == "from-cli"]
+    assert t["info"]["model_name"] == "simple"
+    assert_ordered(t["stamps"], HTTP_ORDER)
