@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -227,3 +228,11 @@ def test_readme_flags_agree_with_serve_help():
         assert re.search(rf"^\s+{re.escape(flag)}\b", help_text, re.MULTILINE), flag
         default = default_cell.replace("`", "")
         assert f"(default: {default})" in _expanded_help(actions[flag]), (flag, default)
+
+
+def test_docs_command_line_names_every_serve_flag():
+    """docs/command-line.md is the full reference: every long option of `torpor serve` is there."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "command-line.md").read_text()
+    missing = [o for a in _serve_parser()._actions for o in a.option_strings
+               if o.startswith("--") and o != "--help" and f"`{o}" not in doc]
+    assert not missing, f"docs/command-line.md lacks {missing}"
