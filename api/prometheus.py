@@ -209,17 +209,7 @@ def swap_metrics(engine: Engine) -> Iterable[Metric]:
             model, _, version = label.rpartition(":")
             fam.add_sample(name, {"model": model, "version": version}, float(c.get(key, 0)) * scale)
         families.append(fam)
-    resident = Metric("torpor_model_resident", "1 while the model's weights are resident on the device", "gauge")
-    used = Metric("torpor_device_memory_used_bytes", "Arena bytes holding model weights", "gauge")
-    free = Metric("torpor_device_memory_free_bytes", "Arena bytes free", "gauge")
-    for dev in engine.residency().get("devices", []):
-        dname = str(dev.get("name", ""))
-        used.add_sample(used.name, {"device": dname}, float(dev.get("used_bytes", 0)))
-        free.add_sample(free.name, {"device": dname}, float(dev.get("free_bytes", 0)))
-        for m in dev.get("models", []):
-            model, _, version = str(m.get("model", "")).rpartition(":")
-            resident.add_sample(resident.name, {"model": model, "version": version, "device": dname}, 1.0)
-    out = [*families, resident, used, free]
+    out = [*families, *residency_metrics(engine.residency())]
     topo = engine.topology()
     if topo.get("models") is not None:
         decided = Metric("torpor_scheduler_decisions", "Scheduler decisions per action (run, queue, swap, peer, wait)",
@@ -244,10 +234,88 @@ def swap_metrics(engine: Engine) -> Iterable[Metric]:
     return out
 
 
+_DEVICE_GAUGES = [  # (report key, metric name, help) per device
+    ("capacity_bytes", "torpor_device_memory_capacity_bytes", "Arena bytes for model weights"),
+    ("used_bytes", "torpor_device_memory_used_bytes", "Arena bytes holding model weights"),
+    ("free_bytes", "torpor_device_memory_free_bytes", "Arena bytes free"),
+    ("queue_length", "torpor_device_queue_length", "Requests queued or running on the device"),
+    ("predicted_wait_seconds", "torpor_device_predicted_wait_seconds",
+     "Seconds until the device could start a new request (the scheduler's backlog, copies included)"),
+]
+_STATES = ("device", "loading", "host")
+
+
+def residency_metrics(report: dict) -> list[Metric]:
+    """The residency report (Engine.residency, GET /v2/torpor/residency) as gauges: the same
+    source the endpoint and a router's NodeView read (docs/metrics.md lists them)."""
+    epoch = Metric("torpor_residency_epoch", "Bumped on every residency change (placement, landing, eviction, "
+                   "load, unload)", "gauge")
+    epoch.add_sample(epoch.name, {}, float(report.get("epoch", 0)))
+    per_device = {key: Metric(name, doc, "gauge") for key, name, doc in _DEVICE_GAUGES}
+    resident = Metric("torpor_model_resident", "1 while the model's weights have landed on the device", "gauge")
+    landing = Metric("torpor_model_landing", "1 while the model's weights are being copied to the device", "gauge")
+    for dev in report.get("devices", []):
+        labels = {"device": str(dev.get("name", ""))}
+        for key, name, _ in _DEVICE_GAUGES:
+            value = dev.get("predicted_wait_s") if key == "predicted_wait_seconds" else dev.get(key)
+            if value is not None:
+                per_device[key].add_sample(name, labels, float(value))
+        for m in dev.get("models", []):
+            model, _, version = str(m.get("model", "")).rpartition(":")
+            gauge = resident if m.get("state") == "resident" else landing
+            gauge.add_sample(gauge.name, {"model": model, "version": version, **labels}, 1.0)
+    state = Metric("torpor_model_state", "1 for the model's state on this node: device (landed on a device), "
+                   "loading (a copy in flight, or loading), host (in host memory only)", "gauge")
+    attainment = Metric("torpor_slo_attainment", "Share of the model's requests with an objective that met it over "
+                        "the last torpor_slo_window_seconds (shed requests count as missed)", "gauge")
+    for m in report.get("models", {}).values():
+        labels = {"model": str(m.get("name", "")), "version": str(m.get("version", ""))}
+        for st in _STATES:
+            state.add_sample(state.name, {**labels, "state": st}, 1.0 if m.get("state") == st else 0.0)
+        if m.get("slo_attainment") is not None:
+            attainment.add_sample(attainment.name, labels, float(m["slo_attainment"]))
+    out = [epoch, *per_device.values(), resident, landing, state, attainment]
+    if report.get("slo_window_s") is not None:
+        window = Metric("torpor_slo_window_seconds", "The window of torpor_slo_attainment", "gauge")
+        window.add_sample(window.name, {}, float(report["slo_window_s"]))
+        out.append(window)
+    if report.get("slo_attainment") is not None:
+        node = Metric("torpor_node_slo_attainment", "torpor_slo_attainment over all the node's models", "gauge")
+        node.add_sample(node.name, {}, float(report["slo_attainment"]))
+        out.append(node)
+    return out
+
+
+def forward_metrics(engine: Engine) -> list[Metric]:
+    """Forward once between nodes (torpor.api.forward): forwards per peer, protocol and outcome,
+    requests peers forwarded here, and what this node knows of each peer."""
+    state = engine.cluster_state()
+    forwards = Metric("torpor_forwards", "Requests forwarded to a peer, by outcome (answered: the peer's answer "
+                      "was returned; failed: no answer, served here; refused: the peer answered UNAVAILABLE, "
+                      "served here)", "counter")
+    received = Metric("torpor_forwarded_in", "Requests a peer forwarded to this node", "counter")
+    up = Metric("torpor_peer_up", "1 while the peer's residency report is fresh", "gauge")
+    overhead = Metric("torpor_peer_forward_overhead_seconds", "Measured cost of forwarding to the peer: round trip "
+                      "minus the peer's own time (before any forward: a report poll's round trip)", "gauge")
+    for protocol in ("http", "grpc"):
+        received.add_sample(received.name, {"protocol": protocol}, float(state["received"].get(protocol, 0)))
+    for p in state["peers"]:
+        labels = {"peer": p["peer"]}
+        up.add_sample(up.name, labels, 1.0 if p["up"] else 0.0)
+        cost = p["overhead_s"] if p["overhead_s"] is not None else p["rtt_s"]
+        if cost is not None:
+            overhead.add_sample(overhead.name, labels, float(cost))
+        for f in p["forwards"]:
+            forwards.add_sample(forwards.name, {**labels, "protocol": f["protocol"], "outcome": f["outcome"]},
+                                float(f["requests"]))
+    return [forwards, received, up, overhead]
+
+
 def make_registry(engine: Engine, gpu: bool = True, cpu: bool = True) -> tuple[CollectorRegistry, MetricsCollector]:
     registry = CollectorRegistry(auto_describe=False)
     collector = MetricsCollector(engine, gpu=gpu, cpu=cpu)
     collector.add_source(lambda: swap_metrics(engine))
+    collector.add_source(lambda: forward_metrics(engine))
     registry.register(collector)
     return registry, collector
 

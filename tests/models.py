@@ -125,6 +125,14 @@ output [ { name: "OUTPUT0" data_type: TYPE_INT32 dims: [ 1 ] } ]
     return repo
 
 
+def write_mlps(repo: Path, names: list[str], first_seed: int, hidden: int) -> Path:
+    """A repository of generated-weights MLPs (`mlp_config`), the i-th seeded `first_seed + i`."""
+    for i, name in enumerate(names):
+        (repo / name / "1").mkdir(parents=True, exist_ok=True)
+        (repo / name / "config.pbtxt").write_text(mlp_config(name, first_seed + i, hidden))
+    return repo
+
+
 def mlp_config(name: str, seed: int, hidden: int) -> str:
     """A generated-weights PyTorch MLP (`torpor.adapters.networks:WideMLP`, 4 layers of `hidden`)."""
     return f'''name: "{name}"

@@ -120,9 +120,10 @@ def test_a_violation_is_caught():
 
 def test_the_device_core_imports_without_the_web_stack():
     """The engine, the device runtime, scheduling and the simulator load in a fresh interpreter
-    without fastapi, uvicorn, grpc or tritonclient's client (torch is the runtime's to import)."""
+    without fastapi, uvicorn, grpc or tritonclient's client (torch is the runtime's to import);
+    so do the residency report and the forward-once rule (the peers' I/O is the front ends')."""
     code = ("import sys, torpor.dataplane.engine, torpor.runtime.residency, torpor.runtime.device_path, "
-            "torpor.sim.report, torpor.registry.repository\n"
+            "torpor.sim.report, torpor.registry.repository, torpor.dataplane.cluster, torpor.scheduling.peers\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
             "('fastapi', 'starlette', 'uvicorn', 'grpc') or "
             "(m.startswith('tritonclient') and m != 'tritonclient.grpc.model_config_pb2'))\n"

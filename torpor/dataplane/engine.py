@@ -26,6 +26,7 @@ from torpor.config import (
     ModelConfig,
     config_to_dict,
 )
+from torpor.dataplane.cluster import PeerTable, ReportEpoch, residency_report
 from torpor.dataplane.host_batching import HostBatcher
 from torpor.dataplane.request_rules import RequestRules
 from torpor.dataplane.shm import SharedMemoryManager
@@ -36,6 +37,8 @@ from torpor.registry.lifecycle import Factory, ModelRegistry
 from torpor.registry.model_entry import InlineGate, ModelEntry, VersionEntry
 from torpor.runtime.device_path import DeviceJob
 from torpor.scheduling.costmodel import slo_seconds
+from torpor.scheduling.peers import pick_peer
+from torpor.scheduling.scheduler import Action
 from torpor.settings import LogSettings
 from torpor.stats import ModelStats, empty_stats
 from torpor.tensors import InferRequest, InferResponse
@@ -125,6 +128,9 @@ class Engine:
         self.exiting = False
         self.inflight = 0
         self._idle: asyncio.Event | None = None
+        # the node among its peers (torpor.dataplane.cluster): their reports, the forward-once rule
+        self.cluster = PeerTable()
+        self._report_epoch = ReportEpoch()
 
     # ---------------------------------------------------------------------------------------
     # start / stop
@@ -288,10 +294,10 @@ class Engine:
         return self.runtime is not None
 
     def residency(self) -> dict:
-        """Per device: which models are resident, bytes used and free (GET /v2/torpor/residency)."""
-        if self.runtime is None:
-            return {"devices": [], "note": "no devices configured (--devices): models run where loaded"}
-        return self.runtime.residency()
+        """The residency report (GET /v2/torpor/residency, the torpor_* gauges, a router's
+        NodeView; shape in torpor.scheduling.peers): an epoch, per device its residents, free
+        bytes, queue and predicted wait, per model where it is and its windowed SLO attainment."""
+        return residency_report(self.registry, self.runtime, self.cluster, self._report_epoch)
 
     def topology(self) -> dict:
         """The devices' links (measured or configured), the scheduler's state and per-model
@@ -299,6 +305,56 @@ class Engine:
         if self.runtime is None:
             return {"devices": [], "links": [], "note": "no devices configured (--devices): models run where loaded"}
         return self.runtime.topology()
+
+    # ---------------------------------------------------------------------------------------
+    # peers: forward once (issue 22; torpor.api.forward does the I/O)
+    # ---------------------------------------------------------------------------------------
+    def set_peers(self, node: str, peers: list[str], stale_s: float) -> None:
+        """This node's name (the forwarded-request marker carries it) and its peers' HTTP base URLs."""
+        self.cluster.configure(node, peers, stale_s)
+
+    def peer_report(self, peer: str, report: dict, rtt_s: float) -> None:
+        """A peer's residency report, polled in `rtt_s` seconds."""
+        self.cluster.update(peer, report, rtt_s)
+
+    def peer_down(self, peer: str, why: str) -> None:
+        """A peer's report could not be fetched: forward nothing to it until it answers again."""
+        self.cluster.down(peer, why)
+
+    def forward_target(self, model: str, version: str = "") -> str | None:
+        """The peer to forward a request for this model to, or None to serve it here. A peer
+        wins only where the model has landed on one of its devices and, counting its predicted
+        wait, the model's execution and the measured forwarding overhead, it answers sooner than
+        the local swap (host or peer copy) the scheduler would start; a model resident here, one
+        that runs where it was loaded, a decoupled or a sequence model is never forwarded."""
+        if self.runtime is None or not self.cluster.active():
+            return None
+        try:
+            entry, ve = self.resolve(model, version)
+        except TorporError:
+            return None  # answered here, with the error a client expects
+        if ve.pool_key is None or entry.decoupled or entry.config.HasField("sequence_batching"):
+            return None
+        candidates = self.cluster.candidates(f"{entry.name}:{ve.version}")
+        if not candidates:
+            return None
+        default = entry.slo_ms if entry.slo_ms is not None else self.options.default_slo_ms
+        local = self.runtime.local_estimate(ve.pool_key, slo_seconds(None, default, None))
+        if local is not None and local[0] not in (Action.SWAP, Action.PEER):
+            return None
+        return pick_peer(local[1] if local is not None else float("inf"), candidates)
+
+    def forward_done(self, peer: str, protocol: str, outcome: str, seconds: float, server_s: float | None) -> None:
+        """A forward ended (torpor.dataplane.cluster.PeerTable.done says how)."""
+        self.cluster.done(peer, protocol, outcome, seconds, server_s)
+
+    def forwarded_in(self, protocol: str) -> None:
+        """A peer forwarded this node a request (it carries the marker: never forwarded again)."""
+        self.cluster.received[protocol] += 1
+
+    def cluster_state(self) -> dict:
+        """The peers as this node knows them and the forwards counted (the metrics' source)."""
+        return self.cluster.describe()
 
     def swap_counters(self) -> dict:
         """Per (model, version): the swap engine's counters (swap-ins, bytes, hits, ...)."""

@@ -27,6 +27,7 @@ from torpor.config import ModelConfig, tensor_specs
 from torpor.datatypes import numpy_dtype
 from torpor.errors import internal, unavailable
 from torpor.model import ModelFunction, ModelRequest
+from torpor.runtime.placer import SLO_WINDOW_S, _name
 from torpor.scheduling.admission import defer_deadline, outlasted, shed_at_arrival, shed_when_staged
 from torpor.scheduling.scheduler import Action, Outcome
 from torpor.tracing import monotonic_from_perf
@@ -137,7 +138,44 @@ class DeviceRuntime:
 
     # -- what the data plane reports (GET /v2/torpor/*, statistics, metrics) ------------------
     def residency(self) -> dict:
-        return self.pool.residency()
+        """The devices' half of the residency report (torpor.scheduling.peers): the pool's arenas
+        and residents, each device's queue and predicted wait (the placer's backlog: queued and
+        running work with the copies it waits for), and per model version in the host store
+        its state on each device, execution estimate and SLO met / missed over the placer's
+        window (requests shed under overload count as missed)."""
+        placer = self.placer
+        report = self.pool.residency()
+        where: dict[str, dict[str, str]] = {}
+        for dev in report["devices"]:
+            name = dev["name"]
+            dev["queue_length"] = len(placer.tickets[name])
+            dev["predicted_wait_s"] = round(placer.backlog(name), 6)
+            for m in dev["models"]:
+                where.setdefault(m["model"], {})[name] = m["state"]
+        now = time.monotonic()
+        models = {}
+        registered = self.pool.store.keys()
+        for key in registered:
+            label = _name(key)
+            slo = placer.slo.get(key)
+            met, missed = slo.window.counts(now) if slo is not None else (0, 0)
+            models[label] = {"devices": where.get(label, {}), "host": True,
+                             "bytes": self.pool.store.get(key).nbytes,
+                             "exec_s": round(placer.cost.exec_seconds(key, 1), 6),
+                             "slo_window": {"met": met, "missed": missed}}
+        report["models"] = models
+        report["slo_window_s"] = SLO_WINDOW_S
+        return report
+
+    def local_estimate(self, key: Any, slo: float | None) -> tuple[str, float] | None:
+        """What the scheduler would do now with a request for `key`, without doing it: (its
+        action: run, queue, swap or peer; seconds until it would be answered); None where it
+        has no option now. The forward-once rule weighs this against peers
+        (torpor.scheduling.peers.pick_peer)."""
+        decision = self.placer.place(key, slo, record=False)
+        if decision is None or decision.option is None:
+            return None
+        return str(decision.option.action), decision.waited_s + decision.option.completion_s
 
     def topology(self) -> dict:
         return self.placer.describe()

@@ -61,6 +61,24 @@ class MemoryFullError(TorporError):
         super().__init__(Status.UNAVAILABLE, message)
 
 
+class Epoch:
+    """A residency epoch: bumped on every change of what is on a device (a model placed, its
+    copy landed, a resident released) and of what is in host memory, so that a reader of the
+    residency report (a peer, a router) can tell a new state from one it has seen. Locked:
+    a landing is noticed by `Resident.copy_done()`, which worker threads call too, and the
+    counter must never go back."""
+
+    __slots__ = ("_lock", "value")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def bump(self) -> None:
+        with self._lock:
+            self.value += 1
+
+
 class BlockAllocator:
     """Free runs of blocks, kept sorted by start; best-fit allocation, coalescing free."""
 
@@ -159,6 +177,7 @@ class Resident:
         """All groups have landed (observed without blocking)."""
         if not self._ready and (self.batch is None or self.batch.done()):
             self._ready = True
+            self.memory.epoch.bump()  # landing -> resident
         return self._ready
 
     def readers_done(self) -> bool:
@@ -186,13 +205,13 @@ class Resident:
         return {key: views[s.index] for key, s in self.model.slots.items()}
 
     def state(self) -> str:
-        return "ready" if self.copy_done() else "copying"
+        return "resident" if self.copy_done() else "landing"
 
 
 class DeviceMemory:
     """One device's arena, block allocator and residents (see the module docstring)."""
 
-    def __init__(self, device: Device, block_bytes: int = DEFAULT_BLOCK_BYTES):
+    def __init__(self, device: Device, block_bytes: int = DEFAULT_BLOCK_BYTES, epoch: Epoch | None = None):
         if block_bytes <= 0 or block_bytes % 4096:
             raise ValueError("block_bytes must be a positive multiple of 4096")
         self.device = device
@@ -206,6 +225,7 @@ class DeviceMemory:
         self.blocks = BlockAllocator(nblocks)
         self.residents: dict[Any, Resident] = {}
         self.evictions = 0
+        self.epoch = epoch or Epoch()  # shared by a pool's devices (DevicePool)
         self.fragmented_evictions = 0  # evictions needed although enough blocks were free
 
     # accounting ------------------------------------------------------------------------------------
@@ -266,6 +286,7 @@ class DeviceMemory:
                 offsets[gi] = base + model.groups[gi].start - model.groups[first].start
         r = Resident(model, self, segments, offsets)
         self.residents[model.key] = r
+        self.epoch.bump()
         return r
 
     def release(self, r: Resident) -> None:
@@ -281,6 +302,7 @@ class DeviceMemory:
             self.blocks.free(s, n)
         r.segments = []
         r.weights = None
+        self.epoch.bump()
 
     def candidates(
         self, exclude: Any, rate: Callable[[Any], float], bandwidth: float, replicas: Callable[[Any], int],

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from torpor.scheduling.admission import planned_residents, work_ahead, would_delay
 from torpor.scheduling.costmodel import CostModel, ExecEstimator, LinkMap
+from torpor.scheduling.peers import SloWindow
 from torpor.scheduling.scheduler import (
     HOPELESS_DELAY_S,
     Action,
@@ -98,6 +99,9 @@ class ModelSlo:
     # (when, why) -> requests: "late" (past its objective), "harms" (its copy would evict a model
     # waiting requests want), "stalls" (its copy would stall queued requests past their objectives)
     shed_why: Counter = field(default_factory=Counter)
+    # met and missed over the last SLO_WINDOW_S (a shed request counts as missed): the
+    # attainment the residency report gives peers and routers, which is about now, not since start
+    window: SloWindow = field(default_factory=lambda: SloWindow(SLO_WINDOW_S))
 
     def as_dict(self) -> dict[str, Any]:
         return {"decisions": dict(self.decisions), "predicted_misses": self.predicted_misses,
@@ -105,6 +109,7 @@ class ModelSlo:
                 "shed_reasons": {f"{w}:{r}": n for (w, r), n in sorted(self.shed_why.items())}}
 
 
+SLO_WINDOW_S = 60.0  # the residency report's SLO attainment window
 NO_SLO_DEADLINE_S = 10.0  # the queue key of a request without an objective: served, never starved
 
 
@@ -403,6 +408,7 @@ class Placer:
         s = self.slo.setdefault(key, ModelSlo())
         s.shed[when] += requests
         s.shed_why[(when, reason)] += requests
+        s.window.add(time.monotonic(), False, requests)
 
     def observe_latency(self, key: Any, seconds: float, slo_s: float | None, ticket: Ticket | None = None) -> None:
         """A request answered `seconds` after arrival: its SLO accounting, and the scheduler's
@@ -417,6 +423,7 @@ class Placer:
             s.met += 1
         else:
             s.missed += 1
+        s.window.add(time.monotonic(), seconds <= slo_s)
 
     def forget(self, key: Any) -> None:
         self.cost.exec.forget(key)

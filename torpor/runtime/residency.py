@@ -59,7 +59,14 @@ from torch import nn
 from torpor.runtime.devices import Device
 from torpor.runtime.executor import execute, forward, install_group_hooks
 from torpor.runtime.hoststore import HostModel, HostStore
-from torpor.runtime.memory import DEFAULT_BLOCK_BYTES, DeviceMemory, MemoryFullError, Resident, _key_str
+from torpor.runtime.memory import (
+    DEFAULT_BLOCK_BYTES,
+    DeviceMemory,
+    Epoch,
+    MemoryFullError,
+    Resident,
+    _key_str,
+)
 from torpor.runtime.partition import PartitionRule
 from torpor.runtime.staging import Stage, StageTimeout, StagingQueue
 from torpor.runtime.swapper import swap_in_from_host, swap_in_from_peer
@@ -209,7 +216,8 @@ class DevicePool:
         self.devices = list(devices)
         if not self.devices:
             raise ValueError("DevicePool needs at least one device")
-        self.memories = [DeviceMemory(d, block_bytes) for d in self.devices]
+        self.epoch = Epoch()  # bumped on every residency change, on any device or in the host store
+        self.memories = [DeviceMemory(d, block_bytes, self.epoch) for d in self.devices]
         self._names = {d.name for d in self.devices}
         self.store = store or HostStore(pin=any(d.kind == "cuda" for d in self.devices))
         self.policy = policy or CostAwarePolicy()
@@ -242,6 +250,7 @@ class DevicePool:
         model = self.store.add(key, groups, module, pipelined=pipelined, rule=rule)
         install_group_hooks(model)
         self._counters.setdefault(key, ModelCounters())
+        self.epoch.bump()
         return model
 
     async def unregister(self, key: Any, timeout: float | None = None) -> None:
@@ -264,6 +273,7 @@ class DevicePool:
                 await self._wait_change(deadline)
             self.store.remove(key)
             self._counters.pop(key, None)
+            self.epoch.bump()
         finally:
             self._removing.discard(key)
 
@@ -538,11 +548,15 @@ class DevicePool:
         return {_key_str(k): self.counters(k) for k in list(self._counters)}
 
     def residency(self) -> dict[str, Any]:
-        return {
+        """Per device its arena and residents, the host store's totals, and the epoch (read
+        last: building the snapshot notices copies that have landed, which bumps it)."""
+        out = {
             "policy": self.policy.name,
             "devices": [m.snapshot() for m in self.memories],
             "host": self.store.summary(),
         }
+        out["epoch"] = self.epoch.value
+        return out
 
     def close(self) -> None:
         for d in self.devices:
