@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from typing import Any
 
 import grpc
@@ -21,6 +22,7 @@ from tritonclient.grpc import service_pb2_grpc as pbg
 from torpor.dataplane.engine import Engine
 from torpor.errors import Status, TorporError, internal, invalid_arg, unsupported
 
+from . import forward
 from .grpc_codec import FINAL_PARAM, check_version, decode_request, encode_response
 
 log = logging.getLogger("torpor.grpc")
@@ -159,10 +161,22 @@ class InferenceServicer(pbg.GRPCInferenceServiceServicer):
     # -- inference ---------------------------------------------------------------------------
     @_unary
     async def ModelInfer(self, request, context):
-        trace = self.engine.trace_request(request.model_name, "GRPC", context.invocation_metadata)
+        metadata = context.invocation_metadata()
+        # a call a peer forwarded (never forwarded again): it is told how long it took here
+        from_peer = time.perf_counter() if forward.marked_grpc(metadata) else 0.0
+        forwarder = forward.active(self.engine)
+        if forwarder is not None:  # --peers: the peer's answer where the forward-once rule sends it there
+            answer = await forwarder.grpc(request, metadata)
+            if answer is not None:
+                if answer.response is None:
+                    await context.abort(answer.code, answer.details)
+                return answer.response
+        trace = self.engine.trace_request(request.model_name, "GRPC", metadata)
         req, _ = _decode(request)
         resp = await self.engine.infer(req, trace)
         out = encode_response(resp)
+        if from_peer:
+            context.set_trailing_metadata((forward.stamp_forwarded(self.engine, "grpc", from_peer),))
         if trace is not None:
             # gRPC writes the answer after the handler returns: the call's end is the send's
             trace.stamp("GRPC_SEND_START")

@@ -10,8 +10,9 @@ call crosses threads twice.
 What runs where: grpc's C-core threads and a pool of handler threads (one per call in flight,
 two per open stream) only move messages; the `InferenceServicer` (api/grpc.py), with all the
 protocol semantics, runs unchanged on the engine's event loop, as it does under grpc.aio. The
-servicer sees a small context (`_LoopContext`) with the two things it uses of
-`grpc.aio.ServicerContext`: `invocation_metadata()` and `await abort(code, details)`.
+servicer sees a small context (`_LoopContext`) with the things it uses of
+`grpc.aio.ServicerContext`: `invocation_metadata()`, `await abort(code, details)`,
+`set_trailing_metadata(...)` and `add_done_callback(...)`.
 
 Cancellation: the call's termination callback (client cancel, deadline, server stop) cancels the
 loop task, so the engine sees `CancelledError` as it does under grpc.aio. A normal finish runs
@@ -59,6 +60,9 @@ class _LoopContext:
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
         raise _Abort(code, details)
+
+    def set_trailing_metadata(self, metadata: tuple) -> None:
+        self._context.set_trailing_metadata(metadata)
 
     def add_done_callback(self, callback: Callable) -> None:
         """As grpc.aio's: `callback(context)` once the call has ended (on a gRPC thread)."""

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import gzip
 import logging
+import time
 import zlib
 from typing import Any
 
@@ -25,7 +26,7 @@ from torpor.dataplane.engine import Engine
 from torpor.errors import Status, TorporError, invalid_arg, unsupported
 from torpor.tensors import InferRequest
 
-from . import openapi
+from . import forward, openapi
 from .http_codec import decode_infer_request, encode_infer_response
 
 _HTTP_STATUS = {
@@ -245,6 +246,8 @@ class InferFastPath:
 
     async def _infer(self, scope, receive, send, model: str, version: str) -> None:
         headers = _Headers(scope["headers"])
+        # a request a peer forwarded (never forwarded again): it is told how long it took here
+        from_peer = time.perf_counter() if forward.marked_http(headers) else 0.0
         trace = self.engine.trace_request(model, "HTTP", headers)  # None unless sampled
         limit = self.max_input_size
         declared = headers.get("content-length")
@@ -271,17 +274,20 @@ class InferFastPath:
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             if trace is not None:
                 trace.stamp("HTTP_RECV_END")
-            answered = await self._infer_unless_gone(receive, model, version, headers, body, trace)
+            answered = await self._infer_unless_gone(receive, scope, model, version, headers, body, trace)
             if answered is None:
                 return  # the client disconnected: the request was cancelled, its resources freed
             status, out_headers, content = answered
+        if from_peer:
+            name, value = forward.stamp_forwarded(self.engine, "http", from_peer)
+            out_headers[name] = value
         if trace is not None:
             trace.stamp("HTTP_SEND_START")
         await _send_response(send, status, out_headers, content)
         if trace is not None:
             trace.end("HTTP_SEND_END")
 
-    async def _infer_unless_gone(self, receive, model, version, headers, body, trace):
+    async def _infer_unless_gone(self, receive, scope, model, version, headers, body, trace):
         """handle_infer, cancelled if the client disconnects first (uvicorn's receive() returns
         http.disconnect then), so an abandoned request stops waiting for a queue slot or a slow
         model instead of holding its tensors until the model answers."""
@@ -298,7 +304,7 @@ class InferFastPath:
         watcher = asyncio.ensure_future(receive())
         watcher.add_done_callback(on_message)
         try:
-            result = await handle_infer(self.engine, model, version, headers, body, self.max_input_size, trace)
+            result = await self._answer(scope, model, version, headers, body, trace)
         except asyncio.CancelledError:
             if state["gone"]:
                 task.uncancel()  # the cancellation was ours and is handled here
@@ -308,6 +314,17 @@ class InferFastPath:
             state["running"] = False
             watcher.cancel()
         return result
+
+
+    async def _answer(self, scope, model, version, headers, body, trace):
+        """The peer's answer where the forward-once rule sends the request to one
+        (torpor.api.forward: --peers), else this node's."""
+        forwarder = forward.active(self.engine)
+        if forwarder is not None:
+            answered = await forwarder.http(scope, model, version, headers, body)
+            if answered is not None:
+                return answered
+        return await handle_infer(self.engine, model, version, headers, body, self.max_input_size, trace)
 
 
 async def _send_response(send, status: int, headers: dict[str, str], content: bytes) -> None:
