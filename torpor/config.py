@@ -176,7 +176,8 @@ def config_to_dict(config: ModelConfig) -> dict:
     return _numberify(d)
 
 
-# The sequence batcher's idle timeout when the config leaves it at 0 (Triton's default, 1 s).
+# The sequence batcher's idle timeout when the config leaves it at 0 (Triton's default, 1 s);
+# shown for Triton's clients only: Torpor keeps a sequence until its END request.
 _SEQUENCE_IDLE_DEFAULT_US = 1_000_000
 
 
