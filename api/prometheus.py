@@ -295,16 +295,16 @@ def forward_metrics(engine: Engine) -> list[Metric]:
                       "served here)", "counter")
     received = Metric("torpor_forwarded_in", "Requests a peer forwarded to this node", "counter")
     up = Metric("torpor_peer_up", "1 while the peer's residency report is fresh", "gauge")
-    overhead = Metric("torpor_peer_forward_overhead_seconds", "Measured cost of forwarding to the peer: round trip "
-                      "minus the peer's own time (before any forward: a report poll's round trip)", "gauge")
+    overhead = Metric("torpor_peer_forward_overhead_seconds", "Measured cost of forwarding to the peer: the median "
+                      "of the recent forwards' round trips less the peer's own time and report polls' round trips",
+                      "gauge")
     for protocol in ("http", "grpc"):
         received.add_sample(received.name, {"protocol": protocol}, float(state["received"].get(protocol, 0)))
     for p in state["peers"]:
         labels = {"peer": p["peer"]}
         up.add_sample(up.name, labels, 1.0 if p["up"] else 0.0)
-        cost = p["overhead_s"] if p["overhead_s"] is not None else p["rtt_s"]
-        if cost is not None:
-            overhead.add_sample(overhead.name, labels, float(cost))
+        if p["overhead_s"] is not None:
+            overhead.add_sample(overhead.name, labels, float(p["overhead_s"]))
         for f in p["forwards"]:
             forwards.add_sample(forwards.name, {**labels, "protocol": f["protocol"], "outcome": f["outcome"]},
                                 float(f["requests"]))

@@ -15,9 +15,26 @@ import argparse
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
+
+
+async def gather_latencies(one: Callable[[], Awaitable[float]], concurrency: int, total: int) -> list[float]:
+    """`total` calls of `one` (a request, returning its latency) from `concurrency` workers, each
+    sending its next request as soon as its last is answered; the latencies in completion order."""
+    latencies: list[float] = []
+    remaining = total
+
+    async def worker() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            latencies.append(await one())
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies
 
 
 async def run(url: str, protocol: str, concurrency: int, total: int, warmup: int, encoding: str = "binary") -> dict:
@@ -61,17 +78,8 @@ async def run(url: str, protocol: str, concurrency: int, total: int, warmup: int
     try:
         for _ in range(warmup):
             await one()
-        latencies: list[float] = []
-        remaining = total
-
-        async def worker() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                latencies.append(await one())
-
         start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        latencies = await gather_latencies(one, concurrency, total)
         elapsed = time.perf_counter() - start
     finally:
         await client.close()

@@ -10,16 +10,18 @@ what the Prometheus gauges are read from (torpor.api.prometheus) and what a rout
 
 from __future__ import annotations
 
+import statistics
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from torpor.scheduling.peers import hot_seconds
 
-# how much one new round trip moves a peer's overhead estimate (an exponential moving mean:
-# follows a link that got slower within tens of requests, ignores one slow request)
-_EWMA = 0.1
+# round trips the forwarding overhead is the median of: enough that one stalled request (a
+# pause of the sender's loop, a slow poll) does not move it, few enough to follow a link that
+# got slower within seconds
+_SAMPLES = 32
 
 
 @dataclass
@@ -31,20 +33,17 @@ class Peer:
     report: dict[str, Any] | None = None
     seen_at: float = 0.0  # time.monotonic() of the last report
     error: str = ""  # why the last poll failed ("" while it answers)
-    rtt_s: float | None = None  # round trip of a report poll (moving mean)
-    overhead_s: float | None = None  # forwarding's own cost: round trip minus the peer's time (moving mean)
+    rtt_s: float | None = None  # the last report poll's round trip
+    # forwarding's own cost per request: each forward's round trip less the peer's own time, and
+    # each report poll's round trip (a small request to the same listener). Polls keep it current
+    # while nothing is forwarded: an estimate that only forwards could lower would, once too
+    # high, stop the forwards that would correct it.
+    samples: deque = field(default_factory=lambda: deque(maxlen=_SAMPLES))
     forwards: Counter = field(default_factory=Counter)  # (protocol, outcome) -> requests
 
     def cost_s(self) -> float:
-        """The forwarding overhead to count: measured on forwards once there are any, else the
-        round trip of a report poll (a small request to the same listener)."""
-        if self.overhead_s is not None:
-            return self.overhead_s
-        return self.rtt_s if self.rtt_s is not None else 0.0
-
-
-def _ewma(old: float | None, sample: float) -> float:
-    return sample if old is None else old + _EWMA * (sample - old)
+        """The forwarding overhead to count: the median of the recent samples (0 before any)."""
+        return statistics.median(self.samples) if self.samples else 0.0
 
 
 class PeerTable:
@@ -69,7 +68,8 @@ class PeerTable:
     def update(self, peer: str, report: dict[str, Any], rtt_s: float) -> None:
         p = self.peers[peer]
         p.report, p.seen_at, p.error = report, time.monotonic(), ""
-        p.rtt_s = _ewma(p.rtt_s, rtt_s)
+        p.rtt_s = rtt_s
+        p.samples.append(rtt_s)
 
     def down(self, peer: str, why: str) -> None:
         p = self.peers[peer]
@@ -98,7 +98,7 @@ class PeerTable:
             return
         p.forwards[(protocol, outcome)] += 1
         if outcome == "answered" and server_s is not None:
-            p.overhead_s = _ewma(p.overhead_s, max(0.0, seconds - server_s))
+            p.samples.append(max(0.0, seconds - server_s))
 
     def describe(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -113,7 +113,7 @@ class PeerTable:
                 "age_s": round(now - p.seen_at, 3) if p.seen_at else None,
                 "error": p.error,
                 "rtt_s": p.rtt_s,
-                "overhead_s": p.overhead_s,
+                "overhead_s": round(p.cost_s(), 6) if p.samples else None,
                 "forwards": [{"protocol": proto, "outcome": outcome, "requests": n}
                              for (proto, outcome), n in sorted(p.forwards.items())],
             } for p in self.peers.values()],
