@@ -58,8 +58,10 @@ class PeerTable:
         self.received: Counter = Counter()  # protocol -> forwarded requests this node served
 
     def configure(self, node: str, peers: list[str], stale_s: float) -> None:
+        """This node's name and its peers. A peer named again keeps what is known of it (its
+        report, overhead, counters: torpor_forwards must not go back when the set changes)."""
         self.node = node
-        self.peers = {p: Peer(p) for p in peers}
+        self.peers = {p: self.peers.get(p) or Peer(p) for p in peers}
         self.stale_s = stale_s
 
     def active(self) -> bool:
