@@ -57,6 +57,7 @@ def test_the_report_has_every_field(node):
     m = r["models"]["mlp0:1"]
     assert (m["name"], m["version"], m["state"], m["host"]) == ("mlp0", "1", "device", True)
     assert m["devices"] == {"cpu:0": "resident"} and m["bytes"] > 4_000_000 and m["exec_s"] > 0
+    assert m["slo_s"] == 5.0  # --default-slo-ms: a router's slack needs it
     for other in ("mlp1:1", "mlp2:1"):
         assert r["models"][other]["state"] == "host" and r["models"][other]["devices"] == {}
     assert r["host"]["models"] == 3
@@ -128,6 +129,6 @@ def test_a_server_without_devices_reports_models_where_loaded(start_server, tmp_
     r = report(s)
     assert r["devices"] == [] and "note" in r
     m = r["models"]["simple:1"]
-    assert (m["state"], m["host"], m["runs_where_loaded"]) == ("host", True, True)
+    assert (m["state"], m["host"], m["runs_where_loaded"], m["slo_s"]) == ("host", True, True, None)
     assert r["epoch"] == report(s)["epoch"] >= 1
     assert node_view(r).models == {"simple": "host"}

@@ -143,10 +143,12 @@ class ReportEpoch:
         return self.value
 
 
-def residency_report(registry: Any, runtime: Any, table: PeerTable, epoch: ReportEpoch) -> dict[str, Any]:
+def residency_report(registry: Any, runtime: Any, table: PeerTable, epoch: ReportEpoch,
+                     default_slo_ms: float | None = None) -> dict[str, Any]:
     """The residency report (torpor.scheduling.peers shows its shape): the devices' part from the
     device runtime, models from the registry (those loading, and those that run where they are
-    loaded, appear too), the node's SLO attainment over the window, and the forwarding state."""
+    loaded, appear too) with their objective (`torpor.slo_ms`, else `default_slo_ms`; a router's
+    slack), the node's SLO attainment over the window, and the forwarding state."""
     if runtime is not None:
         report = runtime.residency()
         device_models = report.pop("models")
@@ -157,10 +159,13 @@ def residency_report(registry: Any, runtime: Any, table: PeerTable, epoch: Repor
     registry_part = []
     met = missed = 0
     for name, entry in sorted(registry.models.items()):
+        slo_ms = entry.slo_ms if entry.config is not None and entry.slo_ms is not None else default_slo_ms
+        slo_s = None if slo_ms is None else slo_ms / 1e3
         for v, ve in sorted(entry.versions.items()):
             label = f"{name}:{v}"
             if ve.state == "LOADING":
-                models[label] = {"name": name, "version": str(v), "state": "loading", "host": False, "devices": {}}
+                models[label] = {"name": name, "version": str(v), "state": "loading", "host": False, "devices": {},
+                                 "slo_s": slo_s}
                 registry_part.append((label, "loading"))
             elif ve.state == "READY" and ve.pool_key is not None and label in device_models:
                 m = device_models[label]
@@ -168,11 +173,11 @@ def residency_report(registry: Any, runtime: Any, table: PeerTable, epoch: Repor
                 met, missed = met + window["met"], missed + window["missed"]
                 seen = window["met"] + window["missed"]
                 models[label] = {"name": name, "version": str(v), "state": _model_state(m["devices"]), **m,
-                                 "slo_attainment": round(window["met"] / seen, 6) if seen else None}
+                                 "slo_s": slo_s, "slo_attainment": round(window["met"] / seen, 6) if seen else None}
             elif ve.state == "READY":
                 # runs where it was loaded: nothing to swap, nothing to place
                 models[label] = {"name": name, "version": str(v), "state": "host", "host": True, "devices": {},
-                                 "runs_where_loaded": True}
+                                 "runs_where_loaded": True, "slo_s": slo_s}
                 registry_part.append((label, "host"))
     report["models"] = models
     report["node"] = table.node

@@ -297,7 +297,8 @@ class Engine:
         """The residency report (GET /v2/torpor/residency, the torpor_* gauges, a router's
         NodeView; shape in torpor.scheduling.peers): an epoch, per device its residents, free
         bytes, queue and predicted wait, per model where it is and its windowed SLO attainment."""
-        return residency_report(self.registry, self.runtime, self.cluster, self._report_epoch)
+        return residency_report(self.registry, self.runtime, self.cluster, self._report_epoch,
+                                self.options.default_slo_ms)
 
     def topology(self) -> dict:
         """The devices' links (measured or configured), the scheduler's state and per-model
