@@ -334,7 +334,8 @@ class Engine:
             entry, ve = self.resolve(model, version)
         except TorporError:
             return None  # answered here, with the error a client expects
-        if ve.pool_key is None or entry.decoupled or entry.config.HasField("sequence_batching"):
+        if ve.pool_key is None or entry.decoupled or entry.config.HasField("sequence_batching") \
+                or self.runtime.holds(ve.pool_key):
             return None
         candidates = self.cluster.candidates(f"{entry.name}:{ve.version}")
         if not candidates:

@@ -167,6 +167,10 @@ class DeviceRuntime:
         report["slo_window_s"] = SLO_WINDOW_S
         return report
 
+    def holds(self, key: Any) -> bool:
+        """The model is on one of the devices, landed or landing."""
+        return any(key in m.residents for m in self.pool.memories)
+
     def local_estimate(self, key: Any, slo: float | None) -> tuple[str, float] | None:
         """What the scheduler would do now with a request for `key`, without doing it: (its
         action: run, queue, swap or peer; seconds until it would be answered); None where it
