@@ -218,6 +218,10 @@ class Forwarder:
             if status != 200:
                 raise PeerConnectionError(f"HTTP {status}")
             report = orjson.loads(body)
+        except TimeoutError:
+            # slow, not gone (a busy host): its last report stays until it is stale (4 polls)
+            log.debug("peer %s: residency report not answered within the poll's time", peer.spec.url)
+            return
         except (*_FAILURES, orjson.JSONDecodeError) as e:
             self._failed(peer, f"residency report: {type(e).__name__}: {e}")
             self.engine.peer_down(peer.spec.url, str(e) or type(e).__name__)
