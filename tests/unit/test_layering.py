@@ -1,6 +1,9 @@
 """The import-layering contract: which part of torpor may import which.
 
     torpor.cli                      the composition root: may import everything
+    torpor.cluster                  nodes on Ray Serve: a composition root per node (cli, front ends,
+                                    adapters, data plane, the routing policy); the only part that
+                                    imports ray, which is optional (only its router at module level)
     torpor.api | torpor.adapters    front ends (HTTP, gRPC, metrics) | model formats
     torpor.dataplane                one request from front end to answer
     torpor.registry | torpor.runtime   models and their lifecycle | devices, memory, copies, runs
@@ -23,6 +26,7 @@ SOURCES = {"torpor": ROOT / "torpor", "torpor.api": ROOT / "api", "torpor.adapte
 COMMON = "common"
 ALLOWED = {
     "cli": None,  # anything
+    "cluster": {"cluster", "cli", "api", "adapters", "dataplane", "scheduling", COMMON},
     "api": {"api", "dataplane", COMMON},
     "adapters": {"adapters", COMMON},
     "dataplane": {"dataplane", "registry", "runtime", "scheduling", COMMON},
@@ -35,6 +39,10 @@ ALLOWED = {
 # third-party packages the layers below the front ends must not import at all
 WEB_AND_RPC = ("fastapi", "starlette", "uvicorn", "grpc", "tritonclient", "httpx", "gevent")
 CORE = {"dataplane", "registry", "runtime", "scheduling", "sim", COMMON}
+# an optional dependency (the `ray` extra): torpor.cluster's alone, and at module level only in
+# the one module Ray itself loads (Serve imports the request router by its path)
+OPTIONAL = ("ray",)
+RAY_AT_TOP = {"torpor.cluster.router"}
 
 
 def layer(module: str) -> str:
@@ -84,6 +92,7 @@ def check(module: str, path: Path, source: str | None = None) -> list[str]:
     """The contract's violations in one module (its text `source`, or the file)."""
     own = layer(module)
     allowed = ALLOWED[own]
+    top_level = _top_level_lines(path, source)
     bad = []
     for line, name in imports(module, path, source):
         top = name.split(".")[0]
@@ -95,7 +104,16 @@ def check(module: str, path: Path, source: str | None = None) -> list[str]:
                 bad.append(f"{path.relative_to(ROOT)}:{line}: {own} imports {name} ({target})")
         elif own in CORE and top in WEB_AND_RPC:
             bad.append(f"{path.relative_to(ROOT)}:{line}: {own} imports {name} (web or RPC stack)")
+        elif top in OPTIONAL and (own != "cluster" or (module not in RAY_AT_TOP and line in top_level)):
+            bad.append(f"{path.relative_to(ROOT)}:{line}: {module} imports {name} (optional: torpor.cluster only, "
+                       "inside the functions that need it)")
     return bad
+
+
+def _top_level_lines(path: Path, source: str | None = None) -> set[int]:
+    """Lines of the imports a module runs when it is imported (not those inside functions)."""
+    tree = ast.parse(source if source is not None else path.read_text(), str(path))
+    return {n.lineno for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)}
 
 
 def test_the_tree_keeps_the_layers():
@@ -105,17 +123,27 @@ def test_the_tree_keeps_the_layers():
     assert not bad, "\n".join(bad)
 
 
+# (module, text appended to it, a violation that must be reported; None: none may be)
+VIOLATIONS = [
+    ("torpor.scheduling.admission", "\nfrom torpor.runtime.staging import StagingQueue\n",
+     "scheduling imports torpor.runtime.staging"),
+    ("torpor.runtime.residency", "\n\ndef f():\n    import fastapi\n", "fastapi"),
+    ("torpor.sim.simulation", "\nfrom ..runtime import memory\n", "sim imports torpor.runtime"),
+    ("torpor.dataplane.engine", "\n\ndef f():\n    import ray\n", "imports ray"),
+    ("torpor.cluster.ray_node", "\nimport ray\n", "imports ray"),
+    ("torpor.cluster.ray_node", "\n\ndef f():\n    import ray\n", None),
+]
+
+
 def test_a_violation_is_caught():
     mods = modules()
-    path = mods["torpor.scheduling.admission"]
-    up = path.read_text() + "\nfrom torpor.runtime.staging import StagingQueue\n"
-    assert any("scheduling imports torpor.runtime.staging" in v for v in check("torpor.scheduling.admission", path, up))
-    path = mods["torpor.runtime.residency"]
-    web = path.read_text() + "\n\ndef f():\n    import fastapi\n"
-    assert any("fastapi" in v for v in check("torpor.runtime.residency", path, web))
-    path = mods["torpor.sim.simulation"]
-    rel = path.read_text() + "\nfrom ..runtime import memory\n"
-    assert any("sim imports torpor.runtime" in v for v in check("torpor.sim.simulation", path, rel))
+    for module, added, expected in VIOLATIONS:
+        path = mods[module]
+        found = check(module, path, path.read_text() + added)
+        if expected is None:
+            assert not found, (module, added, found)
+        else:
+            assert any(expected in v for v in found), (module, added, found)
 
 
 def test_the_device_core_imports_without_the_web_stack():
@@ -128,5 +156,27 @@ def test_the_device_core_imports_without_the_web_stack():
             "('fastapi', 'starlette', 'uvicorn', 'grpc') or "
             "(m.startswith('tritonclient') and m != 'tritonclient.grpc.model_config_pb2'))\n"
             "print(bad); sys.exit(1 if bad else 0)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_everything_but_the_ray_router_imports_without_ray():
+    """With ray made unimportable, every module loads (the CLI, the engine, the front ends, and
+    torpor.cluster's launcher, node and deployment class, which import ray only when run)."""
+    code = ("import importlib, sys\n"
+            "class NoRay:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'ray':\n"
+            "            raise ImportError('ray is not installed')\n"
+            "sys.meta_path.insert(0, NoRay())\n"
+            f"names = {sorted(set(modules()) - RAY_AT_TOP)!r}\n"
+            "bad = []\n"
+            "for n in names:\n"
+            "    try:\n"
+            "        importlib.import_module(n)\n"
+            "    except Exception as e:\n"
+            "        bad.append(f'{n}: {e!r}')\n"
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "torpor.cluster.launch" in modules() and "torpor.cli" in modules()
