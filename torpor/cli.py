@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     from torpor.sim.report import add_arguments
 
     add_arguments(sim)
+    from torpor.cluster.launch import add_cluster_parser  # Ray only when `cluster` runs
+
+    add_cluster_parser(sub)
     return p
 
 
@@ -93,7 +96,7 @@ def _listener_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--grpc-server", choices=("threads", "aio"), default="threads",
                    help="how gRPC is hosted: grpc's threaded server handing each call to the engine's loop "
                         "(cheaper per call, measured) or grpc.aio on the loop (default: %(default)s)")
-    s.add_argument("--grpc-threads", type=_positive_int, default=128, metavar="N",
+    s.add_argument("--grpc-threads", type=positive_int, default=128, metavar="N",
                    help="with --grpc-server threads: gRPC calls in flight at once (an open stream takes one); "
                         "more wait in gRPC's queue (default: %(default)s)")
     _switch(s, "--allow-client-shm", "false", "system and CUDA shared-memory registration")
@@ -187,7 +190,7 @@ def _positive(text: str, cast: type = float):
     return v
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     return _positive(text, int)
 
 
@@ -298,7 +301,7 @@ async def start_front_ends(engine, args: argparse.Namespace, servers: list, task
         servers.append(("metrics", metrics.stop))
 
 
-def _port_in_use(args: argparse.Namespace) -> str | None:
+def port_in_use(args: argparse.Namespace) -> str | None:
     """Refuse a HTTP or metrics port another process holds before any model loads, so that the
     mistake costs nothing and reads as one line. A port taken between this check and the bind is
     still reported by the listener itself. (gRPC binds with or without port sharing, as
@@ -326,7 +329,7 @@ def _refuse(text: str) -> int:
     return 1
 
 
-def _open_log(engine, args: argparse.Namespace) -> str | None:
+def open_log(engine, args: argparse.Namespace) -> str | None:
     """Route the log as the --log-* flags say; the reason when the log file cannot be opened."""
     engine.log_settings({"log_verbose_level": args.log_verbose, "log_info": args.log_info,
                          "log_warning": args.log_warning, "log_error": args.log_error, "log_format": args.log_format})
@@ -339,7 +342,7 @@ def _open_log(engine, args: argparse.Namespace) -> str | None:
     return None
 
 
-def _log_model_table(engine) -> None:
+def log_model_table(engine) -> None:
     """Triton's table of the models start-up tried to load and how each ended."""
     rows = []
     for item in engine.repository_index():
@@ -350,7 +353,7 @@ def _log_model_table(engine) -> None:
     log.info("%s", model_table(rows), extra={"table": True})
 
 
-def _start_failure(failures: dict[str, str]) -> str:
+def start_failure(failures: dict[str, str]) -> str:
     if len(failures) == 1:
         (text,) = failures.values()
         return f"{text} (--exit-on-error false serves the other models)"
@@ -372,12 +375,12 @@ async def serve(args: argparse.Namespace) -> int:
             why = ("the bundled examples are only in a source checkout: pass --model-repository DIR"
                    if not args.model_repository else "no such directory")
             return _refuse(f"--model-repository {repo}: {why}")
-    in_use = _port_in_use(args)
+    in_use = port_in_use(args)
     if in_use:
         return _refuse(in_use)
     engine = Engine(options, create_model_function)
     apply_trace_arguments(engine, args)
-    failed_log = _open_log(engine, args)
+    failed_log = open_log(engine, args)
     if failed_log:
         return _refuse(failed_log)
     install_bls(engine, asyncio.get_running_loop())  # pb_utils.InferenceRequest.exec() in python models
@@ -387,10 +390,10 @@ async def serve(args: argparse.Namespace) -> int:
         log.debug("start-up failed", exc_info=True)  # where it came from, for --log-verbose 1
         await engine.stop()
         return _refuse(reason(e))
-    _log_model_table(engine)
+    log_model_table(engine)
     if engine.registry.start_failures and args.exit_on_error:
         await engine.stop()
-        return _refuse(_start_failure(engine.registry.start_failures))
+        return _refuse(start_failure(engine.registry.start_failures))
     return await _serve_until_stopped(engine, args)
 
 
@@ -449,6 +452,10 @@ def main(argv: list[str] | None = None) -> None:
         from torpor.sim.report import run_cli
 
         sys.exit(run_cli(args))
+    if args.command == "cluster":
+        from torpor.cluster.launch import run_cluster
+
+        sys.exit(run_cluster(args))
     try:
         import uvloop
 

@@ -66,7 +66,7 @@ def test_a_port_taken_after_the_check_still_ends_the_start_in_one_line(simple_re
         flags = ["serve", "--model-repository", str(simple_repo), "--devices", "none", "--http-address", "127.0.0.1",
                  "--http-port", str(free_port()), "--grpc-address", "127.0.0.1", "--grpc-port", str(free_port()),
                  "--metrics-port", str(port)]
-        code = f"import torpor.cli as c; c._port_in_use = lambda args: None; c.main({flags!r})"
+        code = f"import torpor.cli as c; c.port_in_use = lambda args: None; c.main({flags!r})"
         started = time.monotonic()
         r = subprocess.run([sys.executable, "-c", code], check=False, cwd=ROOT, capture_output=True, text=True,
                            timeout=60)

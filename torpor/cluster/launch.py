@@ -31,7 +31,7 @@ import signal
 import sys
 import threading
 
-from torpor.cli import _positive_int
+from torpor.cli import positive_int
 from torpor.cluster.ray_node import NODE_RESOURCE
 
 PORTS_ANYWHERE = ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"]
@@ -46,10 +46,10 @@ def add_cluster_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--address", default="", help="the Ray cluster to join ('auto': the one `ray start` started "
                    "on this host) (default: start Ray on this host)")
     c.add_argument("--name", default="torpor", help="the Serve application and deployment name (default: %(default)s)")
-    c.add_argument("--nodes", type=_positive_int, default=1, help="Torpor nodes to start (default: %(default)s)")
-    c.add_argument("--min-nodes", type=_positive_int, default=None,
+    c.add_argument("--nodes", type=positive_int, default=1, help="Torpor nodes to start (default: %(default)s)")
+    c.add_argument("--min-nodes", type=positive_int, default=None,
                    help="with --max-nodes: scale the node count on SLO attainment and queues (default: fixed)")
-    c.add_argument("--max-nodes", type=_positive_int, default=None, help="see --min-nodes (default: fixed)")
+    c.add_argument("--max-nodes", type=positive_int, default=None, help="see --min-nodes (default: fixed)")
     c.add_argument("--target-attainment", type=float, default=0.99,
                    help="autoscaling: add a node while the worst node's SLO attainment is under this "
                         "(default: %(default)s)")
@@ -57,7 +57,7 @@ def add_cluster_parser(subparsers) -> argparse.ArgumentParser:
                    help="GPUs each node takes: all of its host's (default: %(default)s)")
     c.add_argument("--routing-stats-period", type=float, default=2.0, metavar="SECS",
                    help="how often Serve reads each node's residency report for routing (default: %(default)s)")
-    c.add_argument("--object-store-mib", type=_positive_int, default=256,
+    c.add_argument("--object-store-mib", type=positive_int, default=256,
                    help="Ray object store per host, when this command starts Ray (default: %(default)s)")
     c.add_argument("--memory-usage-threshold", type=float, default=None, metavar="F",
                    help="keep Ray's memory monitor on at this share of host memory (default: off)")

@@ -172,19 +172,19 @@ class NodeHost:
         for repo in options.model_repositories:  # as `torpor serve`: a node serving nothing is not healthy
             if not Path(repo).is_dir():
                 raise RuntimeError(f"--model-repository {repo}: no such directory")
-        in_use = cli._port_in_use(self.args)
+        in_use = cli.port_in_use(self.args)
         if in_use:
             raise RuntimeError(in_use)
         python_backend.auto_complete_enabled = not self.args.strict_model_config
         self.engine = Engine(options, create_model_function)
-        failed_log = cli._open_log(self.engine, self.args)
+        failed_log = cli.open_log(self.engine, self.args)
         if failed_log:
             raise RuntimeError(failed_log)
         install_bls(self.engine, asyncio.get_running_loop())
         await self.engine.start()
-        cli._log_model_table(self.engine)
+        cli.log_model_table(self.engine)
         if self.engine.registry.start_failures and self.args.exit_on_error:
-            raise RuntimeError(cli._start_failure(self.engine.registry.start_failures))
+            raise RuntimeError(cli.start_failure(self.engine.registry.start_failures))
         await cli.start_front_ends(self.engine, self.args, self._servers, self._tasks)
         if self.args.allow_http:
             await self._http_listening()
