@@ -163,7 +163,8 @@ class Server:
         raise RuntimeError(f"server not ready after {timeout:.0f}s:\n{self.tail()}")
 
     def tail(self, n: int = 30) -> str:
-        self.log.flush()
+        if not self.log.closed:  # a server stopped already has closed its log
+            self.log.flush()
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:

@@ -22,8 +22,8 @@ def test_e2e_tiny_cpu(tmp_path, capsys):
     trace = find_trace(None)  # the paper's trace when it is beside the repo, else Zipf
     cmd = [sys.executable, str(SCRIPT), "--tiny", "--models", "4", "--device", "cpu", "--duration", "3",
            "--protocol", "both", "--workload", "trace" if trace else "zipf",
-           "--repo", str(tmp_path / "models"), "--json", str(out), "--budget-s", "60", "--gen-workers", "2"]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120, cwd=ROOT)
+           "--repo", str(tmp_path / "models"), "--json", str(out), "--budget-s", "120", "--gen-workers", "2"]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["ok"] and res["failed_requests"] == 0
