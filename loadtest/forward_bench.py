@@ -47,13 +47,6 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def serve_module() -> str:
-    """`torpor.cli` once it takes --peers, else the stand-in that adds the cluster flags."""
-    text = subprocess.run([sys.executable, "-m", "torpor.cli", "serve", "--help"], capture_output=True, text=True,
-                          cwd=ROOT, check=True).stdout
-    return "torpor.cli" if "--peers" in text else "tests.cluster_node"
-
-
 class Node:
     def __init__(self, host: str):
         self.host = host
@@ -70,7 +63,7 @@ class Node:
         return f"{self.host}:{self.grpc}"
 
     def start(self, repo: Path, peer: Node, args: argparse.Namespace, log: Path) -> None:
-        cmd = [sys.executable, "-m", serve_module(), "serve", "--model-repository", str(repo),
+        cmd = [sys.executable, "-m", "torpor.cli", "serve", "--model-repository", str(repo),
                "--devices", "cpu", "--device-memory-bytes", "10MiB", "--device-bandwidths", f"pcie={args.pcie}",
                "--http-address", self.host, "--grpc-address", self.host, "--http-port", str(self.http),
                "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--node-name", self.host,

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     _limit_flags(s)
     _device_flags(s)
     add_trace_arguments(s)
+    from torpor.api.forward import add_cluster_arguments
+
+    add_cluster_arguments(s)  # --peers: forward once to a node where the model is hot
     sim = sub.add_parser("simulate", help="compare scheduling policies in the discrete-event simulator")
     from torpor.sim.report import add_arguments
 
@@ -411,6 +414,9 @@ async def _serve_until_stopped(engine, args: argparse.Namespace) -> int:
         await asyncio.gather(*(fn(0.0) for _, fn in servers), return_exceptions=True)
         await engine.stop()
         return _refuse(reason(e))
+    from torpor.api.forward import start_forwarder
+
+    forwarder = await start_forwarder(engine, args)  # None without --peers
     if not any(t.done() for t in tasks):  # a listener that already failed is reported below instead
         where = {"HTTP": f"{args.http_address}:{args.http_port}", "gRPC": f"{args.grpc_address}:{args.grpc_port}",
                  "metrics": f"{args.metrics_address or args.http_address}:{args.metrics_port}"}
@@ -432,6 +438,8 @@ async def _serve_until_stopped(engine, args: argparse.Namespace) -> int:
     drained = await engine.drain(grace)
     if not drained:
         log.warning("exit timeout: %d requests still in flight", engine.in_flight())
+    if forwarder is not None:
+        await forwarder.stop()
     await engine.stop()
     return 1 if failed else 0
 

@@ -2,9 +2,9 @@
 device each (the arena holds one of the models; host links paced to 0.2 GB/s, so a swap-in takes
 ~20 ms and a peer where the model is hot answers sooner), each the other's peer.
 
-The nodes run `tests.cluster_node` (`torpor serve` with the cluster flags, until torpor/cli.py
-takes them). A request a test sends with the marker header is served where it arrives: that is
-how the tests put a model on the node they want without the node forwarding it."""
+The nodes run `torpor serve --peers ...`. A request a test sends with the marker header is served
+where it arrives: that is how the tests put a model on the node they want without the node
+forwarding it."""
 
 from __future__ import annotations
 
@@ -39,10 +39,8 @@ def repo(tmp_path_factory):
 
 
 def cluster_node(repo, *extra: str) -> Server:
-    s = Server(repo, "--devices", "cpu", "--device-memory-bytes", "10MiB", "--device-bandwidths", "pcie=0.2",
-               "--default-slo-ms", "2000", *extra)
-    s.args[2] = "tests.cluster_node"  # python -m tests.cluster_node serve ...
-    return s
+    return Server(repo, "--devices", "cpu", "--device-memory-bytes", "10MiB", "--device-bandwidths", "pcie=0.2",
+                  "--default-slo-ms", "2000", *extra)
 
 
 def peer_of(s: Server, grpc_url: str | None = None) -> str:
