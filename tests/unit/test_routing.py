@@ -19,25 +19,51 @@ def views(**states_waits) -> list[NodeView]:
     return out
 
 
-def test_device_hot_within_slack_comes_first_least_wait_first():
+def test_device_hot_nodes_that_fit_come_first_earliest_finish_first():
     nodes = views(a=(None, 0.0), b=(DEVICE, 0.05), c=(HOST, 0.0), d=(DEVICE, 0.01))
     order = route("m", 0.2, nodes, exec_s=0.05, copy_s=0.1)
     assert order[:2] == ["d", "b"]
     assert sorted(order) == ["a", "b", "c", "d"]
 
 
-def test_a_hot_node_past_the_slack_falls_to_the_rest():
-    # b holds it on a device but its queue is 0.3 s: more than 0.2 - 0.05 of slack
+def test_a_swap_counts_the_copy_pipelined_with_the_run():
+    # BERT-like: a 0.14 s copy, a 0.04 s run, 0.18 s to spare. Idle, the copy overlaps the run
+    # (0.14 fits); a node with 0.05 s queued does not (0.19)
+    nodes = views(a=(HOST, 0.05), b=(None, 0.0))
+    assert route("m", 0.18, nodes, exec_s=0.04, copy_s=0.14) == ["b", "a"]
+
+
+def test_a_hot_node_that_cannot_make_it_comes_after_every_node_that_can():
+    # b holds it on a device but its queue is 0.3 s: 0.35 to finish, past 0.2
     nodes = views(a=(None, 0.0), b=(DEVICE, 0.3), c=(HOST, 0.02))
     order = route("m", 0.2, nodes, exec_s=0.05, copy_s=0.1)
-    # c swaps from host in time (0.02 + 0.1 <= 0.15); then the rest by earliest start: a (0.1), b (0.3)
+    # c swaps from host in time (0.02 + 0.1), a too (0.1); then b, which would miss
     assert order == ["c", "a", "b"]
 
 
-def test_host_and_loading_nodes_before_cold_ones_earliest_start_first():
+def test_where_nothing_fits_the_cheapest_comes_first_not_the_least_loaded():
+    owner = rendezvous_owner("m", NAMES)
+    others = [n for n in NAMES if n != owner]
+    # everything is late: a 1 s queue everywhere but one idle node, which still cannot swap in time
+    nodes = [NodeView(name=n, predicted_wait_s=0.0 if n == others[0] else 1.0) for n in NAMES]
+    nodes = [
+        NodeView(name=others[1], models={"m": LOADING}, predicted_wait_s=1.5) if v.name == others[1] else v
+        for v in nodes
+    ]
+    nodes = [
+        NodeView(name=others[2], models={"m": DEVICE}, predicted_wait_s=2.0) if v.name == others[2] else v
+        for v in nodes
+    ]
+    order = route("m", 0.1, nodes, exec_s=0.05, copy_s=0.2)
+    # on a device, then loading, then the owner, then the rest by earliest finish (the idle one first)
+    assert order[:4] == [others[2], others[1], owner, others[0]]
+    assert sorted(order) == sorted(NAMES)
+
+
+def test_host_and_loading_nodes_before_cold_ones_earliest_finish_first():
     nodes = views(a=(None, 0.0), b=(HOST, 0.01), c=(LOADING, 0.04), d=(None, 0.0))
     order = route("m", 0.5, nodes, exec_s=0.05, copy_s=0.1)
-    # loading starts without a copy (0.04) before host's 0.01 + 0.1
+    # loading finishes without a copy (0.04 + 0.05) before host's 0.01 + 0.1
     assert order[:2] == ["c", "b"]
     assert set(order[2:]) == {"a", "d"}
 
@@ -47,7 +73,7 @@ def test_a_cold_model_goes_to_its_rendezvous_owner_first():
     owner = rendezvous_owner("m", NAMES)
     order = route("m", 1.0, nodes, exec_s=0.01, copy_s=0.05)
     assert order[0] == owner
-    # the rest by least wait
+    # then the others that fit, earliest finish first
     rest = [n for n in NAMES if n != owner]
     assert order[1:] == rest
 
