@@ -178,7 +178,10 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_all(jobs: list[dict[str, Any]], n_jobs: int) -> list[dict[str, Any]]:
+def run_all(jobs: list[dict[str, Any]], n_jobs: int, runner: Any = None) -> list[dict[str, Any]]:
+    """`runner` (default `run_one`; loadtest/cluster_sim.py passes its own) on every job, in
+    `n_jobs` worker processes."""
+    runner = runner or run_one
     # the slowest runs (ours, at the largest counts) first, so two workers finish together
     order = sorted(range(len(jobs)), key=lambda i: (jobs[i]["policy"] != "torpor", -jobs[i]["functions"]))
     t0, out = time.perf_counter(), {}
@@ -190,10 +193,10 @@ def run_all(jobs: list[dict[str, Any]], n_jobs: int) -> list[dict[str, Any]]:
 
     if n_jobs <= 1:
         for i in order:
-            done(i, run_one(jobs[i]))
+            done(i, runner(jobs[i]))
     else:
         with ProcessPoolExecutor(n_jobs) as ex:
-            futs = {ex.submit(run_one, jobs[i]): i for i in order}
+            futs = {ex.submit(runner, jobs[i]): i for i in order}
             for f in as_completed(futs):
                 done(futs[f], f.result())
     return [out[i] for i in range(len(jobs))]
@@ -233,7 +236,7 @@ def swap_profile(sc: Any, copy_latency_s: float) -> list[dict[str, float]]:
     fast = max(links.nvlink.items(), key=lambda kv: kv[1])[0] if links.nvlink else None
     out = []
     for m, prof in zip(sc.models, latency_profile(sc, links)):
-        def swap(path: tuple[str, ...]) -> float:
+        def swap(path: tuple[str, ...], m: Any = m, prof: dict[str, float] = prof) -> float:
             tr = cost.transfer_seconds(m.nbytes, path, {})
             first = cost.transfer_seconds(m.first_group_bytes, path, {})
             return max(first + prof["resident_s"], tr)
@@ -384,11 +387,11 @@ def sweep(args: Any, name: str, scenario: Path, counts: list[int], policies: lis
           f"{f' ({ratio:.2f}x)' if ratio else ''}; at least as many compliant at every point: {never_below}")
     p = plt()
     fig, ax = p.subplots(figsize=(6.4, 3.6))
-    style = {"torpor": dict(color="C3", lw=2.5, marker="o"), "paper": dict(color="C0", lw=2, marker="s")}
+    style = {"torpor": {"color": "C3", "lw": 2.5, "marker": "o"}, "paper": {"color": "C0", "lw": 2, "marker": "s"}}
     for pol in policies:
         ys = [by[(n, pol)]["compliant_frac"] * 100 for n in counts]
         ax.plot(counts, ys, label=pol if pol != "torpor" else "torpor (ours)",
-                **style.get(pol, dict(lw=1, marker=".", ls="--")))
+                **style.get(pol, {"lw": 1, "marker": ".", "ls": "--"}))
     if paper_marks:
         ax.plot(list(paper_marks), [v * 100 for v in paper_marks.values()], "kx", ms=9, mew=2,
                 label="paper reports (Torpor)")
@@ -437,26 +440,26 @@ def capacity_points(args: Any) -> list[int]:
     return list(range(lo, hi + 1, args.step))
 
 
-def search(args: Any, base: dict[str, Any], seeds: list[int], points: list[int], policies: list[str]
-           ) -> list[dict[str, Any]]:
+def search(args: Any, base: dict[str, Any], seeds: list[int], points: list[int], policies: list[str],
+           runner: Any = None, fill: bool = True) -> list[dict[str, Any]]:
     """Every (seed, point, policy) with --search grid. With bisect: each (seed, policy)'s largest
     point at >= 99% by bisection over `points` (compliance taken as falling with the count),
-    then, per seed, both policies at every point either visited, so that they are compared on
-    the same points."""
+    then (with `fill`), per seed, every policy at every point any visited, so that they are
+    compared on the same points. `runner`: as `run_all`'s."""
     def job(s: int, n: int, p: str) -> dict[str, Any]:
         return {**base, "seed": s, "functions": n, "policy": p}
 
     if args.search == "grid":
-        return run_all([job(s, n, p) for s in seeds for n in points for p in policies], args.jobs)
+        return run_all([job(s, n, p) for s in seeds for n in points for p in policies], args.jobs, runner)
     res: dict[tuple[int, int, str], dict[str, Any]] = {}
     bounds = {(s, p): [-1, len(points)] for s in seeds for p in policies}  # last index >= 99%, first below
     while todo := {k: (ok + bad) // 2 for k, (ok, bad) in bounds.items() if bad - ok > 1}:
         for ((s, p), i), r in zip(todo.items(), run_all([job(s, points[i], p) for (s, p), i in todo.items()],
-                                                         args.jobs)):
+                                                         args.jobs, runner)):
             res[(s, points[i], p)] = r
             bounds[(s, p)][0 if r["compliant_frac"] >= TARGET else 1] = i
-    missing = sorted({(s, n, p) for (s, n, _) in res for p in policies} - set(res))
-    for k, r in zip(missing, run_all([job(*k) for k in missing], args.jobs)):
+    missing = sorted({(s, n, p) for (s, n, _) in res for p in policies} - set(res)) if fill else []
+    for k, r in zip(missing, run_all([job(*k) for k in missing], args.jobs, runner)):
         res[k] = r
     return list(res.values())
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from torpor.scheduling.costmodel import GB, TopologyError
 from torpor.scheduling.scheduler import POLICIES
+from torpor.sim.cluster import ROUTINGS, compare_routings
 from torpor.sim.errors import ErrorsError, errors_from_env, merge_errors
 from torpor.sim.physics import DEFAULT_LINK_PHYSICS, LINK_PHYSICS, link_physics_from_env
 from torpor.sim.scenario import SWEEP_PARAMS, Scenario, ScenarioError, parse_scenario
@@ -160,6 +161,19 @@ def format_table(report: dict[str, Any]) -> str:
             str(r["evictions"]), f"{r.get('mean_batch', 1.0):.2f}", f"{r['gpu_busy']:.0%}", str(r["unserved"]),
             _gpus_cell(r), f"{r['wall_s']:.1f}",
         ])
+    return "\n".join([head, *_grid(cols, rows)])
+
+
+def format_routings(report: dict[str, Any]) -> str:
+    """The table of `torpor.sim.cluster.compare_routings`'s report (`torpor simulate --nodes N`)."""
+    head = (f"{report['scenario']}: {report['nodes']} nodes x {report['gpus_per_node']} GPUs, "
+            f"{report['functions']} functions, {report['requests']} requests over {report['duration_s'] / 60:.0f} min")
+    cols = ["routing", "SLO met", "fns ok", "p50 ms", "p99 ms", "device hits", "affinity", "busiest node",
+            "swaps", "GB moved", "busy", "wall s"]
+    rows = [[r["routing"], f"{r['attainment']:.2%}", f"{r['compliant_functions']:.1%}", f"{r['p50_ms']:.1f}",
+             f"{r['p99_ms']:.1f}", f"{r['hit_rate']:.1%}", f"{r['affinity']:.1%}", f"{max(r['node_share']):.1%}",
+             str(r["swaps"]), f"{r['bytes_moved'] / GB:.0f}", f"{r['gpu_busy']:.0%}", f"{r['wall_s']:.1f}"]
+            for r in report["results"]]
     return "\n".join([head, *_grid(cols, rows)])
 
 
@@ -352,6 +366,12 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--sweep", default=None, metavar="PARAM=START:STOP:STEP",
                    help=f"run every policy at each value of one of {list(SWEEP_PARAMS)} "
                         "(e.g. functions=300:600:50; overrides the scenario's 'sweep'); 'none': no sweep")
+    p.add_argument("--nodes", type=int, default=None,
+                   help="multi-node mode: N nodes of the scenario's GPUs each behind a front router "
+                        "(torpor.sim.cluster); every --routing on the same arrivals")
+    p.add_argument("--routing", action="append", choices=list(ROUTINGS),
+                   help="with --nodes: the front router (repeatable; default all): torpor (residency-aware, "
+                        "torpor.scheduling.routing), round-robin, hash (consistent hashing of models to nodes)")
     p.add_argument("--json", default=None, help="write the report here (default: sim-<scenario>.json)")
     p.add_argument("--plot", default=None, help="write the PNG here (default: the JSON's name with .png)")
 
@@ -388,7 +408,12 @@ def run_cli(args: Any) -> int:
             else:
                 spec["sweep"] = sweep_arg
         sc = parse_scenario(spec, base=p.parent, source=str(p))
-        if sc.sweep is not None:
+        nodes = getattr(args, "nodes", None)
+        if nodes is not None:
+            report = compare_routings(sc, nodes, getattr(args, "routing", None), trace_path=args.trace,
+                                      link_physics=links)
+            table = format_routings(report)
+        elif sc.sweep is not None:
             param, values = sc.sweep
             report = sweep(spec, param, values, base=p.parent, source=str(p), policies=args.policy,
                            trace_path=args.trace, search_gpus=args.search_gpus,
@@ -410,5 +435,6 @@ def run_cli(args: Any) -> int:
     out = Path(args.json or f"sim-{sc.name}.json")
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"wrote {out}")
-    print(write_plot(report, getattr(args, "plot", None) or out.with_suffix(".png")))
+    if nodes is None:  # the cluster's report is its table and JSON
+        print(write_plot(report, getattr(args, "plot", None) or out.with_suffix(".png")))
     return 0
