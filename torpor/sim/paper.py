@@ -360,28 +360,28 @@ class RRCQueue:
 
 
 AMBIGUITIES = [
-    ("Model classes", "The paper says only 'heavy if a PCIe swap makes it noticeably slower'. We use three "
+    ("Model classes", ("The paper says only 'heavy if a PCIe swap makes it noticeably slower'. We use three "
      "classes (the prototype's) from resident vs host-swap latency: >= 2.0x heavy, >= 1.3x medium, else "
      "light. On V100 the profile is the paper's Table 4 (giving the prototype's own classes: ResNets medium, "
-     "BERT heavy, the rest light); on other nodes it is the simulator's own swap latency."),
-    ("'Heavy' in eviction", "The protected list holds medium and heavy single copies (the prototype protects "
-     "every non-light model), not heavy ones only."),
-    ("Peer copy with no NVLink", "Algorithm 1 picks the fastest NVLink pair; when no idle GPU has an NVLink "
-     "path to any holder (not the case on either bundled node) we fall through to the host copy."),
-    ("Peer sources", "A copy still landing on a busy GPU is not a source (the prototype registers a replica "
-     "only when its request finishes); the destination counts as a holder from the moment its copy starts."),
-    ("Sibling activity", "The paper asks for a sibling 'not loading anything'; the prototype ranks the "
+     "BERT heavy, the rest light); on other nodes it is the simulator's own swap latency.")),
+    ("'Heavy' in eviction", ("The protected list holds medium and heavy single copies (the prototype protects "
+     "every non-light model), not heavy ones only.")),
+    ("Peer copy with no NVLink", ("Algorithm 1 picks the fastest NVLink pair; when no idle GPU has an NVLink "
+     "path to any holder (not the case on either bundled node) we fall through to the host copy.")),
+    ("Peer sources", ("A copy still landing on a busy GPU is not a source (the prototype registers a replica "
+     "only when its request finishes); the destination counts as a holder from the moment its copy starts.")),
+    ("Sibling activity", ("The paper asks for a sibling 'not loading anything'; the prototype ranks the "
      "sibling's whole current request. We rank what the sibling is doing now: its copy while in flight "
-     "(NVLink, or host copy of a light/medium/heavy model), a local run once the copy has landed, idle."),
-    ("LRU order within the lists", "Both lists are ordered by last use; the prototype moves an entry that "
-     "changes lists to the front of its new list, which we do not."),
-    ("RRC ordering", "Inside a group the prototype sorts by mean latency x (p n - m) when a request is "
+     "(NVLink, or host copy of a light/medium/heavy model), a local run once the copy has landed, idle.")),
+    ("LRU order within the lists", ("Both lists are ordered by last use; the prototype moves an entry that "
+     "changes lists to the front of its new list, which we do not.")),
+    ("RRC ordering", ("Inside a group the prototype sorts by mean latency x (p n - m) when a request is "
      "queued and re-sorts every 2 s; we order a function by E when it becomes ready to dispatch and regroup "
-     "every 2 s (the same order, E differing only by the constant 1/(1-p))."),
-    ("Alpha", "Starts at 1 (every function high) and the 4% threshold is a relative change of the compliant "
-     "ratio, both as in the prototype; the reference ratio moves only when alpha doubles or halves."),
-    ("One in flight", "At most one request per function is dispatched at a time, for every queue (the "
-     "prototype's FIFO baseline did not enforce it; we do, so the ablation changes only the order)."),
-    ("Random ablation", "Keeps 'run where an idle GPU holds it' (as the prototype's RAND policy does) and "
-     "otherwise copies from host to a uniformly random idle GPU."),
+     "every 2 s (the same order, E differing only by the constant 1/(1-p)).")),
+    ("Alpha", ("Starts at 1 (every function high) and the 4% threshold is a relative change of the compliant "
+     "ratio, both as in the prototype; the reference ratio moves only when alpha doubles or halves.")),
+    ("One in flight", ("At most one request per function is dispatched at a time, for every queue (the "
+     "prototype's FIFO baseline did not enforce it; we do, so the ablation changes only the order).")),
+    ("Random ablation", ("Keeps 'run where an idle GPU holds it' (as the prototype's RAND policy does) and "
+     "otherwise copies from host to a uniformly random idle GPU.")),
 ]

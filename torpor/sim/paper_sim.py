@@ -92,7 +92,7 @@ def latency_profile(sc: Scenario, links: LinkMap | None = None) -> list[dict[str
     for m in sc.models:
         ex = _spec_exec_s(m)
 
-        def swap(path: tuple[str, ...]) -> float:
+        def swap(path: tuple[str, ...], m: Any = m, ex: float = ex) -> float:
             tr = cost.transfer_seconds(m.nbytes, path, {})
             first = cost.transfer_seconds(m.first_group_bytes, path, {})
             return max(first + ex, tr)

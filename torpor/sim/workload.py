@@ -135,7 +135,7 @@ def prototype_arrivals(counts: np.ndarray, rng: np.random.Generator, scale: floa
     clock_ms = 0
     for m in range(counts.shape[1]):
         col = counts[:, m]
-        total = int(round(float(col.sum()) * scale))
+        total = round(float(col.sum()) * scale)
         if total <= 0:
             clock_ms += int(TRACE_MINUTE_S * 1000)
             continue
