@@ -89,6 +89,9 @@ def cluster(repo):
         setup = Setup(c, worker, None, argv, {})
         setup.handle = setup.deploy(argv)
         setup.nodes = describe_all(setup.handle, 2)
+        # the handle's router learns each replica's report every 0.5 s: let it have both before
+        # the first request, so that request is routed on reports, not on replica ids
+        time.sleep(2.0)
         yield setup
     finally:
         serve.shutdown()
