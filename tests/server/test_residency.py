@@ -47,7 +47,7 @@ def test_the_report_has_every_field(node):
     infer(node, "mlp0")
     r = report(node)
     assert isinstance(r["epoch"], int) and r["epoch"] > 0
-    assert r["node"] == "" and r["slo_window_s"] == 60.0
+    assert r["node"] == node.http_url and r["slo_window_s"] == 60.0  # named by its HTTP address (--node-name)
     (dev,) = r["devices"]
     assert dev["name"] == "cpu:0" and dev["capacity_bytes"] == 10 * 2**20
     assert dev["free_bytes"] + dev["used_bytes"] == dev["capacity_bytes"]
