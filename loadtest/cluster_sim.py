@@ -69,7 +69,7 @@ def run_cluster(job: dict[str, Any]) -> dict[str, Any]:
             m.slo_s = (bert if "bert" in m.name.lower() else vision) / 1e3
         m.slo_s -= overhead  # the front end's share of every deadline (paper_eval's PLATFORMS)
     t, fn, duration = scenario_arrivals(sc, job["trace"])
-    cluster = Cluster(sc, job["nodes"], job["policy"], link_physics=job["links"])
+    cluster = Cluster(sc, job["nodes"], job["policy"], link_physics=job["links"], slo_factor=job.get("slo_factor"))
     for sim in cluster.sims:
         with_platform(sim, plat)
     r = cluster.run(t, fn, duration, stop_below=job.get("stop_below"))
@@ -92,16 +92,19 @@ def run_cluster(job: dict[str, Any]) -> dict[str, Any]:
 
 def base_job(args: Any) -> dict[str, Any]:
     wl, trace = workload(args)
+    if args.zipf:  # the synthetic generator, popularity skewed: a few functions far hotter than any in the trace
+        wl, trace = {**wl, "kind": "synthetic", "zipf": args.zipf}, None
     return {"scenario": str(V100), "workload": wl, "trace": trace, "links": args.links,
             "platform": platform(args, V100), "nodes": args.nodes, "stop_below": args.stop_below,
-            "deadlines_ms": args.deadlines_ms}
+            "deadlines_ms": args.deadlines_ms, "slo_factor": args.route_slo_factor}
 
 
 def title(args: Any) -> str:
-    wl, _ = workload(args)
+    wl = base_job(args)["workload"]
     dl = args.deadlines_ms or (80, 200)
+    zipf = f", Zipf({wl['zipf']:g}) popularity" if "zipf" in wl else ""
     return (f"{args.nodes} nodes x 4 V100 (paper_v100), deadlines {dl[0]:g} / {dl[1]:g} ms; "
-            f"{describe(args, wl)}")
+            f"{describe(args, wl)}{zipf}")
 
 
 def report_out(args: Any, name: str, report: dict[str, Any]) -> None:
@@ -173,8 +176,13 @@ def parse_args(argv: list[str] | None) -> Any:
     ap.add_argument("--search", choices=["grid", "bisect"], default="bisect")
     ap.add_argument("--deadlines-ms", default=None, help="VISION,BERT deadlines (the paper's cluster: 150,250)")
     ap.add_argument("--stop-below", type=float, default=0.9)
+    ap.add_argument("--route-slo-factor", type=float, default=None,
+                    help="torpor routing: the objective routed with, as a multiple of the SLO (default: the "
+                         "nodes' scheduler margin, 0.9; inf: none)")
     ap.add_argument("--trace", default=None)
     ap.add_argument("--synthetic", action="store_true")
+    ap.add_argument("--zipf", type=float, default=None,
+                    help="the synthetic generator with Zipf(S) popularity over the functions instead of the trace")
     ap.add_argument("--arrivals", choices=ARRIVALS, default="prototype")
     ap.add_argument("--duration", type=float, default=600.0, help="seconds measured (default %(default)s)")
     ap.add_argument("--warmup", type=float, default=60.0, help="seconds before, not counted (default %(default)s)")

@@ -3,6 +3,8 @@ torpor.scheduling.routing, against round robin and consistent hashing. Small run
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -53,6 +55,15 @@ def test_hash_sends_every_request_to_its_models_owner(runs):
     owners = [int(rendezvous_owner(str(f), c.names).split("-")[1]) for f in range(sc.functions)]
     assert np.array_equal(c.node_of, np.array(owners)[fn])
     assert r.affinity == 1.0
+
+
+def test_with_no_objective_every_model_stays_at_its_owner(runs):
+    # every node fits, so nothing spills: consistent hashing's placement (the Ray router routes so)
+    sc, fn, out = runs
+    t, fn, dur = scenario_arrivals(sc)
+    c = Cluster(sc, 3, "torpor", slo_factor=math.inf)
+    c.run(t, fn, dur)
+    assert np.array_equal(c.node_of, out["hash"][0].node_of)
 
 
 def test_each_nodes_report_is_its_simulated_state(runs):
@@ -106,3 +117,6 @@ def test_a_collapsed_run_stops_early():
     c = Cluster(sc, 2, "round-robin")
     r = c.run(t, fn, dur, stop_below=0.9)
     assert r.stopped and r.compliant_functions < 0.99
+    routed = int((c.node_of >= 0).sum())
+    assert 0 < routed < len(t)  # given up before the last arrival; shares over those routed
+    assert sum(r.node_share) == pytest.approx(1.0) and max(r.node_share) < 0.6

@@ -16,11 +16,12 @@ The front router sends each request to one node, by `routing`:
   node's simulated state at the arrival instant, what its residency report would say then:
   per model on a device (landed), loading, or in host memory (a simulated node holds every
   model in host memory, as `torpor serve` with the whole repository loaded); the least
-  predicted wait over its devices (the running batch's end as its scheduler sees it, plus the
-  estimates of the requests queued there); its free device bytes and queue length. The
+  predicted wait over its devices (the running batch's end as its scheduler sees it, then the
+  requests queued there, each with its copy's landing: `admission.work_ahead` first come, first
+  served, what the server's placer reports); its free device bytes and queue length. The
   request goes to the first node of the order; the objective it is routed with is the SLO times
-  the nodes' scheduler margin (the hedge each node plans with), its run time the model's
-  profiled one, its copy time a host copy on an idle link.
+  `slo_factor` (default the nodes' scheduler margin, the hedge each node plans with), its run
+  time the model's profiled one, its copy time a host copy on an idle link.
 - `round-robin`: request i to node i mod N (residency-blind, balanced).
 - `hash`: each model to its rendezvous-hash owner (`rendezvous_owner`), whatever the load
   (consistent hashing: affinity, no balance).
@@ -121,8 +122,8 @@ class ClusterResult:
     p50_ms: float
     p99_ms: float
     hit_rate: float  # requests that found their model on a device of their node / requests placed
-    affinity: float  # requests sent to their function's most used node / requests
-    node_share: list[float]  # each node's share of the requests
+    affinity: float  # requests sent to their function's most used node / requests routed
+    node_share: list[float]  # each node's share of the requests routed
     swaps: int
     peer_copies: int
     bytes_moved: int
@@ -141,13 +142,17 @@ class Cluster:
     """`nodes` simulated Torpor nodes of the scenario's GPUs each, behind a front router."""
 
     def __init__(self, scenario: Scenario, nodes: int, routing: str = "torpor", *, policy: str = "torpor",
-                 link_physics: str = DEFAULT_LINK_PHYSICS, errors: Errors | None = None):
+                 link_physics: str = DEFAULT_LINK_PHYSICS, errors: Errors | None = None,
+                 slo_factor: float | None = None):
+        """`slo_factor`: the routing objective as a multiple of each model's SLO (default the
+        nodes' scheduler margin); `math.inf`: routed with no objective (every node fits)."""
         if routing not in ROUTINGS:
             raise ScenarioError(f"routing: unknown routing {routing!r}; expected one of {list(ROUTINGS)}")
         if not isinstance(nodes, int) or nodes < 1:
             raise ScenarioError(f"nodes: expected a positive whole number, got {nodes!r}")
         self.sc = scenario
         self.routing = routing
+        self.slo_factor = slo_factor
         # every node a whole Simulation: callers may adjust them before `run` (a platform's latencies)
         self.sims = [Simulation(scenario, policy, link_physics=link_physics, errors=errors) for _ in range(nodes)]
         self.names = [f"node-{k}" for k in range(nodes)]
@@ -162,10 +167,10 @@ class Cluster:
         """What the router knows of each function, fixed for a run: its key, routing objective,
         run time and host copy time (each node's cost model, after any caller's adjustment)."""
         sim = self.sims[0]
-        margin = sim.scheduler.slo_margin
+        margin = sim.scheduler.slo_margin if self.slo_factor is None else self.slo_factor
         host = sim.links.host_path(sim.links.devices[0])
         self.keys = [str(f) for f in range(self.sc.functions)]
-        self.slo = [m.slo_s * margin for m in sim.fn_model]
+        self.slo = [None if math.isinf(margin) else m.slo_s * margin for m in sim.fn_model]
         self.exec_s = [m.exec_s for m in sim.fn_model]
         self.copy_s = [sim.cost.nominal_seconds(m.nbytes, host) for m in sim.models]
         self.owner = [self.index[rendezvous_owner(k, self.names)] for k in self.keys]
@@ -204,7 +209,7 @@ class Cluster:
         replays = [(StagedReplay if s.staging is not None else Replay)(s, arrivals_t, arrivals_fn, duration)
                    for s in self.sims]
         n = len(arrivals_t)
-        node_of = self.node_of = np.zeros(n, dtype=np.int16)
+        node_of = self.node_of = np.full(n, -1, dtype=np.int16)  # -1: not routed (a run given up)
         for i in range(n):
             now = float(arrivals_t[i])
             for r in replays:
@@ -244,7 +249,10 @@ class Cluster:
         slo = np.array([m.slo_s for m in self.sims[0].fn_model])
         fns = np.asarray(arrivals_fn, dtype=np.int64)
         served = latency[np.isfinite(latency)]
-        per = np.bincount(fns * nodes + node_of, minlength=self.sc.functions * nodes).reshape(-1, nodes)
+        routed = node_of >= 0
+        per = np.bincount(fns[routed] * nodes + node_of[routed], minlength=self.sc.functions * nodes)
+        per = per.reshape(-1, nodes)
+        n_routed = int(routed.sum())
         placed = int(np.count_nonzero(action))
         comp = compliance(latency, fns, slo)
         span = max(duration, max((d.busy_until for s in self.sims for d in s.devs), default=0.0))
@@ -256,8 +264,8 @@ class Cluster:
             p50_ms=float(np.percentile(served, 50) * 1e3) if served.size else math.nan,
             p99_ms=float(np.percentile(served, 99) * 1e3) if served.size else math.nan,
             hit_rate=float(np.isin(action, _HITS).sum() / placed) if placed else 0.0,
-            affinity=float(per.max(axis=1).sum() / n) if n else 1.0,
-            node_share=[float(x) for x in np.bincount(node_of, minlength=nodes) / max(1, n)],
+            affinity=float(per.max(axis=1).sum() / n_routed) if n_routed else 1.0,
+            node_share=[float(x) for x in np.bincount(node_of[routed], minlength=nodes) / max(1, n_routed)],
             swaps=sum(r.swaps for r in replays), peer_copies=sum(r.peers for r in replays),
             bytes_moved=sum(r.moved for r in replays), evictions=sum(r.evictions for r in replays),
             unserved=sum(r.unserved for r in replays),
