@@ -62,7 +62,12 @@ def install_bls(engine, loop: asyncio.AbstractEventLoop) -> BlsBridge:
     return bridge
 
 
-def uninstall_bls() -> None:
+def uninstall_bls(bridge: BlsBridge | None = None) -> None:
+    """Stop routing BLS calls; with `bridge`, only if it is still the one installed (a later server
+    in the same process keeps its own). A stopped server must not leave its bridge behind: later
+    callers would get "shutting down" instead of UNSUPPORTED."""
+    if bridge is not None and pb_utils._bls_handler is not bridge:
+        return
     pb_utils.set_bls_handler(None)
     python_backend.off_loop_hook = None
 

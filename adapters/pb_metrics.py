@@ -90,16 +90,21 @@ class Metric:
             )
         return self._series
 
+    def _checked(self, verb: str, op: str, value: float, allowed: tuple) -> tuple[float, Any]:
+        """The value and the live series for `op`, or Triton's error for this kind of metric."""
+        prefix = f"Failed to {verb} metric value"
+        value = _number(value, op.lower())
+        series = self._live(prefix)
+        if self._kind not in allowed:
+            raise _metric_error(prefix, f"{_KIND_NAME[self._kind]} does not support {op}")
+        return value, series
+
     def increment(self, value: float) -> None:
         """Add `value` (counters: not negative; not for histograms)."""
-        prefix = "Failed to increment metric value"
-        value = _number(value, "increment")
-        series = self._live(prefix)
-        if self._kind == MetricKind.HISTOGRAM:
-            raise _metric_error(prefix, f"{_KIND_NAME[self._kind]} does not support Increment")
+        value, series = self._checked("increment", "Increment", value, (MetricKind.COUNTER, MetricKind.GAUGE))
         if self._kind == MetricKind.COUNTER and value < 0:
             raise _metric_error(
-                prefix,
+                "Failed to increment metric value",
                 "TRITONSERVER_METRIC_KIND_COUNTER can only be incremented monotonically by non-negative values.",
             )
         with _metrics_lock:
@@ -107,21 +112,13 @@ class Metric:
 
     def set(self, value: float) -> None:
         """Set a gauge's value."""
-        prefix = "Failed to set metric value"
-        value = _number(value, "set")
-        series = self._live(prefix)
-        if self._kind != MetricKind.GAUGE:
-            raise _metric_error(prefix, f"{_KIND_NAME[self._kind]} does not support Set")
+        value, series = self._checked("set", "Set", value, (MetricKind.GAUGE,))
         with _metrics_lock:
             series.value = value
 
     def observe(self, value: float) -> None:
         """Record one observation in a histogram."""
-        prefix = "Failed to observe metric value"
-        value = _number(value, "observe")
-        series = self._live(prefix)
-        if self._kind != MetricKind.HISTOGRAM:
-            raise _metric_error(prefix, f"{_KIND_NAME[self._kind]} does not support Observe")
+        value, series = self._checked("observe", "Observe", value, (MetricKind.HISTOGRAM,))
         index = bisect.bisect_left(series.buckets, value)
         with _metrics_lock:
             if index < len(series.counts):

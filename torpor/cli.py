@@ -197,22 +197,23 @@ def positive_int(text: str) -> int:
     return _positive(text, int)
 
 
+def _integer(text: str, what: str = "an integer") -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
 def _count(text: str) -> int:
     """argparse type: an integer of zero or more (Triton's unsigned flags)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    v = _integer(text)
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
     return v
 
 
 def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    v = _integer(text, "a port number")
     if not 0 <= v <= 65535:  # 0: any free port
         raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {v}")
     return v
@@ -220,10 +221,7 @@ def _port(text: str) -> int:
 
 def _max_input_size(text: str) -> int:
     """Refused at parse time, before any model loads, in tritonserver's words."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    v = _integer(text)
     if v <= 0:
         raise argparse.ArgumentTypeError("--http-max-input-size must be greater than 0.")
     return v
@@ -366,7 +364,7 @@ def start_failure(failures: dict[str, str]) -> str:
 
 async def serve(args: argparse.Namespace) -> int:
     from torpor.adapters import create_model_function, python_backend
-    from torpor.adapters.bls import install_bls
+    from torpor.adapters.bls import install_bls, uninstall_bls
     from torpor.dataplane.engine import Engine
 
     options = engine_options(args)
@@ -386,18 +384,21 @@ async def serve(args: argparse.Namespace) -> int:
     failed_log = open_log(engine, args)
     if failed_log:
         return _refuse(failed_log)
-    install_bls(engine, asyncio.get_running_loop())  # pb_utils.InferenceRequest.exec() in python models
+    bridge = install_bls(engine, asyncio.get_running_loop())  # pb_utils.InferenceRequest.exec() in python models
     try:
-        await engine.start()
-    except Exception as e:  # a start-up failure is reported in one line, not a traceback
-        log.debug("start-up failed", exc_info=True)  # where it came from, for --log-verbose 1
-        await engine.stop()
-        return _refuse(reason(e))
-    log_model_table(engine)
-    if engine.registry.start_failures and args.exit_on_error:
-        await engine.stop()
-        return _refuse(start_failure(engine.registry.start_failures))
-    return await _serve_until_stopped(engine, args)
+        try:
+            await engine.start()
+        except Exception as e:  # a start-up failure is reported in one line, not a traceback
+            log.debug("start-up failed", exc_info=True)  # where it came from, for --log-verbose 1
+            await engine.stop()
+            return _refuse(reason(e))
+        log_model_table(engine)
+        if engine.registry.start_failures and args.exit_on_error:
+            await engine.stop()
+            return _refuse(start_failure(engine.registry.start_failures))
+        return await _serve_until_stopped(engine, args)
+    finally:
+        uninstall_bls(bridge)
 
 
 async def _serve_until_stopped(engine, args: argparse.Namespace) -> int:

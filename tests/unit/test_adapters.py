@@ -749,7 +749,7 @@ def test_decoupled_sends_after_execute_returned(decoupled):
     assert [(int(o["OUT"][0]) if o else None, f) for o, _, f in items] == [(4, False), (None, True)]
 
 
-def test_pb_utils_module_api():
+def test_pb_utils_module_api(monkeypatch):
     import importlib
 
     import torpor.adapters.python_backend  # noqa: F401 - importing it registers triton_python_backend_utils
@@ -807,6 +807,7 @@ def test_pb_utils_module_api():
     assert pb_utils.get_input_config_by_name(config, "B") is None
     assert pb_utils.get_output_config_by_name(config, "A") is None
 
+    monkeypatch.setattr(pb_utils, "_bls_handler", None)  # no server in this process: BLS is unsupported
     bls = pb_utils.InferenceRequest(model_name="other", requested_output_names=["O"], inputs=[t])
     result = bls.exec()
     assert result.has_error() and result.error().code() == pb_utils.TritonError.UNSUPPORTED

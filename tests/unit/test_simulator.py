@@ -273,7 +273,7 @@ def test_cli_default_scenario_is_package_data_and_runs_without_the_trace(tmp_pat
                          "--json", str(out), "--plot", str(tmp_path / "out.png")])
     assert run_cli(args) == 0
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "trace is not at" in err and "synthetic" in err
+    assert err.count("\n") == 0 and "trace (torpor-trace-samples.npy" in err and "synthetic" in err
     assert json.loads(out.read_text())["workload"]["kind"] == "synthetic"
 
 

@@ -100,6 +100,7 @@ class NodeHost:
         self._tasks: list = []
         self._forwarder: Any = None  # torpor.api.forward.Forwarder while the node has peers
         self._peer_specs: list = []
+        self._bls: Any = None  # the BLS bridge this node installed
 
     def _bind_address(self, which: str) -> str:
         if which == "metrics":
@@ -180,7 +181,7 @@ class NodeHost:
         failed_log = cli.open_log(self.engine, self.args)
         if failed_log:
             raise RuntimeError(failed_log)
-        install_bls(self.engine, asyncio.get_running_loop())
+        self._bls = install_bls(self.engine, asyncio.get_running_loop())
         await self.engine.start()
         cli.log_model_table(self.engine)
         if self.engine.registry.start_failures and self.args.exit_on_error:
@@ -223,6 +224,10 @@ class NodeHost:
         if not await self.engine.drain(grace):
             log.warning("exit timeout: %d requests still in flight", self.engine.in_flight())
         await self.engine.stop()
+        if self._bls is not None:
+            from torpor.adapters.bls import uninstall_bls
+
+            uninstall_bls(self._bls)  # a stopped node leaves no bridge behind in this process
 
     def stop(self, grace: float | None = None) -> None:
         """Drain and stop (at most `grace` seconds for requests in flight; default the node's

@@ -197,8 +197,10 @@ def without_missing_trace(workload: dict[str, Any], trace_path: str | Path | Non
     synthetic generator with the trace's statistics instead, and a line saying so."""
     if workload.get("kind", "trace") != "trace" or trace_path or workload.get("trace") or DEFAULT_TRACE.exists():
         return workload, None
-    note = (f"the paper's trace is not at {DEFAULT_TRACE}; using the synthetic generator with its statistics "
-            "(--trace PATH to use the trace)")
+    # from a wheel DEFAULT_TRACE points into site-packages' parents, a path nobody made: name the
+    # file as a checkout has it instead of that path
+    note = ("the paper's trace (torpor-trace-samples.npy, in ../shared/data/ beside a source checkout) "
+            "is not here; using the synthetic generator with its statistics (--trace PATH to use the trace)")
     return {**workload, "kind": "synthetic"}, note
 
 
