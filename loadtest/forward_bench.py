@@ -62,12 +62,16 @@ class Node:
     def grpc_url(self) -> str:
         return f"{self.host}:{self.grpc}"
 
-    def start(self, repo: Path, peer: Node, args: argparse.Namespace, log: Path) -> None:
+    def start(self, repo: Path, peer: Node | None, args: argparse.Namespace, log: Path,
+              memory: str = "10MiB") -> None:
+        """`torpor serve` on this node's address: one CPU virtual device whose arena is `memory`,
+        host links paced to args.pcie GB/s, `peer` its only peer (None: a node alone)."""
         cmd = [sys.executable, "-m", "torpor.cli", "serve", "--model-repository", str(repo),
-               "--devices", "cpu", "--device-memory-bytes", "10MiB", "--device-bandwidths", f"pcie={args.pcie}",
+               "--devices", "cpu", "--device-memory-bytes", memory, "--device-bandwidths", f"pcie={args.pcie}",
                "--http-address", self.host, "--grpc-address", self.host, "--http-port", str(self.http),
-               "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--node-name", self.host,
-               "--peers", f"http://{peer.http_url}?grpc={peer.grpc_url}", "--peer-poll-interval", "0.5"]
+               "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--node-name", self.host]
+        if peer is not None:
+            cmd += ["--peers", f"http://{peer.http_url}?grpc={peer.grpc_url}", "--peer-poll-interval", "0.5"]
         self.log = log.open("wb")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -83,6 +87,10 @@ class Node:
                 time.sleep(0.2)
         raise SystemExit(f"node {self.host} did not come up")
 
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://{self.host}:{self.metrics}/metrics", timeout=10) as r:
+            return r.read().decode()
+
     def report(self) -> dict:
         with urllib.request.urlopen(f"http://{self.http_url}/v2/torpor/residency", timeout=10) as r:
             return json.loads(r.read())
@@ -95,12 +103,17 @@ class Node:
             self.log.close()
 
 
+def metric_total(text: str, prefix: str, having: str = "") -> float:
+    """The sum of the samples in Prometheus text `text` whose line starts with `prefix` (a
+    family's name, or its name and first labels) and contains `having` (e.g. a label)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(prefix) and having in line)
+
+
 def counters(a: Node, b: Node, model: str) -> dict:
     ra, rb = a.report(), b.report()
     fw = {f"{f['protocol']}:{f['outcome']}": f["requests"] for p in ra["forwarding"]["peers"] for f in p["forwards"]}
-    with urllib.request.urlopen(f"http://{a.host}:{a.metrics}/metrics", timeout=10) as r:
-        swaps = sum(float(line.rsplit(" ", 1)[1]) for line in r.read().decode().splitlines()
-                    if line.startswith(f'torpor_swap_ins{{model="{model}"'))
+    swaps = metric_total(a.metrics_text(), f'torpor_swap_ins{{model="{model}"')
     return {"a_forwards": fw, "b_received": rb["forwarding"]["received"], "a_swap_ins": swaps,
             "a_state": ra["models"][f"{model}:1"]["state"], "b_state": rb["models"][f"{model}:1"]["state"],
             "overhead_s": ra["forwarding"]["peers"][0]["overhead_s"]}
