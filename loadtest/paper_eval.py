@@ -18,10 +18,10 @@ default 60: the paper warms every function before measuring), --full-trace (the 
 31 minutes: the warm-up, then the rest measured), --out (default docs/paper), --jobs (worker
 processes, default 2), --links fixed|shared (the link physics of both simulators; default
 `torpor.sim.physics`'s, TORPOR_SIM_LINKS), --policies and --counts (a subset of a sweep's
-policies and function counts, comma-separated). The platform beyond the scenario file (PLATFORMS
-below; --copy-latency-ms, --request-overhead-ms): a fixed latency per copy (Table 4's swaps on
-V100, swap_bench's cold starts on H100) and a per-request software overhead (the server's
-front end) that adds to every request's latency without holding a GPU. Error settings for the
+policies and function counts, comma-separated). The platform (the scenario's `copy_latency_ms`
+and `request_overhead_ms`, overridden by --copy-latency-ms, --request-overhead-ms): a fixed
+latency per copy (Table 4's swaps on V100, swap_bench's cold starts on H100) and a per-request
+software overhead (the server's front end) that adds to every request's latency without holding a GPU. Error settings for the
 simulators: --errors (`jitter=0.1,bandwidth_factor=0.8`, `torpor.sim.errors`; default
 TORPOR_SIM_ERRORS), recorded in the titles and the JSON.
 `capacity`: --seeds (default 1-5), --node v100|h100, --step (default 20), --search grid|bisect
@@ -50,7 +50,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from torpor.scheduling.costmodel import CostModel
+from torpor.scheduling.costmodel import TRANSFER_LATENCY_S, CostModel
 from torpor.sim.errors import ERRORS_ENV, errors_from_env
 from torpor.sim.paper import CLASS_NAMES
 from torpor.sim.paper_sim import PaperSim, compliance, latency_profile, load_paper_scenario
@@ -73,23 +73,6 @@ PAPER_R152 = {"paper": {"executed": 160, "compliant": 160}, "native": {"executed
 PAPER_MIX = {480: 1.0, 560: 0.8}  # all compliant at 480, "above 80%" at 560
 TRACE_MINUTES = 31  # the trace's columns (../shared/data/README.md)
 
-# What the scenario files cannot say yet (docs/paper-evaluation.md, "Platform"), per scenario:
-# - copy_latency_ms: a fixed latency per copy before its first group and after its last byte
-#   (the cost model's transfer latency; both simulators' links). V100: Table 4's swaps of the
-#   models whose copy hides under compute land 1-3 ms after resident latency, over PCIe and
-#   NVLink alike. H100: swap_bench's pipelined cold starts, 1.4 ms (ResNet-50-shaped, 8.26 ms
-#   against 0.15 ms first group + 6.67 ms native) and 1.0 ms (BERT-base-shaped, 8.98 ms against
-#   7.97 ms of bytes at 54.9 GB/s), docs/measurements.md.
-# - request_overhead_ms: the server's own time per request (front end, queue, answer) beside
-#   the GPU's: through the server, single-stream resident latency less the kernel time on the
-#   same H100, 8.91 - 6.67 = 2.2 ms (ResNet-50-shaped; loadtest/measured/h100-2026-11-23 and
-#   docs/measurements.md). Charged as a shorter deadline for planning and judging alike, which
-#   is the same as adding it to every latency.
-PLATFORMS = {
-    "paper_v100": {"copy_latency_ms": 2.0, "request_overhead_ms": 2.2},
-    "paper_h100": {"copy_latency_ms": 1.2, "request_overhead_ms": 2.2},
-}
-NO_PLATFORM = {"copy_latency_ms": 0.02, "request_overhead_ms": 0.0}  # the simulators' own defaults
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,8 +90,12 @@ def workload(args: Any) -> tuple[dict[str, Any], str | None]:
 
 
 def platform(args: Any, scenario: Path) -> dict[str, float]:
-    """The scenario's entry in PLATFORMS, with the command line's overrides."""
-    p = dict(PLATFORMS.get(scenario.stem, NO_PLATFORM))
+    """The scenario's platform fields (`copy_latency_ms`, `request_overhead_ms`; the simulators'
+    defaults where it has none) with the command line's overrides: what every run's JSON records
+    and what `platform_override` lays over the scenario file."""
+    spec = json.loads(scenario.read_text())
+    p = {"copy_latency_ms": spec.get("copy_latency_ms", TRANSFER_LATENCY_S * 1e3),
+         "request_overhead_ms": spec.get("request_overhead_ms", 0.0)}
     for k in p:
         v = getattr(args, k, None)
         if v is not None:
@@ -116,16 +103,9 @@ def platform(args: Any, scenario: Path) -> dict[str, float]:
     return p
 
 
-def with_platform(sim: Any, plat: dict[str, float]) -> Any:
-    """`plat`'s copy latency on a simulator's cost models (believed and, where it has one, true)
-    and links: what a scenario field would set if the simulators read one
-    (docs/paper-evaluation.md, "Platform")."""
-    lat = plat["copy_latency_ms"] / 1e3
-    for obj in (getattr(sim, name, None) for name in ("cost", "true_cost", "xfer")):
-        for attr in ("transfer_latency_s", "latency_s"):
-            if obj is not None and hasattr(obj, attr):
-                setattr(obj, attr, lat)
-    return sim
+def platform_override(plat: dict[str, float] | None) -> dict[str, float]:
+    """`load_paper_scenario` overrides for a job's platform (None: the scenario file's own)."""
+    return dict(plat) if plat else {}
 
 
 def describe(args: Any, wl: dict[str, Any]) -> str:
@@ -139,21 +119,18 @@ def describe(args: Any, wl: dict[str, Any]) -> str:
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     wl = dict(job["workload"])
     warmup = wl.pop("warmup_s", 0.0)
-    plat = job.get("platform") or NO_PLATFORM
-    over = {"functions": job["functions"], "seed": job["seed"], "workload": wl}
+    over = {"functions": job["functions"], "seed": job["seed"], "workload": wl, **platform_override(job.get("platform"))}
     if job.get("models") is not None:
         over["models"] = job["models"]
     sc, extras = load_paper_scenario(job["scenario"], **over)
-    overhead = plat["request_overhead_ms"] / 1e3
-    for m in sc.models:  # the front end's share of every deadline (PLATFORMS)
-        m.slo_s -= overhead
+    overhead = sc.request_overhead_s  # already off every objective (Scenario); added back to latencies shown
     t, fn, duration = scenario_arrivals(sc, job["trace"])
     t0 = time.perf_counter()
     policy = job["policy"]
     if policy == "torpor":
-        sim = with_platform(Simulation(sc, "torpor", link_physics=job["links"]), plat)
+        sim = Simulation(sc, "torpor", link_physics=job["links"])
     else:
-        sim = with_platform(PaperSim(sc, policy, extras, link_physics=job["links"]), plat)
+        sim = PaperSim(sc, policy, extras, link_physics=job["links"])
     r = sim.run(t, fn, duration)
     lat = getattr(sim, "latency", None)
     slo = np.array([sc.models[f % len(sc.models)].slo_s for f in range(sc.functions)])
@@ -555,9 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full-trace", action="store_true",
                     help=f"run the trace's whole {TRACE_MINUTES} minutes: the warm-up, the rest measured")
     ap.add_argument("--copy-latency-ms", type=float, default=None,
-                    help="fixed latency per copy (default: the scenario's in PLATFORMS)")
+                    help="fixed latency per copy (default: the scenario's copy_latency_ms)")
     ap.add_argument("--request-overhead-ms", type=float, default=None,
-                    help="per-request software overhead beside the GPU (default: the scenario's in PLATFORMS)")
+                    help="per-request software overhead beside the GPU (default: the scenario's request_overhead_ms)")
     ap.add_argument("--errors", default=None,
                     help="prediction error for both simulators, e.g. jitter=0.1,bandwidth_factor=0.8 "
                          "(torpor.sim.errors; sets TORPOR_SIM_ERRORS for the runs; default: that variable)")

@@ -47,10 +47,32 @@ def small(**over):
     ({"weight_fraction": 0.4}, r"models\[1\].size_MB: model 'b' .* larger than every GPU"),
     ({"models": [{"name": "a", "size_MB": 30, "exec_ms": 5, "slo_ms": 50, "max_batch": 0}]}, r"models\[0\].max_batch"),
     ({"models": [{"name": "a", "size_MB": 30, "exec_ms": 5, "slo_ms": 50, "batch": 4}]}, r"models\[0\]: unknown"),
+    ({"copy_latency_ms": -1}, "copy_latency_ms"),
+    ({"request_overhead_ms": "2"}, "request_overhead_ms"),
+    ({"request_overhead_ms": 50}, r"request_overhead_ms: 50 ms leaves model 'a' \(models\[0\]\.slo_ms 50\)"),
 ])
 def test_bad_scenario_names_field(over, field):
     with pytest.raises(ScenarioError, match=field.replace("[", r"\[").replace("]", r"\]") if "\\" not in field else field):
         parse_scenario(small(**over))
+
+
+def test_platform_fields_reach_both_simulators():
+    from torpor.scheduling.costmodel import TRANSFER_LATENCY_S
+    from torpor.sim.paper_sim import PaperSim
+
+    plain = parse_scenario(small())
+    assert (plain.copy_latency_s, plain.request_overhead_s) == (None, 0.0)
+    assert Simulation(plain, "torpor").cost.transfer_latency_s == TRANSFER_LATENCY_S
+    sc = parse_scenario(small(copy_latency_ms=2.0, request_overhead_ms=2.5))
+    # the front end's share comes off every objective, once
+    assert [m.slo_s for m in sc.models] == pytest.approx([0.0475, 0.1475])
+    sim = Simulation(sc, "torpor")
+    assert sim.cost.transfer_latency_s == sim.true_cost.transfer_latency_s == sim.xfer.latency_s == 0.002
+    assert PaperSim(sc, "paper").cost.transfer_latency_s == 0.002
+    # the paper scenarios carry the platform paper_eval.py reports with
+    v100 = load_scenario(SCENARIOS / "paper_v100.json")
+    assert (v100.copy_latency_s, v100.request_overhead_s) == (0.002, pytest.approx(0.0022))
+    assert v100.models[0].slo_s == pytest.approx(0.080 - 0.0022)
 
 
 def test_bad_workload_names_field():

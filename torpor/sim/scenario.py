@@ -87,6 +87,13 @@ class Scenario:
     weight_fraction: float = 1.0  # of each GPU's memory, what model weights may use
     staging: Staging | None = None  # the server's staging and shedding (None: copies start at placement)
     errors: Errors = field(default_factory=Errors)  # true times vs the scheduler's (`torpor.sim.errors`)
+    # The platform beyond links and kernels (docs/paper-evaluation.md, "Platform"): a fixed
+    # latency per copy, before its first group and after its last byte (None: the cost model's
+    # own default), and the server's own time per request beside the GPU's (front end, queue,
+    # answer). The overhead is already taken off every model's `slo_s` (the objective the
+    # device has), so planning and judging both count it; reported latencies exclude it.
+    copy_latency_s: float | None = None
+    request_overhead_s: float = 0.0
 
     @property
     def weight_budget(self) -> int:
@@ -168,7 +175,7 @@ def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: st
     where = "scenario"
     known = {"name", "gpus", "gpu_memory_GB", "gpus_per_node", "node", "models", "profile", "functions",
              "workload", "policies", "exec_noise", "seed", "search_gpus", "target_attainment", "notes", "sweep",
-             "weight_fraction", "staging", "errors"}
+             "weight_fraction", "staging", "errors", "copy_latency_ms", "request_overhead_ms"}
     unknown = set(spec) - known
     if unknown:
         raise ScenarioError(f"{where}: unknown field(s) {sorted(unknown)}")
@@ -200,6 +207,13 @@ def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: st
     if target > 1:
         raise ScenarioError(f"{where}.target_attainment: must be at most 1, got {target}")
     staging = parse_staging(spec.get("staging"), f"{where}.staging")
+    copy_latency = None if spec.get("copy_latency_ms") is None else _num(spec, "copy_latency_ms", where, positive=False) / 1e3
+    overhead = _num(spec, "request_overhead_ms", where, positive=False, default=0.0) / 1e3
+    for i, m in enumerate(models):
+        if m.slo_s <= overhead:
+            raise ScenarioError(f"{where}.request_overhead_ms: {overhead * 1e3:g} ms leaves model {m.name!r} "
+                                f"(models[{i}].slo_ms {m.slo_s * 1e3:g}) no time on the device")
+        m.slo_s -= overhead  # the front end's share of every objective
     try:
         errors = parse_errors(spec.get("errors"), f"{where}.errors")
     except ErrorsError as e:
@@ -224,6 +238,8 @@ def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: st
         weight_fraction=frac,
         staging=staging,
         errors=errors,
+        copy_latency_s=copy_latency,
+        request_overhead_s=overhead,
     )
 
 
