@@ -58,6 +58,7 @@ from torpor.sim.state import ANSWERED, DROPPED, SHED_ARRIVAL, SHED_QUEUED
 
 BLOCK = 2 * 1024 * 1024  # the arena's block size (e2e.py's BLOCK)
 FIRST_GROUP = 1 << 20  # torpor.runtime.partition caps the first group at 1 MiB
+E2E_MAX_BATCH = 8  # loadtest/e2e_workloads.py: max_batch_size of every generated model
 MB = 1e6
 
 
@@ -104,7 +105,10 @@ def scenario(e2e: dict, cfg: str, exec_ms: dict[str, float], pcie_gbps: float, n
         # lognormal noise around the median: the calibrated time is the mean, kept
         median_ms = exec_ms[k] * math.exp(-noise * noise / 2)
         models.append({"name": k, "size_MB": math.ceil(nbytes / BLOCK) * BLOCK / MB, "exec_ms": median_ms,
-                       "slo_ms": e2e["slo_ms"][k], "first_group_MB": FIRST_GROUP / MB})
+                       "slo_ms": e2e["slo_ms"][k], "first_group_MB": FIRST_GROUP / MB,
+                       # e2e --batching: `dynamic_batching { }` beside max_batch_size 8 in every config
+                       # (a batch's cost: the scenario's default batch_scale, not measured for these models)
+                       **({"max_batch": E2E_MAX_BATCH} if e2e["models"].get("batching") else {})})
     return {"name": f"e2e-{cfg}", "gpus": n_dev, "gpu_memory_GB": e2e["bounds"][cfg] / 1e9,
             "node": {"pcie_GBps": pcie_gbps}, "models": models, "functions": n,
             "workload": {"kind": "synthetic", "duration_s": 1}, "exec_noise": noise, "seed": seed}

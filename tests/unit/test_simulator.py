@@ -529,6 +529,29 @@ def test_staged_copies_start_early_only_into_spare_room():
     assert {rid: at for at, rid, _, _ in roomy.copies} == {0: 0.0, 1: 0.001, 2: 0.002}
 
 
+def test_staged_requests_ride_an_open_batch_as_the_server_batches():
+    # one function, 10 ms runs, twelve requests a millisecond apart on an idle device (staging, one
+    # run at a time plus one staged ahead). With dynamic batching (max batch 4) the first request
+    # runs alone at once; the second is staged next, and the eight after it join its open batch
+    # or the next one (device_path's _DeviceBatch) without stages of their own, each batch at most
+    # 4: every request is answered, in far fewer runs than requests, none later than its batch
+    from torpor.sim.scenario import Staging
+
+    t, fn = np.arange(12) * 0.001, np.zeros(12, dtype=int)
+    one = {"name": "m", "size_MB": 10, "exec_ms": 10, "slo_ms": 10_000}
+    alone = Simulation(staged_gpu([one], 100), "torpor", staging=Staging(lookahead=1))
+    alone.run(t, fn, 1.0)
+    assert alone.devs[0].batches == 12
+    batched = Simulation(staged_gpu([{**one, "max_batch": 4}], 100), "torpor", staging=Staging(lookahead=1))
+    r = batched.run(t, fn, 1.0)
+    d = batched.devs[0]
+    assert d.batched == 12 and 4 <= d.batches <= 5 and r.unserved == 0
+    assert np.isfinite(batched.latency).all()
+    done = np.round(batched.latency + t, 6)
+    assert max(np.unique(done, return_counts=True)[1]) <= 4  # no batch over its size
+    assert batched.latency.max() < alone.latency.max() / 2
+
+
 def test_staging_defers_a_copy_that_would_evict_a_model_others_wait_for():
     # room for one 100 MB model; five requests for the resident A (20 ms each), then one for B
     # whose deadline comes first: staged at once it would evict A under the four still waiting

@@ -233,9 +233,10 @@ class Replay:
         # answered; the model unpinned; the device's next batch; then requests waiting for room
         latency, fn_model = self.latency, self.fn_model
         for job in batch:
-            latency[job.rid] = t - job.arrival
-            if t - job.arrival > fn_model[job.fn].slo_s:
-                self.misses += 1
+            for rid, arrival in ((job.rid, job.arrival), *job.riders):
+                latency[rid] = t - arrival
+                if t - arrival > fn_model[job.fn].slo_s:
+                    self.misses += 1
         r = batch[0].resident
         r.pins -= len(batch)
         r.last_used = t
@@ -278,14 +279,18 @@ class Replay:
             # requests of one model function anywhere in the queue join the head's batch
             # (Triton's dynamic batcher); the rest keep their order
             keep = []
+            rows = 1 + len(head.riders)
             for j in d.queue:
-                if j.fn == f and len(batch) < spec.max_batch:
+                if j.fn == f and rows + 1 + len(j.riders) <= spec.max_batch:
                     batch.append(j)
+                    rows += 1 + len(j.riders)
                 else:
                     keep.append(j)
             d.queue = keep if self.listq else deque(keep)
-        b = len(batch)
-        d.queued_fn[f] = same - b
+        d.queued_fn[f] = same - len(batch)
+        if d.open_batch.get(f) in batch:  # it runs now: later requests open a batch of their own
+            del d.open_batch[f]
+        b = len(batch) + sum(len(j.riders) for j in batch)
         r = head.resident
         begin = max(now, self.sim.first_at.get((d.state.name, f), 0.0))
         ex = spec.exec_seconds(b) * self.noise[head.rid]  # as the scheduler sees the run

@@ -110,6 +110,7 @@ class StagedReplay(Replay):
     def released(self, d: _Dev, batch: list, t: float) -> None:
         # their stages given back (torpor.runtime.residency.Placement._release), the next staged
         for job in batch:
+            self.in_system -= len(job.riders)
             self.finish(d, job)
             d.holders.remove(job)
         self.retry_memory(d, t)
@@ -191,9 +192,13 @@ class StagedReplay(Replay):
                                    lambda: would_delay([k for k in d.tickets if k is not job], now,
                                                        job.estimate + job.copy_s, lookahead))
         if why is not None:
-            self.status[job.rid] = SHED_QUEUED
-            self.shed_queued += 1
-            self.misses += 1
+            for rid in (job.rid, *(r for r, _ in job.riders)):  # its batch's riders get its answer
+                self.status[rid] = SHED_QUEUED
+                self.shed_queued += 1
+                self.misses += 1
+            if d.open_batch.get(job.fn) is job:
+                del d.open_batch[job.fn]
+            self.in_system -= len(job.riders)
             self.finish(d, job)
             return
         d.holders.append(job)
@@ -221,6 +226,8 @@ class StagedReplay(Replay):
         r.pins += 1
         r.last_used = now
         self.acquired[job.rid] = now
+        for rid, _ in job.riders:
+            self.acquired[rid] = now
         job.resident = r
         job.staged = True
         job.first_at = sim.first_at.get((d.state.name, f), 0.0)
@@ -344,9 +351,21 @@ class StagedReplay(Replay):
             if outlasted(work_ahead(d.tickets, now, None, 0.0, self.staging.lookahead)[0], slack):
                 self.shed_at_arrival(rid)
                 return True
+        head = d.open_batch.get(f)
+        if head is not None and 1 + len(head.riders) < spec.max_batch:
+            # dynamic batching: it joins the batch a request placed before it holds open there, and
+            # runs in that batch's run without a stage of its own (device_path `_DeviceBatch.join`)
+            head.riders.append((rid, arrival))
+            self.in_system += 1
+            if head.staged:
+                self.acquired[rid] = now
+            return True
         if copy and f not in d.state.residents:
             self.copy_into_spare_room(d, f, rid, o, now)
-        self.enter(d, self.ticket(rid, f, arrival, now, dec, copy_s), now)
+        job = self.ticket(rid, f, arrival, now, dec, copy_s)
+        if spec.max_batch > 1:
+            d.open_batch[f] = job
+        self.enter(d, job, now)
         return True
 
     def shed_at_arrival(self, rid: int) -> None:

@@ -28,8 +28,8 @@ class _Job:
     same fields as the server's `torpor.runtime.placer.Ticket`."""
 
     __slots__ = ("arrival", "copy_s", "defer_until", "due", "enqueued", "estimate", "first_at", "fn", "guard",
-                 "key", "meets_pred", "passed", "ready", "resident", "rid", "source", "staged", "started_at",
-                 "transfer")
+                 "key", "meets_pred", "passed", "ready", "resident", "rid", "riders", "source", "staged",
+                 "started_at", "transfer")
 
     def __init__(self, rid: int, fn: int, arrival: float, estimate: float, resident: ResidentState | None,
                  meets_pred: bool, enqueued: float = 0.0, first_at: float = 0.0, due: float = math.inf):
@@ -56,6 +56,9 @@ class _Job:
         # its stage queue is passing it over (deferred) now: ahead of no one (`admission.work_ahead`);
         # kept as torpor.runtime.staging.StagingQueue keeps the placer's `Ticket.passed`
         self.passed = False
+        # (rid, arrival) of the requests riding in its batch without a stage of their own (staging
+        # with dynamic batching: torpor.runtime.device_path's open `_DeviceBatch`)
+        self.riders: list[tuple[int, float]] = []
 
     @property
     def seq(self) -> int:
@@ -90,6 +93,7 @@ class _Dev:
     busy_s: float = 0.0
     proj_end: float = 0.0  # when the work queued so far should be done (estimates, transfer stalls)
     queued_fn: dict = field(default_factory=dict)  # function -> requests of it in the queue
+    open_batch: dict = field(default_factory=dict)  # function -> the job whose batch is open (staging)
     hold_until: float = -1.0  # a short batch waits for more requests until then
     next_key: float = 0.0  # deadline queue: where the request being placed would go
     batches: int = 0
