@@ -6,6 +6,11 @@ that cannot all stay resident (each request swaps its model in).
 Run the server with an arena too small for all the listed models (e.g. `--devices cuda
 --device-memory-bytes 500MiB` for resnet50 + bert) to see the swap path; with room for all of
 them both columns show resident latency. Prints a table; latencies include HTTP and encoding.
+
+For the warm requests it also splits the time by the server's own statistics (Triton's
+`/v2/models/{m}/stats`, differenced around them): queue, compute input, compute infer (the
+model's run) and compute output per request, and what is left of the client's mean outside them
+(HTTP, encoding and the server's front end): the server's overhead on the resident path.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ def make_inputs(client, model: str, seq: int):
                 x = np.zeros(shape, dtype=np.int64)
             else:
                 x = rng.integers(0, 1000, shape, dtype=np.int64)
+        elif spec["datatype"] == "INT32":
+            x = rng.integers(0, 100, shape, dtype=np.int32)
         else:
             raise SystemExit(f"{model}: unsupported input datatype {spec['datatype']}")
         inp = httpclient.InferInput(spec["name"], shape, spec["datatype"])
@@ -47,6 +54,25 @@ def timed(client, model, inputs) -> float:
     t = time.perf_counter()
     client.infer(model, inputs)
     return (time.perf_counter() - t) * 1e3
+
+
+STAGES = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+def stat_totals(client, model: str) -> dict[str, int]:
+    """Triton's cumulative statistics of `model` (its ready version): ns per stage and the count."""
+    st = client.get_inference_statistics(model_name=model)["model_stats"][0]["inference_stats"]
+    out = {k: int(st[k]["ns"]) for k in STAGES}
+    out["count"] = int(st["success"]["count"])
+    return out
+
+
+def breakdown(before: dict[str, int], after: dict[str, int], client_mean_ms: float) -> dict[str, float]:
+    """Per-request ms in each stage between two `stat_totals`, and the client's mean outside them."""
+    n = after["count"] - before["count"]
+    out = {f"{k}_ms": (after[k] - before[k]) / n / 1e6 if n else float("nan") for k in STAGES}
+    out["outside_ms"] = client_mean_ms - sum(out[f"{k}_ms"] for k in STAGES)
+    return out
 
 
 def pct(xs, q):
@@ -70,8 +96,11 @@ def main() -> None:
     for m in models:  # warm: the same model back to back (resident after its first request)
         for _ in range(3):
             timed(client, m, inputs[m])
+        before = stat_totals(client, m)
         warm = [timed(client, m, inputs[m]) for _ in range(args.n)]
-        rows.append({"model": m, "first_ms": first[m], "warm_p50_ms": statistics.median(warm), "warm_p99_ms": pct(warm, 0.99)})
+        split = breakdown(before, stat_totals(client, m), statistics.fmean(warm))
+        rows.append({"model": m, "first_ms": first[m], "warm_p50_ms": statistics.median(warm), "warm_p99_ms": pct(warm, 0.99),
+                     "warm_mean_ms": statistics.fmean(warm), "warm_split": split})
     alt = {m: [] for m in models}  # alternating: each request may find its model evicted
     for _ in range(args.n):
         for m in models:
@@ -85,6 +114,12 @@ def main() -> None:
         print(f"{r['model']:<10} {r['first_ms']:9.2f} {r['warm_p50_ms']:9.2f} {r['warm_p99_ms']:9.2f} "
               f"{r['alternating_p50_ms']:9.2f} {r['alternating_p99_ms']:9.2f}")
         r["memory_usage"] = stats.get(r["model"], {}).get("memory_usage")
+    print(f"\nwarm requests, per request (ms; the server's statistics): {'mean':>7} "
+          + " ".join(f"{k:>14}" for k in (*STAGES, "outside")))
+    for r in rows:
+        sp = r["warm_split"]
+        print(f"{r['model']:<57} {r['warm_mean_ms']:7.2f} "
+              + " ".join(f"{sp[k + '_ms']:14.3f}" for k in (*STAGES, "outside")))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows}, indent=2))
 
