@@ -3,7 +3,7 @@
     torpor.cli                      the composition root: may import everything
     torpor.cluster                  nodes on Ray Serve: a composition root per node (cli, front ends,
                                     adapters, data plane, the routing policy); the only part that
-                                    imports ray, which is optional (only its router at module level)
+                                    imports ray, which is optional (inside the functions that need it)
     torpor.api | torpor.adapters    front ends (HTTP, gRPC, metrics) | model formats
     torpor.dataplane                one request from front end to answer
     torpor.registry | torpor.runtime   models and their lifecycle | devices, memory, copies, runs
@@ -39,10 +39,9 @@ ALLOWED = {
 # third-party packages the layers below the front ends must not import at all
 WEB_AND_RPC = ("fastapi", "starlette", "uvicorn", "grpc", "tritonclient", "httpx", "gevent")
 CORE = {"dataplane", "registry", "runtime", "scheduling", "sim", COMMON}
-# an optional dependency (the `ray` extra): torpor.cluster's alone, and at module level only in
-# the one module Ray itself loads (Serve imports the request router by its path)
+# an optional dependency (the `ray` extra): torpor.cluster's alone, never at module level (the
+# request router's Serve base class is bound on first access: torpor.cluster.router.__getattr__)
 OPTIONAL = ("ray",)
-RAY_AT_TOP = {"torpor.cluster.router"}
 
 
 def layer(module: str) -> str:
@@ -104,7 +103,7 @@ def check(module: str, path: Path, source: str | None = None) -> list[str]:
                 bad.append(f"{path.relative_to(ROOT)}:{line}: {own} imports {name} ({target})")
         elif own in CORE and top in WEB_AND_RPC:
             bad.append(f"{path.relative_to(ROOT)}:{line}: {own} imports {name} (web or RPC stack)")
-        elif top in OPTIONAL and (own != "cluster" or (module not in RAY_AT_TOP and line in top_level)):
+        elif top in OPTIONAL and (own != "cluster" or line in top_level):
             bad.append(f"{path.relative_to(ROOT)}:{line}: {module} imports {name} (optional: torpor.cluster only, "
                        "inside the functions that need it)")
     return bad
@@ -160,16 +159,17 @@ def test_the_device_core_imports_without_the_web_stack():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_everything_but_the_ray_router_imports_without_ray():
+def test_every_module_imports_without_ray():
     """With ray made unimportable, every module loads (the CLI, the engine, the front ends, and
-    torpor.cluster's launcher, node and deployment class, which import ray only when run)."""
+    torpor.cluster's launcher, node, deployment class and request router, which import ray only
+    when run)."""
     code = ("import importlib, sys\n"
             "class NoRay:\n"
             "    def find_spec(self, name, path=None, target=None):\n"
             "        if name.split('.')[0] == 'ray':\n"
             "            raise ImportError('ray is not installed')\n"
             "sys.meta_path.insert(0, NoRay())\n"
-            f"names = {sorted(set(modules()) - RAY_AT_TOP)!r}\n"
+            f"names = {sorted(modules())!r}\n"
             "bad = []\n"
             "for n in names:\n"
             "    try:\n"
@@ -180,3 +180,20 @@ def test_everything_but_the_ray_router_imports_without_ray():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "torpor.cluster.launch" in modules() and "torpor.cli" in modules()
+
+
+def test_the_request_router_loads_ray_only_when_serve_asks_for_it():
+    """`torpor.cluster.router` imports neither ray nor the web stack Serve pulls in; the class
+    Serve loads by its path (ray_node.ROUTER) is a RequestRouter, made once, picklable by name."""
+    code = ("import sys, pickle, torpor.cluster.router as r, torpor.cluster.ray_node as n\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'fastapi', 'starlette', 'uvicorn'))\n"
+            "assert not bad, bad\n"
+            "mod, _, attr = n.ROUTER.partition(':')\n"
+            "assert mod == r.__name__\n"
+            "cls = getattr(r, attr)\n"
+            "from ray.serve.request_router import RequestRouter\n"
+            "assert issubclass(cls, RequestRouter) and issubclass(cls, r.RoutingRules)\n"
+            "assert r.TorporRouter is cls and pickle.loads(pickle.dumps(cls)) is cls\n"
+            "print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr

@@ -16,19 +16,22 @@ passed. Without that, every request in the period before the first copy shows up
 would be routed on the same stale view; with it, they follow the first to the node that is
 loading the model, which is what the node's report will say a moment later.
 
-Imports Ray: load this module only where Ray is installed (Serve imports it by its path,
-ray_node.ROUTER)."""
+Importing this module imports neither Ray nor the web stack Ray Serve pulls in (FastAPI,
+Starlette, uvicorn): the policy is `RoutingRules`, plain Python; `TorporRouter`, the class Serve
+loads by its path (ray_node.ROUTER), is those rules on Serve's `RequestRouter` base, made on first
+access (the module's `__getattr__`) and kept, so it pickles by reference like any class."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any
-
-from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+from typing import TYPE_CHECKING, Any
 
 from torpor.scheduling.peers import node_view
 from torpor.scheduling.routing import DEVICE, LOADING, route
+
+if TYPE_CHECKING:
+    from ray.serve.request_router import PendingRequest, RunningReplica
 
 INFER = "infer"  # the one deployment method routed by model (ray_node.TorporNode.infer)
 
@@ -41,8 +44,10 @@ def requested_model(pending: PendingRequest | None) -> str | None:
     return model if isinstance(model, str) else None
 
 
-class TorporRouter(RequestRouter):
-    """Serve's request router for the Torpor node deployment (ray_node.node_deployment)."""
+class RoutingRules:
+    """What Serve's request router for the Torpor node deployment (ray_node.node_deployment)
+    does; `TorporRouter` puts it first in the MRO over `RequestRouter`, whose hooks the last two
+    methods extend."""
 
     def initialize_state(self, hold_s: float = 5.0, suspect_s: float = 10.0, **kwargs: Any) -> None:
         self.hold_s = hold_s
@@ -104,3 +109,17 @@ class TorporRouter(RequestRouter):
     def on_replica_actor_died(self, replica_id: Any) -> None:
         super().on_replica_actor_died(replica_id)
         self._suspect.pop(replica_id, None)
+
+
+def _router_class() -> type:
+    from ray.serve.request_router import RequestRouter
+
+    return type("TorporRouter", (RoutingRules, RequestRouter),
+                {"__module__": __name__, "__qualname__": "TorporRouter", "__doc__": RoutingRules.__doc__})
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TorporRouter":
+        cls = globals()["TorporRouter"] = _router_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
