@@ -40,7 +40,6 @@ from paper_eval import (
     describe,
     parse_seeds,
     platform,
-    platform_override,
     run_all,
     search,
     spread,
@@ -61,7 +60,7 @@ def run_cluster(job: dict[str, Any]) -> dict[str, Any]:
     wl = dict(job["workload"])
     warmup = wl.pop("warmup_s", 0.0)
     sc, _ = load_paper_scenario(job["scenario"], functions=job["functions"], seed=job["seed"], workload=wl,
-                                **platform_override(job["platform"]))
+                                **job["platform"])
     overhead = sc.request_overhead_s  # already off every objective (Scenario)
     if job.get("deadlines_ms"):  # the paper's cluster deadlines, less the front end's share
         vision, bert = job["deadlines_ms"]

@@ -50,7 +50,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from torpor.scheduling.costmodel import TRANSFER_LATENCY_S, CostModel
+from torpor.scheduling.costmodel import CostModel
 from torpor.sim.errors import ERRORS_ENV, errors_from_env
 from torpor.sim.paper import CLASS_NAMES
 from torpor.sim.paper_sim import PaperSim, compliance, latency_profile, load_paper_scenario
@@ -89,23 +89,16 @@ def workload(args: Any) -> tuple[dict[str, Any], str | None]:
              "arrivals": args.arrivals}, (trace if kind == "trace" else None))
 
 
+PLATFORM_FIELDS = ("copy_latency_ms", "request_overhead_ms")
+
+
 def platform(args: Any, scenario: Path) -> dict[str, float]:
-    """The scenario's platform fields (`copy_latency_ms`, `request_overhead_ms`; the simulators'
-    defaults where it has none) with the command line's overrides: what every run's JSON records
-    and what `platform_override` lays over the scenario file."""
-    spec = json.loads(scenario.read_text())
-    p = {"copy_latency_ms": spec.get("copy_latency_ms", TRANSFER_LATENCY_S * 1e3),
-         "request_overhead_ms": spec.get("request_overhead_ms", 0.0)}
-    for k in p:
-        v = getattr(args, k, None)
-        if v is not None:
-            p[k] = float(v)
-    return p
-
-
-def platform_override(plat: dict[str, float] | None) -> dict[str, float]:
-    """`load_paper_scenario` overrides for a job's platform (None: the scenario file's own)."""
-    return dict(plat) if plat else {}
+    """The platform every run of `scenario` uses, as the scenario parses it (its fields or the
+    simulators' defaults) with the command line's overrides: what each job lays over the
+    scenario file and its JSON records."""
+    over = {k: float(v) for k in PLATFORM_FIELDS if (v := getattr(args, k, None)) is not None}
+    sc, _ = load_paper_scenario(scenario, **over)
+    return {"copy_latency_ms": sc.copy_latency_s * 1e3, "request_overhead_ms": sc.request_overhead_s * 1e3}
 
 
 def describe(args: Any, wl: dict[str, Any]) -> str:
@@ -119,7 +112,7 @@ def describe(args: Any, wl: dict[str, Any]) -> str:
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     wl = dict(job["workload"])
     warmup = wl.pop("warmup_s", 0.0)
-    over = {"functions": job["functions"], "seed": job["seed"], "workload": wl, **platform_override(job.get("platform"))}
+    over = {"functions": job["functions"], "seed": job["seed"], "workload": wl, **job["platform"]}
     if job.get("models") is not None:
         over["models"] = job["models"]
     sc, extras = load_paper_scenario(job["scenario"], **over)
@@ -273,8 +266,9 @@ def exp_resnet152(args: Any) -> dict[str, Any]:
     r152 = [m for m in spec["models"] if m["name"] == "resnet152"]
     wl, trace = workload(args)
     policies = ["paper", "native", "keepalive", "torpor"]
+    plat = platform(args, V100)
     jobs = [{"scenario": str(V100), "functions": 160, "seed": args.seed, "workload": wl, "trace": trace,
-             "models": r152, "policy": p, "links": args.links, "platform": platform(args, V100)} for p in policies]
+             "models": r152, "policy": p, "links": args.links, "platform": plat} for p in policies]
     res = run_all(jobs, args.jobs)
     rows = []
     for r in res:
@@ -304,7 +298,7 @@ def exp_resnet152(args: Any) -> dict[str, Any]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     report = {"experiment": "resnet152", "workload": wl, "seed": args.seed, "links": args.links,
-              "platform": platform(args, V100), "errors": os.environ.get(ERRORS_ENV), "results": res,
+              "platform": plat, "errors": os.environ.get(ERRORS_ENV), "results": res,
               "paper_reports": PAPER_R152}
     write(Path(args.out), "resnet152", report, fig)
     return report

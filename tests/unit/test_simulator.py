@@ -61,7 +61,7 @@ def test_platform_fields_reach_both_simulators():
     from torpor.sim.paper_sim import PaperSim
 
     plain = parse_scenario(small())
-    assert (plain.copy_latency_s, plain.request_overhead_s) == (None, 0.0)
+    assert (plain.copy_latency_s, plain.request_overhead_s) == (TRANSFER_LATENCY_S, 0.0)
     assert Simulation(plain, "torpor").cost.transfer_latency_s == TRANSFER_LATENCY_S
     sc = parse_scenario(small(copy_latency_ms=2.0, request_overhead_ms=2.5))
     # the front end's share comes off every objective, once

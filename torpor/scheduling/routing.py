@@ -124,7 +124,8 @@ def route(
     cold = not any(x in (DEVICE, LOADING) for x in state.values())
     if cold and owner.name not in out and finish(owner) <= limit:
         out.append(owner.name)
-    rest = [v for v in nodes if v.name not in set(out)]
+    taken = set(out)
+    rest = [v for v in nodes if v.name not in taken]
     out += [v.name for v in sorted((v for v in rest if finish(v) <= limit), key=soonest)]
 
     def cheapest(v: NodeView) -> tuple[int, float, int, int]:

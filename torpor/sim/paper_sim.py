@@ -252,8 +252,7 @@ class PaperSim:
         self.links = sc.links(self.n)  # as configured: what Algorithm 1 reads
         # the truth: the copies' physics (the paper's system predicts nothing)
         self.true_links = true_links(sc.links(self.n), self.errors.bandwidth_factor)
-        self.cost = CostModel(self.true_links, **({} if sc.copy_latency_s is None
-                                                  else {"transfer_latency_s": sc.copy_latency_s}))
+        self.cost = CostModel(self.true_links, transfer_latency_s=sc.copy_latency_s)
         if extras is None:
             extras = parse_extras_default(sc)
         mix = sc.models

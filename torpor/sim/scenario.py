@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torpor.scheduling.costmodel import GB, LinkMap, TopologyError
+from torpor.scheduling.costmodel import GB, TRANSFER_LATENCY_S, LinkMap, TopologyError
 from torpor.scheduling.scheduler import POLICIES
 from torpor.sim.errors import Errors, ErrorsError, parse_errors
 
@@ -88,11 +88,11 @@ class Scenario:
     staging: Staging | None = None  # the server's staging and shedding (None: copies start at placement)
     errors: Errors = field(default_factory=Errors)  # true times vs the scheduler's (`torpor.sim.errors`)
     # The platform beyond links and kernels (docs/paper-evaluation.md, "Platform"): a fixed
-    # latency per copy, before its first group and after its last byte (None: the cost model's
-    # own default), and the server's own time per request beside the GPU's (front end, queue,
-    # answer). The overhead is already taken off every model's `slo_s` (the objective the
+    # latency per copy, before its first group and after its last byte (both simulators' cost
+    # models and links), and the server's own time per request beside the GPU's (front end,
+    # queue, answer). The overhead is already taken off every model's `slo_s` (the objective the
     # device has), so planning and judging both count it; reported latencies exclude it.
-    copy_latency_s: float | None = None
+    copy_latency_s: float = TRANSFER_LATENCY_S
     request_overhead_s: float = 0.0
 
     @property
@@ -207,7 +207,7 @@ def parse_scenario(spec: dict[str, Any], *, base: Path | None = None, source: st
     if target > 1:
         raise ScenarioError(f"{where}.target_attainment: must be at most 1, got {target}")
     staging = parse_staging(spec.get("staging"), f"{where}.staging")
-    copy_latency = None if spec.get("copy_latency_ms") is None else _num(spec, "copy_latency_ms", where, positive=False) / 1e3
+    copy_latency = _num(spec, "copy_latency_ms", where, positive=False, default=TRANSFER_LATENCY_S * 1e3) / 1e3
     overhead = _num(spec, "request_overhead_ms", where, positive=False, default=0.0) / 1e3
     for i, m in enumerate(models):
         if m.slo_s <= overhead:

@@ -145,9 +145,8 @@ class Simulation:
         for f, m in enumerate(self.fn_model):
             for b in range(1, m.max_batch + 1):  # the load-time profile (a few warm runs in the engine)
                 est.seed(f, m.exec_seconds(b), b)
-        lat = {} if scenario.copy_latency_s is None else {"transfer_latency_s": scenario.copy_latency_s}
-        self.cost = CostModel(self.links, est, **lat)
-        self.true_cost = CostModel(self.true_links, **lat)
+        self.cost = CostModel(self.links, est, scenario.copy_latency_s)
+        self.true_cost = CostModel(self.true_links, transfer_latency_s=scenario.copy_latency_s)
         self.devs = [_Dev(DeviceState(name, scenario.weight_budget, scenario.weight_budget, version=0))
                      for name in self.links.devices]
         self.by_name = {d.state.name: d for d in self.devs}

@@ -355,7 +355,7 @@ class StagedReplay(Replay):
         if head is not None and 1 + len(head.riders) < spec.max_batch:
             # dynamic batching: it joins the batch a request placed before it holds open there, and
             # runs in that batch's run without a stage of its own (device_path `_DeviceBatch.join`)
-            head.riders.append((rid, arrival))
+            head.riders += ((rid, arrival),)
             self.in_system += 1
             if head.staged:
                 self.acquired[rid] = now

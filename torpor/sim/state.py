@@ -58,7 +58,7 @@ class _Job:
         self.passed = False
         # (rid, arrival) of the requests riding in its batch without a stage of their own (staging
         # with dynamic batching: torpor.runtime.device_path's open `_DeviceBatch`)
-        self.riders: list[tuple[int, float]] = []
+        self.riders: tuple[tuple[int, float], ...] = ()  # grown only when one rides (at most a batch)
 
     @property
     def seq(self) -> int:
