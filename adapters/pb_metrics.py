@@ -90,9 +90,10 @@ class Metric:
             )
         return self._series
 
-    def _checked(self, verb: str, op: str, value: float, allowed: tuple) -> tuple[float, Any]:
-        """The value and the live series for `op`, or Triton's error for this kind of metric."""
-        prefix = f"Failed to {verb} metric value"
+    def _checked(self, op: str, value: float, allowed: tuple) -> tuple[float, Any]:
+        """The value and the live series for `op` (Increment, Set, Observe), or Triton's error for
+        this kind of metric."""
+        prefix = f"Failed to {op.lower()} metric value"
         value = _number(value, op.lower())
         series = self._live(prefix)
         if self._kind not in allowed:
@@ -101,7 +102,7 @@ class Metric:
 
     def increment(self, value: float) -> None:
         """Add `value` (counters: not negative; not for histograms)."""
-        value, series = self._checked("increment", "Increment", value, (MetricKind.COUNTER, MetricKind.GAUGE))
+        value, series = self._checked("Increment", value, (MetricKind.COUNTER, MetricKind.GAUGE))
         if self._kind == MetricKind.COUNTER and value < 0:
             raise _metric_error(
                 "Failed to increment metric value",
@@ -112,13 +113,13 @@ class Metric:
 
     def set(self, value: float) -> None:
         """Set a gauge's value."""
-        value, series = self._checked("set", "Set", value, (MetricKind.GAUGE,))
+        value, series = self._checked("Set", value, (MetricKind.GAUGE,))
         with _metrics_lock:
             series.value = value
 
     def observe(self, value: float) -> None:
         """Record one observation in a histogram."""
-        value, series = self._checked("observe", "Observe", value, (MetricKind.HISTOGRAM,))
+        value, series = self._checked("Observe", value, (MetricKind.HISTOGRAM,))
         index = bisect.bisect_left(series.buckets, value)
         with _metrics_lock:
             if index < len(series.counts):
