@@ -34,8 +34,16 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got '{value}'")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A mistyped flag is one line, as tritonserver's, not argparse's usage block (which for
+    `serve` runs to 30 lines and hides the error under it). Sub-commands inherit the class."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="torpor", description="Triton-compatible inference server for many models on few GPUs")
+    p = _Parser(prog="torpor", description="Triton-compatible inference server for many models on few GPUs")
     p.add_argument("--version", action="version", version=f"torpor {__version__} (Triton protocol {TRITON_VERSION})")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model repository over HTTP, gRPC and metrics",
