@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 from typing import Any
 
@@ -409,14 +410,29 @@ def _stream_error(msg: pb.ModelInferRequest, text: str) -> pb.ModelStreamInferRe
     return m
 
 
+def pick_host(host: str = "auto") -> str:
+    """"auto": the threaded host where this process may run on one CPU only, else grpc.aio.
+    Measured (docs/measurements.md, "gRPC host"): pinned to one core the threaded host costs
+    less CPU per call and serves more; given two cores its handler threads and the loop contend
+    for the GIL across cores and it serves about half of what grpc.aio does at 8 or more calls
+    in flight."""
+    if host != "auto":
+        return host
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return "threads" if cpus <= 1 else "aio"
+
+
 async def start_grpc_server(engine: Engine, address: str, port: int,
                             restricted: dict[str, Restriction] | None = None,
-                            max_message_size: int = -1, host: str = "threads", threads: int = 128,
+                            max_message_size: int = -1, host: str = "auto", threads: int = 128,
                             reuse_port: bool = False):
     """Start the gRPC listener for the running loop's engine; returns the started server (an
     object with `async stop(grace)`). `host`: "threads", grpc's threaded server bridged to the
-    loop (torpor.api.grpc_threads: cheaper per call), or "aio", grpc.aio on the loop itself; the same
-    servicer either way. A message over `max_message_size` bytes (-1: gRPC's own ceiling,
+    loop (torpor.api.grpc_threads), "aio", grpc.aio on the loop itself, or "auto" (`pick_host`);
+    the same servicer either way. A message over `max_message_size` bytes (-1: gRPC's own ceiling,
     2 GiB) is refused by gRPC itself with RESOURCE_EXHAUSTED before any of it is decoded."""
     options = dict(SERVER_OPTIONS)
     options["grpc.max_receive_message_length"] = max_message_size
@@ -424,7 +440,7 @@ async def start_grpc_server(engine: Engine, address: str, port: int,
     options["grpc.so_reuseport"] = int(reuse_port)
     servicer = InferenceServicer(engine, restricted)
     bind = f"[{address}]:{port}" if ":" in address and not address.startswith("[") else f"{address}:{port}"
-    if host == "threads":
+    if pick_host(host) == "threads":
         from .grpc_threads import start_threaded_server
 
         server = start_threaded_server(servicer, list(options.items()), bind, threads)
@@ -443,4 +459,4 @@ async def start_grpc_server(engine: Engine, address: str, port: int,
     return server
 
 
-__all__ = ["GRPC_STATUS", "SERVER_OPTIONS", "InferenceServicer", "start_grpc_server"]
+__all__ = ["GRPC_STATUS", "SERVER_OPTIONS", "InferenceServicer", "pick_host", "start_grpc_server"]

@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,16 +34,11 @@ sys.path.insert(0, str(ROOT))
 
 from closed_loop import gather_latencies  # loadtest/, this script's own folder
 
+from loadtest.servers import free_port, wait_ready
 from tests.models import write_mlps  # after the path is set
 
 HOSTS = ("127.0.0.2", "127.0.0.3")  # A forwards, B holds the model
 MARKER = {"torpor-forwarded": "bench"}  # served where it arrives: how the bench places models
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class Node:
@@ -76,16 +70,9 @@ class Node:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_live(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"node {self.host} exited with {self.proc.returncode}")
-            try:
-                with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise SystemExit(f"node {self.host} did not come up")
+        why = wait_ready(self.proc, f"http://{self.http_url}/v2/health/ready", timeout, 0.2)
+        if why is not None:
+            raise SystemExit(f"node {self.host} {why}")
 
     def metrics_text(self) -> str:
         with urllib.request.urlopen(f"http://{self.host}:{self.metrics}/metrics", timeout=10) as r:

@@ -104,9 +104,10 @@ def _listener_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--exit-timeout-secs", type=float, default=30.0, metavar="SECS",
                    help="on SIGTERM / SIGINT: stop accepting, let in-flight requests finish up to this long "
                         "(default: %(default)s)")
-    s.add_argument("--grpc-server", choices=("threads", "aio"), default="threads",
+    s.add_argument("--grpc-server", choices=("auto", "threads", "aio"), default="auto",
                    help="how gRPC is hosted: grpc's threaded server handing each call to the engine's loop "
-                        "(cheaper per call, measured) or grpc.aio on the loop (default: %(default)s)")
+                        "(cheaper where the process has one CPU) or grpc.aio on the loop (serves more with "
+                        "several); auto: threads with one usable CPU, else aio (default: %(default)s)")
     s.add_argument("--grpc-threads", type=positive_int, default=128, metavar="N",
                    help="with --grpc-server threads: gRPC calls in flight at once (an open stream takes one); "
                         "more wait in gRPC's queue (default: %(default)s)")

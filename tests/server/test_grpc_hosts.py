@@ -1,5 +1,6 @@
-"""Both ways of hosting the gRPC service (`--grpc-server threads`, the default, and `aio`) answer
-the same, and the threaded host's limit on calls in flight only queues calls, never loses them."""
+"""Both ways of hosting the gRPC service (`--grpc-server threads` and `aio`; `auto`, the default,
+picks by the CPUs the process may use) answer the same, and the threaded host's limit on calls in
+flight only queues calls, never loses them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aiogrpcclient
+from torpor.api import grpc as grpc_api
 from tritonclient.utils import InferenceServerException
 
 from ..conftest import make_repo
@@ -56,7 +58,7 @@ def _check_stream(url: str) -> None:
         assert outs == [4, 5, 6]
         # a failing request travels as an error on the stream and the stream goes on
         c.async_stream_infer("no_such_model", [inp], request_id="bad")
-        (r, e), = got.take(1)
+        (_, e), = got.take(1)
         assert e is not None and "no_such_model" in str(e)
         _assert_stream_answers(c, got, "after")
     finally:
@@ -81,7 +83,7 @@ def test_both_hosts_answer_alike(start_server, tmp_path, host):
 def test_threaded_host_queues_calls_beyond_its_threads(start_server, tmp_path):
     # two handler threads, one of them held by an open stream: 24 concurrent calls still all
     # get their answers, queued in gRPC until a thread is free
-    s = start_server(make_repo(tmp_path / "repo", MODELS), "--grpc-threads", "2")
+    s = start_server(make_repo(tmp_path / "repo", MODELS), "--grpc-server", "threads", "--grpc-threads", "2")
     holder = grpcclient.InferenceServerClient(s.grpc_url)
     got = StreamCollector()
     holder.start_stream(callback=got)
@@ -116,5 +118,12 @@ def test_threaded_host_queues_calls_beyond_its_threads(start_server, tmp_path):
 @pytest.mark.parametrize("value", ["0", "-3", "many"])
 def test_grpc_threads_must_be_a_positive_integer(value):
     r = subprocess.run([sys.executable, "-m", "torpor.cli", "serve", "--grpc-threads", value],
-                       capture_output=True, text=True, timeout=60)
+                       check=False, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--grpc-threads" in r.stderr
+
+
+@pytest.mark.parametrize(("cpus", "host"), [({0}, "threads"), ({0, 1}, "aio"), (set(range(16)), "aio")])
+def test_auto_picks_the_threaded_host_only_on_one_cpu(monkeypatch, cpus, host):
+    monkeypatch.setattr(grpc_api.os, "sched_getaffinity", lambda pid: cpus, raising=False)
+    assert grpc_api.pick_host("auto") == host
+    assert grpc_api.pick_host("threads") == "threads" and grpc_api.pick_host("aio") == "aio"
