@@ -425,6 +425,30 @@ def pick_host(host: str = "auto") -> str:
     return "threads" if cpus <= 1 else "aio"
 
 
+def pin_front_end() -> str:
+    """Keep the calling thread (the engine's event loop) and grpc.aio's completion-queue poller
+    thread on the one CPU the loop runs on now; returns what was done, for the log.
+
+    Why: every grpc.aio call is handed from the poller thread to the loop and back. On two cores
+    each hand-off that crosses cores costs a wake-up; measured on the 2-core development machine
+    (docs/measurements.md, "gRPC host and perf_analyzer") a call at c=1 took 432-455 us unpinned
+    and 254-274 us with the two threads on one CPU, at 10-15% fewer req/s at c=8 (they then
+    share that CPU). Off by default (`--pin-front-end`). The poller is found by grpc's thread
+    name (`_poll_wrapper`); if a grpc release renames it, nothing is pinned."""
+    import threading
+
+    if len(os.sched_getaffinity(0)) <= 1:
+        return "one CPU already: nothing to pin"
+    pollers = [t.native_id for t in threading.enumerate() if "_poll_wrapper" in t.name and t.native_id]
+    if not pollers:
+        return "grpc.aio's poller thread not found: nothing pinned"
+    with open("/proc/thread-self/stat") as f:  # field 39, the CPU this thread last ran on
+        cpu = int(f.read().rpartition(")")[2].split()[36])
+    for tid in (threading.get_native_id(), *pollers):
+        os.sched_setaffinity(tid, {cpu})
+    return f"event loop and gRPC poller pinned to CPU {cpu}"
+
+
 async def start_grpc_server(engine: Engine, address: str, port: int,
                             restricted: dict[str, Restriction] | None = None,
                             max_message_size: int = -1, host: str = "auto", threads: int = 128,
@@ -459,4 +483,4 @@ async def start_grpc_server(engine: Engine, address: str, port: int,
     return server
 
 
-__all__ = ["GRPC_STATUS", "SERVER_OPTIONS", "InferenceServicer", "pick_host", "start_grpc_server"]
+__all__ = ["GRPC_STATUS", "SERVER_OPTIONS", "InferenceServicer", "pick_host", "pin_front_end", "start_grpc_server"]

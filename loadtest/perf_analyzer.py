@@ -12,8 +12,8 @@ CUDA shared memory: `--fetch` downloads the wheel and NVIDIA's CUDA runtime whee
 libb64 with `apt-get download`, and unpacks them under `.tools/perf_analyzer/` (git-ignored).
 
 Every server serves the bundled `simple` model (examples/models/simple: a python-backend model,
-two INT32 [1,16] inputs, sum and difference), each Torpor gRPC host (`--grpc-server`) as a server
-of its own, tritonserver with its python backend where `--tritonserver` names its binary (the
+two INT32 [1,16] inputs, sum and difference), each Torpor gRPC host (`--grpc-server`; `aio-pinned`
+adds `--pin-front-end true`) as a server of its own, tritonserver with its python backend where `--tritonserver` names its binary (the
 `nvidia-pytriton` wheel's, see docs/compatibility.md). For each run, protocol and concurrency the
 servers are measured one after another (so a ratio compares neighbours in time), each point
 perf_analyzer's own stable measurement (`--measurement-interval` windows, the last three within
@@ -92,13 +92,15 @@ class Server:
 
 def start_servers(args, repo: Path, logs: Path) -> list[Server]:
     servers = []
-    for host in args.hosts:
-        def torpor(h, g, m, host=host):
+    for spec in args.hosts:
+        host, _, pinned = spec.partition("-")
+
+        def torpor(h, g, m, host=host, pin_front_end="true" if pinned else "false"):
             return [sys.executable, "-m", "torpor.cli", "serve", "--model-repository", str(repo), "--devices", "none",
                     "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1", "--metrics-address", "127.0.0.1",
                     "--http-port", str(h), "--grpc-port", str(g), "--metrics-port", str(m), "--grpc-server", host,
-                    "--log-info", "false"]
-        servers.append(Server(f"torpor-{host}", torpor, None, logs / f"torpor-{host}.log", args.pin))
+                    "--pin-front-end", pin_front_end, "--log-info", "false"]
+        servers.append(Server(f"torpor-{spec}", torpor, None, logs / f"torpor-{spec}.log", args.pin))
     if args.tritonserver:
         binary = Path(args.tritonserver)
         backends = binary.parent.parent / "backends"
@@ -157,7 +159,8 @@ def main() -> None:
     ap.add_argument("--fetch", action="store_true", help="download perf_analyzer and its libraries, then exit")
     ap.add_argument("--perf-analyzer", type=Path, default=BINARY)
     ap.add_argument("--hosts", type=lambda s: s.split(","), default=["threads", "aio"],
-                    help="Torpor gRPC hosts to run, each a server of its own (auto, threads, aio)")
+                    help="Torpor gRPC hosts to run, each a server of its own (auto, threads, aio; "
+                         "aio-pinned: aio with --pin-front-end true)")
     ap.add_argument("--tritonserver", default=None, help="tritonserver binary to run beside Torpor")
     ap.add_argument("--triton-path", default=None, help="prepended to PATH for tritonserver (its venv's bin)")
     ap.add_argument("--protocols", type=lambda s: s.split(","), default=["http", "grpc"])

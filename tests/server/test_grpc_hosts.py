@@ -5,8 +5,10 @@ flight only queues calls, never loses them."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,3 +129,21 @@ def test_auto_picks_the_threaded_host_only_on_one_cpu(monkeypatch, cpus, host):
     monkeypatch.setattr(grpc_api.os, "sched_getaffinity", lambda pid: cpus, raising=False)
     assert grpc_api.pick_host("auto") == host
     assert grpc_api.pick_host("threads") == "threads" and grpc_api.pick_host("aio") == "aio"
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin to one")
+def test_pin_front_end_keeps_the_loop_and_grpcs_poller_on_one_cpu(start_server, tmp_path):
+    s = start_server(make_repo(tmp_path / "repo", MODELS), "--grpc-server", "aio", "--pin-front-end", "true")
+    _check_unary_and_errors(s.grpc_url)
+    line = next(ln for ln in s.log().splitlines() if "--pin-front-end" in ln)
+    cpu = int(line.rsplit("CPU ", 1)[1].rstrip('"'))
+    pid = s.proc.pid
+
+    def allowed(tid: int) -> str:
+        status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        return next(ln.split(":")[1].strip() for ln in status.splitlines() if ln.startswith("Cpus_allowed_list"))
+
+    tids = [int(t.name) for t in Path(f"/proc/{pid}/task").iterdir()]
+    assert allowed(pid) == str(cpu)  # the main thread runs the loop
+    pinned = [t for t in tids if allowed(t) == str(cpu)]
+    assert len(pinned) == 2 and len(pinned) < len(tids)  # the loop and the poller; the rest stay free
