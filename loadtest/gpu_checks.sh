@@ -3,6 +3,7 @@
 # Writes logs and JSON under $OUT (default ./gpu-results). Optional inputs, when present:
 #   .whl/      cp312 wheels of the web stack (fastapi, uvicorn, tritonclient, ...) to install first
 #   .gpu/examples/  Triton's client examples (src/python/examples), for the unmodified-client runs
+#   .gpu/perf_analyzer/  Triton's perf_analyzer, for the resident path's throughput (step pa)
 set -u
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
@@ -14,7 +15,7 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 [ -d .gpu/examples ] && export TRITON_CLIENT_EXAMPLES=$PWD/.gpu/examples
-STEPS=${STEPS:-"info gpu bench server suite"}
+STEPS=${STEPS:-"info gpu bench server pa suite"}
 
 step() { echo; echo "=== $1 ($(date +%T))"; }
 
@@ -57,6 +58,16 @@ server)
   curl -s localhost:8002/metrics | grep -E '^torpor_swap_(ins|evictions|bytes)' | tee "$OUT/swap_metrics.txt"
   kill -TERM $SPID; wait $SPID; echo "server exit $?"
   tail -3 "$OUT/server-small.log"
+  ;;
+pa)
+  step "perf_analyzer: resnet50 resident on the GPU, HTTP and gRPC, c = 1, 8, 32"
+  if [ -x .gpu/perf_analyzer/bin/perf_analyzer ]; then
+    timeout 420 python3 loadtest/perf_analyzer.py --perf-analyzer .gpu/perf_analyzer/bin/perf_analyzer \
+      --model resnet50 --server-arg=--devices=cuda --hosts auto,aio-pinned --runs 1 \
+      --json "$OUT/perf_analyzer_resnet50.json" 2>&1 | tee "$OUT/perf_analyzer_resnet50.txt" | tail -9
+  else
+    echo "no .gpu/perf_analyzer (loadtest/gpu_prepare.sh): skipped"
+  fi
   ;;
 suite)
   step "whole suite with CUDA present"

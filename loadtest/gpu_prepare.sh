@@ -8,6 +8,8 @@
 #   .gpu/data/      the paper's trace (../shared/data/torpor-trace-samples.npy), for the trace rows
 #   .gpu/examples/  Triton's client examples, from TRITON_CLIENT_EXAMPLES (src/python/examples of
 #                   triton-inference-server/client), for the unmodified-client runs
+#   .gpu/perf_analyzer/  Triton's perf_analyzer (bin/) and the two libraries it loads (lib/), from
+#                   what `loadtest/perf_analyzer.py --fetch` put in .tools/ (fetched here if absent)
 #
 # Both folders are git-ignored. Prints the total size (a machine that takes the working tree by
 # copy may cap it).
@@ -38,4 +40,10 @@ if [ -n "${TRITON_CLIENT_EXAMPLES:-}" ] && [ -d "$TRITON_CLIENT_EXAMPLES" ]; the
 else
   echo "gpu_prepare: TRITON_CLIENT_EXAMPLES not set: the unmodified-client runs will be skipped" >&2
 fi
+pa=.tools/perf_analyzer
+[ -x "$pa/tritonclient-2.34.0.data/data/bin/perf_analyzer" ] || "$PY" loadtest/perf_analyzer.py --fetch
+rm -rf .gpu/perf_analyzer && mkdir -p .gpu/perf_analyzer/bin .gpu/perf_analyzer/lib
+cp "$pa/tritonclient-2.34.0.data/data/bin/perf_analyzer" .gpu/perf_analyzer/bin/
+cp "$pa"/libb64/usr/lib/x86_64-linux-gnu/libb64.so.0d* "$pa"/cudart/nvidia/cuda_runtime/lib/libcudart.so.12 \
+  .gpu/perf_analyzer/lib/
 echo "wheels: $(ls .whl | wc -l); .whl + .gpu: $(du -sh .whl .gpu | awk '{print $1}' | paste -sd+ -)"

@@ -11,8 +11,9 @@ tritonclient 2.34.0 (`tritonclient-2.34.0.data/data/bin/perf_analyzer`). It need
 CUDA shared memory: `--fetch` downloads the wheel and NVIDIA's CUDA runtime wheel with pip and
 libb64 with `apt-get download`, and unpacks them under `.tools/perf_analyzer/` (git-ignored).
 
-Every server serves the bundled `simple` model (examples/models/simple: a python-backend model,
-two INT32 [1,16] inputs, sum and difference), each Torpor gRPC host (`--grpc-server`; `aio-pinned`
+Every server serves one bundled model (`--model`, default `simple`: a python-backend model,
+two INT32 [1,16] inputs, sum and difference; Torpor with `--devices none` unless `--server-arg`
+says otherwise, e.g. `--model resnet50 --server-arg=--devices=cuda` on a GPU machine), each Torpor gRPC host (`--grpc-server`; `aio-pinned`
 adds `--pin-front-end true`) as a server of its own, tritonserver with its python backend where `--tritonserver` names its binary (the
 `nvidia-pytriton` wheel's, see docs/compatibility.md). For each run, protocol and concurrency the
 servers are measured one after another (so a ratio compares neighbours in time), each point
@@ -46,6 +47,12 @@ BINARY = TOOLS / "tritonclient-2.34.0.data" / "data" / "bin" / "perf_analyzer"
 LIBS = (TOOLS / "libb64" / "usr" / "lib" / "x86_64-linux-gnu", TOOLS / "cudart" / "nvidia" / "cuda_runtime" / "lib")
 
 
+def library_path(binary: Path) -> str:
+    """Where the tool's two libraries are: as `--fetch` unpacks them, or in a `lib` folder beside
+    the binary's folder (loadtest/gpu_prepare.sh copies them so: .gpu/perf_analyzer/{bin,lib})."""
+    return ":".join(str(p) for p in (binary.parent.parent / "lib", *LIBS))
+
+
 def fetch() -> None:
     """The tool and the two libraries it loads, under TOOLS (needs pip's index and apt's)."""
     TOOLS.mkdir(parents=True, exist_ok=True)
@@ -67,7 +74,7 @@ def fetch() -> None:
 class Server:
     """A server on three free loopback ports, its output in a log file."""
 
-    def __init__(self, name: str, cmd_for_ports, env: dict | None, log: Path, pin: bool):
+    def __init__(self, name: str, cmd_for_ports, env: dict | None, log: Path, pin: bool, model: str):
         self.name = name
         self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
         cmd = cmd_for_ports(self.http, self.grpc, self.metrics)
@@ -75,7 +82,7 @@ class Server:
             cmd = ["taskset", "-c", "0", *cmd]
         self.log = log
         self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-        why = wait_ready(self.proc, f"http://127.0.0.1:{self.http}/v2/models/simple/ready", 180)
+        why = wait_ready(self.proc, f"http://127.0.0.1:{self.http}/v2/models/{model}/ready", 600)
         if why is not None:
             raise SystemExit(f"{name} {why}: see {log}")
 
@@ -96,11 +103,11 @@ def start_servers(args, repo: Path, logs: Path) -> list[Server]:
         host, _, pinned = spec.partition("-")
 
         def torpor(h, g, m, host=host, pin_front_end="true" if pinned else "false"):
-            return [sys.executable, "-m", "torpor.cli", "serve", "--model-repository", str(repo), "--devices", "none",
+            return [sys.executable, "-m", "torpor.cli", "serve", "--model-repository", str(repo),
                     "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1", "--metrics-address", "127.0.0.1",
                     "--http-port", str(h), "--grpc-port", str(g), "--metrics-port", str(m), "--grpc-server", host,
-                    "--pin-front-end", pin_front_end, "--log-info", "false"]
-        servers.append(Server(f"torpor-{spec}", torpor, None, logs / f"torpor-{spec}.log", args.pin))
+                    "--pin-front-end", pin_front_end, "--log-info", "false", *args.server_arg]
+        servers.append(Server(f"torpor-{spec}", torpor, None, logs / f"torpor-{spec}.log", args.pin, args.model))
     if args.tritonserver:
         binary = Path(args.tritonserver)
         backends = binary.parent.parent / "backends"
@@ -111,7 +118,7 @@ def start_servers(args, repo: Path, logs: Path) -> list[Server]:
         env = dict(os.environ)
         if args.triton_path:  # the python backend's stub finds its interpreter on PATH
             env["PATH"] = f"{args.triton_path}:{env['PATH']}"
-        servers.append(Server("tritonserver", triton, env, logs / "tritonserver.log", args.pin))
+        servers.append(Server("tritonserver", triton, env, logs / "tritonserver.log", args.pin, args.model))
     return servers
 
 
@@ -120,10 +127,10 @@ P99 = re.compile(r"p99 latency: (\d+) usec")
 
 
 def measure(server: Server, protocol: str, concurrency: int, args) -> dict:
-    env = dict(os.environ, LD_LIBRARY_PATH=":".join(str(p) for p in LIBS))
-    cmd = [str(args.perf_analyzer), "-m", "simple", "-i", protocol, "-u", server.url(protocol),
+    env = dict(os.environ, LD_LIBRARY_PATH=library_path(args.perf_analyzer))
+    cmd = [str(args.perf_analyzer), "-m", args.model, "-i", protocol, "-u", server.url(protocol),
            "--concurrency-range", str(concurrency), "--measurement-interval", str(args.measurement_interval),
-           "--stability-percentage", str(args.stability), "--max-trials", str(args.max_trials)]
+           "--stability-percentage", str(args.stability), "--max-trials", str(args.max_trials), *args.pa_arg]
     if args.pin:
         cmd = ["taskset", "-c", "1", *cmd]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
@@ -161,6 +168,10 @@ def main() -> None:
     ap.add_argument("--hosts", type=lambda s: s.split(","), default=["threads", "aio"],
                     help="Torpor gRPC hosts to run, each a server of its own (auto, threads, aio; "
                          "aio-pinned: aio with --pin-front-end true)")
+    ap.add_argument("--model", default="simple", help="a model of examples/models (default: simple)")
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="more `torpor serve` flags, e.g. --server-arg=--devices=cuda (default: --devices none)")
+    ap.add_argument("--pa-arg", action="append", default=[], help="more perf_analyzer flags, e.g. --pa-arg=-b4")
     ap.add_argument("--tritonserver", default=None, help="tritonserver binary to run beside Torpor")
     ap.add_argument("--triton-path", default=None, help="prepended to PATH for tritonserver (its venv's bin)")
     ap.add_argument("--protocols", type=lambda s: s.split(","), default=["http", "grpc"])
@@ -180,7 +191,10 @@ def main() -> None:
         raise SystemExit(f"no perf_analyzer at {args.perf_analyzer}: run with --fetch first, or --perf-analyzer PATH")
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
-        shutil.copytree(ROOT / "examples" / "models" / "simple", repo / "simple")
+        shutil.copytree(ROOT / "examples" / "models" / args.model, repo / args.model,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.safetensors", "model.pt"))
+        if not any(a.startswith("--devices") for a in args.server_arg):
+            args.server_arg.append("--devices=none")
         servers = start_servers(args, repo, Path(tmp))
         results = []
         try:
@@ -200,7 +214,7 @@ def main() -> None:
     print(table(results, names, args))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"cpus": len(os.sched_getaffinity(0)), "pin": args.pin, "command": " ".join(sys.argv),
+        meta = {"model": args.model, "server_args": args.server_arg, "cpus": len(os.sched_getaffinity(0)), "pin": args.pin, "command": " ".join(sys.argv),
                 "measurement_interval_ms": args.measurement_interval, "stability_pct": args.stability,
                 "max_trials": args.max_trials}
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
