@@ -39,9 +39,8 @@ class LogSettings:
             elif key == "log_verbose_level":
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                     raise invalid_arg(f"expect unsigned integer for '{key}'")
-            elif key == "log_format":
-                if value not in ("default", "ISO8601"):
-                    raise invalid_arg(f"invalid log format '{value}'")
+            elif key == "log_format" and value not in ("default", "ISO8601"):
+                raise invalid_arg(f"invalid log format '{value}'")
             new[key] = value
         self.values = new
         self._apply()

@@ -66,7 +66,12 @@ class ModelStats:
         infer_ns: int,
         output_ns: int,
         executions: int = 1,
+        executed_rows: int | None = None,
     ) -> None:
+        """One answered request. `batch_stats` are Triton's: one entry per execution, keyed by
+        the rows it ran (`executed_rows`: the whole batch's for the request that counts the
+        execution, 0 for one that rode in another's, None: the request's own `batch_size`),
+        with that request's durations."""
         with self._lock:
             self.last_inference_ms = int(time.time() * 1000)
             self.inference_count += batch_size
@@ -76,9 +81,12 @@ class ModelStats:
             self.compute_input.add(input_ns)
             self.compute_infer.add(infer_ns)
             self.compute_output.add(output_ns)
-            b = self.batches.get(batch_size)
+            rows = batch_size if executed_rows is None else executed_rows
+            if not rows:
+                return
+            b = self.batches.get(rows)
             if b is None:
-                b = self.batches[batch_size] = BatchStats()
+                b = self.batches[rows] = BatchStats()
             b.compute_input.add(input_ns)
             b.compute_infer.add(infer_ns)
             b.compute_output.add(output_ns)

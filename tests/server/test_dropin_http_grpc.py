@@ -416,6 +416,8 @@ def test_dynamic_batching_hands_a_python_model_its_requests_together(dropin):
     with grpcclient.InferenceServerClient(dropin.grpc_url) as c:
         st = c.get_inference_statistics("batch_seen").model_stats[0]
     assert st.execution_count == before + 1
+    # Triton's batch_stats: the execution counted once, under the rows it ran
+    assert {b.batch_size: b.compute_infer.count for b in st.batch_stats}.get(4) == 1
 
 
 # -- 8. decoupled models: the instance is free when execute returns -------------------------------

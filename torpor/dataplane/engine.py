@@ -459,7 +459,7 @@ class Engine:
             mreq, batch = self.rules.prepare(entry, ve, request)
             deadline = request_deadline(request)
             if ve.pool_key is None and entry.batching is not None and self.batcher.wants(entry, ve):
-                result, t_start, t_exec_start, t_done, executions = await self.batcher.run(
+                result, t_start, t_exec_start, t_done, executed = await self.batcher.run(
                     entry, ve, mreq, batch, deadline)
             else:
                 # one request on an instance of its own (inline here: the common path, no extra frame)
@@ -471,12 +471,12 @@ class Engine:
                 ve.executing += 1
                 try:
                     t_start = time.monotonic_ns()
-                    executions = 1
+                    executed = batch  # rows of the execution this request counts (0: rode in another's)
                     if ve.pool_key is not None:
                         job = DeviceJob(ve.pool_key, entry.name, ve.function, mreq, batch, request.arrival_ns,
                                         deadline, self._slo(entry, request), entry.max_batch_size, entry.batching,
                                         trace)
-                        result, t_exec_start, executions = await self.runtime.run(job)
+                        result, t_exec_start, executed = await self.runtime.run(job)
                         t_done = time.monotonic_ns()
                     else:
                         fn = ve.function
@@ -518,6 +518,9 @@ class Engine:
         finally:
             if pinned:
                 self.shm.unpin(pinned)
+        # A request that joined a device batch after the batch's memory was taken starts its
+        # compute when it joined: no input time of its own, never a negative one.
+        t_exec_start = max(t_exec_start, t_start)
         stats.record_success(
             batch,
             request_ns=t_end - t0,
@@ -525,7 +528,8 @@ class Engine:
             input_ns=t_exec_start - t_start,
             infer_ns=t_done - t_exec_start,
             output_ns=t_end - t_done,
-            executions=executions,
+            executions=1 if executed else 0,
+            executed_rows=executed,
         )
         if trace is not None:
             trace.request_done(entry.name, ve.version, request.id, t0, t_queue, t_start, t_exec_start, t_done, t_end)

@@ -71,8 +71,8 @@ class HostBatcher:
 
     async def run(self, entry: ModelEntry, ve: VersionEntry, mreq: ModelRequest, rows: int,
                   deadline: float | None) -> tuple[Any, int, int, int, int]:
-        """(result, batch start ns, execution start ns, execution end ns, executions: 1 for the
-        batch's first request, 0 for those that rode with it)."""
+        """(result, batch start ns, execution start ns, execution end ns, rows executed: the
+        batch's for its first request, 0 for those that rode with it)."""
         batch = ve.open_batch
         if batch is None or batch.rows + rows > entry.max_batch_size:
             batch = ve.open_batch = HostBatch()
@@ -125,9 +125,10 @@ class HostBatcher:
                 raise
             return
         t_done = time.monotonic_ns()
+        rows = batch.rows
         for i, ((_, f), result) in enumerate(zip(members, results)):
             if not f.done():
-                f.set_result((result, t_start, t_exec_start, t_done, 1 if i == 0 else 0))
+                f.set_result((result, t_start, t_exec_start, t_done, rows if i == 0 else 0))
 
 
 def _timed_execute(fn: ModelFunction, mreqs: list[ModelRequest]) -> tuple[list, int]:

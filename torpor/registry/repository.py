@@ -60,7 +60,7 @@ def select_versions(config, available: list[int]) -> list[int]:
     if kind == "all":
         chosen = list(available)
     elif kind == "specific":
-        wanted = set(int(v) for v in policy.specific.versions)
+        wanted = {int(v) for v in policy.specific.versions}
         chosen = [v for v in available if v in wanted]
     else:
         n = policy.latest.num_versions if kind == "latest" and policy.latest.num_versions > 0 else 1

@@ -250,8 +250,8 @@ class DeviceRuntime:
     async def run(self, job: DeviceJob):
         """Late binding: the scheduler picks the device and the copy's source (torpor.runtime.placer);
         pin the model there (resident, or swapped in with the copy pipelined under this very
-        execution), run, unpin. (result, execution start ns, executions: 0 when it rode in
-        another request's batch)."""
+        execution), run, unpin. (result, execution start ns, rows of the execution it counts: its
+        batch's for the request that opened it, 0 when it rode in another request's batch)."""
         key, placer, slo, batch, mreq = job.key, self.placer, job.slo, job.batch, job.request
         arrival = job.arrival_ns / 1e9  # the monotonic clock, as the placer's
         decision = placer.place(key, slo, batch, arrival)
@@ -284,7 +284,7 @@ class DeviceRuntime:
                 if early is not None:
                     placer.copy_started(early.resident, decision, early.outcome)
         ticket = placer.admit(key, decision, batch, slo, arrival)
-        executions = 1
+        executed = batch
         try:
             if device is not None and job.batch_delay is not None:
                 open_batch = self._batches.get((key, device))
@@ -292,21 +292,22 @@ class DeviceRuntime:
                     # Rides with requests already queued for that device: one execution for all.
                     ticket.ride()
                     res, t_exec_start = await open_batch.result(mreq)
-                    executions = 0
+                    executed = 0
                 else:
-                    res, t_exec_start = await self._run_batch(job, device, source, ticket)
+                    res, t_exec_start, executed = await self._run_batch(job, device, source, ticket)
             else:
-                res, t_exec_start = await self._run_batch(job, device, source, ticket, batching=False)
+                res, t_exec_start, executed = await self._run_batch(job, device, source, ticket, batching=False)
         finally:
             ticket.done()
         placer.observe_latency(key, (time.monotonic_ns() - job.arrival_ns) / 1e9, slo,
-                               ticket if executions else None)
-        return res, t_exec_start, executions
+                               ticket if executed else None)
+        return res, t_exec_start, executed
 
     async def _run_batch(self, job: DeviceJob, device: str | None, source: str, ticket: Any,
                          batching: bool = True):
         """Acquire the model on `device` and execute the job's request, with whatever requests
-        of the same model join it (`_DeviceBatch`) until the device's worker starts it."""
+        of the same model join it (`_DeviceBatch`) until the device's worker starts it: (its
+        result, when it held the device's memory, the rows executed)."""
         placer, key = self.placer, job.key
         group = _DeviceBatch(job.max_batch_size, job.request, job.batch)
         if batching:
@@ -373,7 +374,7 @@ class DeviceRuntime:
             if self._batches.get((key, device)) is group:
                 del self._batches[(key, device)]
         group.deliver(members, outs, t_exec_start)
-        return outs[0], t_exec_start
+        return outs[0], t_exec_start, size
 
 
 def _trace_copy(trace: Any, placement: Any, arrival_ns: int) -> None:
