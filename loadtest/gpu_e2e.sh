@@ -34,9 +34,10 @@ export PYTHONUNBUFFERED=1
 T_START=$(date +%s)
 
 if [ -d .whl ]; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    $(ls .gpu/grpcwhl/*.whl 2>/dev/null) \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  # once per machine (gpu_checks.sh installs the same set the same way)
+  [ -f /tmp/site/.installed ] || { "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .whl/*.whl $(ls .gpu/grpcwhl/*.whl 2>/dev/null) && touch /tmp/site/.installed; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   echo "wheels installed in $(( $(date +%s) - T_START ))s"
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
