@@ -16,12 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import ROOT
+from loadtest.perf_analyzer import BINARY as FETCHED
+from loadtest.perf_analyzer import library_path
 
-BINARY = Path(os.environ.get("TORPOR_PERF_ANALYZER", ROOT / ".tools" / "perf_analyzer" / "tritonclient-2.34.0.data"
-                             / "data" / "bin" / "perf_analyzer"))
-LIBS = [ROOT / ".tools" / "perf_analyzer" / "libb64" / "usr" / "lib" / "x86_64-linux-gnu",
-        ROOT / ".tools" / "perf_analyzer" / "cudart" / "nvidia" / "cuda_runtime" / "lib"]
+BINARY = Path(os.environ.get("TORPOR_PERF_ANALYZER", FETCHED))
 
 pytestmark = pytest.mark.skipif(not BINARY.exists(), reason="perf_analyzer not fetched (loadtest/perf_analyzer.py --fetch)")
 
@@ -47,7 +45,7 @@ CASES = [
 
 def perf_analyzer(server, model: str, protocol: str, extra: list[str]) -> subprocess.CompletedProcess:
     url = server.http_url if protocol == "http" else server.grpc_url
-    env = {**os.environ, "LD_LIBRARY_PATH": ":".join(str(p) for p in LIBS)}
+    env = {**os.environ, "LD_LIBRARY_PATH": library_path(BINARY)}
     cmd = [str(BINARY), "-m", model, "-i", protocol, "-u", url, "--measurement-interval", "300",
            "--max-trials", "4", "--stability-percentage", "100", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, check=False)
