@@ -275,6 +275,14 @@ def residency_metrics(report: dict) -> list[Metric]:
         if m.get("slo_attainment") is not None:
             attainment.add_sample(attainment.name, labels, float(m["slo_attainment"]))
     out = [epoch, *per_device.values(), resident, landing, state, attainment]
+    host = report.get("host")
+    if host is not None:  # the host store: every device-bound model's weights, pinned where CUDA allows
+        for key, name, doc in (("bytes", "torpor_host_memory_bytes", "Host memory holding model weights"),
+                               ("pinned_bytes", "torpor_host_memory_pinned_bytes",
+                                "Of torpor_host_memory_bytes, page-locked (pinned) for DMA copies to GPUs")):
+            g = Metric(name, doc, "gauge")
+            g.add_sample(name, {}, float(host.get(key, 0)))
+            out.append(g)
     if report.get("slo_window_s") is not None:
         window = Metric("torpor_slo_window_seconds", "The window of torpor_slo_attainment", "gauge")
         window.add_sample(window.name, {}, float(report["slo_window_s"]))

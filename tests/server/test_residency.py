@@ -99,6 +99,9 @@ def test_gauges_read_the_same_report(node):
     assert value(samples, "torpor_device_memory_free_bytes", **dev) == r["devices"][0]["free_bytes"]
     assert ("torpor_device_queue_length", frozenset(dev.items())) in samples
     assert ("torpor_device_predicted_wait_seconds", frozenset(dev.items())) in samples
+    # the host store: every model's weights, none pinned on a machine without CUDA
+    assert value(samples, "torpor_host_memory_bytes") == r["host"]["bytes"] > 0
+    assert value(samples, "torpor_host_memory_pinned_bytes") == r["host"]["pinned_bytes"]
     assert value(samples, "torpor_model_resident", model="mlp1", version="1", device="cpu:0") == 1
     assert ("torpor_model_resident", frozenset({"model": "mlp0", "version": "1", "device": "cpu:0"}.items())) \
         not in samples
