@@ -16,7 +16,9 @@ adds the swap engine's).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
@@ -98,17 +100,15 @@ class _Nvml:
             for uuid, h in self.devices:
                 labels = {"gpu_uuid": uuid}
                 for metric, read in (
-                    (util, lambda: nv.nvmlDeviceGetUtilizationRates(h).gpu / 100.0),
-                    (total, lambda: nv.nvmlDeviceGetMemoryInfo(h).total),
-                    (used, lambda: nv.nvmlDeviceGetMemoryInfo(h).used),
-                    (power, lambda: nv.nvmlDeviceGetPowerUsage(h) / 1000.0),
-                    (limit, lambda: nv.nvmlDeviceGetPowerManagementLimit(h) / 1000.0),
-                    (energy, lambda: nv.nvmlDeviceGetTotalEnergyConsumption(h) / 1000.0),
+                    (util, lambda h=h: nv.nvmlDeviceGetUtilizationRates(h).gpu / 100.0),
+                    (total, lambda h=h: nv.nvmlDeviceGetMemoryInfo(h).total),
+                    (used, lambda h=h: nv.nvmlDeviceGetMemoryInfo(h).used),
+                    (power, lambda h=h: nv.nvmlDeviceGetPowerUsage(h) / 1000.0),
+                    (limit, lambda h=h: nv.nvmlDeviceGetPowerManagementLimit(h) / 1000.0),
+                    (energy, lambda h=h: nv.nvmlDeviceGetTotalEnergyConsumption(h) / 1000.0),
                 ):
-                    try:
+                    with contextlib.suppress(Exception):  # a query the device does not support
                         metric.add_sample(metric.name, labels, float(read()))
-                    except Exception:  # noqa: BLE001 - a query the device does not support
-                        pass
         return [m for m in (util, total, used, power, limit, energy) if m.samples]
 
 
@@ -334,7 +334,7 @@ def _escape_label(value: str) -> str:
 
 def _number(value: float) -> str:
     # integral values as integers, as Triton prints its counters
-    if value == value and abs(value) < 2**53 and float(value).is_integer():
+    if not math.isnan(value) and abs(value) < 2**53 and float(value).is_integer():
         return str(int(value))
     return floatToGoString(value)
 
