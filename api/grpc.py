@@ -437,6 +437,8 @@ def pin_front_end() -> str:
     name (`_poll_wrapper`); if a grpc release renames it, nothing is pinned."""
     import threading
 
+    if not hasattr(os, "sched_setaffinity"):
+        return "thread affinity is not available on this system: nothing pinned"
     if len(os.sched_getaffinity(0)) <= 1:
         return "one CPU already: nothing to pin"
     pollers = [t.native_id for t in threading.enumerate() if "_poll_wrapper" in t.name and t.native_id]

@@ -294,8 +294,9 @@ async def start_front_ends(engine, args: argparse.Namespace, servers: list, task
                                               args.grpc_max_message_size, args.grpc_server, args.grpc_threads,
                                               args.reuse_grpc_port)
 
-        if args.pin_front_end and pick_host(args.grpc_server) == "aio":
-            log.info("--pin-front-end: %s", pin_front_end())
+        if args.pin_front_end:
+            log.info("--pin-front-end: %s", pin_front_end() if pick_host(args.grpc_server) == "aio"
+                     else "the threaded gRPC host: nothing pinned")
 
         async def stop_grpc(grace: float) -> None:
             await grpc_server.stop(grace)
