@@ -133,7 +133,10 @@ def measure(server: Server, protocol: str, concurrency: int, args) -> dict:
            "--stability-percentage", str(args.stability), "--max-trials", str(args.max_trials), *args.pa_arg]
     if args.pin:
         cmd = ["taskset", "-c", "1", *cmd]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": "perf_analyzer ran past 300 s", "rc": None}
     m, p99 = LINE.search(r.stdout), P99.findall(r.stdout)
     if r.returncode != 0 or m is None:
         tail = (r.stdout + r.stderr).strip().splitlines()[-3:]
@@ -155,8 +158,9 @@ def table(results: list[dict], names: list[str], args) -> str:
                     continue
                 runs = "/".join(f"{p['rps']:.0f}" for p in ok)
                 mean = statistics.median(p["mean_us"] for p in ok)
-                p99 = statistics.median(p["p99_us"] for p in ok if p["p99_us"] is not None)
-                cells.append(f"{runs} ({mean:.0f} / {p99:.0f})")
+                p99s = [p["p99_us"] for p in ok if p["p99_us"] is not None]
+                p99 = f"{statistics.median(p99s):.0f}" if p99s else "-"
+                cells.append(f"{runs} ({mean:.0f} / {p99})")
             rows.append(f"| {protocol} | {c} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
