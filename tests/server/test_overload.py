@@ -181,3 +181,38 @@ def test_without_shedding_late_requests_are_served(tmp_path):
         assert {m for m, _ in outcomes} == {"a", "b", "c"}
     finally:
         assert srv.stop() == 0
+
+
+def test_a_model_misjudged_as_hopeless_is_probed_and_served(tmp_path):
+    """The scheduler sees estimates only. Here the model's profile at load is wrong: its first
+    three runs (two of them the profile) take 1 s, later ones 30 ms, so it is judged unable to
+    meet its 300 ms objective and every request would be shed at arrival, on an idle device, for
+    good: a model's estimate corrects itself only when the model runs. One request every 0.5 s
+    goes through as a probe (torpor.scheduling.admission.probe) until the estimate has come down;
+    then the model is served within its objective."""
+    repo = tmp_path / "repo"
+    (repo / "m" / "1").mkdir(parents=True)
+    (repo / "m" / "config.pbtxt").write_text(config("m", 1, 0.03, 300))
+    (repo / "m" / "slow.py").write_text(SLOW_PY.replace(
+        "        time.sleep(self.seconds)",
+        "        self.calls = getattr(self, 'calls', 0) + 1\n"
+        "        time.sleep(1.0 if self.calls <= 3 else self.seconds)"))
+    srv = Server(repo, "--devices", "cpu:1", "--device-memory-bytes", "12MiB").start(tmp_path)
+    try:
+        in_a_row, shed, probes = 0, 0, 0
+        deadline = time.monotonic() + 30
+        while in_a_row < 3 and time.monotonic() < deadline:  # a probe comes between refusals
+            try:
+                t = time.monotonic()
+                call(srv.http_url, "m")
+                in_a_row += 1
+                probes += in_a_row == 1
+            except InferenceServerException as e:
+                assert "Exceeds maximum queue size" in e.message(), e.message()
+                shed += 1
+                in_a_row = 0
+        assert shed > 0  # it was misjudged at first
+        assert in_a_row == 3, f"still refused after 30 s: {shed} shed, {probes} probes served"
+        assert time.monotonic() - t < 0.3  # now served within its objective
+    finally:
+        assert srv.stop() == 0

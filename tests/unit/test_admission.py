@@ -11,10 +11,12 @@ from torpor.scheduling.admission import (
     DEFER_MARGIN_S,
     FREE,
     HARMS,
+    PROBE_INTERVAL_S,
     defer_deadline,
     deferred,
     harm_level,
     outlasted,
+    probe,
     shed_at_arrival,
     shed_when_staged,
     spare_victims,
@@ -253,3 +255,13 @@ def test_a_request_being_passed_over_is_ahead_of_no_one():
     ts[1].passed = False
     ahead, _, _ = work_ahead(ts, 0.0, None, 0.0)
     assert close(ahead, 0.8)
+
+
+def test_a_probe_only_for_a_model_whose_own_estimate_misses_and_that_has_not_run():
+    i = PROBE_INTERVAL_S
+    inf = float("inf")
+    assert probe(10.0, -inf, -inf, exec_s=1.0, slo_s=0.3)  # never ran, estimate over the objective
+    assert not probe(10.0, -inf, -inf, exec_s=0.1, slo_s=0.3)  # hopeless only for the queue ahead: no
+    assert not probe(10.0, 10.0 - i / 2, -inf, exec_s=1.0, slo_s=0.3)  # ran a moment ago
+    assert not probe(10.0, -inf, 10.0 - i / 2, exec_s=1.0, slo_s=0.3)  # a probe went in a moment ago
+    assert probe(10.0, 10.0 - i, 10.0 - i, exec_s=1.0, slo_s=0.3)

@@ -255,7 +255,10 @@ class DeviceRuntime:
         key, placer, slo, batch, mreq = job.key, self.placer, job.slo, job.batch, job.request
         arrival = job.arrival_ns / 1e9  # the monotonic clock, as the placer's
         decision = placer.place(key, slo, batch, arrival)
-        if self.shed_late and shed_at_arrival(decision):
+        # a request predicted hopeless is shed, unless its model has not run for a while: then it
+        # runs as a probe that lets the estimate correct itself (admission.probe)
+        probing = self.shed_late and shed_at_arrival(decision) and placer.probe(key, slo, batch)
+        if self.shed_late and shed_at_arrival(decision) and not probing:
             placer.shed(key, "arrival", reason="late")
             raise unavailable(
                 f"Exceeds maximum queue size: model '{job.model}' would answer "
@@ -266,7 +269,7 @@ class DeviceRuntime:
             o = decision.option
             device = o.device
             source = "host" if o.action == Action.SWAP else (o.source if o.action == Action.PEER else "auto")
-            if self.shed_late and slo is not None and o.action in (Action.SWAP, Action.PEER) \
+            if self.shed_late and not probing and slo is not None and o.action in (Action.SWAP, Action.PEER) \
                     and self.pool.stages[device].would_defer(key):
                 # its copy would evict a model that waiting requests want, so it would wait for
                 # them (torpor.runtime.staging); if they outlast its slack it would be shed then: now
@@ -294,9 +297,11 @@ class DeviceRuntime:
                     res, t_exec_start = await open_batch.result(mreq)
                     executed = 0
                 else:
-                    res, t_exec_start, executed = await self._run_batch(job, device, source, ticket)
+                    res, t_exec_start, executed = await self._run_batch(job, device, source, ticket,
+                                                                        probing=probing)
             else:
-                res, t_exec_start, executed = await self._run_batch(job, device, source, ticket, batching=False)
+                res, t_exec_start, executed = await self._run_batch(job, device, source, ticket, batching=False,
+                                                                    probing=probing)
         finally:
             ticket.done()
         placer.observe_latency(key, (time.monotonic_ns() - job.arrival_ns) / 1e9, slo,
@@ -304,7 +309,7 @@ class DeviceRuntime:
         return res, t_exec_start, executed
 
     async def _run_batch(self, job: DeviceJob, device: str | None, source: str, ticket: Any,
-                         batching: bool = True):
+                         batching: bool = True, probing: bool = False):
         """Acquire the model on `device` and execute the job's request, with whatever requests
         of the same model join it (`_DeviceBatch`) until the device's worker starts it: (its
         result, when it held the device's memory, the rows executed)."""
@@ -324,7 +329,7 @@ class DeviceRuntime:
                 raise unavailable("Request timeout expired: the request's timeout passed before it reached a device")
 
             copy_s = placer.copy_seconds(key, device) if device is not None else 0.0
-            shed = self.shed_late and ticket.due < math.inf
+            shed = self.shed_late and ticket.due < math.inf and not probing  # a probe runs whatever its estimate
 
             def on_stage(stage: Any, resident: bool) -> None:
                 # its turn on the device: a last look before it takes memory or starts a copy
@@ -363,6 +368,7 @@ class DeviceRuntime:
 
                 # queued on the device in the scheduler's order (its deadline, torpor.runtime.placer)
                 members, size, outs, seconds = await placement.run_ordered(ticket.key, work)
+                placer.ran(key)
                 if placement.outcome == Outcome.HIT:
                     placer.observe_exec(key, seconds, size)
                 if trace is not None:

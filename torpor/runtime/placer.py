@@ -41,7 +41,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from torpor.scheduling.admission import planned_residents, work_ahead, would_delay
+from torpor.scheduling.admission import planned_residents, probe, work_ahead, would_delay
 from torpor.scheduling.costmodel import CostModel, ExecEstimator, LinkMap
 from torpor.scheduling.peers import SloWindow
 from torpor.scheduling.scheduler import (
@@ -102,6 +102,8 @@ class ModelSlo:
     # met and missed over the last SLO_WINDOW_S (a shed request counts as missed): the
     # attainment the residency report gives peers and routers, which is about now, not since start
     window: SloWindow = field(default_factory=lambda: SloWindow(SLO_WINDOW_S))
+    last_run: float = -math.inf  # time.monotonic() when one of its runs last ended
+    last_probe: float = -math.inf  # when a request predicted hopeless was last let through (`probe`)
 
     def as_dict(self) -> dict[str, Any]:
         return {"decisions": dict(self.decisions), "predicted_misses": self.predicted_misses,
@@ -397,6 +399,21 @@ class Placer:
 
     def observe_exec(self, key: Any, seconds: float, batch: int = 1) -> None:
         self.cost.observe_exec(key, seconds, batch)
+
+    def ran(self, key: Any) -> None:
+        """One of the model's runs ended (the probe rule's clock)."""
+        self.slo.setdefault(key, ModelSlo()).last_run = time.monotonic()
+
+    def probe(self, key: Any, slo_s: float | None, batch: int = 1) -> bool:
+        """Let this request, predicted hopeless, through anyway (admission.probe); recorded."""
+        if slo_s is None:
+            return False
+        s = self.slo.setdefault(key, ModelSlo())
+        now = time.monotonic()
+        if not probe(now, s.last_run, s.last_probe, self.cost.exec_seconds(key, batch), slo_s):
+            return False
+        s.last_probe = now
+        return True
 
     def seed_exec(self, key: Any, seconds: float, batch: int = 1) -> None:
         """A profiled execution time (replaces the estimate for that batch size)."""

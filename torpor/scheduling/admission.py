@@ -33,7 +33,9 @@ hands out `permits` stages (execution slots + lookahead), lowest order first:
   request's guard (`would_delay`), is answered at once (UNAVAILABLE) instead of taking memory.
 - `shed_at_arrival`: a request the scheduler predicts will finish past its whole SLO wherever
   it goes is answered at once; so is one whose copy would HARM waiting requests when the work
-  queued on the device already outlasts its slack (`outlasted`).
+  queued on the device already outlasts its slack (`outlasted`). Except a `probe`: when the
+  model's own execution estimate misses its objective and the model has not run for a while,
+  one request goes through and is not shed, so that the estimate can correct itself.
 - `spare_victims`: a copy may start at arrival, before its request is staged, where it evicts
   only idle models no waiting request wants.
 """
@@ -182,6 +184,24 @@ DEFER_MARGIN_S = 0.005
 def shed_at_arrival(decision: Decision | None) -> bool:
     """Answer at once: predicted to finish past its whole SLO wherever it goes."""
     return decision is not None and hopeless(decision)
+
+
+# A model none of whose requests ran for this long gets one predicted hopeless through (`probe`).
+PROBE_INTERVAL_S = 0.5
+
+
+def probe(now: float, last_run: float, last_probe: float, exec_s: float, slo_s: float,
+          interval: float = PROBE_INTERVAL_S) -> bool:
+    """Serve a request `shed_at_arrival` would refuse, and do not shed it when staged: its own
+    execution estimate (`exec_s`) already exceeds its objective, so it would be refused on an idle
+    device too, its model has not run for `interval` seconds (`last_run`: its last run's end) and
+    no probe went in the last `interval`. Why: a model's execution estimate corrects itself only
+    when the model runs. Without probes a pessimistic one (a profile taken on a busy machine, a
+    slow first run) sheds every request of that model for good, however idle the device. A request
+    predicted hopeless because of the work queued ahead of it is not probed: other models' runs
+    correct that, and under overload the prediction is right. Costs at most one run per model per
+    `interval`."""
+    return exec_s >= slo_s and now - last_run >= interval and now - last_probe >= interval
 
 
 def outlasted(backlog_s: float, slack_s: float) -> bool:

@@ -98,6 +98,8 @@ class Replay:
         self.snap, self.sched, self.cost = sim.snap, sim.scheduler, sim.cost
         self.devs, self.by_name = sim.devs, sim.by_name
         self.fn_model, self.models, self.rates = sim.fn_model, sim.models, sim.rates
+        self.last_run: dict[int, float] = {}  # function -> when one of its runs last ended (admission.probe)
+        self.last_probe: dict[int, float] = {}
         self.xfer = sim.xfer
         self.edf = sim.queue_order == "deadline"
         # processor sharing: Torpor's scheduler sees when each copy should land if no other joins
@@ -213,6 +215,7 @@ class Replay:
         if tok != d.tok:
             return  # its copy's landing moved, and the completion with it
         d.busy_s += t - d.run_start
+        self.last_run[batch[0].fn] = t
         d.cur_res = None
         if d.compute is not None:
             ex = d.compute.stop()  # its compute, as measured

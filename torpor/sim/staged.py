@@ -23,6 +23,7 @@ from torpor.scheduling.admission import (
     harm_level,
     outlasted,
     planned_residents,
+    probe,
     shed_at_arrival,
     shed_when_staged,
     spare_victims,
@@ -186,7 +187,7 @@ class StagedReplay(Replay):
     def stage(self, d: _Dev, job: _Job, now: float, lvl: int) -> None:
         # it holds a stage: a last look (the engine's on_stage), then memory, then the device's queue
         why = None
-        if self.shedding and job.due < math.inf:
+        if self.shedding and job.due < math.inf and not job.probe:
             lookahead = self.staging.lookahead
             why = shed_when_staged(now, job.estimate, job.copy_s, job.fn in d.state.residents, job.due, lvl,
                                    lambda: would_delay([k for k in d.tickets if k is not job], now,
@@ -337,14 +338,20 @@ class StagedReplay(Replay):
         self.actions[o.action] = self.actions.get(o.action, 0) + 1
         self.predicted[rid] = now - arrival + o.completion_s
         self.action_of[rid] = _ACTION_CODE[o.action]
+        probing = False
         if self.shedding and shed_at_arrival(dec):
-            self.shed_at_arrival(rid)
-            return True
+            # the device path's rule: shed, unless the model has not run for a while (a probe)
+            if not probe(now, self.last_run.get(f, -math.inf), self.last_probe.get(f, -math.inf),
+                         self.cost.exec_seconds(f), self.fn_model[f].slo_s):
+                self.shed_at_arrival(rid)
+                return True
+            self.last_probe[f] = now
+            probing = True
         spec = self.fn_model[f]
         d = self.by_name[o.device]
         copy_s = self.cost.nominal_seconds(spec.nbytes, self.sim.links.host_path(d.state.name))
         copy = o.action in ("swap", "peer")
-        if self.shedding and copy and self.level(d, f, now) == HARMS:
+        if self.shedding and not probing and copy and self.level(d, f, now) == HARMS:
             # its copy would evict a model waiting requests want: it would wait for them, and
             # be shed if they outlast its slack; when the work queued there already does, now
             slack = arrival + spec.slo_s - now - o.exec_s - copy_s
@@ -363,6 +370,8 @@ class StagedReplay(Replay):
         if copy and f not in d.state.residents:
             self.copy_into_spare_room(d, f, rid, o, now)
         job = self.ticket(rid, f, arrival, now, dec, copy_s)
+        if probing:
+            job.probe, job.defer_until = True, 0.0
         if spec.max_batch > 1:
             d.open_batch[f] = job
         self.enter(d, job, now)

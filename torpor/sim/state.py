@@ -28,7 +28,7 @@ class _Job:
     same fields as the server's `torpor.runtime.placer.Ticket`."""
 
     __slots__ = ("arrival", "copy_s", "defer_until", "due", "enqueued", "estimate", "first_at", "fn", "guard",
-                 "key", "meets_pred", "passed", "ready", "resident", "rid", "riders", "source", "staged",
+                 "key", "meets_pred", "passed", "probe", "ready", "resident", "rid", "riders", "source", "staged",
                  "started_at", "transfer")
 
     def __init__(self, rid: int, fn: int, arrival: float, estimate: float, resident: ResidentState | None,
@@ -53,6 +53,7 @@ class _Job:
         self.source: str | None = None
         self.copy_s = 0.0
         self.defer_until = 0.0
+        self.probe = False  # let through although predicted hopeless (admission.probe): never shed
         # its stage queue is passing it over (deferred) now: ahead of no one (`admission.work_ahead`);
         # kept as torpor.runtime.staging.StagingQueue keeps the placer's `Ticket.passed`
         self.passed = False
