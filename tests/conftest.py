@@ -91,13 +91,26 @@ class Server:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
-    def start(self, log_dir: Path, timeout: float = 120.0) -> Server:
+    def _new_ports(self) -> None:
+        """Fresh free ports in place of the ones in `args` (the flags keep their places)."""
+        old = (self.http_port, self.grpc_port, self.metrics_port)
+        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        swap = dict(zip(map(str, old), map(str, (self.http_port, self.grpc_port, self.metrics_port)), strict=True))
+        self.args = [swap.get(a, a) if i and self.args[i - 1].endswith("-port") else a for i, a in enumerate(self.args)]
+
+    def start(self, log_dir: Path, timeout: float = 120.0, tries: int = 3) -> Server:
         self.log_path = log_dir / f"server-{self.http_port}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if tries > 1 and "Address already in use" in self.log():
+                    # a port free_port() handed out was taken before the server bound it (by a
+                    # client's ephemeral port, say): the same server on fresh ports
+                    self._log.close()
+                    self._new_ports()
+                    return self.start(log_dir, timeout, tries - 1)
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 with urllib.request.urlopen(f"http://{self.http_url}/v2/health/live", timeout=1) as r:
