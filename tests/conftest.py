@@ -92,11 +92,11 @@ class Server:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def _new_ports(self) -> None:
-        """Fresh free ports in place of the ones in `args` (the flags keep their places)."""
-        old = (self.http_port, self.grpc_port, self.metrics_port)
+        """Fresh free ports in place of the ones in `args` (a test may have added flags to it)."""
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
-        swap = dict(zip(map(str, old), map(str, (self.http_port, self.grpc_port, self.metrics_port)), strict=True))
-        self.args = [swap.get(a, a) if i and self.args[i - 1].endswith("-port") else a for i, a in enumerate(self.args)]
+        for flag, port in (("--http-port", self.http_port), ("--grpc-port", self.grpc_port),
+                           ("--metrics-port", self.metrics_port)):
+            self.args[self.args.index(flag) + 1] = str(port)
 
     def start(self, log_dir: Path, timeout: float = 120.0, tries: int = 3) -> Server:
         self.log_path = log_dir / f"server-{self.http_port}.log"

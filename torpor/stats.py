@@ -65,23 +65,22 @@ class ModelStats:
         input_ns: int,
         infer_ns: int,
         output_ns: int,
-        executions: int = 1,
         executed_rows: int | None = None,
     ) -> None:
-        """One answered request. `batch_stats` are Triton's: one entry per execution, keyed by
-        the rows it ran (`executed_rows`: the whole batch's for the request that counts the
-        execution, 0 for one that rode in another's, None: the request's own `batch_size`),
-        with that request's durations."""
+        """One answered request. It counts an execution unless it rode in another request's
+        (`executed_rows` 0); `batch_stats` are Triton's, one entry per execution keyed by the rows
+        it ran (`executed_rows`: the whole batch's for the request that counts the execution;
+        None: the request's own `batch_size`), with that request's durations."""
         with self._lock:
             self.last_inference_ms = int(time.time() * 1000)
             self.inference_count += batch_size
-            self.execution_count += executions
+            rows = batch_size if executed_rows is None else executed_rows
+            self.execution_count += 1 if rows else 0
             self.success.add(request_ns)
             self.queue.add(queue_ns)
             self.compute_input.add(input_ns)
             self.compute_infer.add(infer_ns)
             self.compute_output.add(output_ns)
-            rows = batch_size if executed_rows is None else executed_rows
             if not rows:
                 return
             b = self.batches.get(rows)

@@ -528,7 +528,6 @@ class Engine:
             input_ns=t_exec_start - t_start,
             infer_ns=t_done - t_exec_start,
             output_ns=t_end - t_done,
-            executions=1 if executed else 0,
             executed_rows=executed,
         )
         if trace is not None:

@@ -255,10 +255,10 @@ class DeviceRuntime:
         key, placer, slo, batch, mreq = job.key, self.placer, job.slo, job.batch, job.request
         arrival = job.arrival_ns / 1e9  # the monotonic clock, as the placer's
         decision = placer.place(key, slo, batch, arrival)
-        # a request predicted hopeless is shed, unless its model has not run for a while: then it
-        # runs as a probe that lets the estimate correct itself (admission.probe)
-        probing = self.shed_late and shed_at_arrival(decision) and placer.probe(key, slo, batch)
-        if self.shed_late and shed_at_arrival(decision) and not probing:
+        probing = False
+        # a request predicted hopeless is shed, unless its own model's estimate is what makes it so
+        # and the model has not run for a while: then it runs as a probe (admission.probe)
+        if self.shed_late and shed_at_arrival(decision) and not (probing := placer.probe(key, slo, batch)):
             placer.shed(key, "arrival", reason="late")
             raise unavailable(
                 f"Exceeds maximum queue size: model '{job.model}' would answer "

@@ -316,7 +316,7 @@ class Placer:
         decision = self.scheduler.place(ModelInfo(key, model.nbytes, first, slo_s, batch, waited), snap)
         if not record:
             return decision
-        s = self.slo.setdefault(key, ModelSlo())
+        s = self._model_slo(key)
         if decision is None or decision.option is None:
             s.decisions["wait"] += 1
         else:
@@ -400,15 +400,23 @@ class Placer:
     def observe_exec(self, key: Any, seconds: float, batch: int = 1) -> None:
         self.cost.observe_exec(key, seconds, batch)
 
+    def _model_slo(self, key: Any) -> ModelSlo:
+        # not setdefault(key, ModelSlo()): that builds a ModelSlo (a Counter, a window) on every
+        # request and run, present or not
+        s = self.slo.get(key)
+        if s is None:
+            s = self.slo[key] = ModelSlo()
+        return s
+
     def ran(self, key: Any) -> None:
         """One of the model's runs ended (the probe rule's clock)."""
-        self.slo.setdefault(key, ModelSlo()).last_run = time.monotonic()
+        self._model_slo(key).last_run = time.monotonic()
 
     def probe(self, key: Any, slo_s: float | None, batch: int = 1) -> bool:
         """Let this request, predicted hopeless, through anyway (admission.probe); recorded."""
         if slo_s is None:
             return False
-        s = self.slo.setdefault(key, ModelSlo())
+        s = self._model_slo(key)
         now = time.monotonic()
         if not probe(now, s.last_run, s.last_probe, self.cost.exec_seconds(key, batch), slo_s):
             return False
@@ -422,7 +430,7 @@ class Placer:
     def shed(self, key: Any, when: str, requests: int = 1, reason: str = "late") -> None:
         """Requests refused under overload: at `arrival` or when their turn came (`queued`;
         a batch formed while waiting is refused whole), and why (`ModelSlo.shed_why`)."""
-        s = self.slo.setdefault(key, ModelSlo())
+        s = self._model_slo(key)
         s.shed[when] += requests
         s.shed_why[(when, reason)] += requests
         s.window.add(time.monotonic(), False, requests)
@@ -435,7 +443,7 @@ class Placer:
             self.predictions.add(d.option.action, d.waited_s + d.option.completion_s, seconds)
         if slo_s is None:
             return
-        s = self.slo.setdefault(key, ModelSlo())
+        s = self._model_slo(key)
         if seconds <= slo_s:
             s.met += 1
         else:
