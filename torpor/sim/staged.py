@@ -340,7 +340,8 @@ class StagedReplay(Replay):
         self.action_of[rid] = _ACTION_CODE[o.action]
         probing = False
         if self.shedding and shed_at_arrival(dec):
-            # the device path's rule: shed, unless the model has not run for a while (a probe)
+            # the device path's rule: shed, unless its own model's estimate makes it hopeless and
+            # the model has not run for a while (a probe, admission.probe)
             if not probe(now, self.last_run.get(f, -math.inf), self.last_probe.get(f, -math.inf),
                          self.cost.exec_seconds(f), self.fn_model[f].slo_s):
                 self.shed_at_arrival(rid)
@@ -369,9 +370,7 @@ class StagedReplay(Replay):
             return True
         if copy and f not in d.state.residents:
             self.copy_into_spare_room(d, f, rid, o, now)
-        job = self.ticket(rid, f, arrival, now, dec, copy_s)
-        if probing:
-            job.probe, job.defer_until = True, 0.0
+        job = self.ticket(rid, f, arrival, now, dec, copy_s, probing)
         if spec.max_batch > 1:
             d.open_batch[f] = job
         self.enter(d, job, now)
@@ -393,8 +392,10 @@ class StagedReplay(Replay):
                 self.evictions += 1
             self.start_copy(d, f, rid, o.source if o.action == "peer" else None, now)
 
-    def ticket(self, rid: int, f: int, arrival: float, now: float, dec: Any, copy_s: float) -> _Job:
-        """The request as the placer's `Ticket` holds it (`Placer.admit`)."""
+    def ticket(self, rid: int, f: int, arrival: float, now: float, dec: Any, copy_s: float,
+               probing: bool = False) -> _Job:
+        """The request as the placer's `Ticket` holds it (`Placer.admit`); a probe is neither
+        deferred nor shed (the device path's `probing`)."""
         o, spec, d = dec.option, self.fn_model[f], self.by_name[dec.option.device]
         due = arrival + spec.slo_s
         ex_new = self.cost.exec_seconds(f)
@@ -409,7 +410,8 @@ class StagedReplay(Replay):
             r = d.state.residents.get(f)
             job.ready = r.ready_at if r is not None and r.ready_at > now else 0.0
         job.copy_s = copy_s
-        job.defer_until = defer_deadline(due, ex_new, copy_s) if self.shedding else 0.0
+        job.probe = probing
+        job.defer_until = defer_deadline(due, ex_new, copy_s) if self.shedding and not probing else 0.0
         return job
 
     def enter(self, d: _Dev, job: _Job, now: float) -> None:
