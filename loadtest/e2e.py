@@ -202,8 +202,11 @@ class Server:
         for m in (topo.get("models") or {}).values():
             for k, n in (m.get("shed_reasons") or {}).items():
                 reasons[k] = reasons.get(k, 0) + n
+        by_model = {name.split(":")[0]: dict(m.get("shed_reasons") or {})
+                    for name, m in (topo.get("models") or {}).items()}
         return {"predictions": topo.get("predictions", {}), "exec_estimates_ms": topo.get("exec_estimates_ms", {}),
-                "shed_reasons": reasons}
+                "shed_reasons": reasons, "shed_reasons_by_model": by_model, "lags_ms": topo.get("lags_ms", {}),
+                "busy_s": topo.get("busy_s", {}), "calibration": topo.get("calibration", {})}
 
     def model_stats(self) -> dict[str, dict]:
         data = json.loads(http_get(self.base + "/v2/models/stats"))
@@ -584,16 +587,32 @@ class Experiment:
         predictions = scha["predictions"]
         reasons = {k: n - schb["shed_reasons"].get(k, 0) for k, n in scha["shed_reasons"].items()
                    if n - schb["shed_reasons"].get(k, 0)}
+        by_class: dict[str, dict[str, int]] = {}  # the same, per model class, for sim_vs_server.py
+        kind = dict(zip(names, kinds_of, strict=True))
+        for name, after in scha["shed_reasons_by_model"].items():
+            before = schb["shed_reasons_by_model"].get(name, {})
+            cls = by_class.setdefault(kind.get(name, name), {})
+            for k, n in after.items():
+                if n - before.get(k, 0):
+                    cls[k] = cls.get(k, 0) + n - before.get(k, 0)
         cfg_result["workloads"][key] = {
             "workload": wl, "load": load, "duration_s": dur, "arrivals": int(times.size),
             "classes": rows, "errors": log.errors, "shed_examples": log.shed_examples,
             "residency_after": _residency_summary(res), "predictions": predictions,
-            "shed_reasons": reasons, "exec_estimates_ms": scha["exec_estimates_ms"]}
+            "shed_reasons": reasons, "shed_reasons_by_class": by_class, "lags_ms": scha["lags_ms"],
+            # the share of the run each device's worker spent running work (copy waits inside runs included)
+            "device_busy": {d: round((s - schb["busy_s"].get(d, 0.0)) / max(self.phases[f"{cfg}/{key}"], 1e-9), 4)
+                            for d, s in scha["busy_s"].items()},
+            "exec_estimates_ms": scha["exec_estimates_ms"], "calibration": scha["calibration"]}
         print_table(f"{cfg} / {wl}" + (f" @ load {load:g}" if plan.multi else "")
                     + f" ({args.device}, bound {self.repo.bounds[cfg] / 2**30:.2f} GiB, "
                     f"{'+'.join(plan.protocols)}, {dur:.0f}s)", rows)
         if reasons:
             print("shed by when:why (server side): " + ", ".join(f"{k} {n}" for k, n in sorted(reasons.items())))
+        if scha["lags_ms"]:
+            print("server lags (ms, p50 / p99 of the last 4096): " + ", ".join(
+                f"{k} {v['p50_ms']:.2f} / {v['p99_ms']:.2f}" for k, v in scha["lags_ms"].items())
+                + "; device busy " + ", ".join(f"{d} {b:.1%}" for d, b in cfg_result["workloads"][key]["device_busy"].items()))
         print_predictions(predictions)
         for e in log.errors:
             print(f"  error: {e}")

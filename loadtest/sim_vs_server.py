@@ -30,7 +30,10 @@ Printed per run (workload@load) and configuration (native = all resident, torpor
 fraction): answered, shed, dropped, SLO attainment (of all arrivals), goodput (answers within
 SLO per second), p50/p99 per class, copies (swap-ins: copies started, by the class of the
 request that started each; e2e's swap_ins), predicted (median over --seeds execution-noise seeds,
-[min-max] where they differ, in the printed rows and the markdown table) beside measured.
+[min-max] where they differ, in the printed rows and the markdown table) beside measured;
+then the sheds by when:why per class (the server's `torpor_requests_shed` labels; e2e records
+them per class) and how busy the device was (simulated: occupied by runs, waits for their
+copies included; measured: the share of the run the device's worker spent in runs).
 --json writes it all.
 """
 
@@ -185,8 +188,13 @@ def summarize(sim: Simulation, t: np.ndarray, f: np.ndarray, mix: list[str], slo
     copied = np.zeros(f.size, dtype=int)  # copies each request started (the server's swap_ins)
     for _, rid, _, _ in getattr(sim, "copies", []):
         copied[rid] += 1
+    why = getattr(sim, "shed_why", {})
     out = {}
     for label, sel in [*((k, kinds == k) for k in mix), ("all", np.ones(f.size, bool))]:
+        reasons: dict[str, int] = {}
+        for rid, w in why.items():
+            if sel[rid]:
+                reasons[w] = reasons.get(w, 0) + 1
         ok = st[sel] == ANSWERED
         ans = lat[sel][ok & np.isfinite(lat[sel])]
         slo = np.array([slo_ms[k] for k in kinds[sel]]) / 1e3
@@ -195,6 +203,7 @@ def summarize(sim: Simulation, t: np.ndarray, f: np.ndarray, mix: list[str], slo
             "arrivals": int(sel.sum()), "answered": int(ans.size),
             "shed": int(np.sum((st[sel] == SHED_ARRIVAL) | (st[sel] == SHED_QUEUED))),
             "shed_arrival": int(np.sum(st[sel] == SHED_ARRIVAL)), "shed_queued": int(np.sum(st[sel] == SHED_QUEUED)),
+            "shed_reasons": dict(sorted(reasons.items())),
             "dropped": int(np.sum(st[sel] == DROPPED)),
             "swap_ins": int(copied[sel].sum()),
             "p50_ms": float(np.percentile(ans, 50) * 1e3) if ans.size else None,
@@ -202,6 +211,9 @@ def summarize(sim: Simulation, t: np.ndarray, f: np.ndarray, mix: list[str], slo
             "slo_attainment": within / sel.sum() if sel.sum() else None,
             "goodput_rps": within / duration,
         }
+    # the share of the run the devices were occupied (a run's wait for its copy included), as
+    # the server's device_busy (its workers' time in runs)
+    out["all"]["device_busy"] = sum(d.busy_s for d in sim.devs) / (len(sim.devs) * duration)
     return out
 
 
@@ -247,6 +259,10 @@ def median_of(runs: list[dict]) -> dict:
     for label in runs[0]:
         row = {}
         for k in runs[0][label]:
+            if isinstance(runs[0][label][k], dict):  # counts by name: the median of each
+                names = dict.fromkeys(n for r in runs for n in r[label][k])
+                row[k] = {n: float(np.median([r[label][k].get(n, 0) for r in runs])) for n in names}
+                continue
             xs = [r[label][k] for r in runs if r[label][k] is not None]
             row[k] = float(np.median(xs)) if xs else None
             row[k + "_range"] = [float(min(xs)), float(max(xs))] if xs else None
@@ -345,12 +361,31 @@ def compare_one(path: Path, args: argparse.Namespace, e2e_mod) -> dict:
             print("compute_infer ms (stage to done), predicted / measured: " + ", ".join(
                 f"{k} {sim_ci.get(k, float('nan')):.2f} / {fmt_ms(meas[k]['server_compute_mean_ms'])}" for k in mix))
             print_actions(actions, run.get("predictions"))
+            print_reasons(pred, run, mix)
+            busy = run.get("device_busy") or {}
+            print(f"device busy, simulated | server: {pred['all']['device_busy']:.1%} | "
+                  + (", ".join(f"{d} {b:.1%}" for d, b in busy.items()) or "-"))
             label = key if "@" in key else f"{key}@{run.get('load', e2e.get('load', {}).get('load', '?')):g}"
             out["runs"][f"{cfg}/{label}"] = {
                 "exec_ms": exec_ms, "fit_steps": fit_steps, "predicted": pred,
                 "predicted_compute_infer_ms": sim_ci, "measured": meas,
                 "scheduler_by_action": {"simulated_seed1": actions, "server": run.get("predictions")}}
     return out
+
+
+def print_reasons(pred: dict, run: dict, mix: list[str]) -> None:
+    """Sheds by when:why (the server's `torpor_requests_shed` labels), simulated (median over
+    seeds) | server, per class where e2e recorded it per class, else in all."""
+    server = run.get("shed_reasons_by_class") or {"all": run.get("shed_reasons") or {}}
+    labels = [k for k in (*mix, "all") if k in server or (k == "all" and not run.get("shed_reasons_by_class"))]
+    names = sorted({n for k in (*mix, "all") for n in pred[k].get("shed_reasons", {})}
+                   | {n for v in server.values() for n in v})
+    if not names:
+        return
+    print("shed when:why, simulated | server")
+    for k in labels if run.get("shed_reasons_by_class") else ["all"]:
+        sim_r, srv = pred[k].get("shed_reasons", {}), server.get(k, {})
+        print(f"  {k:<10} " + "  ".join(f"{n} {sim_r.get(n, 0):.0f} | {srv.get(n, 0)}" for n in names))
 
 
 def markdown(results: dict) -> str:

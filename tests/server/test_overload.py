@@ -168,9 +168,14 @@ def test_overload_sheds_quickly_and_loses_nothing(tmp_path):
         assert served == len(ok)  # profile runs at load are not requests
         # the scheduler's predictions are reported against what the answered requests took
         with urllib.request.urlopen(f"http://{srv.http_url}/v2/torpor/topology", timeout=30) as r:
-            pred = json.loads(r.read())["predictions"]
+            topo = json.loads(r.read())
+        pred = topo["predictions"]
         assert sum(p["requests"] for p in pred.values()) == len(ok), pred
         assert all(p["measured_ms_p50"] > 0 and p["predicted_ms_p50"] > 0 for p in pred.values()), pred
+        # and the delays its clock does not see, and how busy the device was
+        assert {"admission", "release"} <= set(topo["lags_ms"]), topo["lags_ms"]
+        assert topo["lags_ms"]["admission"]["samples"] >= min(len(ok), 4096)
+        assert 0 < topo["busy_s"]["cpu:0"], topo["busy_s"]
     finally:
         assert srv.stop() == 0
 

@@ -203,6 +203,19 @@ def test_worker_runs_in_device_threads():
         dev.close()
 
 
+def test_busy_seconds_count_the_time_workers_spend_in_work():
+    dev = CpuDevice(0, 1 << 20, exec_slots=1)
+    try:
+        assert dev.busy_seconds == 0.0
+        for _ in range(3):
+            dev.run_in_worker(time.sleep, 0.02).result()
+        time.sleep(0.05)  # idle time is not busy time
+        dev.run_in_worker(lambda: None).result()  # the worker adds the last run when it comes back
+        assert 0.06 <= dev.busy_seconds < 0.06 + 0.05
+    finally:
+        dev.close()
+
+
 def test_device_core_imports_without_web_stack():
     code = (
         "import sys\n"

@@ -598,6 +598,11 @@ def test_staging_sheds_under_overload_and_answers_the_rest_in_time():
     assert r.shed_arrival > 300 and r.shed_queued > 300
     assert (st == SHED_ARRIVAL).sum() == r.shed_arrival and (st == SHED_QUEUED).sum() == r.shed_queued
     assert (st == DROPPED).sum() == r.dropped
+    # each shed request says why, with the server's labels (torpor_requests_shed's when:why)
+    why = sim.shed_why
+    assert set(why) == set(np.flatnonzero((st == SHED_ARRIVAL) | (st == SHED_QUEUED)))
+    assert all(w.startswith("arrival:") == (st[rid] == SHED_ARRIVAL) for rid, w in why.items())
+    assert set(why.values()) <= {"arrival:late", "arrival:harms", "queued:late", "queued:harms", "queued:stalls"}
     assert answered.sum() + r.shed_arrival + r.shed_queued + r.dropped == t.size
     assert np.isfinite(sim.latency[answered]).all() and np.isinf(sim.latency[~answered]).all()
     assert np.mean(sim.latency[answered] <= slo[answered]) > 0.9  # what is kept is served in time

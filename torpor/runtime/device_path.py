@@ -364,10 +364,11 @@ class DeviceRuntime:
                     t = time.perf_counter()
                     # execute_on runs in the device's worker, compute stream current, group waits armed
                     out = fn.execute_on((placement.module, placement.device), members)
-                    return members, size, out, time.perf_counter() - t
+                    return members, size, out, time.perf_counter() - t, time.monotonic()
 
                 # queued on the device in the scheduler's order (its deadline, torpor.runtime.placer)
-                members, size, outs, seconds = await placement.run_ordered(ticket.key, work)
+                members, size, outs, seconds, ended = await placement.run_ordered(ticket.key, work)
+                placer.lags.add("release", time.monotonic() - ended)
                 placer.ran(key)
                 if placement.outcome == Outcome.HIT:
                     placer.observe_exec(key, seconds, size)

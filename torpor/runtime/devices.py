@@ -247,6 +247,12 @@ class Device:
     def run_in_worker(self, fn: Callable[..., Any], *args: Any, key: float = math.inf) -> concurrent.futures.Future:
         return self._workers.submit(key, fn, *args)
 
+    @property
+    def busy_seconds(self) -> float:
+        """Seconds its workers have spent running submitted work since start (a run's wait for
+        its copy inside it included), all workers summed."""
+        return self._workers.busy_s
+
 
     @contextlib.contextmanager
     def compute_scope(self) -> Iterator[None]:
@@ -293,6 +299,9 @@ class _OrderedWorkers:
         self._cv = threading.Condition()
         self._closing = False
         self._initializer = initializer
+        # seconds the workers spent in callables (runs, waits for copies inside them included),
+        # added under the lock when a worker comes back for more: how busy the device was
+        self.busy_s = 0.0
         self._threads = [threading.Thread(target=self._loop, name=f"{prefix}_{i}", daemon=True) for i in range(n)]
         for t in self._threads:
             t.start()
@@ -308,8 +317,11 @@ class _OrderedWorkers:
 
     def _loop(self) -> None:
         self._initializer()
+        spent = 0.0
         while True:
             with self._cv:
+                self.busy_s += spent
+                spent = 0.0
                 while not self.heap and not self._closing:
                     self._cv.wait()
                 if not self.heap:
@@ -317,11 +329,14 @@ class _OrderedWorkers:
                 _, _, fut, fn, args = heapq.heappop(self.heap)
             if not fut.set_running_or_notify_cancel():
                 continue
+            t = time.perf_counter()
             try:
                 result = fn(*args)
             except BaseException as e:  # noqa: BLE001 - delivered through the future
+                spent = time.perf_counter() - t
                 fut.set_exception(e)
             else:
+                spent = time.perf_counter() - t
                 fut.set_result(result)
 
     def shutdown(self) -> None:

@@ -153,6 +153,33 @@ class PredictionLog:
         return out
 
 
+class Lags:
+    """Delays the scheduler's clock does not see, per kind, over the last `keep` of each:
+    "admission", from a request's arrival to its placement (the event loop's backlog, admission
+    queues); "release", from a run's end on the device's worker to the event loop acting on it
+    (releasing its stage, granting the next). The simulator takes them as its server delays
+    (loadtest/sim_vs_server.py)."""
+
+    def __init__(self, keep: int = 4096):
+        self.keep = keep
+        self.samples: dict[str, deque] = {}
+
+    def add(self, kind: str, seconds: float) -> None:
+        q = self.samples.get(kind)
+        if q is None:
+            q = self.samples[kind] = deque(maxlen=self.keep)
+        q.append(seconds)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {}
+        for kind, q in sorted(self.samples.items()):
+            xs = sorted(q)
+            out[kind] = {"samples": len(xs), "mean_ms": round(sum(xs) / len(xs) * 1e3, 3),
+                         **{f"p{p}_ms": round(xs[min(len(xs) - 1, int(p / 100 * len(xs)))] * 1e3, 3)
+                            for p in (50, 90, 99)}}
+        return out
+
+
 class Ticket:
     """One admitted request on its device: its place in the queue and its share of the work."""
 
@@ -226,6 +253,7 @@ class Placer:
         self._copies: list[_Copy] = []
         self.slo: dict[Any, ModelSlo] = {}
         self.predictions = PredictionLog()
+        self.lags = Lags()
 
     # queues --------------------------------------------------------------------------------------
     def _work_ahead(self, dev: str, now: float, due: float | None, exec_s: float,
@@ -313,6 +341,8 @@ class Placer:
             due = t0 + (slo_s if slo_s is not None else NO_SLO_DEADLINE_S)
         snap = self.snapshot(due, self.cost.exec_seconds(key, batch))
         waited = 0.0 if arrival is None else max(0.0, snap.now - arrival)
+        if record and arrival is not None:
+            self.lags.add("admission", waited)
         decision = self.scheduler.place(ModelInfo(key, model.nbytes, first, slo_s, batch, waited), snap)
         if not record:
             return decision
@@ -470,11 +500,16 @@ class Placer:
             "queue_order": "deadline" if self.deadline_order else "fifo",
             "backlog_ms": {d: round(self._work_ahead(d, now, None, 0.0)[0] * 1e3, 3) for d in self.tickets},
             "queued": {d: len(t) for d, t in self.tickets.items()},
+            "busy_s": {m.device.name: round(m.device.busy_seconds, 6) for m in self.pool.memories},
             "exec_estimates_ms": self.cost.exec.as_dict(_name),
+            # measured / predicted: runs per model, copies per link path (the slack `risk_s` keeps)
+            "calibration": {"runs": self.cost.runs.as_dict(_name),
+                            "copies": self.cost.copies.as_dict(lambda p: ">".join(p))},
             "swap_observations": {k: {"bytes": b, "seconds": round(s, 6)}
                                   for k, (b, s) in self.cost.swap_observations.items()},
             "models": {_name(k): v.as_dict() for k, v in self.slo.items()},
             "predictions": self.predictions.as_dict(),
+            "lags_ms": self.lags.as_dict(),
         }
 
 

@@ -86,6 +86,9 @@ class Replay:
         # staging: when each request held its stage and its model (the engine's compute_infer
         # counts from then: the wait for the device and for its copy, and its run)
         sim.acquired = self.acquired = np.full(n_req, np.nan)
+        # staging with shedding: why each shed request was shed, as the server's
+        # `torpor_requests_shed` labels it ("arrival:late", "queued:harms", ...)
+        sim.shed_why = self.shed_why = {}
         self.heap: list = []
         self.seq = 0
         self.pending: deque = deque()  # requests that found no room, in arrival order

@@ -195,6 +195,7 @@ class StagedReplay(Replay):
         if why is not None:
             for rid in (job.rid, *(r for r, _ in job.riders)):  # its batch's riders get its answer
                 self.status[rid] = SHED_QUEUED
+                self.shed_why[rid] = "queued:" + why
                 self.shed_queued += 1
                 self.misses += 1
             if d.open_batch.get(job.fn) is job:
@@ -344,7 +345,7 @@ class StagedReplay(Replay):
             # the model has not run for a while (a probe, admission.probe)
             if not probe(now, self.last_run.get(f, -math.inf), self.last_probe.get(f, -math.inf),
                          self.cost.exec_seconds(f), self.fn_model[f].slo_s):
-                self.shed_at_arrival(rid)
+                self.shed_at_arrival(rid, "late")
                 return True
             self.last_probe[f] = now
             probing = True
@@ -357,7 +358,7 @@ class StagedReplay(Replay):
             # be shed if they outlast its slack; when the work queued there already does, now
             slack = arrival + spec.slo_s - now - o.exec_s - copy_s
             if outlasted(work_ahead(d.tickets, now, None, 0.0, self.staging.lookahead)[0], slack):
-                self.shed_at_arrival(rid)
+                self.shed_at_arrival(rid, "harms")
                 return True
         head = d.open_batch.get(f)
         if head is not None and 1 + len(head.riders) < spec.max_batch:
@@ -376,8 +377,9 @@ class StagedReplay(Replay):
         self.enter(d, job, now)
         return True
 
-    def shed_at_arrival(self, rid: int) -> None:
+    def shed_at_arrival(self, rid: int, why: str) -> None:
         self.status[rid] = SHED_ARRIVAL
+        self.shed_why[rid] = "arrival:" + why
         self.shed_arrival += 1
         self.misses += 1
 
