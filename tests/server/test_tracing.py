@@ -362,6 +362,10 @@ def test_late_binding_stamps_the_wait_and_the_copy(serve, tmp_path):
     # runs under the execution (layer groups compute as they land)
     assert cold["REQUEST_START"] <= cold["TORPOR_COPY_START"] <= cold["TORPOR_COPY_END"] <= cold["COMPUTE_END"]
     assert {"TORPOR_STAGE_START", "TORPOR_MEMORY_END"} <= set(warm) and "TORPOR_COPY_START" not in warm
+    # the worker's start of the run, and the scheduler's predicted end beside the real one
+    for t in (cold, warm):
+        assert t["TORPOR_MEMORY_END"] <= t["TORPOR_EXEC_START"] <= t["COMPUTE_END"]
+        assert t["REQUEST_START"] < t["TORPOR_PREDICTED_END"] < t["REQUEST_START"] + 10**9
 
 
 def test_torpor_serve_traces_with_tritons_flags(simple_repo, start_server, tmp_path):

@@ -101,3 +101,37 @@ def test_the_snapshot_says_when_each_link_clears():
     assert snap.inflight == {"pcie:d0": 2}
     assert abs(snap.clear_in(("pcie:d0",)) - 0.050) < 5e-3  # the later of the two etas
     assert snap.clear_in(("nvlink:d0>d1",)) == 0.0  # nothing on it
+
+
+def _copying(device, nbytes: int):
+    """A resident whose copy the test lands by hand (`land`: its copy stream's seconds)."""
+    r = SimpleNamespace(device=device, model=SimpleNamespace(nbytes=nbytes), evicted=False, done=False,
+                        batch=SimpleNamespace(seconds=lambda: None))
+    r.copy_done = lambda: r.done
+
+    def land(seconds: float) -> None:
+        r.done = True
+        r.batch = SimpleNamespace(seconds=lambda: seconds)
+
+    return r, land
+
+
+def test_a_copy_queued_behind_another_is_held_against_its_own_time():
+    """Copies into one device go one after another on its copy stream, whose timing is each
+    copy's own: the second copy, issued while the first is in flight, takes its time alone
+    once it starts. Held against a half share of the link (the estimate that counts the first
+    as sharing it), it looked twice as fast as predicted and the calibration cut every later
+    estimate (0.81 under the CPU overload reproduction); held against its own time it is 1."""
+    p = _placer()
+    d0 = p.pool.memories[0].device
+    nbytes = 100_000_000  # 0.1 s alone at 1 GB/s
+    alone = p.cost.transfer_seconds(nbytes, p.links.host_path("d0"), {})
+    (r1, land1), (r2, land2) = _copying(d0, nbytes), _copying(d0, nbytes)
+    eta1 = p.copy_started(r1, None, "host")
+    eta2 = p.copy_started(r2, None, "host")
+    assert eta2 - eta1 > 0.5 * alone  # the second lands after the first (its landing estimate)
+    land1(alone)
+    land2(alone)  # each took its own time on the stream
+    p._inflight(time.monotonic())  # the placer learns from copies that have landed
+    cal = p.cost.copies.as_dict(lambda path: ">".join(path))
+    assert cal == {">".join(p.links.host_path("d0")): {"samples": 2, "mean": 1.0, "spread": 0.0}}

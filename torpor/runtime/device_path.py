@@ -267,6 +267,9 @@ class DeviceRuntime:
         device, source = None, "auto"
         if decision is not None and decision.option is not None:
             o = decision.option
+            if job.trace is not None:  # when the scheduler expects it done, to hold against COMPUTE_END
+                job.trace.stamp("TORPOR_PREDICTED_END",
+                                job.arrival_ns + int((decision.waited_s + o.completion_s) * 1e9))
             device = o.device
             source = "host" if o.action == Action.SWAP else (o.source if o.action == Action.PEER else "auto")
             if self.shed_late and not probing and slo is not None and o.action in (Action.SWAP, Action.PEER) \
@@ -360,15 +363,18 @@ class DeviceRuntime:
 
                 def work():
                     ticket.started()
+                    begun = time.monotonic_ns()
                     members, size = group.close()
                     t = time.perf_counter()
                     # execute_on runs in the device's worker, compute stream current, group waits armed
                     out = fn.execute_on((placement.module, placement.device), members)
-                    return members, size, out, time.perf_counter() - t, time.monotonic()
+                    return members, size, out, time.perf_counter() - t, begun, time.monotonic()
 
                 # queued on the device in the scheduler's order (its deadline, torpor.runtime.placer)
-                members, size, outs, seconds, ended = await placement.run_ordered(ticket.key, work)
+                members, size, outs, seconds, begun, ended = await placement.run_ordered(ticket.key, work)
                 placer.lags.add("release", time.monotonic() - ended)
+                if trace is not None:
+                    trace.stamp("TORPOR_EXEC_START", begun)
                 placer.ran(key)
                 if placement.outcome == Outcome.HIT:
                     placer.observe_exec(key, seconds, size)
