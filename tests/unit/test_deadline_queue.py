@@ -135,35 +135,3 @@ def test_a_copy_queued_behind_another_is_held_against_its_own_time():
     p._inflight(time.monotonic())  # the placer learns from copies that have landed
     cal = p.cost.copies.as_dict(lambda path: ">".join(path))
     assert cal == {">".join(p.links.host_path("d0")): {"samples": 2, "mean": 1.0, "spread": 0.0}}
-
-
-def test_a_run_whose_model_is_landing_goes_after_one_whose_model_has_landed():
-    """`landed` False: the run would wait on the device for the rest of its copy; a queued run
-    whose model is there goes first, whatever the keys; with none landed, lowest key first."""
-    gate = threading.Event()
-    order: list[str] = []
-    copy = {"landed": False}
-    w = _OrderedWorkers(1, "test", lambda: None)
-    try:
-        w.submit(0.0, gate.wait)  # occupies the only worker while the others queue
-        futs = [w.submit(1.0, order.append, "copying", landed=lambda: copy["landed"]),
-                w.submit(3.0, order.append, "resident-late", landed=lambda: True),
-                w.submit(2.0, order.append, "resident", landed=lambda: True),
-                w.submit(4.0, order.append, "no-model")]
-        gate.set()
-        for f in futs:
-            f.result(timeout=10)
-        assert order == ["resident", "resident-late", "no-model", "copying"]  # no model: nothing to wait for
-        # once it has landed, keys decide again
-        order.clear()
-        gate.clear()
-        w.submit(0.0, gate.wait)
-        futs = [w.submit(2.0, order.append, "b", landed=lambda: True),
-                w.submit(1.0, order.append, "a", landed=lambda: copy["landed"])]
-        copy["landed"] = True
-        gate.set()
-        for f in futs:
-            f.result(timeout=10)
-        assert order == ["a", "b"]
-    finally:
-        w.shutdown()

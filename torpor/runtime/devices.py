@@ -6,10 +6,8 @@ A `Device` owns what every model on it shares (runtime sharing, no per-model con
   runs copy jobs in FIFO order. `issue_copies` enqueues byte copies in order and returns one
   event per copy (a `CopyBatch`); it never blocks the caller.
 - **compute streams**: `exec_slots` worker threads, each with its own compute stream on CUDA.
-  `run_in_worker(fn, *args, key=..., landed=...)` queues a callable for them, served lowest `key`
-  first (the scheduler's deadline order; equal keys, and the default key, first come first
-  served), except that a run whose model is still landing goes after one whose model has
-  (`landed`; `torpor.scheduling.admission.next_run`);
+  `run_in_worker(fn, *args, key=...)` queues a callable for them, served lowest `key` first
+  (the scheduler's deadline order; equal keys, and the default key, first come first served);
   inside it, `wait_on_compute(event)` makes the compute
   stream wait for a copy event (CUDA: `Stream.wait_event`, the host does not block; CPU: the
   worker thread waits for the copy thread's event), and `finish_compute()` returns once the
@@ -24,8 +22,7 @@ a `--devices` spec; `open_devices(spec)` builds the devices. A GPU may be named 
 (`cuda:0,0`): two logical devices with separate arenas on one GPU, which is how the peer-copy
 path is exercised on a single GPU.
 
-This module imports only torch (and pynvml through `torpor.runtime.topology`, optionally), and
-the pure rule for which queued run goes next (`torpor.scheduling.admission.next_run`).
+This module imports only torch (and pynvml through `torpor.runtime.topology`, optionally).
 """
 
 from __future__ import annotations
@@ -46,8 +43,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-from torpor.scheduling.admission import next_run
 
 PAGE = 4096
 DEFAULT_CUDA_FRACTION = 0.7  # of free memory at start; the rest is headroom for activations
@@ -249,9 +244,8 @@ class Device:
     def _init_worker(self) -> None:
         self._tls.slot = next(self._slot_counter) % self.exec_slots
 
-    def run_in_worker(self, fn: Callable[..., Any], *args: Any, key: float = math.inf,
-                      landed: Callable[[], bool] | None = None) -> concurrent.futures.Future:
-        return self._workers.submit(key, fn, *args, landed=landed)
+    def run_in_worker(self, fn: Callable[..., Any], *args: Any, key: float = math.inf) -> concurrent.futures.Future:
+        return self._workers.submit(key, fn, *args)
 
     @property
     def busy_seconds(self) -> float:
@@ -300,7 +294,7 @@ class _OrderedWorkers:
     (torpor.runtime.placer). A callable whose future was cancelled while queued is skipped."""
 
     def __init__(self, n: int, prefix: str, initializer: Callable[[], None]):
-        self.heap: list[tuple[float, int, concurrent.futures.Future, Callable[..., Any], tuple, Any]] = []
+        self.heap: list[tuple[float, int, concurrent.futures.Future, Callable[..., Any], tuple]] = []
         self._seq = itertools.count()
         self._cv = threading.Condition()
         self._closing = False
@@ -312,33 +306,14 @@ class _OrderedWorkers:
         for t in self._threads:
             t.start()
 
-    def submit(self, key: float, fn: Callable[..., Any], *args: Any,
-               landed: Callable[[], bool] | None = None) -> concurrent.futures.Future:
-        """Queue `fn(*args)` at `key`. `landed`: whether the model it runs has landed on the
-        device (None: nothing to wait for); a run whose model is still landing goes after those
-        whose model has (`torpor.scheduling.admission.next_run`)."""
+    def submit(self, key: float, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cv:
             if self._closing:
                 raise RuntimeError("device is closed")
-            heapq.heappush(self.heap, (key, next(self._seq), fut, fn, args, landed))
+            heapq.heappush(self.heap, (key, next(self._seq), fut, fn, args))
             self._cv.notify()
         return fut
-
-    def _take(self) -> tuple:
-        # under the lock: the lowest key, unless its model is still landing and a later one's has
-        heap = self.heap
-        head = heap[0][5]
-        if len(heap) > 1 and head is not None and not head():
-            order = sorted(range(len(heap)), key=lambda i: heap[i][:2])
-            i = order[next_run(order, lambda j: heap[j][5] is None or heap[j][5]())]
-            if i != 0:
-                entry = heap[i]
-                heap[i] = heap[-1]
-                heap.pop()
-                heapq.heapify(heap)
-                return entry
-        return heapq.heappop(heap)
 
     def _loop(self) -> None:
         self._initializer()
@@ -351,7 +326,7 @@ class _OrderedWorkers:
                     self._cv.wait()
                 if not self.heap:
                     return
-                _, _, fut, fn, args, _ = self._take()
+                _, _, fut, fn, args = heapq.heappop(self.heap)
             if not fut.set_running_or_notify_cancel():
                 continue
             t = time.perf_counter()
@@ -369,8 +344,8 @@ class _OrderedWorkers:
             self._closing = True
             pending, self.heap = self.heap, []
             self._cv.notify_all()
-        for entry in pending:
-            entry[2].cancel()
+        for _, _, fut, _, _ in pending:
+            fut.cancel()
         for t in self._threads:
             t.join(timeout=30)
 

@@ -173,11 +173,6 @@ class Resident:
     def events(self) -> list[Any]:
         return self.batch.events if self.batch is not None else []
 
-    def landed(self) -> bool:
-        """All groups have landed, as `copy_done` but without its bookkeeping: safe to ask from
-        a device's worker thread."""
-        return self._ready or self.batch is None or self.batch.done()
-
     def copy_done(self) -> bool:
         """All groups have landed (observed without blocking)."""
         if not self._ready and (self.batch is None or self.batch.done()):

@@ -154,7 +154,7 @@ class Placement:
         if self._closed:
             raise RuntimeError("placement already released")
         loop = asyncio.get_running_loop()
-        fut = self.device.run_in_worker(execute, self.resident, fn, args, kwargs, key=key, landed=self.resident.landed)
+        fut = self.device.run_in_worker(execute, self.resident, fn, args, kwargs, key=key)
         self._inflight += 1
         fut.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._run_finished))
         return await asyncio.wrap_future(fut)

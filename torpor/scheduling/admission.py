@@ -38,13 +38,6 @@ hands out `permits` stages (execution slots + lookahead), lowest order first:
   one request goes through and is not shed, so that the estimate can correct itself.
 - `spare_victims`: a copy may start at arrival, before its request is staged, where it evicts
   only idle models no waiting request wants.
-
-**What a device runs next** (`next_run`): of the staged runs queued on it, the first in queue
-order whose model has landed; only when none has, the first (its layer groups compute as they
-land). A run whose copy is still landing would hold the device for the rest of that copy, while
-a run of a model already there could go (with room for one large model, a large copy took 17 ms
-of the device against a 4 ms run under the CPU overload); it runs no later than its copy lands
-plus the runs started meanwhile.
 """
 
 from __future__ import annotations
@@ -317,15 +310,6 @@ def spare_victims(victims: Iterable[Candidate], free: int, need: int, keep: Coll
         out.append(c)
         room += c.nbytes
     return out if room >= need else None
-
-
-def next_run(queued: Sequence[Any], landed: Callable[[Any], bool]) -> int:
-    """Index of the run a device starts next, `queued` in queue order: the first whose model
-    has `landed`, else the first (module docstring)."""
-    for i, q in enumerate(queued):
-        if landed(q):
-            return i
-    return 0
 
 
 def would_delay(others: Iterable[Queued], now: float, busy_s: float, lookahead: int = 1) -> bool:

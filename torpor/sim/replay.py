@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from torpor.scheduling.admission import next_run, work_ahead
+from torpor.scheduling.admission import work_ahead
 from torpor.scheduling.scheduler import HOPELESS_DELAY_S, hopeless
 from torpor.sim.physics import Compute
 from torpor.sim.state import (
@@ -264,9 +264,7 @@ class Replay:
     def start_next(self, d: _Dev, now: float) -> None:
         if d.running or not d.queue:
             return
-        # the server's staged runs: one whose model has landed before one still landing (`next_run`)
-        first = next_run(d.queue, self.landed) if self.staged else 0
-        head: _Job = d.queue[first]
+        head: _Job = d.queue[0]
         f = head.fn
         spec = self.fn_model[f]
         same = d.queued_fn.get(f, 0)
@@ -279,7 +277,7 @@ class Replay:
                     self.push(hold, _WAKE, d)
                 return
         if self.listq:
-            d.queue.pop(first)
+            d.queue.pop(0)
         else:
             d.queue.popleft()
         batch = [head]
@@ -326,11 +324,6 @@ class Replay:
                 t_end = max(max(t_end, j.first_at) + j.estimate, j.resident.ready_at)
             d.proj_end = t_end
         self.push(done, _DONE, (d, batch, work, d.tok))
-
-    def landed(self, job: _Job) -> bool:
-        """Its model's copy has landed on the device (a staged job holds its resident)."""
-        r = job.resident
-        return r is not None and id(r) not in self.lands
 
     def rerated(self, trs: list, now: float) -> None:
         # copies whose landing moved: their residents, locks, events and any run waiting on them
