@@ -13,6 +13,7 @@ holds two of three models (issue 16).
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import urllib.request
@@ -224,5 +225,28 @@ def test_a_model_misjudged_as_hopeless_is_probed_and_served(tmp_path):
         assert shed > 0  # it was misjudged at first
         assert in_a_row == 3, f"still refused after 30 s: {shed} shed, {probes} probes served"
         assert time.monotonic() - t < 0.3  # now served within its objective
+    finally:
+        assert srv.stop() == 0
+
+
+def test_requests_shed_at_arrival_count_in_the_demand_eviction_weighs(tmp_path):
+    """The request rate that eviction weighs (`/v2/torpor/residency` `request_rate`, decayed over
+    60 s) counts every request that arrived, shed or served. When it counted only requests that
+    took a stage, a hot model whose requests were being shed at arrival looked cold to eviction,
+    was evicted, and its next requests, now needing a copy, were shed in turn."""
+    repo = make_repo(tmp_path, seconds=0.03, slo_ms=100)
+    srv = Server(repo, "--devices", "cpu:1", "--device-memory-bytes", "12MiB").start(tmp_path)
+    try:
+        t0 = time.monotonic()
+        outcomes = load_for(srv.http_url, "a", 8, 3.0)  # 8 clients on a 30 ms model due in 100 ms
+        age = time.monotonic() - t0
+        shed = [o for _, o in outcomes if o != "ok"]
+        assert len(shed) > len(outcomes) / 3, f"expected most to be shed: {Counter(o[:3] for _, o in outcomes)}"
+        with urllib.request.urlopen(f"http://{srv.http_url}/v2/torpor/residency", timeout=30) as r:
+            models = json.loads(r.read())["models"]
+        a = next(v for k, v in models.items() if k.split(":")[0] == "a")
+        arrived = len(outcomes)
+        # each arrival decayed by at most exp(-age / 60); before, only requests that took a stage counted
+        assert a["request_rate"] * 60 >= 0.95 * arrived * math.exp(-age / 60), (a["request_rate"] * 60, arrived, len(shed))
     finally:
         assert srv.stop() == 0

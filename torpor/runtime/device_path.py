@@ -162,6 +162,7 @@ class DeviceRuntime:
             models[label] = {"devices": where.get(label, {}), "host": True,
                              "bytes": self.pool.store.get(key).nbytes,
                              "exec_s": round(placer.cost.exec_seconds(key, 1), 6),
+                             "request_rate": round(self.pool.request_rate(key), 4),
                              "slo_window": {"met": met, "missed": missed}}
         report["models"] = models
         report["slo_window_s"] = SLO_WINDOW_S
@@ -254,6 +255,7 @@ class DeviceRuntime:
         batch's for the request that opened it, 0 when it rode in another request's batch)."""
         key, placer, slo, batch, mreq = job.key, self.placer, job.slo, job.batch, job.request
         arrival = job.arrival_ns / 1e9  # the monotonic clock, as the placer's
+        self.pool.arrived(key)
         decision = placer.place(key, slo, batch, arrival)
         probing = False
         # a request predicted hopeless is shed, unless its own model's estimate is what makes it so

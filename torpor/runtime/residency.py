@@ -339,7 +339,6 @@ class DevicePool:
         counters = self._counters.setdefault(key, ModelCounters())
         now = time.monotonic()
         counters.requests += 1
-        counters.rate.hit(now)
         allowed = [self.memory(device)] if device is not None else self.memories
         if not any(m.can_ever_hold(model) for m in allowed):
             raise MemoryFullError(
@@ -476,6 +475,15 @@ class DevicePool:
         self._notify()
 
     # eviction ---------------------------------------------------------------------------------------
+    def arrived(self, key: Any) -> None:
+        """A request for `key` arrived (before the scheduler places, sheds or stages it): the
+        demand eviction weighs (`request_rate`). Counted at arrival, not when a request takes
+        its stage: requests shed at arrival are demand too, and when only admitted ones counted,
+        a hot model whose requests were being shed looked cold, was evicted, and its next
+        requests, needing a copy, were shed in turn (under the CPU overload the hottest small
+        model was asked to be copied in 38% of the time against the simulator's 11%)."""
+        self._counters.setdefault(key, ModelCounters()).rate.hit(time.monotonic())
+
     def request_rate(self, key: Any) -> float:
         c = self._counters.get(key)
         return c.rate.rate(time.monotonic()) if c else 0.0

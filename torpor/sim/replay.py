@@ -141,12 +141,12 @@ class Replay:
         self.handlers[kind](t, data)
 
     def arrive(self, i: int, f: int, t: float) -> None:
-        self.rates[f].hit(t)
         if self.max_outstanding is not None and self.in_system + len(self.pending) >= self.max_outstanding:
-            self.status[i] = DROPPED
+            self.status[i] = DROPPED  # the client did not send it: the server never sees it
             self.dropped += 1
             self.misses += 1
             return
+        self.rates[f].hit(t)  # every request that reaches the server counts, shed or not (DevicePool.arrived)
         # Torpor: a request that can be placed now is not held behind one waiting for room
         # (under overload every device can be full of models pinned by queued requests)
         if (self.pending and not self.edf) or not self.place(i, f, t, t):
