@@ -12,6 +12,7 @@ from torpor.scheduling.admission import (
     FREE,
     HARMS,
     PROBE_INTERVAL_S,
+    STARVED_S,
     defer_deadline,
     deferred,
     harm_level,
@@ -257,11 +258,17 @@ def test_a_request_being_passed_over_is_ahead_of_no_one():
     assert close(ahead, 0.8)
 
 
-def test_a_probe_only_for_a_model_whose_own_estimate_misses_and_that_has_not_run():
-    i = PROBE_INTERVAL_S
+def test_a_probe_for_a_model_whose_own_estimate_misses_or_that_is_starved():
+    i, st = PROBE_INTERVAL_S, STARVED_S
     inf = float("inf")
-    assert probe(10.0, -inf, -inf, exec_s=1.0, slo_s=0.3)  # never ran, estimate over the objective
-    assert not probe(10.0, -inf, -inf, exec_s=0.1, slo_s=0.3)  # hopeless only for the queue ahead: no
+    assert probe(10.0, 10.0 - i, -inf, exec_s=1.0, slo_s=0.3)  # estimate over the objective, not run for i
     assert not probe(10.0, 10.0 - i / 2, -inf, exec_s=1.0, slo_s=0.3)  # ran a moment ago
     assert not probe(10.0, -inf, 10.0 - i / 2, exec_s=1.0, slo_s=0.3)  # a probe went in a moment ago
     assert probe(10.0, 10.0 - i, 10.0 - i, exec_s=1.0, slo_s=0.3)
+    # hopeless only for the queue ahead (or its copy harms): not while its model runs now and then
+    assert not probe(10.0, 10.0 - i, -inf, exec_s=0.1, slo_s=0.3)
+    assert not probe(10.0, 10.0 - st / 2, -inf, exec_s=0.1, slo_s=0.3)
+    # but a model refused for `starved` seconds gets one through, one per interval
+    assert probe(10.0, 10.0 - st, -inf, exec_s=0.1, slo_s=0.3)
+    assert probe(10.0, -inf, -inf, exec_s=0.1, slo_s=0.3)  # never ran
+    assert not probe(10.0, -inf, 10.0 - i / 2, exec_s=0.1, slo_s=0.3)

@@ -259,7 +259,8 @@ class DeviceRuntime:
         decision = placer.place(key, slo, batch, arrival)
         probing = False
         # a request predicted hopeless is shed, unless its own model's estimate is what makes it so
-        # and the model has not run for a while: then it runs as a probe (admission.probe)
+        # and the model has not run for a while, or the model has been refused for a second: then
+        # it runs as a probe (admission.probe)
         if self.shed_late and shed_at_arrival(decision) and not (probing := placer.probe(key, slo, batch)):
             placer.shed(key, "arrival", reason="late")
             raise unavailable(
@@ -279,7 +280,7 @@ class DeviceRuntime:
                 # its copy would evict a model that waiting requests want, so it would wait for
                 # them (torpor.runtime.staging); if they outlast its slack it would be shed then: now
                 slack = arrival + slo - time.monotonic() - o.exec_s - placer.copy_seconds(key, device)
-                if outlasted(placer.backlog(device), slack):
+                if outlasted(placer.backlog(device), slack) and not (probing := placer.probe(key, slo, batch)):
                     placer.shed(key, "arrival", reason="harms")
                     raise unavailable(
                         f"Exceeds maximum queue size: model '{job.model}' would have to evict a model that "

@@ -369,10 +369,14 @@ class Placer:
             due, guard = t0 + slo_s, t0 + slo_s * self.scheduler.slo_margin
         transfer = o.transfer_s - o.start_s if o.action in (Action.SWAP, Action.PEER) else 0.0
         ready = now + o.transfer_s if transfer else 0.0
-        if not ready:
-            r = self.pool.memory(o.device).residents.get(key)
-            if r is not None and not r.copy_done():
-                ready = next((c.eta for c in self._copies if c.resident is r), now)
+        r = self.pool.memory(o.device).residents.get(key)
+        if r is not None:
+            # On the device already, landed or landing: a copy the scheduler planned may have
+            # been started at arrival (DevicePool.start_copy). Its ticket has no copy of its own
+            # left to make, only that one's landing; counted as a copy from its stage, it
+            # projected the copy a second time for everyone behind it.
+            transfer = 0.0
+            ready = 0.0 if r.copy_done() else next((c.eta for c in self._copies if c.resident is r), now)
         qkey = math.inf
         if self.deadline_order:
             qkey = self._keys.get(o.device, math.inf)

@@ -188,20 +188,33 @@ def shed_at_arrival(decision: Decision | None) -> bool:
 
 # A model none of whose requests ran for this long gets one predicted hopeless through (`probe`).
 PROBE_INTERVAL_S = 0.5
+# A model asked for whose requests have all been refused for this long gets one through (`probe`).
+STARVED_S = 1.0
 
 
 def probe(now: float, last_run: float, last_probe: float, exec_s: float, slo_s: float,
-          interval: float = PROBE_INTERVAL_S) -> bool:
-    """Serve a request `shed_at_arrival` would refuse, and do not shed it when staged: its own
-    execution estimate (`exec_s`) already exceeds its objective, so it would be refused on an idle
-    device too, its model has not run for `interval` seconds (`last_run`: its last run's end) and
-    no probe went in the last `interval`. Why: a model's execution estimate corrects itself only
-    when the model runs. Without probes a pessimistic one (a profile taken on a busy machine, a
-    slow first run) sheds every request of that model for good, however idle the device. A request
-    predicted hopeless because of the work queued ahead of it is not probed: other models' runs
-    correct that, and under overload the prediction is right. Costs at most one run per model per
-    `interval`."""
-    return exec_s >= slo_s and now - last_run >= interval and now - last_probe >= interval
+          interval: float = PROBE_INTERVAL_S, starved: float = STARVED_S) -> bool:
+    """Serve a request that would be shed at arrival (`shed_at_arrival`, or its copy `outlasted`
+    the requests it harms), and neither defer nor shed it when staged, when no probe of its
+    model went in the last `interval` seconds and either
+
+    - its own execution estimate (`exec_s`) already exceeds its objective, so it would be
+      refused on an idle device too, and its model has not run for `interval` (`last_run`: its
+      last run's end). A model's execution estimate corrects itself only when the model runs:
+      without probes a pessimistic one (a profile taken on a busy machine, a slow first run)
+      shed every request of that model for good, however idle the device; or
+    - its model has not run for `starved` seconds: under overload the requests for the model
+      the device does not hold were refused for good, at arrival for the queue ahead plus
+      their copy, or because that copy would evict a model others wait for (three models
+      asked for equally, room for two, eight times what the device serves: the third was not
+      served once in 6 s). The probe queues behind the work that can still make it and is
+      served late rather than never.
+
+    Costs at most one run (and its copy) per model per `interval`, and per `starved` seconds
+    for a model the device otherwise does not serve."""
+    if now - last_probe < interval:
+        return False
+    return now - last_run >= (interval if exec_s >= slo_s else starved)
 
 
 def outlasted(backlog_s: float, slack_s: float) -> bool:

@@ -341,13 +341,10 @@ class StagedReplay(Replay):
         self.action_of[rid] = _ACTION_CODE[o.action]
         probing = False
         if self.shedding and shed_at_arrival(dec):
-            # the device path's rule: shed, unless its own model's estimate makes it hopeless and
-            # the model has not run for a while (a probe, admission.probe)
-            if not probe(now, self.last_run.get(f, -math.inf), self.last_probe.get(f, -math.inf),
-                         self.cost.exec_seconds(f), self.fn_model[f].slo_s):
+            # the device path's rule: shed, unless it goes as a probe (admission.probe)
+            if not self.probe(f, now):
                 self.shed_at_arrival(rid, "late")
                 return True
-            self.last_probe[f] = now
             probing = True
         spec = self.fn_model[f]
         d = self.by_name[o.device]
@@ -358,8 +355,10 @@ class StagedReplay(Replay):
             # be shed if they outlast its slack; when the work queued there already does, now
             slack = arrival + spec.slo_s - now - o.exec_s - copy_s
             if outlasted(work_ahead(d.tickets, now, None, 0.0, self.staging.lookahead)[0], slack):
-                self.shed_at_arrival(rid, "harms")
-                return True
+                if not self.probe(f, now):
+                    self.shed_at_arrival(rid, "harms")
+                    return True
+                probing = True
         head = d.open_batch.get(f)
         if head is not None and 1 + len(head.riders) < spec.max_batch:
             # dynamic batching: it joins the batch a request placed before it holds open there, and
@@ -375,6 +374,15 @@ class StagedReplay(Replay):
         if spec.max_batch > 1:
             d.open_batch[f] = job
         self.enter(d, job, now)
+        return True
+
+    def probe(self, f: int, now: float) -> bool:
+        """Let a request for `f` that would be shed at arrival through as a probe, recorded
+        (admission.probe; the placer's `probe`)."""
+        if not probe(now, self.last_run.get(f, -math.inf), self.last_probe.get(f, -math.inf),
+                     self.cost.exec_seconds(f), self.fn_model[f].slo_s):
+            return False
+        self.last_probe[f] = now
         return True
 
     def shed_at_arrival(self, rid: int, why: str) -> None:
@@ -404,12 +412,13 @@ class StagedReplay(Replay):
         job = _Job(rid, f, arrival, ex_new, None, dec.meets_slo, now, 0.0, due)
         job.key = (d.next_key + HOPELESS_DELAY_S if hopeless(dec) else d.next_key) if self.edf else math.inf
         job.guard = arrival + spec.slo_s * self.sched.slo_margin
+        r = d.state.residents.get(f)
         if o.action in ("swap", "peer"):
+            job.source = o.source if o.action == "peer" else None
+        if o.action in ("swap", "peer") and r is None:
             job.transfer = o.transfer_s - o.start_s
             job.ready = now + o.transfer_s
-            job.source = o.source if o.action == "peer" else None
-        else:
-            r = d.state.residents.get(f)
+        else:  # resident, or its copy started at arrival (`copy_into_spare_room`): it lands with that one
             job.ready = r.ready_at if r is not None and r.ready_at > now else 0.0
         job.copy_s = copy_s
         job.probe = probing
