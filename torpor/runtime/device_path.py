@@ -292,7 +292,7 @@ class DeviceRuntime:
                 early = self.pool.start_copy(key, device, source)
                 if early is not None:
                     placer.copy_started(early.resident, decision, early.outcome)
-        ticket = placer.admit(key, decision, batch, slo, arrival)
+        ticket = placer.admit(key, decision, batch, slo, arrival, probe=probing)
         executed = batch
         try:
             if device is not None and job.batch_delay is not None:

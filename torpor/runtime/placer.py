@@ -356,9 +356,10 @@ class Placer:
         return decision
 
     def admit(self, key: Any, decision: Decision | None, batch: int = 1, slo_s: float | None = None,
-              arrival: float | None = None) -> Ticket:
+              arrival: float | None = None, probe: bool = False) -> Ticket:
         """Open the request's ticket on the device the scheduler chose (until `Ticket.done()`);
-        its `key` orders the device's queue."""
+        its `key` orders the device's queue. `probe`: let through although predicted hopeless
+        (admission.probe): it keeps the key deadline order gives it, not the hopeless one."""
         if decision is None or decision.option is None:
             return Ticket(self, None, 0.0, decision)
         o = decision.option
@@ -380,7 +381,10 @@ class Placer:
         qkey = math.inf
         if self.deadline_order:
             qkey = self._keys.get(o.device, math.inf)
-            if hopeless(decision):  # behind everyone who can still make it (scheduler.HOPELESS_DELAY_S)
+            # behind everyone who can still make it (scheduler.HOPELESS_DELAY_S); not a probe, which
+            # would wait there for good under overload, and on its stage for memory that requests
+            # staged ahead of it at once keep pinned (a 30 s memory timeout)
+            if hopeless(decision) and not probe:
                 qkey += HOPELESS_DELAY_S
         return Ticket(self, o.device, self.cost.exec_seconds(key, batch), decision, key=qkey,
                       due=due, guard=guard, ready_at=ready, transfer=transfer, model=key)

@@ -410,7 +410,8 @@ class StagedReplay(Replay):
         due = arrival + spec.slo_s
         ex_new = self.cost.exec_seconds(f)
         job = _Job(rid, f, arrival, ex_new, None, dec.meets_slo, now, 0.0, due)
-        job.key = (d.next_key + HOPELESS_DELAY_S if hopeless(dec) else d.next_key) if self.edf else math.inf
+        job.key = (d.next_key + HOPELESS_DELAY_S if hopeless(dec) and not probing else d.next_key) if self.edf \
+            else math.inf
         job.guard = arrival + spec.slo_s * self.sched.slo_margin
         r = d.state.residents.get(f)
         if o.action in ("swap", "peer"):
