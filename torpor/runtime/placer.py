@@ -157,8 +157,8 @@ class Lags:
     """Delays the scheduler's clock does not see, per kind, over the last `keep` of each:
     "admission", from a request's arrival to its placement (the event loop's backlog, admission
     queues); "release", from a run's end on the device's worker to the event loop acting on it
-    (releasing its stage, granting the next). The simulator takes them as its server delays
-    (loadtest/sim_vs_server.py)."""
+    (releasing its stage, granting the next). loadtest/e2e.py prints them; the simulator's
+    `Staging.release_s` (sim_vs_server.py --release-ms) is where a measured release lag would go."""
 
     def __init__(self, keep: int = 4096):
         self.keep = keep

@@ -207,8 +207,9 @@ def probe(now: float, last_run: float, last_probe: float, exec_s: float, slo_s: 
       the device does not hold were refused for good, at arrival for the queue ahead plus
       their copy, or because that copy would evict a model others wait for (three models
       asked for equally, room for two, eight times what the device serves: the third was not
-      served once in 6 s). The probe queues behind the work that can still make it and is
-      served late rather than never.
+      served once in 6 s). The probe takes its place in deadline order (not the hopeless
+      key behind everyone, where under overload it would wait for good) and is served late
+      rather than never.
 
     Costs at most one run (and its copy) per model per `interval`, and per `starved` seconds
     for a model the device otherwise does not serve."""
