@@ -107,6 +107,8 @@ def test_a_deferred_request_is_passed_over_then_staged_forced_when_its_time_runs
         stage.leave()
         for w in waiters[1:]:
             (await w).leave()
+        # the deferral timers fired, each some (small) time past its moment, and that is kept
+        assert q.timer_late and all(0.0 <= x < 0.1 for x in q.timer_late)
 
     run(main())
 

@@ -38,6 +38,7 @@ import itertools
 import math
 import time
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -157,7 +158,8 @@ class Lags:
     """Delays the scheduler's clock does not see, per kind, over the last `keep` of each:
     "admission", from a request's arrival to its placement (the event loop's backlog, admission
     queues); "release", from a run's end on the device's worker to the event loop acting on it
-    (releasing its stage, granting the next). loadtest/e2e.py prints them; the simulator's
+    (releasing its stage, granting the next); and in `describe`, "deferral_timer", how late the
+    staging queues' deferral timers fired (`StagingQueue.timer_late`). loadtest/e2e.py prints them; the simulator's
     `Staging.release_s` (sim_vs_server.py --release-ms) is where a measured release lag would go."""
 
     def __init__(self, keep: int = 4096):
@@ -170,10 +172,13 @@ class Lags:
             q = self.samples[kind] = deque(maxlen=self.keep)
         q.append(seconds)
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, **more: Iterable[float]) -> dict[str, Any]:
+        """Per kind: samples, mean and percentiles in ms; `more`: other kinds' samples to add."""
         out = {}
-        for kind, q in sorted(self.samples.items()):
+        for kind, q in sorted({**self.samples, **more}.items()):
             xs = sorted(q)
+            if not xs:
+                continue
             out[kind] = {"samples": len(xs), "mean_ms": round(sum(xs) / len(xs) * 1e3, 3),
                          **{f"p{p}_ms": round(xs[min(len(xs) - 1, int(p / 100 * len(xs)))] * 1e3, 3)
                             for p in (50, 90, 99)}}
@@ -529,7 +534,8 @@ class Placer:
                                   for k, (b, s) in self.cost.swap_observations.items()},
             "models": {_name(k): v.as_dict() for k, v in self.slo.items()},
             "predictions": self.predictions.as_dict(),
-            "lags_ms": self.lags.as_dict(),
+            "lags_ms": self.lags.as_dict(deferral_timer=[x for q in getattr(self.pool, "stages", {}).values()
+                                                         for x in q.timer_late]),
         }
 
 

@@ -27,7 +27,7 @@ import heapq
 import itertools
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -94,6 +94,9 @@ class StagingQueue:
         self._wanted: Counter = Counter()  # model key -> requests waiting for it
         self._protected: Counter = Counter()  # the same, counting only requests with an objective
         self._blocked = blocked
+        # seconds each deferral timer fired past its time (the last 4096): a deferred request is
+        # staged DEFER_MARGIN_S before its last moment, and a timer that late eats that margin
+        self.timer_late: deque = deque(maxlen=4096)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf  # time.monotonic() it fires (uvloop's handles do not say)
 
@@ -214,6 +217,7 @@ class StagingQueue:
             self._timer = asyncio.get_running_loop().call_later(max(0.0, wake - time.monotonic()), self._on_timer)
 
     def _on_timer(self) -> None:
+        self.timer_late.append(max(0.0, time.monotonic() - self._timer_at))
         self._timer, self._timer_at = None, math.inf
         self._grant()
 
