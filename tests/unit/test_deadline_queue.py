@@ -135,3 +135,28 @@ def test_a_copy_queued_behind_another_is_held_against_its_own_time():
     p._inflight(time.monotonic())  # the placer learns from copies that have landed
     cal = p.cost.copies.as_dict(lambda path: ">".join(path))
     assert cal == {">".join(p.links.host_path("d0")): {"samples": 2, "mean": 1.0, "spread": 0.0}}
+
+
+def test_a_ticket_whose_copy_started_at_arrival_has_no_copy_of_its_own_left():
+    """The scheduler planned a copy (SWAP) and the device path started it at arrival, before the
+    ticket was opened: the ticket waits for that copy's landing, not for a copy of its own from
+    its stage (which projected the copy a second time for every request behind it)."""
+    from torpor.scheduling.scheduler import Action, Decision, Option
+
+    p = _placer()
+    mem = p.pool.memories[0]
+    p.pool.memory = lambda device: mem
+    nbytes = 100_000_000
+    swap = Decision(Option("d0", Action.SWAP, "host", completion_s=0.12, transfer_s=0.1, exec_s=0.02),
+                    meets_slo=True, slo_s=1.0)
+    before = p.admit("m", swap, slo_s=1.0)
+    assert before.transfer > 0  # not on the device: its copy starts when it is staged
+    before.done()
+    r, _land = _copying(mem.device, nbytes)
+    mem.residents["m"] = r
+    eta = p.copy_started(r, swap, "host")  # the copy started at its arrival
+    t = p.admit("m", swap, slo_s=1.0)
+    assert t.transfer == 0.0 and t.ready_at == eta
+    now = time.monotonic()
+    ahead, _, _ = p._work_ahead("d0", now, None, 0.0)
+    assert ahead < eta - now + 0.02 + 0.01  # its landing and its run, not a second copy after its stage
