@@ -317,8 +317,9 @@ def compare_one(path: Path, args: argparse.Namespace, e2e_mod) -> dict:
         raise SystemExit(f"{path}: no --device-bandwidths pcie=X in its command; give --pcie-gbps")
     n_dev = devices_of(e2e.get("device", opts.device))
     mix = e2e["models"]["mix"]
-    staging = Staging(args.lookahead if args.lookahead is not None else opts.lookahead, opts.shed,
-                      args.release_ms / 1e3, args.copy_delay_ms / 1e3)
+    lookahead = args.lookahead if args.lookahead is not None else opts.lookahead
+    staging = Staging(lookahead, opts.shed, 0.0 if args.release_ms == "measured" else float(args.release_ms) / 1e3,
+                      args.copy_delay_ms / 1e3)
     overhead_s = args.overhead_ms / 1e3 if args.exec != "single" else 0.0
     out = {"e2e_json": str(path), "e2e_command": e2e.get("command"), "device": e2e.get("device"),
            "pcie_GBps": pcie, "staging": {"lookahead": staging.lookahead, "shed": staging.shed,
@@ -332,8 +333,12 @@ def compare_one(path: Path, args: argparse.Namespace, e2e_mod) -> dict:
                 continue
             t, f = arrivals(e2e_mod, e2e, opts, key, run)
             wall = time.perf_counter()
+            if args.release_ms == "measured":  # the mean delay this server run measured (e2e's lags_ms)
+                release = (run.get("lags_ms") or {}).get("release", {}).get("mean_ms", 0.0)
+                staging = Staging(lookahead, opts.shed, release / 1e3, args.copy_delay_ms / 1e3)
 
-            def build(exec_ms: dict[str, float], seed: int, cfg: str = cfg, run: dict = run, t=t, f=f) -> Simulation:
+            def build(exec_ms: dict[str, float], seed: int, cfg: str = cfg, run: dict = run, t=t, f=f,
+                      staging: Staging = staging) -> Simulation:
                 sc = parse_scenario(scenario(e2e, cfg, exec_ms, pcie, n_dev, args.exec_noise, seed))
                 sim = Simulation(sc, "torpor", staging=staging)
                 sim.preload(list(range(e2e["models"]["count"])))
@@ -428,8 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=5, help="execution-noise seeds (median and range reported)")
     ap.add_argument("--pcie-gbps", type=float, default=None, help="host link GB/s (default: the run's pcie=X)")
     ap.add_argument("--lookahead", type=int, default=None, help="stages beyond the running one (default: the run's)")
-    ap.add_argument("--release-ms", type=float, default=0.0,
-                    help="the event loop's delay in acting on a finished run (Staging.release_s)")
+    ap.add_argument("--release-ms", default="0",
+                    help="the event loop's delay in acting on a finished run (Staging.release_s), ms, or "
+                         "'measured': each run's own mean (e2e's lags_ms.release, recorded since it measures it)")
     ap.add_argument("--copy-delay-ms", type=float, default=0.0,
                     help="from a request taking memory to its copy moving (Staging.copy_delay_s)")
     ap.add_argument("--json", type=Path, default=None)
