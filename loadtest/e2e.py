@@ -195,17 +195,14 @@ class Server:
 
     def scheduler(self) -> dict:
         """From /v2/torpor/topology: the scheduler's predicted vs measured latency per action (its
-        last 4096 requests each), its execution estimates, and shed counts by when:why summed over
-        models (cumulative since start: difference two of these around a run)."""
+        last 4096 requests each), its execution estimates and calibrations, its lags, each
+        device's busy seconds, and shed counts by when:why per model (counters since start:
+        difference two of these around a run)."""
         topo = json.loads(http_get(self.base + "/v2/torpor/topology"))
-        reasons: dict[str, int] = {}
-        for m in (topo.get("models") or {}).values():
-            for k, n in (m.get("shed_reasons") or {}).items():
-                reasons[k] = reasons.get(k, 0) + n
         by_model = {name.split(":")[0]: dict(m.get("shed_reasons") or {})
                     for name, m in (topo.get("models") or {}).items()}
         return {"predictions": topo.get("predictions", {}), "exec_estimates_ms": topo.get("exec_estimates_ms", {}),
-                "shed_reasons": reasons, "shed_reasons_by_model": by_model, "lags_ms": topo.get("lags_ms", {}),
+                "shed_reasons_by_model": by_model, "lags_ms": topo.get("lags_ms", {}),
                 "busy_s": topo.get("busy_s", {}), "calibration": topo.get("calibration", {})}
 
     def model_stats(self) -> dict[str, dict]:
@@ -585,9 +582,9 @@ class Experiment:
         res = server.residency()
         scha = server.scheduler()
         predictions = scha["predictions"]
-        reasons = {k: n - schb["shed_reasons"].get(k, 0) for k, n in scha["shed_reasons"].items()
-                   if n - schb["shed_reasons"].get(k, 0)}
-        by_class: dict[str, dict[str, int]] = {}  # the same, per model class, for sim_vs_server.py
+        # sheds during this run by when:why, per model class (for sim_vs_server.py) and in all
+        by_class: dict[str, dict[str, int]] = {}
+        reasons: dict[str, int] = {}
         kind = dict(zip(names, kinds_of, strict=True))
         for name, after in scha["shed_reasons_by_model"].items():
             before = schb["shed_reasons_by_model"].get(name, {})
@@ -595,6 +592,7 @@ class Experiment:
             for k, n in after.items():
                 if n - before.get(k, 0):
                     cls[k] = cls.get(k, 0) + n - before.get(k, 0)
+                    reasons[k] = reasons.get(k, 0) + n - before.get(k, 0)
         cfg_result["workloads"][key] = {
             "workload": wl, "load": load, "duration_s": dur, "arrivals": int(times.size),
             "classes": rows, "errors": log.errors, "shed_examples": log.shed_examples,

@@ -382,13 +382,12 @@ def print_reasons(pred: dict, run: dict, mix: list[str]) -> None:
     """Sheds by when:why (the server's `torpor_requests_shed` labels), simulated (median over
     seeds) | server, per class where e2e recorded it per class, else in all."""
     server = run.get("shed_reasons_by_class") or {"all": run.get("shed_reasons") or {}}
-    labels = [k for k in (*mix, "all") if k in server or (k == "all" and not run.get("shed_reasons_by_class"))]
-    names = sorted({n for k in (*mix, "all") for n in pred[k].get("shed_reasons", {})}
-                   | {n for v in server.values() for n in v})
+    labels = list(mix) if run.get("shed_reasons_by_class") else ["all"]
+    names = sorted({n for k in labels for n in pred[k].get("shed_reasons", {})} | {n for v in server.values() for n in v})
     if not names:
         return
     print("shed when:why, simulated | server")
-    for k in labels if run.get("shed_reasons_by_class") else ["all"]:
+    for k in labels:
         sim_r, srv = pred[k].get("shed_reasons", {}), server.get(k, {})
         print(f"  {k:<10} " + "  ".join(f"{n} {sim_r.get(n, 0):.0f} | {srv.get(n, 0)}" for n in names))
 

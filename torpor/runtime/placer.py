@@ -61,17 +61,20 @@ from torpor.scheduling.scheduler import (
 if TYPE_CHECKING:  # the pool's own modules need torch; the placer reads them only through PoolView
     from torpor.runtime.hoststore import HostStore
     from torpor.runtime.memory import DeviceMemory
+    from torpor.runtime.staging import StagingQueue
     from torpor.scheduling.eviction import EvictionPolicy
 
 
 class PoolView(Protocol):
     """What the placer reads of the device pool (`torpor.runtime.residency.DevicePool`): the
     devices' arenas (residents, free and total bytes), each model's bytes and layer groups in
-    the host store, the eviction policy and each model's request rate. It changes nothing there."""
+    the host store, the eviction policy, each model's request rate and each device's staging
+    queue (read for its deferral timers' lateness). It changes nothing there."""
 
     policy: EvictionPolicy
     memories: list[DeviceMemory]
     store: HostStore
+    stages: dict[str, StagingQueue]
 
     def memory(self, device: str) -> DeviceMemory: ...
 
@@ -116,6 +119,11 @@ SLO_WINDOW_S = 60.0  # the residency report's SLO attainment window
 NO_SLO_DEADLINE_S = 10.0  # the queue key of a request without an objective: served, never starved
 
 
+def _pct_ms(xs: list[float], f: float) -> float:
+    """The `f` quantile of sorted seconds `xs` (the sample at or below it), in ms."""
+    return round(xs[min(len(xs) - 1, int(f * len(xs)))] * 1e3, 3)
+
+
 class PredictionLog:
     """The scheduler's predicted latency (from arrival) against the measured one, per action it
     chose (run, queue, swap, peer): how far its estimates are from what requests see. Keeps the
@@ -140,15 +148,12 @@ class PredictionLog:
             pred = sorted(p for p, _ in q)
             meas = sorted(m for _, m in q)
             err = sorted(m - p for p, m in q)
-
-            def pct(xs: list[float], f: float) -> float:
-                return round(xs[min(len(xs) - 1, int(f * len(xs)))] * 1e3, 3)
-
             out[action] = {
                 "requests": self.counts[action], "window": len(q),
-                "predicted_ms_p50": pct(pred, 0.5), "measured_ms_p50": pct(meas, 0.5),
-                "predicted_ms_p99": pct(pred, 0.99), "measured_ms_p99": pct(meas, 0.99),
-                "error_ms_p1": pct(err, 0.01), "error_ms_p50": pct(err, 0.5), "error_ms_p99": pct(err, 0.99),
+                "predicted_ms_p50": _pct_ms(pred, 0.5), "measured_ms_p50": _pct_ms(meas, 0.5),
+                "predicted_ms_p99": _pct_ms(pred, 0.99), "measured_ms_p99": _pct_ms(meas, 0.99),
+                "error_ms_p1": _pct_ms(err, 0.01), "error_ms_p50": _pct_ms(err, 0.5),
+                "error_ms_p99": _pct_ms(err, 0.99),
                 "late_vs_prediction_pct": round(100.0 * sum(1 for e in err if e > 0) / len(err), 2),
             }
         return out
@@ -180,8 +185,7 @@ class Lags:
             if not xs:
                 continue
             out[kind] = {"samples": len(xs), "mean_ms": round(sum(xs) / len(xs) * 1e3, 3),
-                         **{f"p{p}_ms": round(xs[min(len(xs) - 1, int(p / 100 * len(xs)))] * 1e3, 3)
-                            for p in (50, 90, 99)}}
+                         **{f"p{p}_ms": _pct_ms(xs, p / 100) for p in (50, 90, 99)}}
         return out
 
 
@@ -534,8 +538,7 @@ class Placer:
                                   for k, (b, s) in self.cost.swap_observations.items()},
             "models": {_name(k): v.as_dict() for k, v in self.slo.items()},
             "predictions": self.predictions.as_dict(),
-            "lags_ms": self.lags.as_dict(deferral_timer=[x for q in getattr(self.pool, "stages", {}).values()
-                                                         for x in q.timer_late]),
+            "lags_ms": self.lags.as_dict(deferral_timer=[x for q in self.pool.stages.values() for x in q.timer_late]),
         }
 
 

@@ -482,7 +482,10 @@ class DevicePool:
         a hot model whose requests were being shed looked cold, was evicted, and its next
         requests, needing a copy, were shed in turn (under the CPU overload the hottest small
         model was asked to be copied in 38% of the time against the simulator's 11%)."""
-        self._counters.setdefault(key, ModelCounters()).rate.hit(time.monotonic())
+        c = self._counters.get(key)  # not setdefault: that builds a ModelCounters on every request
+        if c is None:
+            c = self._counters[key] = ModelCounters()
+        c.rate.hit(time.monotonic())
 
     def request_rate(self, key: Any) -> float:
         c = self._counters.get(key)

@@ -414,8 +414,7 @@ class StagedReplay(Replay):
             else math.inf
         job.guard = arrival + spec.slo_s * self.sched.slo_margin
         r = d.state.residents.get(f)
-        if o.action in ("swap", "peer"):
-            job.source = o.source if o.action == "peer" else None
+        job.source = o.source if o.action == "peer" else None
         if o.action in ("swap", "peer") and r is None:
             job.transfer = o.transfer_s - o.start_s
             job.ready = now + o.transfer_s
