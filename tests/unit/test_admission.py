@@ -188,18 +188,19 @@ def test_stage_next_passes_over_the_deferred_and_says_when_to_look_again():
 
 
 def test_harm_level():
-    victims = [("x", 10, 0.1), ("y", 10, 5.0), ("w", 10, 0.0)]  # w is wanted, sorted last
+    victims = [("x", 10), ("y", 10), ("w", 10)]  # w is wanted, sorted last
     # resident, or it fits: nothing evicted
-    assert harm_level("k", 10, {"k", "x"}, victims, {"w"}, 1.0) == FREE
-    assert harm_level("k", 0, {"x"}, victims, {"w"}, 1.0) == FREE
-    # x alone is enough
-    assert harm_level("k", 10, {"x", "y"}, victims, {"w"}, 1.0) == FREE
+    assert harm_level("k", 10, {"k", "x"}, victims, {"w"}) == FREE
+    assert harm_level("k", 0, {"x"}, victims, {"w"}) == FREE
+    # x alone is enough, and no one waits for a resident model
+    assert harm_level("k", 10, {"x", "y"}, victims, {"w"}) == FREE
     # it needs x, y and w: w is wanted
-    assert harm_level("k", 30, {"x", "y"}, victims, {"w"}, 10.0) == HARMS
-    # a wanted model is resident (requests that need no copy wait): y, requested more often, costs
-    assert harm_level("k", 20, {"x", "y", "w"}, victims, {"w"}, 1.0) == COSTS
-    assert harm_level("k", 20, {"x", "y", "w"}, victims, {"w"}, 10.0) == FREE  # k is the hotter one
-    assert harm_level("k", 30, {"x", "y", "w"}, victims, {"w"}, 1.0) == HARMS  # and then w itself
+    assert harm_level("k", 30, {"x", "y"}, victims, {"w"}) == HARMS
+    # a wanted model is resident (requests that need no copy wait): any copy costs them, the
+    # coldest victim's too (it was FREE when only hotter victims cost)
+    assert harm_level("k", 10, {"x", "y", "w"}, victims, {"w"}) == COSTS
+    assert harm_level("k", 20, {"x", "y", "w"}, victims, {"w"}) == COSTS
+    assert harm_level("k", 30, {"x", "y", "w"}, victims, {"w"}) == HARMS  # and then w itself
 
 
 def test_a_request_whose_copy_harms_is_shed_at_arrival_when_the_queue_outlasts_its_slack():

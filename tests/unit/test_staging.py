@@ -114,7 +114,7 @@ def test_a_deferred_request_is_passed_over_then_staged_forced_when_its_time_runs
 
 
 def test_a_request_that_only_costs_others_is_deferred_but_not_forced(run):
-    """COSTS (it would evict a hotter model while others wait): passed over until its time runs
+    """COSTS (its copy would evict a model while requests needing none wait): passed over until its time runs
     out, then staged as any other, not forced (its owner serves it)."""
     async def main():
         q = StagingQueue(1, blocked=lambda key, wanted: COSTS if key == "c" else FREE)

@@ -429,11 +429,10 @@ class DevicePool:
         def blocked(key: Any, wanted: Any) -> int:
             """What staging a request for `key` on `m` now would do to the requests waiting
             there (torpor.scheduling.admission.harm_level); the victims are walked only as needed."""
-            victims = ((c.key, c.nbytes, c.rate) for c, _ in m.victims(
+            victims = ((c.key, c.nbytes) for c, _ in m.victims(
                 self.policy, rate=self.request_rate, bandwidth=self.host_bandwidth[m.device.name],
                 replicas=self._replicas, keep=wanted, pinned=True))
-            return harm_level(key, self.store.get(key).nbytes - m.free_bytes, m.residents, victims, wanted,
-                              self.request_rate(key))
+            return harm_level(key, self.store.get(key).nbytes - m.free_bytes, m.residents, victims, wanted)
 
         return blocked
 

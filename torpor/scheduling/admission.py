@@ -25,8 +25,8 @@ hands out `permits` stages (execution slots + lookahead), lowest order first:
   earlier does not run first whatever its deadline.
 - `stage_next`: the next waiting request to stage, passing over those deferred (`deferred`):
   with an objective, a request waits while staging it would evict a model other requests with
-  an objective wait for (HARMS), or, while requests needing no copy wait, one requested more
-  often (COSTS) (`harm_level`), until `defer_deadline`; `stage_level` is what it still does
+  an objective wait for (HARMS), or any model while requests needing no copy wait (COSTS)
+  (`harm_level`), until `defer_deadline`; `stage_level` is what it still does
   when it gets its stage.
 - `shed_when_staged`: once staged, a request that can no longer finish by its deadline, that
   still HARMS waiting requests, or that COSTS them and would stall the device past a queued
@@ -276,29 +276,30 @@ def stage_next(waiting: Sequence[Any], now: float, defer_until: Callable[[Any], 
     return None, wake
 
 
-def harm_level(key: Any, need: int, residents: Collection[Any], victims: Iterable[tuple[Any, int, float]],
-               wanted: Collection[Any], rate: float) -> int:
+def harm_level(key: Any, need: int, residents: Collection[Any], victims: Iterable[tuple[Any, int]],
+               wanted: Collection[Any]) -> int:
     """What making `need` bytes of room for `key` on a device holding `residents` (keys) does
     to the requests waiting there: HARMS where it would evict a model in `wanted` (models that
-    waiting requests with an objective want); COSTS where, while a wanted model is resident
-    (requests that need no copy wait), it would evict one requested more often than `key`
-    (`rate`, requests/s): the copy would cost them device time (it cannot land while the model
-    it replaces still runs), and the evicted model a copy back; else FREE. `victims`: (key,
-    bytes, rate) in the order the device would evict them, residents in use included
-    (`victim_order`), wanted ones last."""
+    waiting requests with an objective want); COSTS where it evicts only models no one waits
+    for but a wanted model is resident (requests that need no copy wait); else FREE.
+    `victims`: (key, bytes) in the order the device would evict them, residents in use
+    included (`victim_order`), wanted ones last.
+
+    COSTS defers the copy (`deferred`) to its last moment: copying now takes device time from
+    the requests that need none (the copy cannot land while the model it replaces still runs),
+    and later requests for `key` arriving meanwhile share the one copy. It once held only for
+    victims requested more often than `key`, and copies over colder models went through a
+    request or two at a time while the device's queue waited (docs/under-load.md)."""
     if key in residents or need <= 0:
         return FREE
-    busy = any(k in residents for k in wanted)
-    freed, level = 0, FREE
-    for k, nbytes, r in victims:
+    freed = 0
+    for k, nbytes in victims:
         if k in wanted:
             return HARMS
-        if busy and r > rate:
-            level = COSTS
         freed += nbytes
         if freed >= need:
             break
-    return level
+    return COSTS if any(k in residents for k in wanted) else FREE
 
 
 def victim_order(policy: EvictionPolicy, candidates: list[Candidate], now: float,

@@ -134,9 +134,9 @@ class StagedReplay(Replay):
         if f in res or need <= 0:
             return FREE
         wanted = d.protected
-        victims = ((c.key, c.nbytes, c.rate) for c in victim_order(self.evict_policy, self.candidates(d, now, False),
+        victims = ((c.key, c.nbytes) for c in victim_order(self.evict_policy, self.candidates(d, now, False),
                                                                     now, wanted))
-        return harm_level(f, need, res, victims, wanted, self.rates[f].rate(now))
+        return harm_level(f, need, res, victims, wanted)
 
     def want(self, d: _Dev, job: _Job, n: int) -> None:
         for counts in (d.wanted, d.protected) if job.defer_until > 0 else (d.wanted,):
