@@ -9,7 +9,7 @@ import time
 import pytest
 import uvloop
 
-from torpor.runtime.staging import COSTS, FREE, HARMS, StageTimeout, StagingQueue
+from torpor.runtime.staging import COSTS, FREE, HARMS, StageExpired, StageTimeout, StagingQueue
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
@@ -146,6 +146,26 @@ def test_a_wait_that_times_out_raises_and_gives_nothing_away(run):
         held.leave()
         (await asyncio.wait_for(nxt, 1.0)).leave()
         assert q.held == 0 and q.waiting() == 0
+
+    run(main())
+
+
+def test_a_wait_past_its_last_start_moment_expires_before_its_timeout(run):
+    """`expire_at` (the last moment the request could start and be on time) comes before the
+    timeout: StageExpired then, the request leaves the queue and wants nothing any more."""
+    async def main():
+        q = StagingQueue(1, blocked=lambda key, wanted: FREE)
+        held = await q.enter(1.0, key="a")
+        t0 = time.monotonic()
+        with pytest.raises(StageExpired):
+            await q.enter(2.0, deadline=t0 + 5.0, key="b", defer_until=t0 + 1.0, expire_at=t0 + 0.05)
+        assert 0.04 < time.monotonic() - t0 < 1.0
+        assert q.waiting() == 0 and q.waiting_keys() == set()
+        with pytest.raises(StageTimeout):  # the timeout first: StageTimeout, as before
+            await q.enter(3.0, deadline=time.monotonic() + 0.02, expire_at=time.monotonic() + 5.0)
+        held.leave()
+        (await q.enter(4.0, expire_at=time.monotonic() + 5.0)).leave()  # a free stage: granted at once
+        assert q.held == 0
 
     run(main())
 

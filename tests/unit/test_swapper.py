@@ -486,6 +486,41 @@ async def test_a_request_waiting_for_its_stage_when_its_model_is_unloaded_gets_a
     assert "b" not in pool.store
 
 
+async def test_a_request_still_waiting_at_its_expiry_gets_its_owners_last_look(make_pool):
+    """`expire_at`: no stage by then, `on_stage(None, resident)` is called: what it raises ends
+    the acquire at once; where it raises nothing, the request goes on waiting for its stage."""
+    pool = make_pool(lookahead=0)
+    a, b = seeded(Mlp), seeded(Mlp, 1)
+    pool.register("a", groups_of(a), a)
+    pool.register("b", groups_of(b), b)
+    looks = []
+
+    class Late(Exception):
+        pass
+
+    def refuse(stage, resident):
+        looks.append(stage)
+        raise Late
+
+    def keep(stage, resident):
+        looks.append(stage)
+
+    async def one(on_stage):
+        async with pool.acquire("b", on_stage=on_stage, expire_at=time.monotonic() + 0.03) as pb:
+            await pb.ready()
+
+    async with pool.acquire("a") as pa:  # the device's only stage
+        await pa.ready()
+        refused = asyncio.create_task(one(refuse))
+        kept = asyncio.create_task(one(keep))
+        with pytest.raises(Late):
+            await asyncio.wait_for(refused, 1.0)
+        await asyncio.sleep(0.02)
+        assert looks == [None, None] and not kept.done()  # the second keeps waiting
+    await asyncio.wait_for(kept, 1.0)
+    assert len(looks) == 3 and looks[-1] is not None  # then staged as usual
+
+
 async def test_an_early_copy_evicts_only_idle_models_no_one_waits_for(make_pool):
     """DevicePool.start_copy: a copy begun before its request's turn pins nothing, evicts only
     idle residents no waiting request wants, and refuses rather than evict one that is wanted."""

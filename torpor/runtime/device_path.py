@@ -28,7 +28,7 @@ from torpor.datatypes import numpy_dtype
 from torpor.errors import internal, unavailable
 from torpor.model import ModelFunction, ModelRequest
 from torpor.runtime.placer import SLO_WINDOW_S, _name
-from torpor.scheduling.admission import defer_deadline, outlasted, shed_at_arrival, shed_when_staged
+from torpor.scheduling.admission import FREE, defer_deadline, outlasted, shed_at_arrival, shed_when_staged
 from torpor.scheduling.scheduler import Action, Outcome
 from torpor.tracing import monotonic_from_perf
 
@@ -339,17 +339,20 @@ class DeviceRuntime:
 
             def on_stage(stage: Any, resident: bool) -> None:
                 # its turn on the device: a last look before it takes memory or starts a copy
-                if trace is not None:
+                # (stage None: still waiting at the last moment it could start and be on time)
+                if trace is not None and stage is not None:
                     trace.stamp("TORPOR_STAGE_END")
                 if not shed:
                     return
-                why = shed_when_staged(time.monotonic(), ticket.estimate, copy_s, resident, ticket.due, stage.level,
+                why = shed_when_staged(time.monotonic(), ticket.estimate, copy_s, resident, ticket.due,
+                                       FREE if stage is None else stage.level,
                                        lambda: placer.would_delay(ticket, copy_s))
                 if why is not None:
                     placer.shed(key, "queued", len(group.members), reason=why)
                     raise unavailable(
                         f"Exceeds maximum queue size: model '{job.model}' request {_SHED_WHY[why]} its "
-                        f"{(ticket.due - job.arrival_ns / 1e9) * 1e3:.0f} ms objective when its turn came on "
+                        f"{(ticket.due - job.arrival_ns / 1e9) * 1e3:.0f} ms objective "
+                        f"{'while it waited for its turn' if stage is None else 'when its turn came'} on "
                         f"{ticket.device} (request shed; the server is overloaded)")
 
             # with an objective, it may wait (holding nothing) while its copy would evict a model
@@ -357,8 +360,10 @@ class DeviceRuntime:
             defer_until = defer_deadline(ticket.due, ticket.estimate, copy_s) if shed else 0.0
             if trace is not None:
                 trace.stamp("TORPOR_STAGE_START")
+            expire_at = ticket.due - ticket.estimate if shed else math.inf
             async with self.pool.acquire(key, device, timeout=timeout, source=source, order=ticket.key,
-                                            on_stage=on_stage, defer_until=defer_until, tag=ticket) as placement:
+                                            on_stage=on_stage, defer_until=defer_until, tag=ticket,
+                                            expire_at=expire_at) as placement:
                 placer.staged(ticket, placement)
                 t_exec_start = time.monotonic_ns()
                 if trace is not None:

@@ -68,7 +68,7 @@ from torpor.runtime.memory import (
     _key_str,
 )
 from torpor.runtime.partition import PartitionRule
-from torpor.runtime.staging import Stage, StageTimeout, StagingQueue
+from torpor.runtime.staging import Stage, StageExpired, StageTimeout, StagingQueue
 from torpor.runtime.swapper import swap_in_from_host, swap_in_from_peer
 from torpor.scheduling.admission import harm_level
 from torpor.scheduling.eviction import CostAwarePolicy, EvictionPolicy, RateMeter
@@ -188,8 +188,8 @@ class Placement:
 
 class _Acquire:
     def __init__(self, pool: DevicePool, key: Any, device: Any, timeout: float | None, source: str, order: float,
-                 on_stage: Any, defer_until: float, tag: Any):
-        self._args = (key, device, timeout, source, order, on_stage, defer_until, tag)
+                 on_stage: Any, defer_until: float, tag: Any, expire_at: float):
+        self._args = (key, device, timeout, source, order, on_stage, defer_until, tag, expire_at)
         self._pool = pool
         self._placement: Placement | None = None
 
@@ -280,18 +280,20 @@ class DevicePool:
     # acquisition -----------------------------------------------------------------------------------
     def acquire(
         self, key: Any, device: Any = None, *, timeout: float | None = None, source: str = "auto",
-        order: float = math.inf, on_stage: Callable[[Stage, bool], None] | None = None,
-        defer_until: float = 0.0, tag: Any = None,
+        order: float = math.inf, on_stage: Callable[[Stage | None, bool], None] | None = None,
+        defer_until: float = 0.0, tag: Any = None, expire_at: float = math.inf,
     ) -> _Acquire:
         """See the module docstring. `on_stage(stage, resident)`: called once the request
         holds its stage, before it takes memory (`resident`: the model is on that device,
         landed or landing); what it raises ends the acquire (the caller's last look at whether
         the request is still worth running). `defer_until` (time.monotonic()): until then the
         request may be passed over while staging it would evict a model that others wait for
-        (`torpor.runtime.staging`); `tag`: see `StagingQueue.enter`."""
+        (`torpor.runtime.staging`); `tag`: see `StagingQueue.enter`. `expire_at`: if it has no
+        stage by then, `on_stage(None, resident)` is called (and its refusal raised); where it
+        raises nothing, the request goes on waiting."""
         if source not in ("auto", "host", "peer") and source not in self._names:
             raise ValueError(f"source must be 'auto', 'host', 'peer' or a device name, not {source!r}")
-        return _Acquire(self, key, device, timeout, source, order, on_stage, defer_until, tag)
+        return _Acquire(self, key, device, timeout, source, order, on_stage, defer_until, tag, expire_at)
 
     async def prefetch(
         self, key: Any, device: Any = None, *, timeout: float | None = None, source: str = "auto"
@@ -331,8 +333,8 @@ class DevicePool:
         raise KeyError(f"no device {device!r} in this pool ({[m.device.name for m in self.memories]})")
 
     async def _acquire(self, key: Any, device: Any, timeout: float | None, source: str, order: float,
-                       on_stage: Callable[[Stage, bool], None] | None, defer_until: float,
-                       tag: Any = None) -> Placement:
+                       on_stage: Callable[[Stage | None, bool], None] | None, defer_until: float,
+                       tag: Any = None, expire_at: float = math.inf) -> Placement:
         if key in self._removing:
             raise MemoryFullError(f"model {_key_str(key)!r} is being unloaded")
         model = self.store.get(key)
@@ -349,8 +351,14 @@ class DevicePool:
         # held by that device's other staged requests can be in the way, and they finish.
         m = allowed[0] if len(allowed) == 1 else self._stage_memory(key, model, allowed)
         queue = self.stages[m.device.name]
+        deadline = None if timeout is None else now + timeout
         try:
-            stage = await queue.enter(order, None if timeout is None else now + timeout, key, defer_until, tag)
+            try:
+                stage = await queue.enter(order, deadline, key, defer_until, tag, expire_at)
+            except StageExpired:
+                if on_stage is not None:
+                    on_stage(None, key in m.residents)  # the caller's refusal
+                stage = await queue.enter(order, deadline, key, defer_until, tag)
         except StageTimeout:
             counters.timeouts += 1
             raise MemoryFullError(

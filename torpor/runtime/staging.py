@@ -33,12 +33,16 @@ from typing import Any
 
 from torpor.scheduling.admission import COSTS, FREE, HARMS, deferred, stage_at_once, stage_level
 
-__all__ = ["COSTS", "FREE", "HARMS", "Stage", "StageTimeout", "StagingQueue"]
+__all__ = ["COSTS", "FREE", "HARMS", "Stage", "StageExpired", "StageTimeout", "StagingQueue"]
 
 
 
 class StageTimeout(Exception):
     """The request's deadline passed while it waited for a stage."""
+
+
+class StageExpired(Exception):
+    """No stage was granted by the enter's `expire_at`: the request can no longer be on time."""
 
 
 class Stage:
@@ -112,12 +116,14 @@ class StagingQueue:
         return set(self._wanted)
 
     async def enter(self, order: float = math.inf, deadline: float | None = None, key: Any = None,
-                    defer_until: float = 0.0, tag: Any = None) -> Stage:
+                    defer_until: float = 0.0, tag: Any = None, expire_at: float = math.inf) -> Stage:
         """Wait for a stage, lowest `order` first (ties in arrival order). `deadline`
         (time.monotonic()): raise StageTimeout if none was granted by then. `defer_until`:
         until then it may be passed over (class docstring). `tag`: an object whose `passed`
         attribute is kept saying whether it is being passed over (the placer's ticket: work
-        passed over is ahead of no one)."""
+        passed over is ahead of no one). `expire_at`: raise StageExpired if none was granted
+        by then (the last moment its run could start and still be on time: the owner refuses
+        it then, not whenever a stage comes)."""
         self._prune()
         head = self._heap[0][0] if self._heap else None
         if stage_at_once(order, self.held, self.permits, head, (h.order for h in self.holders)) \
@@ -129,12 +135,13 @@ class StagingQueue:
             tag.passed = self._deferred(key, defer_until)
         self._want(key, defer_until)
         self._grant()
+        until = min(math.inf if deadline is None else deadline, expire_at)
         try:
-            if deadline is None:
+            if until == math.inf:
                 return await asyncio.shield(fut)
-            done, _ = await asyncio.wait({fut}, timeout=max(0.0, deadline - time.monotonic()))
+            done, _ = await asyncio.wait({fut}, timeout=max(0.0, until - time.monotonic()))
             if not done:
-                raise StageTimeout
+                raise StageExpired if expire_at <= until else StageTimeout
             return fut.result()
         except BaseException:
             if fut.done() and not fut.cancelled():

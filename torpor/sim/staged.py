@@ -40,6 +40,7 @@ from torpor.sim.replay import Replay
 from torpor.sim.state import (
     _ACTION_CODE,
     _COPIED,
+    _EXPIRE,
     _MOVING,
     _RELEASE,
     _STAGE,
@@ -68,7 +69,7 @@ class StagedReplay(Replay):
         self.shedding = staging.shed
         self.evict_policy = self.sched.eviction
         self.handlers.update({_COPIED: self.on_copied, _STAGE: self.on_stage_timer, _RELEASE: self.on_release,
-                              _MOVING: self.on_moving})
+                              _MOVING: self.on_moving, _EXPIRE: self.on_expire})
 
     def size_of(self, f: int) -> int:
         return self.models[f].nbytes
@@ -92,6 +93,18 @@ class StagedReplay(Replay):
         if d.wake_at == t:  # a deferral ran out
             d.wake_at = math.inf
             self.grant(d, t)
+
+    def on_expire(self, t: float, data: Any) -> None:
+        # still waiting at the last moment it could be staged and be on time: refused now
+        # (torpor.runtime.residency: StageExpired, then the device path's last look)
+        d, job = data
+        i = next((k for k, j in enumerate(d.waiting) if j is job), None)
+        if i is None:
+            return
+        d.waiting.pop(i)
+        self.want(d, job, -1)
+        self.refuse_queued(d, job, "late")
+        self.grant(d, t)
 
     def on_release(self, t: float, data: Any) -> None:
         self.release(*data, t)
@@ -159,6 +172,8 @@ class StagedReplay(Replay):
             bisect.insort(d.waiting, job, key=_order)
             job.passed = passed
             self.want(d, job, 1)
+            if self.shedding and job.due < math.inf and not job.probe:
+                self.push(job.due - job.estimate, _EXPIRE, (d, job))
         self.grant(d, now)
 
     def grant(self, d: _Dev, now: float) -> None:
@@ -193,19 +208,22 @@ class StagedReplay(Replay):
                                    lambda: would_delay([k for k in d.tickets if k is not job], now,
                                                        job.estimate + job.copy_s, lookahead))
         if why is not None:
-            for rid in (job.rid, *(r for r, _ in job.riders)):  # its batch's riders get its answer
-                self.status[rid] = SHED_QUEUED
-                self.shed_why[rid] = "queued:" + why
-                self.shed_queued += 1
-                self.misses += 1
-            if d.open_batch.get(job.fn) is job:
-                del d.open_batch[job.fn]
-            self.in_system -= len(job.riders)
-            self.finish(d, job)
+            self.refuse_queued(d, job, why)
             return
         d.holders.append(job)
         if not self.acquire(d, job, now):
             d.memwait.append(job)
+
+    def refuse_queued(self, d: _Dev, job: _Job, why: str) -> None:
+        for rid in (job.rid, *(r for r, _ in job.riders)):  # its batch's riders get its answer
+            self.status[rid] = SHED_QUEUED
+            self.shed_why[rid] = "queued:" + why
+            self.shed_queued += 1
+            self.misses += 1
+        if d.open_batch.get(job.fn) is job:
+            del d.open_batch[job.fn]
+        self.in_system -= len(job.riders)
+        self.finish(d, job)
 
     # ---- memory and copies -----------------------------------------------------------------------
     def acquire(self, d: _Dev, job: _Job, now: float) -> bool:

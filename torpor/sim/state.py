@@ -14,6 +14,7 @@ from torpor.scheduling.scheduler import DeviceState, ResidentState
 
 _DONE, _LANDED, _WAKE, _BEGIN, _COPIED, _STAGE, _RELEASE = 0, 1, 2, 3, 4, 5, 6
 _MOVING = 7  # a staged copy starts moving (compute slowed by copies, `torpor.sim.physics.Compute`)
+_EXPIRE = 8  # a waiting request's last moment to be staged and still on time (`StagingQueue.enter`'s expire_at)
 
 
 LATENCY_PCTS = [*range(0, 90, 2), *np.round(np.arange(90, 100, 0.25), 2).tolist(), 99.5, 99.9, 100]
