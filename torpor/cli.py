@@ -378,6 +378,16 @@ def start_failure(failures: dict[str, str]) -> str:
     return f"{len(failures)} models failed to load: {names}; the log says why (--exit-on-error false serves the rest)"
 
 
+def freeze_start_up_heap() -> None:
+    """Once the models are loaded, before serving (`torpor serve`, a cluster node): everything
+    alive then (torch, the models, the apps) stays for good; frozen, the collector's full passes
+    skip it. Unfrozen, a full pass walked it all on the event loop, 150-190 ms every 20 s or so
+    under load on the CPU overload runs: every request in that window waited, and the staging
+    queues' timers (deferral, expiry) fired that late."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(args: argparse.Namespace) -> int:
     from torpor.adapters import create_model_function, python_backend
     from torpor.adapters.bls import install_bls, uninstall_bls
@@ -412,12 +422,7 @@ async def serve(args: argparse.Namespace) -> int:
         if engine.registry.start_failures and args.exit_on_error:
             await engine.stop()
             return _refuse(start_failure(engine.registry.start_failures))
-        # Everything alive after start-up (torch, the models, the front ends' apps) stays for good:
-        # frozen, the collector's full passes skip it. Unfrozen, a full pass walked it all on the
-        # event loop, 150-190 ms every 20 s or so under load on the CPU overload runs: every
-        # request in that window waited, and timers (deferral, expiry) fired that late.
-        gc.collect()
-        gc.freeze()
+        freeze_start_up_heap()
         return await _serve_until_stopped(engine, args)
     finally:
         uninstall_bls(bridge)

@@ -15,6 +15,7 @@ from torpor.scheduling.admission import (
     STARVED_S,
     defer_deadline,
     deferred,
+    expires_at,
     harm_level,
     outlasted,
     probe,
@@ -156,6 +157,8 @@ def test_deferral_lasts_until_shortly_before_it_could_no_longer_copy_and_run_in_
     assert close(defer_deadline(1.0, 0.1, 0.3), 0.6 - DEFER_MARGIN_S)
     assert close(defer_deadline(1.0, 0.1, 0.3, margin=0.0), 0.6)
     assert defer_deadline(math.inf, 0.1, 0.3) == 0.0  # no objective: never deferred
+    # still waiting for a stage at its last moment to start and end by its deadline: refused then
+    assert close(expires_at(1.0, 0.1), 0.9) and expires_at(math.inf, 0.1) == math.inf
     calls = []
 
     def harms() -> int:

@@ -186,6 +186,7 @@ class NodeHost:
         cli.log_model_table(self.engine)
         if self.engine.registry.start_failures and self.args.exit_on_error:
             raise RuntimeError(cli.start_failure(self.engine.registry.start_failures))
+        cli.freeze_start_up_heap()
         await cli.start_front_ends(self.engine, self.args, self._servers, self._tasks)
         if self.args.allow_http:
             await self._http_listening()

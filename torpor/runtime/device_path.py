@@ -28,7 +28,13 @@ from torpor.datatypes import numpy_dtype
 from torpor.errors import internal, unavailable
 from torpor.model import ModelFunction, ModelRequest
 from torpor.runtime.placer import SLO_WINDOW_S, _name
-from torpor.scheduling.admission import FREE, defer_deadline, outlasted, shed_at_arrival, shed_when_staged
+from torpor.scheduling.admission import (
+    defer_deadline,
+    expires_at,
+    outlasted,
+    shed_at_arrival,
+    shed_when_staged,
+)
 from torpor.scheduling.scheduler import Action, Outcome
 from torpor.tracing import monotonic_from_perf
 
@@ -339,14 +345,14 @@ class DeviceRuntime:
 
             def on_stage(stage: Any, resident: bool) -> None:
                 # its turn on the device: a last look before it takes memory or starts a copy
-                # (stage None: still waiting at the last moment it could start and be on time)
+                # (stage None: still waiting at its last moment to start and be on time, expires_at: late)
                 if trace is not None and stage is not None:
                     trace.stamp("TORPOR_STAGE_END")
                 if not shed:
                     return
-                why = shed_when_staged(time.monotonic(), ticket.estimate, copy_s, resident, ticket.due,
-                                       FREE if stage is None else stage.level,
-                                       lambda: placer.would_delay(ticket, copy_s))
+                why = "late" if stage is None else shed_when_staged(
+                    time.monotonic(), ticket.estimate, copy_s, resident, ticket.due, stage.level,
+                    lambda: placer.would_delay(ticket, copy_s))
                 if why is not None:
                     placer.shed(key, "queued", len(group.members), reason=why)
                     raise unavailable(
@@ -360,7 +366,7 @@ class DeviceRuntime:
             defer_until = defer_deadline(ticket.due, ticket.estimate, copy_s) if shed else 0.0
             if trace is not None:
                 trace.stamp("TORPOR_STAGE_START")
-            expire_at = ticket.due - ticket.estimate if shed else math.inf
+            expire_at = expires_at(ticket.due, ticket.estimate) if shed else math.inf
             async with self.pool.acquire(key, device, timeout=timeout, source=source, order=ticket.key,
                                             on_stage=on_stage, defer_until=defer_until, tag=ticket,
                                             expire_at=expire_at) as placement:

@@ -249,7 +249,7 @@ class DevicePool:
             raise RuntimeError(f"model {key!r} is resident; unregister it first")
         model = self.store.add(key, groups, module, pipelined=pipelined, rule=rule)
         install_group_hooks(model)
-        self._counters.setdefault(key, ModelCounters())
+        self._counters_of(key)
         self.epoch.bump()
         return model
 
@@ -319,7 +319,7 @@ class DevicePool:
         if r is None:
             return None
         outcome = self._swap_in(r, source)
-        counters = self._counters.setdefault(key, ModelCounters())
+        counters = self._counters_of(key)
         counters.swap_ins += 1
         counters.peer_swap_ins += outcome == Outcome.PEER
         counters.bytes_moved += sum(g.nbytes for g in model.groups)
@@ -338,7 +338,7 @@ class DevicePool:
         if key in self._removing:
             raise MemoryFullError(f"model {_key_str(key)!r} is being unloaded")
         model = self.store.get(key)
-        counters = self._counters.setdefault(key, ModelCounters())
+        counters = self._counters_of(key)
         now = time.monotonic()
         counters.requests += 1
         allowed = [self.memory(device)] if device is not None else self.memories
@@ -489,10 +489,14 @@ class DevicePool:
         a hot model whose requests were being shed looked cold, was evicted, and its next
         requests, needing a copy, were shed in turn (under the CPU overload the hottest small
         model was asked to be copied in 38% of the time against the simulator's 11%)."""
-        c = self._counters.get(key)  # not setdefault: that builds a ModelCounters on every request
+        self._counters_of(key).rate.hit(time.monotonic())
+
+    def _counters_of(self, key: Any) -> ModelCounters:
+        # get or create; not setdefault, which builds a ModelCounters on every call (per request)
+        c = self._counters.get(key)
         if c is None:
             c = self._counters[key] = ModelCounters()
-        c.rate.hit(time.monotonic())
+        return c
 
     def request_rate(self, key: Any) -> float:
         c = self._counters.get(key)

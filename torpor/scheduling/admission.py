@@ -239,6 +239,13 @@ def stage_at_once(order: float, held: int, permits: int, head: float | None, hol
     return urgent(order, held, permits, math.inf if head is None else head, holders)
 
 
+def expires_at(due: float, estimate: float) -> float:
+    """The last moment a request still waiting for its stage could start its run and end by its
+    deadline `due`: one still waiting then is refused then ("late"), not whenever a stage comes
+    (the staging queue's `expire_at`, the simulator's `_EXPIRE`). inf without an objective."""
+    return due - estimate if math.isfinite(due) else math.inf
+
+
 def defer_deadline(due: float, estimate: float, copy_s: float, margin: float = DEFER_MARGIN_S) -> float:
     """Until when a request with an objective may be passed over: `margin` before it could no
     longer start its copy and run by its deadline. 0 (never deferred) without an objective."""

@@ -20,6 +20,7 @@ from torpor.scheduling.admission import (
     HARMS,
     defer_deadline,
     deferred,
+    expires_at,
     harm_level,
     outlasted,
     planned_residents,
@@ -98,9 +99,9 @@ class StagedReplay(Replay):
         # still waiting at the last moment it could be staged and be on time: refused now
         # (torpor.runtime.residency: StageExpired, then the device path's last look)
         d, job = data
-        i = next((k for k, j in enumerate(d.waiting) if j is job), None)
-        if i is None:
-            return
+        i = bisect.bisect_left(d.waiting, _order(job), key=_order)  # (key, seq): one job's own
+        if i == len(d.waiting) or d.waiting[i] is not job:
+            return  # staged (or refused) before then
         d.waiting.pop(i)
         self.want(d, job, -1)
         self.refuse_queued(d, job, "late")
@@ -173,7 +174,7 @@ class StagedReplay(Replay):
             job.passed = passed
             self.want(d, job, 1)
             if self.shedding and job.due < math.inf and not job.probe:
-                self.push(job.due - job.estimate, _EXPIRE, (d, job))
+                self.push(expires_at(job.due, job.estimate), _EXPIRE, (d, job))
         self.grant(d, now)
 
     def grant(self, d: _Dev, now: float) -> None:
