@@ -62,6 +62,9 @@ def summarize(log: RunLog, kinds_of: list[str], names: list[str], slo: dict[str,
             "within_slo": ok_slo,
             "goodput_rps": ok_slo / duration if duration > 0 else None,  # answers within SLO per second
             "shed_p50_ms": pct(shed_lat, 50), "shed_p99_ms": pct(shed_lat, 99),  # how quickly they were refused
+            # the longest any request waited for its answer, refusal or error: none may wait past its timeout
+            "wait_max_ms": float(log.latency[sel][np.isin(st, (OK, SHED, FAILED))].max())
+            if np.isin(st, (OK, SHED, FAILED)).any() else None,
             "client_lag_p99_ms": pct(log.lag[sel][~np.isnan(log.lag[sel])], 99),
         }
         if not label.startswith("all/"):
@@ -120,6 +123,7 @@ def print_table(title: str, rows: dict) -> None:
               f"p50 {fmt(a['shed_p50_ms'], '.2f')} ms / p99 {fmt(a['shed_p99_ms'], '.2f')} ms after their arrival")
     else:
         print(f"shed: 0 of {a['arrivals']} arrivals")
+    print(f"longest wait for an answer, refusal or error: {fmt(a.get('wait_max_ms'), '.1f')} ms")
 
 
 def _pair(nat: dict | None, tor: dict | None, key: str) -> str:
