@@ -131,7 +131,15 @@ def prototype_arrivals(counts: np.ndarray, rng: np.random.Generator, scale: floa
     each arrival given to a function with probability proportional to its count in that
     minute. A minute with no requests (the prototype would divide by zero) moves the clock on
     by 60 s. Returns (times in seconds, function index), sorted by time."""
-    ts, fs = [], []
+    t, fn, _ = prototype_arrivals_by_minute(counts, rng, scale)
+    return t, fn
+
+
+def prototype_arrivals_by_minute(counts: np.ndarray, rng: np.random.Generator, scale: float = 1.0
+                                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`prototype_arrivals` (the same draws) with the column of `counts` each arrival was drawn
+    from: (times, function index, minute)."""
+    ts, fs, ms = [], [], []
     clock_ms = 0
     for m in range(counts.shape[1]):
         col = counts[:, m]
@@ -144,9 +152,10 @@ def prototype_arrivals(counts: np.ndarray, rng: np.random.Generator, scale: floa
         clock_ms = int(t_ms[-1])
         ts.append(t_ms / 1000.0)
         fs.append(rng.choice(len(col), size=total, p=col / col.sum()))
+        ms.append(np.full(total, m, dtype=np.int64))
     if not ts:
-        return np.zeros(0), np.zeros(0, dtype=np.int64)
-    return np.concatenate(ts), np.concatenate(fs).astype(np.int64)
+        return np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(ts), np.concatenate(fs).astype(np.int64), np.concatenate(ms)
 
 
 def make_arrivals(workload: dict[str, Any], functions: int, *, seed: int = 0,
