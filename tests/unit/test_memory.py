@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 
@@ -167,6 +168,12 @@ def test_block_allocator_random_against_model():
         if used and rng.random() < 0.5:
             s = rng.choice(list(used))
             a.free(s, used.pop(s))
+        elif rng.random() < 0.3:  # a chosen place: taken exactly when every block of it is free
+            n, s = rng.randint(1, 20), rng.randrange(256)
+            free = s + n <= 256 and all(s + n <= t or t + m <= s for t, m in used.items())
+            assert a.alloc_at(s, n) == free
+            if free:
+                used[s] = n
         else:
             n = rng.randint(1, 20)
             s = a.alloc(n)
@@ -175,6 +182,8 @@ def test_block_allocator_random_against_model():
                 used[s] = n
         assert a.free_blocks == 256 - sum(used.values())
         assert sum(n for _, n in a.runs()) == a.free_blocks
+        runs = a.runs()  # sorted, disjoint, never adjacent (coalesced)
+        assert all(s1 + n1 < s2 for (s1, n1), (s2, _) in itertools.pairwise(runs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,6 +210,29 @@ def test_place_whole_model_in_one_run(cpu_device):
     for key, t in w.items():
         assert (t.data_ptr() - mem.arena.data_ptr()) % ALIGN == 0
         assert t.shape == hm.slots[key].shape
+
+
+def test_a_model_returns_to_its_blocks_when_they_are_free(cpu_device):
+    """A model copied in again lands at its previous offsets when they are all free (its device
+    clone stays bound there, a captured graph stays valid), and by best fit otherwise."""
+    mem = DeviceMemory(cpu_device, block_bytes=64 * KiB)  # 64 blocks
+    store = HostStore(pin=False)
+    a, c = (_model(store, k, [256, 256]) for k in "ac")  # 8 blocks each
+    rc, ra = mem.try_place(c), mem.try_place(a)
+    assert rc.segments[0][0] == 0 and ra.segments[0][0] == 8
+    where = list(ra.group_offsets)
+    mem.release(rc)
+    mem.release(ra)  # all 64 blocks free: best fit would say block 0
+    ra = mem.try_place(a)
+    assert ra.group_offsets == where and mem.same_place == 1
+    mem.release(ra)
+    other = mem.try_place(_model(store, "o", [256, 256]))  # best fit: block 0 ...
+    assert other.segments[0][0] == 0
+    mem.release(other)
+    assert mem.blocks.alloc_at(9, 1)  # ... and one of a's old blocks taken
+    ra = mem.try_place(a)
+    assert ra.segments[0][0] == 0 and mem.same_place == 1  # not all free: best fit
+    assert mem.snapshot()["same_place"] == 1
 
 
 def test_place_splits_into_segments_when_fragmented(cpu_device):

@@ -465,7 +465,9 @@ async def test_rebinding_when_the_model_lands_elsewhere(make_pool):
             out = await p.forward(ids)
             offsets.append(tuple(p.resident.group_offsets))
         assert same(out, ref)
-    assert offsets[0] == offsets[2] != offsets[1] == offsets[3]
+    # pushed elsewhere once (rebound there), then back to the place it last had whenever that is
+    # free (DeviceMemory's same place on return), even where best fit would pick another
+    assert offsets[0] != offsets[1] == offsets[2] == offsets[3]
 
 
 async def test_a_request_waiting_for_its_stage_when_its_model_is_unloaded_gets_an_error(make_pool):
