@@ -17,7 +17,7 @@ their neighbours.
 
 **Same place on return.** A model copied in again takes the blocks it had last time when they
 are all free, before best fit: its device clone is still bound to those offsets
-(`executor.DeviceClone.bind` then re-points nothing: 0.2-0.3 ms saved per swap-in for ResNet-50
+(`executor.DeviceClone.bind` then re-points nothing: 0.2-0.4 ms saved per swap-in for ResNet-50
 and BERT-base on CPU), and a captured CUDA graph replays reads of the addresses it was captured
 on, so a model that returns to them keeps its graphs. The price is that it may take blocks in the
 middle of a free run; the churn test below holds with it.
