@@ -10,9 +10,10 @@ probable models (Aho, Denning and Ullman's A0). `oracle-rate` does that with the
 counts, which no server has (it must learn rates from arrivals); it bounds what better rate
 learning could gain; `oracle-count` keeps the most probable per byte instead (fewest copies,
 not fewest bytes). `belady` evicts the model needed furthest in the future, which needs the
-arrival times themselves: what only foresight would gain. `lru` and `decayed` (the eviction
-score of `torpor.scheduling.eviction.CostAwarePolicy` with its 60 s rate meter, which orders by
-rate on one link) are online rules.
+arrival times themselves: what only foresight would gain. `lru` and `decayed` (the server's
+eviction score, `torpor.scheduling.eviction.CostAwarePolicy` over its 60 s `RateMeter`, which
+on one link orders by rate; without the reload-risk weight the simulator's scheduler adds for
+models whose copy takes most of their objective) are online rules.
 
 A pooled cache is kinder than four GPUs (no model is split from its neighbours by a full GPU),
 so every count here is a floor for that rule, not what the simulator's scheduler makes.
@@ -28,12 +29,14 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from torpor.scheduling.eviction import Candidate, CostAwarePolicy, RateMeter
 from torpor.sim.paper_sim import load_paper_scenario
 from torpor.sim.workload import TRACE_MINUTE_S, load_trace, prototype_arrivals_by_minute, trace_counts
 
@@ -53,16 +56,17 @@ def replay(rule: str, t: np.ndarray, fn: np.ndarray, minute: np.ndarray, size: n
             nxt[i] = t[last[f]]
         last[f] = i
     resident: dict[int, float] = {}  # function -> its key at its last use (lru, belady)
-    meter: dict[int, tuple[float, float]] = {}  # function -> (decayed count, time)
+    meters: dict[int, RateMeter] = {}
+    cost = CostAwarePolicy()
     used = 0
     miss = np.zeros(n, bool)
 
-    def prio(f: int, now: float, m: int) -> float:  # lowest goes first
+    def prio(f: int, now: float, m: int) -> Any:  # lowest goes first
         if rule == "lru":
             return resident[f]
-        if rule == "decayed":
-            c, t0 = meter[f]
-            return c * math.exp(-(now - t0) / tau)
+        if rule == "decayed":  # the server's score over one link (reload = bytes / one bandwidth), LRU on ties
+            c = Candidate(f, int(size[f]), resident[f], meters[f].rate(now), float(size[f]) / 1e9)
+            return cost.score(c), resident[f]
         if rule == "oracle-rate":
             return float(counts[f, m])
         if rule == "oracle-count":
@@ -71,8 +75,10 @@ def replay(rule: str, t: np.ndarray, fn: np.ndarray, minute: np.ndarray, size: n
 
     for i in range(n):
         f, now, m = int(fn[i]), float(t[i]), int(minute[i])
-        c, t0 = meter.get(f, (0.0, now))
-        meter[f] = (c * math.exp(-(now - t0) / tau) + 1.0, now)
+        meter = meters.get(f)
+        if meter is None:
+            meter = meters[f] = RateMeter(tau)
+        meter.hit(now)
         if f not in resident:
             miss[i] = True
             need = int(size[f])

@@ -63,8 +63,7 @@ def summarize(log: RunLog, kinds_of: list[str], names: list[str], slo: dict[str,
             "goodput_rps": ok_slo / duration if duration > 0 else None,  # answers within SLO per second
             "shed_p50_ms": pct(shed_lat, 50), "shed_p99_ms": pct(shed_lat, 99),  # how quickly they were refused
             # the longest any request waited for its answer, refusal or error: none may wait past its timeout
-            "wait_max_ms": float(log.latency[sel][np.isin(st, (OK, SHED, FAILED))].max())
-            if np.isin(st, (OK, SHED, FAILED)).any() else None,
+            "wait_max_ms": pct(log.latency[sel][np.isin(st, (OK, SHED, FAILED))], 100),
             "client_lag_p99_ms": pct(log.lag[sel][~np.isnan(log.lag[sel])], 99),
         }
         if not label.startswith("all/"):

@@ -418,8 +418,10 @@ async def test_unregister_and_counters(make_pool):
     with pytest.raises(RuntimeError):
         await pool.prefetch("m")
         pool.register("m", groups_of(m), m)  # resident: must unregister first
+    assert any("m" in mem.last_start for mem in pool.memories)  # where it sat, kept for its return
     await pool.unregister("m")
     assert "m" not in pool.store and pool.residency()["devices"][0]["models"] == []
+    assert not any("m" in mem.last_start for mem in pool.memories)  # its last place is forgotten too
     with pytest.raises(KeyError):
         async with pool.acquire("m"):
             pass

@@ -344,6 +344,10 @@ class DeviceMemory:
         r.weights = None
         self.epoch.bump()
 
+    def forget(self, key: Any) -> None:
+        """A model unloaded from the pool: its last place is no longer worth keeping."""
+        self.last_start.pop(key, None)
+
     def candidates(
         self, exclude: Any, rate: Callable[[Any], float], bandwidth: float, replicas: Callable[[Any], int],
         pinned: bool = False,

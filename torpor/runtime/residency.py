@@ -273,6 +273,8 @@ class DevicePool:
                 await self._wait_change(deadline)
             self.store.remove(key)
             self._counters.pop(key, None)
+            for m in self.memories:
+                m.forget(key)
             self.epoch.bump()
         finally:
             self._removing.discard(key)
