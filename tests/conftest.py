@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -42,10 +43,35 @@ def run_example(args: list[str], url: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=180, cwd=TRITON_EXAMPLES)
 
 
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default floor
+
+
+_HANDED_OUT: set[int] = set()
+_PORTS = random.Random(os.getpid())
+
+
 def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now, below the kernel's ephemeral range and never handed out before in
+    this run. Binding port 0 would pick from the ephemeral range, where any client's outgoing
+    connection may take the port before the server binds it (a two-node test then points one node
+    at a port its peer never got); below that range only a listener can take it."""
+    floor = min(_ephemeral_floor(), 32768)
+    for _ in range(1000):
+        port = _PORTS.randrange(max(1025, floor - 12000), floor)
+        if port in _HANDED_OUT:
+            continue
+        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def make_repo(dest: Path, models: list[str], source: Path = EXAMPLES) -> Path:
