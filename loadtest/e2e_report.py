@@ -207,7 +207,7 @@ def _residency_summary(res: dict) -> dict:
     devs = res.get("devices", [])
     return {
         "devices": [{k: d.get(k) for k in ("name", "gpu", "capacity_bytes", "used_bytes", "free_bytes", "evictions",
-                                           "fragmentation")} for d in devs],
+                                           "fragmented_evictions", "fragmentation")} for d in devs],
         "resident_models": sum(len(d.get("models", [])) for d in devs),
         "host": res.get("host"),
         "policy": res.get("policy"),

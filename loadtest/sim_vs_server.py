@@ -23,7 +23,9 @@ Each E2E.json is what `loadtest/e2e.py --json` wrote. From it the same experimen
   included); or `load`, the server's own compute time under that very workload
   (`server_compute_mean_ms`, /v2/models/stats compute_infer, of the all-resident run, whose
   runs never wait for a copy) plus `--overhead-ms` of HTTP round trip that does not hold the
-  device; `--exec-noise` lognormal spread;
+  device; or `server`, the configuration's own learned run times on that run (the mean over a
+  class's models of `exec_estimates_ms` at batch 1: runs that found their model landed);
+  `--exec-noise` lognormal spread;
 - the client: at most --max-outstanding requests in flight (e2e's; arrivals beyond it dropped).
 
 Printed per run (workload@load) and configuration (native = all resident, torpor = the
@@ -145,6 +147,13 @@ def exec_times(e2e: dict, cfg: str, key: str, how: str, overhead_ms: float) -> d
         return single
     if how == "fit":
         return {k: max(0.05, v - overhead_ms) for k, v in single.items()}
+    if how == "server":  # the configuration's own learned run times (runs that found the model landed)
+        est = e2e["runs"][cfg]["workloads"][key].get("exec_estimates_ms") or {}
+        out = {}
+        for k in mix:
+            vals = [per["1"] for name, per in est.items() if name.startswith(k + "_") and "1" in per]
+            out[k] = float(np.mean(vals)) if vals else max(0.05, single[k] - overhead_ms)
+        return out
     # under load: the all-resident run's compute time on the same workload (no copy waits in it)
     classes = e2e["runs"]["native"]["workloads"][key]["classes"]
     return {k: classes[k].get("server_compute_mean_ms") or max(0.05, single[k] - overhead_ms) for k in mix}
@@ -420,10 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("e2e_json", type=Path, nargs="+", help="what loadtest/e2e.py --json wrote")
-    ap.add_argument("--exec", choices=["fit", "single", "load"], default="fit",
+    ap.add_argument("--exec", choices=["fit", "single", "load", "server"], default="fit",
                     help="execution time per class: fitted so that the simulated compute_infer matches the "
                          "server's on that run (default), the single-stream latency, or the all-resident "
-                         "run's compute_infer as it is")
+                         "run's compute_infer as it is, or the configuration's own learned run times")
     ap.add_argument("--fit-iters", type=int, default=4, help="--exec fit: fixed-point steps")
     ap.add_argument("--overhead-ms", type=float, default=0.5,
                     help="--exec fit/load: HTTP round trip added to every answer, not holding the device")

@@ -428,6 +428,7 @@ class DeviceMemory:
             "fragmentation": round(self.fragmentation(), 4),
             "block_bytes": self.block_bytes,
             "evictions": self.evictions,
+            "fragmented_evictions": self.fragmented_evictions,
             "same_place": self.same_place,
             "models": [
                 {
