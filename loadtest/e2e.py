@@ -203,6 +203,7 @@ class Server:
                     for name, m in (topo.get("models") or {}).items()}
         return {"predictions": topo.get("predictions", {}), "exec_estimates_ms": topo.get("exec_estimates_ms", {}),
                 "shed_reasons_by_model": by_model, "lags_ms": topo.get("lags_ms", {}),
+                "probes_by_model": {name.split(":")[0]: m.get("probes", 0) for name, m in (topo.get("models") or {}).items()},
                 "busy_s": topo.get("busy_s", {}), "calibration": topo.get("calibration", {})}
 
     def model_stats(self) -> dict[str, dict]:
@@ -597,6 +598,10 @@ class Experiment:
             "workload": wl, "load": load, "duration_s": dur, "arrivals": int(times.size),
             "classes": rows, "errors": log.errors, "shed_examples": log.shed_examples,
             "residency_after": _residency_summary(res), "predictions": predictions,
+            # per model, for sim_vs_server.py: which models the server copied in how often
+            "probes_by_model": {n: scha["probes_by_model"].get(n, 0) - schb["probes_by_model"].get(n, 0) for n in names},
+            "swap_ins_by_model": {n: sa.get(n, {}).get("torpor_swap_ins", 0.0) - sb.get(n, {}).get("torpor_swap_ins", 0.0)
+                                  for n in names},
             "shed_reasons": reasons, "shed_reasons_by_class": by_class, "lags_ms": scha["lags_ms"],
             # the share of the run each device's worker spent running work (copy waits inside runs included)
             "device_busy": {d: round((s - schb["busy_s"].get(d, 0.0)) / max(self.phases[f"{cfg}/{key}"], 1e-9), 4)

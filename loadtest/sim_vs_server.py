@@ -223,6 +223,10 @@ def summarize(sim: Simulation, t: np.ndarray, f: np.ndarray, mix: list[str], slo
     # the share of the run the devices were occupied (a run's wait for its copy included), as
     # the server's device_busy (its workers' time in runs)
     out["all"]["device_busy"] = sum(d.busy_s for d in sim.devs) / (len(sim.devs) * duration)
+    # copies per function (its index: e2e's model names in order), as e2e's swap_ins_by_model
+    by_fn = np.bincount(f, weights=copied, minlength=int(f.max()) + 1 if f.size else 0)
+    out["all"]["swap_ins_by_fn"] = {str(i): int(n) for i, n in enumerate(by_fn)}
+    out["all"]["probes_by_fn"] = {str(i): int(n) for i, n in getattr(sim, "probes", {}).items()}
     return out
 
 
@@ -376,6 +380,16 @@ def compare_one(path: Path, args: argparse.Namespace, e2e_mod) -> dict:
                 f"{k} {sim_ci.get(k, float('nan')):.2f} / {fmt_ms(meas[k]['server_compute_mean_ms'])}" for k in mix))
             print_actions(actions, run.get("predictions"))
             print_reasons(pred, run, mix)
+            served = run.get("swap_ins_by_model")
+            if served and cfg != "native":
+                names = list(served)
+                print("copies per model, simulated | server: " + ", ".join(
+                    f"{n} {pred['all']['swap_ins_by_fn'].get(str(i), 0):.0f} | {served[n]:.0f}"
+                    for i, n in enumerate(names)))
+                probed = run.get("probes_by_model") or {}
+                print("probes per model, simulated | server: " + ", ".join(
+                    f"{n} {pred['all']['probes_by_fn'].get(str(i), 0):.0f} | {probed.get(n, 0):.0f}"
+                    for i, n in enumerate(names)))
             busy = run.get("device_busy") or {}
             print(f"device busy, simulated | server: {pred['all']['device_busy']:.1%} | "
                   + (", ".join(f"{d} {b:.1%}" for d, b in busy.items()) or "-"))

@@ -108,11 +108,13 @@ class ModelSlo:
     window: SloWindow = field(default_factory=lambda: SloWindow(SLO_WINDOW_S))
     last_run: float = -math.inf  # time.monotonic() when one of its runs last ended
     last_probe: float = -math.inf  # when a request predicted hopeless was last let through (`probe`)
+    probes: int = 0  # requests let through so (`probe`)
 
     def as_dict(self) -> dict[str, Any]:
         return {"decisions": dict(self.decisions), "predicted_misses": self.predicted_misses,
                 "slo_met": self.met, "slo_missed": self.missed, "shed": dict(self.shed),
-                "shed_reasons": {f"{w}:{r}": n for (w, r), n in sorted(self.shed_why.items())}}
+                "shed_reasons": {f"{w}:{r}": n for (w, r), n in sorted(self.shed_why.items())},
+                "probes": self.probes}
 
 
 SLO_WINDOW_S = 60.0  # the residency report's SLO attainment window
@@ -480,6 +482,7 @@ class Placer:
         if not probe(now, s.last_run, s.last_probe, self.cost.exec_seconds(key, batch), slo_s):
             return False
         s.last_probe = now
+        s.probes += 1
         return True
 
     def seed_exec(self, key: Any, seconds: float, batch: int = 1) -> None:

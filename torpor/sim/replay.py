@@ -89,6 +89,8 @@ class Replay:
         # staging with shedding: why each shed request was shed, as the server's
         # `torpor_requests_shed` labels it ("arrival:late", "queued:harms", ...)
         sim.shed_why = self.shed_why = {}
+        # requests let through as probes (admission.probe), per function, as the placer counts them
+        sim.probes = self.probes = {}
         self.heap: list = []
         self.seq = 0
         self.pending: deque = deque()  # requests that found no room, in arrival order

@@ -402,6 +402,7 @@ class StagedReplay(Replay):
                      self.cost.exec_seconds(f), self.fn_model[f].slo_s):
             return False
         self.last_probe[f] = now
+        self.probes[f] = self.probes.get(f, 0) + 1
         return True
 
     def shed_at_arrival(self, rid: int, why: str) -> None:
