@@ -225,6 +225,9 @@ def test_a_model_misjudged_as_hopeless_is_probed_and_served(tmp_path):
         assert shed > 0  # it was misjudged at first
         assert in_a_row == 3, f"still refused after 30 s: {shed} shed, {probes} probes served"
         assert time.monotonic() - t < 0.3  # now served within its objective
+        with urllib.request.urlopen(f"http://{srv.http_url}/v2/torpor/topology", timeout=30) as r:
+            counted = json.loads(r.read())["models"]["m:1"]["probes"]
+        assert 1 <= counted <= probes + 3, (counted, probes)  # the topology counts the probes let through
     finally:
         assert srv.stop() == 0
 
