@@ -204,7 +204,10 @@ class Server:
         return {"predictions": topo.get("predictions", {}), "exec_estimates_ms": topo.get("exec_estimates_ms", {}),
                 "shed_reasons_by_model": by_model, "lags_ms": topo.get("lags_ms", {}),
                 "probes_by_model": {name.split(":")[0]: m.get("probes", 0) for name, m in (topo.get("models") or {}).items()},
-                "busy_s": topo.get("busy_s", {}), "calibration": topo.get("calibration", {})}
+                "run_account_by_model": {name.split(":")[0]: m.get("run_account") or {}
+                                         for name, m in (topo.get("models") or {}).items()},
+                "busy_s": topo.get("busy_s", {}), "run_account": topo.get("run_account", {}),
+                "calibration": topo.get("calibration", {})}
 
     def model_stats(self) -> dict[str, dict]:
         data = json.loads(http_get(self.base + "/v2/models/stats"))
@@ -599,6 +602,12 @@ class Experiment:
             "classes": rows, "errors": log.errors, "shed_examples": log.shed_examples,
             "residency_after": _residency_summary(res), "predictions": predictions,
             # per model, for sim_vs_server.py: which models the server copied in how often
+            # per device, where its worker's time in runs went during this run (the placer's account)
+            "run_account": {d: {k: round(v - schb["run_account"].get(d, {}).get(k, 0.0), 6) for k, v in acc.items()}
+                            for d, acc in scha["run_account"].items()},
+            "run_account_by_model": {
+                n: {k: round(v - schb["run_account_by_model"].get(n, {}).get(k, 0.0), 6)
+                    for k, v in scha["run_account_by_model"].get(n, {}).items()} for n in names},
             "probes_by_model": {n: scha["probes_by_model"].get(n, 0) - schb["probes_by_model"].get(n, 0) for n in names},
             "swap_ins_by_model": {n: sa.get(n, {}).get("torpor_swap_ins", 0.0) - sb.get(n, {}).get("torpor_swap_ins", 0.0)
                                   for n in names},

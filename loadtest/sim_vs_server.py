@@ -100,7 +100,7 @@ def devices_of(device: str) -> int:
 
 
 def scenario(e2e: dict, cfg: str, exec_ms: dict[str, float], pcie_gbps: float, n_dev: int, noise: float,
-             seed: int) -> dict:
+             seed: int, errors: str | None = None) -> dict:
     mix = e2e["models"]["mix"]
     n = e2e["models"]["count"]
     models = []
@@ -116,7 +116,8 @@ def scenario(e2e: dict, cfg: str, exec_ms: dict[str, float], pcie_gbps: float, n
                        **({"max_batch": E2E_MAX_BATCH} if e2e["models"].get("batching") else {})})
     return {"name": f"e2e-{cfg}", "gpus": n_dev, "gpu_memory_GB": e2e["bounds"][cfg] / 1e9,
             "node": {"pcie_GBps": pcie_gbps}, "models": models, "functions": n,
-            "workload": {"kind": "synthetic", "duration_s": 1}, "exec_noise": noise, "seed": seed}
+            "workload": {"kind": "synthetic", "duration_s": 1}, "exec_noise": noise, "seed": seed,
+            **({"errors": errors} if errors else {})}
 
 
 def arrivals(e2e_mod, e2e: dict, opts: argparse.Namespace, key: str, run: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -147,6 +148,14 @@ def exec_times(e2e: dict, cfg: str, key: str, how: str, overhead_ms: float) -> d
         return single
     if how == "fit":
         return {k: max(0.05, v - overhead_ms) for k, v in single.items()}
+    if how == "account":  # the configuration's measured compute per run on that run (the placer's account)
+        acc = e2e["runs"][cfg]["workloads"][key].get("run_account_by_model") or {}
+        out = {}
+        for k in mix:
+            runs = sum(a.get("runs", 0) for n, a in acc.items() if n.startswith(k + "_"))
+            comp = sum(a.get("compute_s", 0.0) for n, a in acc.items() if n.startswith(k + "_"))
+            out[k] = comp / runs * 1e3 if runs else max(0.05, single[k] - overhead_ms)
+        return out
     if how == "server":  # the configuration's own learned run times (runs that found the model landed)
         est = e2e["runs"][cfg]["workloads"][key].get("exec_estimates_ms") or {}
         out = {}
@@ -223,6 +232,10 @@ def summarize(sim: Simulation, t: np.ndarray, f: np.ndarray, mix: list[str], slo
     # the share of the run the devices were occupied (a run's wait for its copy included), as
     # the server's device_busy (its workers' time in runs)
     out["all"]["device_busy"] = sum(d.busy_s for d in sim.devs) / (len(sim.devs) * duration)
+    # where that time went, as the placer's run account: computing, waiting for copies in runs
+    out["all"]["busy_s"] = sum(d.busy_s for d in sim.devs)
+    out["all"]["compute_s"] = sum(d.compute_s for d in sim.devs)
+    out["all"]["copy_wait_s"] = sum(d.copy_wait_s for d in sim.devs)
     # copies per function (its index: e2e's model names in order), as e2e's swap_ins_by_model
     by_fn = np.bincount(f, weights=copied, minlength=int(f.max()) + 1 if f.size else 0)
     out["all"]["swap_ins_by_fn"] = {str(i): int(n) for i, n in enumerate(by_fn)}
@@ -281,6 +294,24 @@ def median_of(runs: list[dict]) -> dict:
             row[k + "_range"] = [float(min(xs)), float(max(xs))] if xs else None
         out[label] = row
     return out
+
+
+def print_account(pred: dict, account: dict, run: dict) -> None:
+    """Device time per answered request, simulated | server (the placer's run account): its
+    worker busy, in the model's compute, waiting for copies inside runs, and the rest of the
+    worker's time (collecting a batch, binding, the interpreter; 0 in the simulator)."""
+    def per(total: float, answered: float) -> str:
+        return f"{total / answered * 1e3:.2f}" if answered else "-"
+
+    n_sim = pred["answered"]
+    n = run["classes"]["all"]["answered"]
+    busy = sum(run.get("device_busy", {}).values()) * run["duration_s"]
+    compute = sum(a.get("compute_s", 0.0) for a in account.values())
+    wait = sum(a.get("copy_wait_s", 0.0) for a in account.values())
+    print(f"device ms per answer, simulated | server: busy {per(pred['busy_s'], n_sim)} | {per(busy, n)}, "
+          f"compute {per(pred['compute_s'], n_sim)} | {per(compute, n)}, "
+          f"copy waits {per(pred['copy_wait_s'], n_sim)} | {per(wait, n)}, "
+          f"rest 0 | {per(busy - compute - wait, n)}")
 
 
 def fmt_ms(x) -> str:
@@ -352,7 +383,7 @@ def compare_one(path: Path, args: argparse.Namespace, e2e_mod) -> dict:
 
             def build(exec_ms: dict[str, float], seed: int, cfg: str = cfg, run: dict = run, t=t, f=f,
                       staging: Staging = staging) -> Simulation:
-                sc = parse_scenario(scenario(e2e, cfg, exec_ms, pcie, n_dev, args.exec_noise, seed))
+                sc = parse_scenario(scenario(e2e, cfg, exec_ms, pcie, n_dev, args.exec_noise, seed, args.errors))
                 sim = Simulation(sc, "torpor", staging=staging)
                 sim.preload(list(range(e2e["models"]["count"])))
                 sim.run(t, f, run["duration_s"], max_outstanding=opts.max_outstanding)
@@ -390,6 +421,9 @@ def compare_one(path: Path, args: argparse.Namespace, e2e_mod) -> dict:
                 print("probes per model, simulated | server: " + ", ".join(
                     f"{n} {pred['all']['probes_by_fn'].get(str(i), 0):.0f} | {probed.get(n, 0):.0f}"
                     for i, n in enumerate(names)))
+            account = run.get("run_account") or {}
+            if account and cfg != "native":
+                print_account(pred["all"], account, run)
             busy = run.get("device_busy") or {}
             print(f"device busy, simulated | server: {pred['all']['device_busy']:.1%} | "
                   + (", ".join(f"{d} {b:.1%}" for d, b in busy.items()) or "-"))
@@ -443,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("e2e_json", type=Path, nargs="+", help="what loadtest/e2e.py --json wrote")
-    ap.add_argument("--exec", choices=["fit", "single", "load", "server"], default="fit",
+    ap.add_argument("--exec", choices=["fit", "single", "load", "server", "account"], default="fit",
                     help="execution time per class: fitted so that the simulated compute_infer matches the "
                          "server's on that run (default), the single-stream latency, or the all-resident "
                          "run's compute_infer as it is, or the configuration's own learned run times")
@@ -460,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
                          "'measured': each run's own mean (e2e's lags_ms.release, recorded since it measures it)")
     ap.add_argument("--copy-delay-ms", type=float, default=0.0,
                     help="from a request taking memory to its copy moving (Staging.copy_delay_s)")
+    ap.add_argument("--errors", default=None,
+                    help="the simulator's error model (torpor.sim.errors), e.g. jitter=0.14,bandwidth_factor=0.95: "
+                         "what the server's copy calibration measured (calibration.copies: mean, spread)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     e2e_mod = load_e2e()

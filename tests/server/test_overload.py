@@ -177,6 +177,13 @@ def test_overload_sheds_quickly_and_loses_nothing(tmp_path):
         assert {"admission", "release"} <= set(topo["lags_ms"]), topo["lags_ms"]
         assert topo["lags_ms"]["admission"]["samples"] >= min(len(ok), 4096)
         assert 0 < topo["busy_s"]["cpu:0"], topo["busy_s"]
+        # where the device's time went: one account entry per run, each run's compute (30 ms here)
+        # and copy waits inside the worker's busy time
+        acc = topo["run_account"]["cpu:0"]
+        assert acc["runs"] == len(ok), acc
+        assert 0.025 * acc["runs"] < acc["compute_s"] <= acc["work_s"] + 1e-6, acc
+        assert acc["compute_s"] + acc["copy_wait_s"] <= topo["busy_s"]["cpu:0"] + 1e-6, (acc, topo["busy_s"])
+        assert sum(topo["models"][f"{x}:1"]["run_account"]["runs"] for x in "abc") == acc["runs"]
     finally:
         assert srv.stop() == 0
 

@@ -27,6 +27,7 @@ from torpor.config import ModelConfig, tensor_specs
 from torpor.datatypes import numpy_dtype
 from torpor.errors import internal, unavailable
 from torpor.model import ModelFunction, ModelRequest
+from torpor.runtime.executor import current_run
 from torpor.runtime.placer import SLO_WINDOW_S, _name
 from torpor.scheduling.admission import (
     defer_deadline,
@@ -382,10 +383,14 @@ class DeviceRuntime:
                     t = time.perf_counter()
                     # execute_on runs in the device's worker, compute stream current, group waits armed
                     out = fn.execute_on((placement.module, placement.device), members)
-                    return members, size, out, time.perf_counter() - t, begun, time.monotonic()
+                    run = current_run()
+                    return (members, size, out, time.perf_counter() - t, begun, time.monotonic(),
+                            run.wait_s if run is not None else 0.0)
 
                 # queued on the device in the scheduler's order (its deadline, torpor.runtime.placer)
-                members, size, outs, seconds, begun, ended = await placement.run_ordered(ticket.key, work)
+                members, size, outs, seconds, begun, ended, waited = await placement.run_ordered(ticket.key, work)
+                placer.account(placement.device.name, key, placement.outcome == Outcome.HIT, seconds, waited,
+                               ended - begun / 1e9)
                 placer.lags.add("release", time.monotonic() - ended)
                 if trace is not None:
                     trace.stamp("TORPOR_EXEC_START", begun)

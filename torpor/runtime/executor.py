@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -39,13 +40,16 @@ _active = threading.local()
 
 
 class RunState:
-    __slots__ = ("device", "model", "resident", "waited")
+    __slots__ = ("device", "model", "resident", "wait_s", "waited")
 
     def __init__(self, resident: Resident):
         self.resident = resident
         self.model = resident.model
         self.device = resident.device
         self.waited = -1
+        # seconds this run's thread spent in `wait_on_compute` (the placer's run account): on CPU
+        # devices the wait for a group blocks the host; on CUDA it only enqueues a stream wait
+        self.wait_s = 0.0
 
     def wait_through(self, gi: int) -> None:
         """Make this run's compute wait until groups 0..gi have landed (no host block on CUDA)."""
@@ -54,7 +58,9 @@ class RunState:
         if self.resident.copy_done():
             self.waited = len(self.model.groups)
             return
+        t = time.perf_counter()
         self.device.wait_on_compute(self.resident.events[gi])
+        self.wait_s += time.perf_counter() - t
         self.waited = gi
 
     def wait_all(self) -> None:

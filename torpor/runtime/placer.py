@@ -109,12 +109,13 @@ class ModelSlo:
     last_run: float = -math.inf  # time.monotonic() when one of its runs last ended
     last_probe: float = -math.inf  # when a request predicted hopeless was last let through (`probe`)
     probes: int = 0  # requests let through so (`probe`)
+    run_account: Counter = field(default_factory=Counter)  # its runs, as `Placer.account` counts them
 
     def as_dict(self) -> dict[str, Any]:
         return {"decisions": dict(self.decisions), "predicted_misses": self.predicted_misses,
                 "slo_met": self.met, "slo_missed": self.missed, "shed": dict(self.shed),
                 "shed_reasons": {f"{w}:{r}": n for (w, r), n in sorted(self.shed_why.items())},
-                "probes": self.probes}
+                "probes": self.probes, "run_account": {k: round(v, 6) for k, v in self.run_account.items()}}
 
 
 SLO_WINDOW_S = 60.0  # the residency report's SLO attainment window
@@ -265,6 +266,8 @@ class Placer:
         self.slo: dict[Any, ModelSlo] = {}
         self.predictions = PredictionLog()
         self.lags = Lags()
+        # per device, where its worker's time in runs goes (`account`; the topology's run_account)
+        self.runs_by_device: dict[str, Counter] = {n: Counter() for n in names}
 
     # queues --------------------------------------------------------------------------------------
     def _work_ahead(self, dev: str, now: float, due: float | None, exec_s: float,
@@ -469,6 +472,20 @@ class Placer:
             s = self.slo[key] = ModelSlo()
         return s
 
+    def account(self, device: str, key: Any, hit: bool, run_s: float, wait_s: float, work_s: float) -> None:
+        """One run on `device`: `run_s` in the model's execute (`wait_s` of it blocked on its
+        copy's groups), `work_s` from the worker taking it to done (collecting the batch
+        included). Beside the worker's busy time, it says how much of a device's time goes to
+        computing, to copy waits inside runs, and to the rest; `hit`: its model had landed
+        when the request was staged."""
+        for c in (self.runs_by_device[device], self._model_slo(key).run_account):
+            c["runs"] += 1
+            c["hit_runs"] += hit
+            c["compute_s"] += run_s - wait_s
+            c["hit_compute_s"] += (run_s - wait_s) if hit else 0.0
+            c["copy_wait_s"] += wait_s
+            c["work_s"] += work_s
+
     def ran(self, key: Any) -> None:
         """One of the model's runs ended (the probe rule's clock)."""
         self._model_slo(key).last_run = time.monotonic()
@@ -533,6 +550,7 @@ class Placer:
             "backlog_ms": {d: round(self._work_ahead(d, now, None, 0.0)[0] * 1e3, 3) for d in self.tickets},
             "queued": {d: len(t) for d, t in self.tickets.items()},
             "busy_s": {m.device.name: round(m.device.busy_seconds, 6) for m in self.pool.memories},
+            "run_account": {d: {k: round(v, 6) for k, v in c.items()} for d, c in self.runs_by_device.items()},
             "exec_estimates_ms": self.cost.exec.as_dict(_name),
             # measured / predicted: runs per model, copies per link path (the slack `risk_s` keeps)
             "calibration": {"runs": self.cost.runs.as_dict(_name),

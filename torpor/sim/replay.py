@@ -306,6 +306,8 @@ class Replay:
         exec_end = begin + work if d.compute is None else d.compute.start(now, begin, work)
         landed = self.lands.get(id(r), r.ready_at)  # its copy's true landing
         done = max(exec_end, landed)
+        d.compute_s += exec_end - begin
+        d.copy_wait_s += done - now - (exec_end - begin)
         d.running = True
         d.busy_until = done
         d.run_start = now

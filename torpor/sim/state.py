@@ -93,6 +93,8 @@ class _Dev:
     busy_until: float = 0.0
     running: bool = False
     busy_s: float = 0.0
+    compute_s: float = 0.0  # of that, computing (as started: a copy re-rating it later is not counted)
+    copy_wait_s: float = 0.0  # and waiting for its model's copy (the placer's run account, simulated)
     proj_end: float = 0.0  # when the work queued so far should be done (estimates, transfer stalls)
     queued_fn: dict = field(default_factory=dict)  # function -> requests of it in the queue
     open_batch: dict = field(default_factory=dict)  # function -> the job whose batch is open (staging)
