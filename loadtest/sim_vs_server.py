@@ -23,9 +23,12 @@ Each E2E.json is what `loadtest/e2e.py --json` wrote. From it the same experimen
   included); or `load`, the server's own compute time under that very workload
   (`server_compute_mean_ms`, /v2/models/stats compute_infer, of the all-resident run, whose
   runs never wait for a copy) plus `--overhead-ms` of HTTP round trip that does not hold the
-  device; or `server`, the configuration's own learned run times on that run (the mean over a
-  class's models of `exec_estimates_ms` at batch 1: runs that found their model landed);
-  `--exec-noise` lognormal spread;
+  device; `server`, the configuration's own learned run times on that run (the mean over a
+  class's models of `exec_estimates_ms` at batch 1: runs that found their model landed); or
+  `account`, the configuration's measured compute per run on that run (the placer's
+  `run_account` per model: seconds computing over runs, copy waits left out); `--exec-noise`
+  lognormal spread; `--errors` the simulator's error model (`torpor.sim.errors`: copy jitter,
+  a bandwidth misestimate, run noise), e.g. what the server's copy calibration measured;
 - the client: at most --max-outstanding requests in flight (e2e's; arrivals beyond it dropped).
 
 Printed per run (workload@load) and configuration (native = all resident, torpor = the
@@ -34,7 +37,9 @@ SLO per second), p50/p99 per class, copies (swap-ins: copies started, by the cla
 request that started each; e2e's swap_ins), predicted (median over --seeds execution-noise seeds,
 [min-max] where they differ, in the printed rows and the markdown table) beside measured;
 then the sheds by when:why per class (the server's `torpor_requests_shed` labels; e2e records
-them per class) and how busy the device was (simulated: occupied by runs, waits for their
+them per class), copies and probes per model, the device's time per answered request (busy,
+computing, waiting for copies inside runs; the server's from its run account) and how busy the
+device was (simulated: occupied by runs, waits for their
 copies included; measured: the share of the run the device's worker spent in runs).
 --json writes it all.
 """
