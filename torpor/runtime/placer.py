@@ -477,7 +477,8 @@ class Placer:
         copy's groups), `work_s` from the worker taking it to done (collecting the batch
         included). Beside the worker's busy time, it says how much of a device's time goes to
         computing, to copy waits inside runs, and to the rest; `hit`: its model had landed
-        when the request was staged."""
+        when the request was staged. On CUDA a run's wait for a group is a stream wait that
+        blocks no thread, so there the copy waits count as computing (`RunState.wait_s`)."""
         for c in (self.runs_by_device[device], self._model_slo(key).run_account):
             c["runs"] += 1
             c["hit_runs"] += hit
