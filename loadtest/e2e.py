@@ -206,6 +206,9 @@ class Server:
                 "probes_by_model": {name.split(":")[0]: m.get("probes", 0) for name, m in (topo.get("models") or {}).items()},
                 "run_account_by_model": {name.split(":")[0]: m.get("run_account") or {}
                                          for name, m in (topo.get("models") or {}).items()},
+                # answered within / past the objective as the server measures (arrival to done, no HTTP)
+                "slo_by_model": {name.split(":")[0]: {"met": m.get("slo_met", 0), "missed": m.get("slo_missed", 0)}
+                                 for name, m in (topo.get("models") or {}).items()},
                 "busy_s": topo.get("busy_s", {}), "run_account": topo.get("run_account", {}),
                 "calibration": topo.get("calibration", {})}
 
@@ -608,6 +611,9 @@ class Experiment:
             "run_account_by_model": {
                 n: {k: round(v - schb["run_account_by_model"].get(n, {}).get(k, 0.0), 6)
                     for k, v in scha["run_account_by_model"].get(n, {}).items()} for n in names},
+            "server_slo_by_model": {
+                n: {k: v - schb["slo_by_model"].get(n, {}).get(k, 0) for k, v in scha["slo_by_model"].get(n, {}).items()}
+                for n in names},
             "probes_by_model": {n: scha["probes_by_model"].get(n, 0) - schb["probes_by_model"].get(n, 0) for n in names},
             "swap_ins_by_model": {n: sa.get(n, {}).get("torpor_swap_ins", 0.0) - sb.get(n, {}).get("torpor_swap_ins", 0.0)
                                   for n in names},
