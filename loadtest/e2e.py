@@ -76,6 +76,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -130,6 +131,20 @@ def free_ports(k: int) -> list[int]:
 def http_get(url: str, timeout: float = 10.0) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.read()
+
+
+def since(after: Any, before: Any) -> Any:
+    """Counters over a run: `after` less `before`, key by key through nested dicts (a key
+    missing before counts from 0)."""
+    if isinstance(after, dict):
+        before = before if isinstance(before, dict) else {}
+        return {k: since(v, before.get(k)) for k, v in after.items()}
+    return round(after - (before or 0), 6)
+
+
+def since_by_model(names: list[str], after: dict, before: dict, empty: Any = 0) -> dict:
+    """`since` for each of `names` (`empty` where the server had nothing for a model)."""
+    return {n: since(after.get(n, empty), before.get(n)) for n in names}
 
 
 class Server:
@@ -199,18 +214,16 @@ class Server:
         device's busy seconds, and shed counts by when:why per model (counters since start:
         difference two of these around a run)."""
         topo = json.loads(http_get(self.base + "/v2/torpor/topology"))
-        by_model = {name.split(":")[0]: dict(m.get("shed_reasons") or {})
-                    for name, m in (topo.get("models") or {}).items()}
+        models = {name.split(":")[0]: m for name, m in (topo.get("models") or {}).items()}
         return {"predictions": topo.get("predictions", {}), "exec_estimates_ms": topo.get("exec_estimates_ms", {}),
-                "shed_reasons_by_model": by_model, "lags_ms": topo.get("lags_ms", {}),
-                "probes_by_model": {name.split(":")[0]: m.get("probes", 0) for name, m in (topo.get("models") or {}).items()},
-                "run_account_by_model": {name.split(":")[0]: m.get("run_account") or {}
-                                         for name, m in (topo.get("models") or {}).items()},
+                "shed_reasons_by_model": {n: dict(m.get("shed_reasons") or {}) for n, m in models.items()},
+                "probes_by_model": {n: m.get("probes", 0) for n, m in models.items()},
+                "run_account_by_model": {n: m.get("run_account") or {} for n, m in models.items()},
                 # answered within / past the objective as the server measures (arrival to done, no HTTP)
-                "slo_by_model": {name.split(":")[0]: {"met": m.get("slo_met", 0), "missed": m.get("slo_missed", 0)}
-                                 for name, m in (topo.get("models") or {}).items()},
-                "busy_s": topo.get("busy_s", {}), "run_account": topo.get("run_account", {}),
-                "calibration": topo.get("calibration", {})}
+                "slo_by_model": {n: {"met": m.get("slo_met", 0), "missed": m.get("slo_missed", 0)}
+                                 for n, m in models.items()},
+                "lags_ms": topo.get("lags_ms", {}), "busy_s": topo.get("busy_s", {}),
+                "run_account": topo.get("run_account", {}), "calibration": topo.get("calibration", {})}
 
     def model_stats(self) -> dict[str, dict]:
         data = json.loads(http_get(self.base + "/v2/models/stats"))
@@ -604,19 +617,16 @@ class Experiment:
             "workload": wl, "load": load, "duration_s": dur, "arrivals": int(times.size),
             "classes": rows, "errors": log.errors, "shed_examples": log.shed_examples,
             "residency_after": _residency_summary(res), "predictions": predictions,
-            # per model, for sim_vs_server.py: which models the server copied in how often
-            # per device, where its worker's time in runs went during this run (the placer's account)
-            "run_account": {d: {k: round(v - schb["run_account"].get(d, {}).get(k, 0.0), 6) for k, v in acc.items()}
-                            for d, acc in scha["run_account"].items()},
-            "run_account_by_model": {
-                n: {k: round(v - schb["run_account_by_model"].get(n, {}).get(k, 0.0), 6)
-                    for k, v in scha["run_account_by_model"].get(n, {}).items()} for n in names},
-            "server_slo_by_model": {
-                n: {k: v - schb["slo_by_model"].get(n, {}).get(k, 0) for k, v in scha["slo_by_model"].get(n, {}).items()}
-                for n in names},
-            "probes_by_model": {n: scha["probes_by_model"].get(n, 0) - schb["probes_by_model"].get(n, 0) for n in names},
-            "swap_ins_by_model": {n: sa.get(n, {}).get("torpor_swap_ins", 0.0) - sb.get(n, {}).get("torpor_swap_ins", 0.0)
-                                  for n in names},
+            # during this run, for sim_vs_server.py: per device, where its worker's time in runs went
+            # (the placer's account); per model, the same, its answers within / past the objective as
+            # the server measured them, its probes and how often the server copied it in
+            "run_account": {d: {**acc, "busy_s": since(scha["busy_s"].get(d, 0.0), schb["busy_s"].get(d))}
+                            for d, acc in since(scha["run_account"], schb["run_account"]).items()},
+            "run_account_by_model": since_by_model(names, scha["run_account_by_model"], schb["run_account_by_model"], {}),
+            "server_slo_by_model": since_by_model(names, scha["slo_by_model"], schb["slo_by_model"], {}),
+            "probes_by_model": since_by_model(names, scha["probes_by_model"], schb["probes_by_model"]),
+            "swap_ins_by_model": since_by_model(names, {n: m.get("torpor_swap_ins", 0.0) for n, m in sa.items()},
+                                                {n: m.get("torpor_swap_ins", 0.0) for n, m in sb.items()}),
             "shed_reasons": reasons, "shed_reasons_by_class": by_class, "lags_ms": scha["lags_ms"],
             # the share of the run each device's worker spent running work (copy waits inside runs included)
             "device_busy": {d: round((s - schb["busy_s"].get(d, 0.0)) / max(self.phases[f"{cfg}/{key}"], 1e-9), 4)

@@ -153,20 +153,19 @@ def exec_times(e2e: dict, cfg: str, key: str, how: str, overhead_ms: float) -> d
         return single
     if how == "fit":
         return {k: max(0.05, v - overhead_ms) for k, v in single.items()}
-    if how == "account":  # the configuration's measured compute per run on that run (the placer's account)
-        acc = e2e["runs"][cfg]["workloads"][key].get("run_account_by_model") or {}
+    if how in ("account", "server"):
+        run = e2e["runs"][cfg]["workloads"][key]
         out = {}
-        for k in mix:
-            runs = sum(a.get("runs", 0) for n, a in acc.items() if n.startswith(k + "_"))
-            comp = sum(a.get("compute_s", 0.0) for n, a in acc.items() if n.startswith(k + "_"))
-            out[k] = comp / runs * 1e3 if runs else max(0.05, single[k] - overhead_ms)
-        return out
-    if how == "server":  # the configuration's own learned run times (runs that found the model landed)
-        est = e2e["runs"][cfg]["workloads"][key].get("exec_estimates_ms") or {}
-        out = {}
-        for k in mix:
-            vals = [per["1"] for name, per in est.items() if name.startswith(k + "_") and "1" in per]
-            out[k] = float(np.mean(vals)) if vals else max(0.05, single[k] - overhead_ms)
+        for k in mix:  # e2e names a class's models <class>_<index>
+            if how == "account":  # measured compute per run on that run (the placer's account)
+                acc = [a for n, a in (run.get("run_account_by_model") or {}).items() if n.startswith(k + "_")]
+                runs = sum(a.get("runs", 0) for a in acc)
+                ms = sum(a.get("compute_s", 0.0) for a in acc) / runs * 1e3 if runs else None
+            else:  # its learned run times at batch 1 (runs that found the model landed)
+                vals = [per["1"] for n, per in (run.get("exec_estimates_ms") or {}).items()
+                        if n.startswith(k + "_") and "1" in per]
+                ms = float(np.mean(vals)) if vals else None
+            out[k] = ms if ms is not None else max(0.05, single[k] - overhead_ms)
         return out
     # under load: the all-resident run's compute time on the same workload (no copy waits in it)
     classes = e2e["runs"]["native"]["workloads"][key]["classes"]
@@ -310,7 +309,10 @@ def print_account(pred: dict, account: dict, run: dict) -> None:
 
     n_sim = pred["answered"]
     n = run["classes"]["all"]["answered"]
-    busy = sum(run.get("device_busy", {}).values()) * run["duration_s"]
+    if all("busy_s" in a for a in account.values()):
+        busy = sum(a["busy_s"] for a in account.values())
+    else:  # runs recorded before e2e kept it: the busy share times the run's length (its drain left out)
+        busy = sum(run.get("device_busy", {}).values()) * run["duration_s"]
     compute = sum(a.get("compute_s", 0.0) for a in account.values())
     wait = sum(a.get("copy_wait_s", 0.0) for a in account.values())
     print(f"device ms per answer, simulated | server: busy {per(pred['busy_s'], n_sim)} | {per(busy, n)}, "

@@ -483,7 +483,6 @@ class Placer:
             c["runs"] += 1
             c["hit_runs"] += hit
             c["compute_s"] += run_s - wait_s
-            c["hit_compute_s"] += (run_s - wait_s) if hit else 0.0
             c["copy_wait_s"] += wait_s
             c["work_s"] += work_s
 
